@@ -1,0 +1,51 @@
+"""`ptsbench`: the Hydra entry point. One call is one job; `-m` sweeps; a callback aggregates."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from ptsbench.config import register_configs
+from ptsbench.runner import JobFailed, run_job
+from ptsbench.tracking import Tracker
+
+log = logging.getLogger("ptsbench")
+
+register_configs()
+
+
+def sweep_name(hc) -> str:
+    if hc.mode == RunMode.MULTIRUN:
+        return str(hc.sweep.dir).strip("/").replace("/", "_")
+    return "single"
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def app(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    tracker = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else Tracker()
+    try:
+        record = run_job(cfg, out_dir, tracker, sweep=sweep_name(hc))
+    except JobFailed as failure:
+        log.error("Job failed: %s (recorded in %s)", failure.record["error"], out_dir / "result.json")
+        if hc.mode != RunMode.MULTIRUN:
+            sys.exit(1)
+        return
+    print(f"{record['method']} on {record['model']} at sparsity {record['target_sparsity']}: "
+          f"dense top-1 {record['dense_top1']:.2f}%, sparse top-1 {record['top1']:.2f}% "
+          f"(achieved sparsity {record['achieved_sparsity']:.4f}) -> {out_dir}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Datasets, batching and the seeded calibration draw.
+
+Small datasets (Fashion-MNIST, CIFAR-10) are held in memory as normalised float tensors, so batching is
+a slice and evaluation runs at the speed of the model. Folder datasets (ImageNet layout) go through a
+DataLoader with timm's preprocessing for the model.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ptsbench.errors import ConfigError, DataError, unknown_choice
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DEB = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model needs to know about the data: classes, channels, input size, normalisation."""
+
+    name: str
+    num_classes: int
+    in_chans: int
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class InMemoryImages(Dataset):
+    """Normalised float images [N, C, H, W] and int64 labels, batched by slicing."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if len(images) != len(labels):
+            raise DataError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+    def subset(self, indices: torch.Tensor) -> InMemoryImages:
+        return InMemoryImages(self.images[indices], self.labels[indices])
+
+
+@dataclass
+class DataBundle:
+    spec: DataSpec
+    train: Dataset
+    test: Dataset
+
+
+@dataclass
+class CalibrationSet:
+    """The calibration images an algorithm may see, with the train-split indices they were drawn from."""
+
+    data: InMemoryImages
+    indices: list[int]
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iterate_batches(self.data, batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last)
+
+
+def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool = False,
+                    generator: torch.Generator | None = None, drop_last: bool = False,
+                    num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images, labels) batches; in-memory sets are sliced, others go through a DataLoader."""
+    if isinstance(dataset, InMemoryImages):
+        n = len(dataset)
+        order = torch.randperm(n, generator=generator) if shuffle else None
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            if order is None:
+                yield dataset.images[start:start + batch_size], dataset.labels[start:start + batch_size]
+            else:
+                idx = order[start:start + batch_size]
+                yield dataset.images[idx], dataset.labels[idx]
+        return
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                        drop_last=drop_last, num_workers=num_workers)
+    yield from loader
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): magic with the dim count in byte 3, big-endian sizes, uint8."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number {raw[:4].hex()}).")
+    ndim = raw[3]
+    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path}: header says {dims} but holds {data.size} bytes of data.")
+    return data.reshape(dims)
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for candidate in (root / f"{stem}.gz", root / stem, root / "FashionMNIST" / "raw" / stem):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+@lru_cache(maxsize=4)
+def load_fashion_mnist_arrays(root: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The four Fashion-MNIST IDX files under `root` as uint8 images and labels (read once per process)."""
+    out = {}
+    for split, (img_stem, lbl_stem) in FASHION_MNIST_FILES.items():
+        img_path, lbl_path = _find_idx(Path(root), img_stem), _find_idx(Path(root), lbl_stem)
+        if img_path is None or lbl_path is None:
+            raise DataError(
+                f"Fashion-MNIST not found under {root!r}: expected {img_stem}.gz and {lbl_stem}.gz. "
+                f"Install the Debian package (apt-get install dataset-fashion-mnist, files land in "
+                f"{FASHION_MNIST_DEB}), point data.root at a folder holding the IDX files, or set "
+                f"data.download=true on a machine with network access."
+            )
+        images, labels = read_idx(img_path), read_idx(lbl_path)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"Fashion-MNIST {split} under {root!r} has images {images.shape}, labels {labels.shape}.")
+        out[split] = (images, labels)
+    return out
+
+
+def _download_fashion_mnist(cache_dir: Path) -> Path:
+    from torchvision.datasets import FashionMNIST
+
+    root = cache_dir / "datasets"
+    try:
+        FashionMNIST(str(root), train=True, download=True)
+        FashionMNIST(str(root), train=False, download=True)
+    except Exception as exc:  # network errors come in many types
+        raise DataError(
+            f"Fashion-MNIST could not be downloaded to {root} ({exc}). Install the Debian package "
+            f"dataset-fashion-mnist instead."
+        ) from exc
+    return root / "FashionMNIST" / "raw"
+
+
+def _to_tensor_set(images: np.ndarray, labels: np.ndarray, mean, std, img_size: int) -> InMemoryImages:
+    """uint8 [N, H, W] or [N, H, W, C] to normalised float [N, C, img_size, img_size]."""
+    x = torch.from_numpy(np.array(images, copy=True))
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    x = x.float().div_(255.0)
+    if x.shape[-1] != img_size or x.shape[-2] != img_size:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    x = x.sub_(mean_t).div_(std_t).contiguous()
+    return InMemoryImages(x, torch.from_numpy(labels.astype(np.int64)))
+
+
+def _limit(ds: Dataset, limit: int | None) -> Dataset:
+    if limit is None or limit >= len(ds):
+        return ds
+    if isinstance(ds, InMemoryImages):
+        return ds.subset(torch.arange(limit))
+    return torch.utils.data.Subset(ds, range(limit))
+
+
+def build_fashion_mnist(cfg, img_size: int | None, cache_dir: Path) -> DataBundle:
+    root = Path(cfg.root)
+    if _find_idx(root, FASHION_MNIST_FILES["train"][0]) is None and cfg.get("download", False):
+        root = _download_fashion_mnist(cache_dir)
+    arrays = load_fashion_mnist_arrays(str(root))
+    size = img_size or 28
+    spec = DataSpec("fashion_mnist", 10, 1, size, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    train = _to_tensor_set(*arrays["train"], spec.mean, spec.std, size)
+    test = _to_tensor_set(*arrays["test"], spec.mean, spec.std, size)
+    return DataBundle(spec, train, test)
+
+
+def build_cifar10(cfg, img_size: int | None, cache_dir: Path) -> DataBundle:
+    from torchvision.datasets import CIFAR10
+
+    if cfg.root is None:
+        raise DataError("data=cifar10 needs data.root: a folder holding cifar-10-batches-py (torchvision's format).")
+    try:
+        tr = CIFAR10(str(cfg.root), train=True, download=bool(cfg.get("download", False)))
+        te = CIFAR10(str(cfg.root), train=False, download=False)
+    except RuntimeError as exc:
+        raise DataError(
+            f"CIFAR-10 not found under {cfg.root!r}: expected {cfg.root}/cifar-10-batches-py with the python "
+            f"batches (torchvision's on-disk format). {exc}"
+        ) from exc
+    size = img_size or 32
+    spec = DataSpec("cifar10", 10, 3, size, CIFAR10_MEAN, CIFAR10_STD)
+    return DataBundle(
+        spec,
+        _to_tensor_set(tr.data, np.asarray(tr.targets), spec.mean, spec.std, size),
+        _to_tensor_set(te.data, np.asarray(te.targets), spec.mean, spec.std, size),
+    )
+
+
+def build_image_folder(cfg, img_size: int | None, cache_dir: Path, model_name: str | None) -> DataBundle:
+    """ImageNet layout: root/train/<class>/*.JPEG and root/val/<class>/*.JPEG, timm preprocessing."""
+    import timm.data
+    from torchvision.datasets import ImageFolder
+
+    if cfg.root is None:
+        raise DataError(f"data={cfg.name} needs data.root: a folder with train/ and val/ class folders.")
+    root = Path(cfg.root)
+    missing = [s for s in (cfg.train_split, cfg.val_split) if not (root / s).is_dir()]
+    if missing:
+        raise DataError(
+            f"{root} does not have the ImageFolder layout: missing {', '.join(missing)}/ (expected "
+            f"{root}/{cfg.train_split}/<class>/<image> and {root}/{cfg.val_split}/<class>/<image>)."
+        )
+    pretrained_cfg = timm.get_pretrained_cfg(model_name) if model_name and timm.is_model(model_name) else None
+    data_cfg = dict(timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())) if pretrained_cfg else {}
+    if img_size:
+        data_cfg["input_size"] = (3, img_size, img_size)
+    data_cfg.setdefault("input_size", (3, 224, 224))
+    if cfg.get("crop_pct") is not None:
+        data_cfg["crop_pct"] = float(cfg.crop_pct)
+    transform = timm.data.create_transform(**data_cfg, is_training=False)
+    try:
+        train = ImageFolder(str(root / cfg.train_split), transform=transform)
+        val = ImageFolder(str(root / cfg.val_split), transform=transform)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"Could not read the image folders under {root}: {exc}") from exc
+    if train.classes != val.classes:
+        raise DataError(f"{root}: the train and val splits have different class folders.")
+    spec = DataSpec(cfg.name, len(train.classes), 3, data_cfg["input_size"][-1],
+                    tuple(data_cfg.get("mean", (0.485, 0.456, 0.406))), tuple(data_cfg.get("std", (0.229, 0.224, 0.225))))
+    return DataBundle(spec, train, val)
+
+
+DATASETS = ("fashion_mnist", "cifar10", "imagenet", "image_folder")
+
+
+def build_data(cfg, cache_dir: Path, img_size: int | None = None, model_name: str | None = None) -> DataBundle:
+    """Build the dataset named by `cfg.name`; `img_size` overrides the native size (from the model config).
+
+    Folder datasets take their preprocessing from timm's pretrained config for `model_name`.
+    """
+    name = cfg.name
+    if name == "fashion_mnist":
+        bundle = build_fashion_mnist(cfg, img_size, cache_dir)
+    elif name == "cifar10":
+        bundle = build_cifar10(cfg, img_size, cache_dir)
+    elif name in ("imagenet", "image_folder"):
+        bundle = build_image_folder(cfg, img_size, cache_dir, model_name)
+    else:
+        raise unknown_choice("dataset", name, DATASETS)
+    bundle.train = _limit(bundle.train, cfg.get("limit_train"))
+    bundle.test = _limit(bundle.test, cfg.get("limit_test"))
+    return bundle
+
+
+def sample_calibration(train: Dataset, n: int, seed: int, batch_size: int = 1) -> CalibrationSet:
+    """Draw `n` train images without replacement with a seeded generator; indices are kept for the record."""
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"calib.n={n!r} must be a positive whole number of images.")
+    if n > len(train):
+        raise ConfigError(f"calib.n={n} is larger than the train split ({len(train)} images).")
+    if n < batch_size:
+        raise ConfigError(f"calib.n={n} is below one calibration batch (calib.batch_size={batch_size}).")
+    g = torch.Generator().manual_seed(int(seed))
+    indices = torch.randperm(len(train), generator=g)[:n]
+    if isinstance(train, InMemoryImages):
+        subset = train.subset(indices)
+    else:
+        pairs = [train[int(i)] for i in indices]
+        subset = InMemoryImages(torch.stack([p[0] for p in pairs]), torch.tensor([int(p[1]) for p in pairs]))
+    return CalibrationSet(subset, indices.tolist(), int(seed))

@@ -1,0 +1,117 @@
+"""The dense starting point of every job: data, model, weights, and the dense accuracy, each computed once
+and cached on disk so a sweep trains and evaluates each dense model only once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ptsbench.data import DataBundle, build_data
+from ptsbench.evaluate import evaluate
+from ptsbench.models import (
+    check_input_size,
+    create_model,
+    dense_key,
+    load_state_strict,
+    read_state_dict,
+    save_state,
+    stable_hash,
+)
+from ptsbench.train import train_dense
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dense:
+    """Where the dense weights came from and how good they are."""
+
+    source: str  # checkpoint | pretrained | recipe
+    key: str  # names everything that determines the dense weights
+    top1: float
+    top5: float
+    info: dict  # training time, cache paths ...
+
+
+def training_recipe(cfg: DictConfig) -> dict:
+    """The shared recipe with the model config's own overrides applied (both recorded in the hash)."""
+    recipe = OmegaConf.to_container(cfg.train, resolve=True)
+    recipe.update(OmegaConf.to_container(cfg.model.get("train_overrides") or {}, resolve=True))
+    return recipe
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def load_data(cfg: DictConfig, cache_dir: Path) -> DataBundle:
+    img_size = cfg.model.get("img_size") or cfg.data.get("img_size")
+    return build_data(cfg.data, cache_dir, img_size=img_size, model_name=cfg.model.name)
+
+
+def build_model(cfg: DictConfig, data: DataBundle) -> nn.Module:
+    """The architecture, checked against the input size; weights come from `load_dense_weights`."""
+    model = create_model(cfg.model, data.spec, pretrained=bool(cfg.model.get("pretrained")))
+    check_input_size(model, data.spec)
+    return model
+
+
+def load_dense_weights(cfg: DictConfig, model: nn.Module, data: DataBundle, cache_dir: Path,
+                       device: torch.device, progress: bool = True) -> Dense:
+    """Fill `model` with dense weights (checkpoint, hub, or the cached recipe) and measure its accuracy."""
+    recipe = training_recipe(cfg)
+    key_obj = dense_key(cfg.model, cfg.data, data.spec, recipe, int(cfg.train.seed))
+    key = f"{cfg.model.name}-{data.spec.name}-{stable_hash(key_obj)}"
+    dense_dir = cache_dir / "dense"
+    dense_dir.mkdir(parents=True, exist_ok=True)
+    info: dict = {}
+    if cfg.model.get("checkpoint"):
+        source = "checkpoint"
+        load_state_strict(model, read_state_dict(cfg.model.checkpoint), str(cfg.model.checkpoint))
+    elif cfg.model.get("pretrained"):
+        source = "pretrained"
+    else:
+        source = "recipe"
+        weights = dense_dir / f"{key}.safetensors"
+        meta_path = dense_dir / f"{key}.train.json"
+        with FileLock(str(dense_dir / f"{key}.lock")):
+            if weights.exists():
+                load_state_strict(model, read_state_dict(weights), str(weights))
+                info = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+                log.info("Dense %s: cached weights %s", cfg.model.name, weights)
+            else:
+                log.info("Dense %s: no cached weights, training with recipe %s", cfg.model.name, recipe)
+                info = train_dense(model, data.train, recipe, int(cfg.train.seed), device, progress)
+                info.update({"recipe": recipe, "key": key_obj})
+                save_state(model, weights, {"key": key})
+                _write_json_atomic(meta_path, info)
+                log.info("Dense %s trained in %.0f s, cached at %s", cfg.model.name, info["train_seconds"], weights)
+        info["weights"] = str(weights)
+    model.to(device).eval()
+    top1, top5 = _dense_accuracy(model, data, key, cfg, dense_dir, device)
+    return Dense(source, key, top1, top5, info)
+
+
+def _dense_accuracy(model: nn.Module, data: DataBundle, key: str, cfg: DictConfig, dense_dir: Path,
+                    device: torch.device) -> tuple[float, float]:
+    eval_key = stable_hash({"dense": key, "limit_test": cfg.data.get("limit_test"), "n": len(data.test)})
+    path = dense_dir / f"{key}.eval-{eval_key}.json"
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            cached = json.loads(path.read_text())
+            return float(cached["top1"]), float(cached["top5"])
+        result = evaluate(model, data.test, device, batch_size=int(cfg.eval.batch_size),
+                          num_workers=int(cfg.data.get("num_workers", 0)))
+        _write_json_atomic(path, result.as_dict())
+    log.info("Dense %s: top-1 %.2f%% top-5 %.2f%% on %d images", cfg.model.name, result.top1, result.top5, result.images)
+    return result.top1, result.top5

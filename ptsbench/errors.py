@@ -1,0 +1,39 @@
+"""User-facing errors: one readable paragraph naming the bad value and what is allowed."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PtsbenchError(Exception):
+    """An error caused by the user's input (config, paths, files), reported without a deep stack trace."""
+
+
+class ConfigError(PtsbenchError):
+    """A config value is invalid."""
+
+
+class DataError(PtsbenchError):
+    """A dataset is missing or malformed."""
+
+
+class CheckpointError(PtsbenchError):
+    """A checkpoint is missing, unreadable, or does not match the model."""
+
+
+class NonFiniteLossError(PtsbenchError):
+    """An algorithm's loss became NaN or infinite."""
+
+
+def unknown_choice(what: str, value: object, allowed: Iterable[str], hint: str = "") -> ConfigError:
+    """Build the error for a value outside a known set, with the closest matches first."""
+    allowed = sorted(allowed)
+    close = difflib.get_close_matches(str(value), allowed, n=3, cutoff=0.5)
+    listing = ", ".join(allowed) if len(allowed) <= 30 else ", ".join(allowed[:30]) + f", ... ({len(allowed)} in all)"
+    msg = f"Unknown {what} {value!r}. Allowed: {listing}."
+    if close:
+        msg += f" Did you mean: {', '.join(close)}?"
+    if hint:
+        msg += f" {hint}"
+    return ConfigError(msg)

@@ -1,0 +1,142 @@
+"""Tables and plots from result files: `ptsbench-report DIR [DIR ...]` rebuilds what a sweep leaves."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ptsbench.results import load_records, write_atomic, write_csv  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+TABLE_COLUMNS = [
+    "model", "dataset", "method", "target_sparsity", "achieved_sparsity", "achieved_sparsity_all",
+    "dense_top1", "top1", "top5", "top1_drop", "prune_seconds", "calib_images", "calib_seed", "seed",
+    "status", "error", "job_dir",
+]
+MD_COLUMNS = {
+    "model": "model", "method": "method", "target_sparsity": "target", "achieved_sparsity": "achieved",
+    "achieved_sparsity_all": "achieved (all params)", "dense_top1": "dense top-1", "top1": "top-1",
+    "top5": "top-5", "prune_seconds": "prune s", "seed": "seed", "status": "status",
+}
+SORT_KEYS = ["model", "method", "target_sparsity", "seed"]
+
+
+def results_table(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per job with the columns of TABLE_COLUMNS, sorted by model, method, sparsity, seed."""
+    if records.empty:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    df = records.copy()
+    if "method" not in df:
+        df["method"] = df.get("algorithm_label", df.get("algorithm"))
+    for col in TABLE_COLUMNS:
+        if col not in df:
+            df[col] = None
+    df["top1_drop"] = pd.to_numeric(df["dense_top1"], errors="coerce") - pd.to_numeric(df["top1"], errors="coerce")
+    extra = [c for c in df.columns if c not in TABLE_COLUMNS]
+    df = df[TABLE_COLUMNS + extra]
+    return df.sort_values(SORT_KEYS, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    shown = table[list(MD_COLUMNS)].rename(columns=MD_COLUMNS)
+    failed = table["status"] != "ok"
+    if failed.any():
+        shown.loc[failed, "status"] = [
+            f"**{s}**: {str(e).splitlines()[0][:120] if isinstance(e, str) else ''}"
+            for s, e in zip(table.loc[failed, "status"], table.loc[failed, "error"], strict=True)
+        ]
+    return shown.to_markdown(index=False, floatfmt=".4g")
+
+
+def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds for each (model, method, target sparsity)."""
+    ok = table[table["status"] == "ok"]
+    if ok.empty:
+        return pd.DataFrame()
+    agg = ok.groupby(["model", "method", "target_sparsity"], dropna=False).agg(
+        top1_mean=("top1", "mean"), top1_std=("top1", "std"), achieved_sparsity=("achieved_sparsity", "mean"),
+        dense_top1=("dense_top1", "mean"), prune_seconds=("prune_seconds", "mean"), seeds=("seed", "nunique"),
+    )
+    return agg.reset_index()
+
+
+def plot_accuracy_vs_sparsity(table: pd.DataFrame, path: Path) -> None:
+    """One panel per model, one line per method (mean over seeds, band = one std), dense as a reference."""
+    summary = seed_summary(table)
+    models = sorted(table["model"].dropna().unique()) or ["(none)"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        part = summary[summary["model"] == model] if not summary.empty else summary
+        for method, rows in part.groupby("method") if not part.empty else []:
+            rows = rows.sort_values("target_sparsity")
+            x, y = rows["target_sparsity"].astype(float), rows["top1_mean"].astype(float)
+            (line,) = ax.plot(x, y, marker="o", label=method)
+            std = rows["top1_std"].fillna(0).astype(float)
+            if (rows["seeds"] > 1).any():
+                ax.fill_between(x, y - std, y + std, color=line.get_color(), alpha=0.2)
+        dense = pd.to_numeric(table.loc[table["model"] == model, "dense_top1"], errors="coerce").dropna()
+        if not dense.empty:
+            ax.axhline(dense.mean(), color="black", linestyle="--", linewidth=1, label=f"dense ({dense.mean():.1f})")
+        failed = table[(table["model"] == model) & (table["status"] != "ok")]
+        title = f"{model}" + (f"  ({len(failed)} failed)" if len(failed) else "")
+        ax.set(title=title, xlabel="target sparsity", ylabel="top-1 (%)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_report(dirs: Iterable[str | Path], out_dir: str | Path) -> pd.DataFrame:
+    """Gather result.json files under `dirs` and write results.csv, results.md, accuracy_vs_sparsity.png."""
+    dirs = [Path(d) for d in dirs]
+    out = Path(out_dir)
+    table = results_table(load_records(dirs))
+    write_csv(out / "results.csv", table)
+    n_failed = int((table["status"] != "ok").sum()) if len(table) else 0
+    header = f"# Results\n\n{len(table)} jobs from {', '.join(map(str, dirs))}; {n_failed} failed.\n\n"
+    summary = seed_summary(table)
+    body = markdown_table(table) if len(table) else "(no result files found)"
+    if not summary.empty and (summary["seeds"] > 1).any():
+        body += "\n\n## Mean over seeds\n\n" + summary.to_markdown(index=False, floatfmt=".4g")
+    write_atomic(out / "results.md", header + body + "\n")
+    plot_accuracy_vs_sparsity(table, out / "accuracy_vs_sparsity.png")
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ptsbench-report", description=__doc__)
+    parser.add_argument("dirs", nargs="+", help="sweep or job directories holding result.json files")
+    parser.add_argument("--out", help="where to write the tables and plot (default: the first DIR)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    missing = [d for d in args.dirs if not Path(d).exists()]
+    if missing:
+        print(f"ptsbench-report: no such directory: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    out = Path(args.out or args.dirs[0])
+    table = write_report(args.dirs, out)
+    if table.empty:
+        print(f"ptsbench-report: no result.json files under {', '.join(args.dirs)}", file=sys.stderr)
+        return 1
+    log.info("%d jobs (%d failed) -> %s/results.{csv,md}, accuracy_vs_sparsity.png",
+             len(table), int((table["status"] != "ok").sum()), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

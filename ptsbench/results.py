@@ -1,0 +1,79 @@
+"""Result records: one JSON file per job, written atomically, gathered into a DataFrame."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RESULT_FILE = "result.json"
+ALLOCATION_FILE = "allocation.csv"
+CALIB_FILE = "calib_indices.json"
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _jsonable(obj.item())
+    return obj
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: Path, table: pd.DataFrame) -> None:
+    write_atomic(path, table.to_csv(index=False))
+
+
+def find_result_files(dirs: Iterable[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for d in dirs:
+        d = Path(d)
+        if d.is_file() and d.name == RESULT_FILE:
+            files.append(d)
+        elif d.is_dir():
+            files.extend(sorted(d.rglob(RESULT_FILE)))
+    return files
+
+
+def load_records(dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """All result records under `dirs` as one row each (nested `stats` and `options` flattened)."""
+    rows = []
+    for path in find_result_files(dirs):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            rows.append({"status": "unreadable", "error": f"{path}: {exc}", "job_dir": str(path.parent)})
+            continue
+        record.setdefault("job_dir", str(path.parent))
+        rows.append(record)
+    if not rows:
+        return pd.DataFrame()
+    return pd.json_normalize(rows, sep=".")

@@ -1,0 +1,210 @@
+"""One job: dense model -> calibration draw -> algorithm -> audit -> evaluation -> record.
+
+Everything a job produces lands in its own output directory; a failure is recorded there with its
+error and never touches other jobs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import platform
+import subprocess
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+import timm
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import ptsbench
+from algorithms.base import PruneContext, PTSAlgorithm
+from ptsbench.audit import audit_model
+from ptsbench.data import sample_calibration
+from ptsbench.dense import build_model, load_data, load_dense_weights
+from ptsbench.errors import ConfigError, PtsbenchError
+from ptsbench.evaluate import evaluate
+from ptsbench.models import stable_hash
+from ptsbench.results import ALLOCATION_FILE, CALIB_FILE, RESULT_FILE, write_csv, write_json
+from ptsbench.sparsity import PrunePolicy, check_sparsity, describe_policy, find_prunable_layers
+from ptsbench.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device={name!r} is not a device name (use auto, cpu, cuda or cuda:N).") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} was asked for but CUDA is not available here; use device=auto or cpu.")
+    return device
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identity of a job: the resolved config minus what does not change the result."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("hydra", "logger", "progress", "threads", "cache_dir", "resume"):
+        plain.pop(key, None)
+    return stable_hash(plain, length=16)
+
+
+def build_algorithm(cfg: DictConfig) -> PTSAlgorithm:
+    try:
+        algorithm = hydra.utils.instantiate(cfg.algorithm, _convert_="all")
+    except hydra.errors.InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, PtsbenchError):
+            raise cause from None
+        raise ConfigError(f"algorithm config could not be built: {cause}") from exc
+    if not isinstance(algorithm, PTSAlgorithm):
+        raise ConfigError(f"algorithm._target_={cfg.algorithm._target_!r} is not a PTSAlgorithm subclass.")
+    return algorithm
+
+
+def base_record(cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "model": cfg.model.name,
+        "model_config": cfg.model.get("config_name", cfg.model.name),
+        "dataset": cfg.data.name,
+        "algorithm": None,
+        "method": None,
+        "target_sparsity": cfg.sparsity,
+        "seed": cfg.seed,
+        "calib_seed": cfg.calib.seed,
+        "calib_images": cfg.calib.n,
+        "status": "running",
+        "error": None,
+        "config_hash": config_hash(cfg),
+        "experiment": cfg.get("experiment_name"),
+        "ptsbench_version": ptsbench.__version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+        "host": platform.node(),
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def validate_config(cfg: DictConfig) -> float:
+    """Cheap checks that run before anything is loaded or trained; returns the target sparsity."""
+    target = check_sparsity(cfg.sparsity)
+    if cfg.calib.n is None or int(cfg.calib.n) < 1:
+        raise ConfigError(f"calib.n={cfg.calib.n!r} must be a positive whole number of images.")
+    if int(cfg.calib.n) < int(cfg.calib.batch_size):
+        raise ConfigError(f"calib.n={cfg.calib.n} is below one calibration batch (calib.batch_size={cfg.calib.batch_size}).")
+    return target
+
+
+def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, sweep: str = "single") -> dict[str, Any]:
+    """Run one job and write its files into `out_dir`; returns the record (status ok or failed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tracker = tracker or Tracker()
+    record = base_record(cfg)
+    record["job_dir"] = str(out_dir)
+    tracker_started = False
+    try:
+        target = validate_config(cfg)
+        algorithm = build_algorithm(cfg)
+        record.update(algorithm=algorithm.name, method=algorithm.label, algorithm_options=algorithm.options())
+        name = f"{cfg.model.name}-{algorithm.label}-{target:g}-s{cfg.seed}"
+        tracker.start(name=name, group=sweep, job_type=algorithm.name,
+                      config=OmegaConf.to_container(cfg, resolve=True),
+                      tags=[cfg.model.name, cfg.data.name, algorithm.name], dir=str(out_dir))
+        tracker_started = True
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
+        device = resolve_device(cfg.device)
+        record["device"] = str(device)
+        cache_dir = Path(str(cfg.cache_dir)).expanduser()
+
+        # Everything that can be checked is checked before dense training or any other long work.
+        data = load_data(cfg, cache_dir)
+        calib = sample_calibration(data.train, int(cfg.calib.n), int(cfg.calib.seed), int(cfg.calib.batch_size))
+        model = build_model(cfg, data)
+        policy = PrunePolicy.from_config(cfg.prune_policy)
+        layers = find_prunable_layers(model, policy)
+        log.info(describe_policy(layers, policy))
+        algorithm.validate(layers, target)
+
+        dense = load_dense_weights(cfg, model, data, cache_dir, device, progress=bool(cfg.progress))
+        record.update(dense_top1=dense.top1, dense_top5=dense.top5, dense_source=dense.source, dense_key=dense.key,
+                      dense_train_seconds=dense.info.get("train_seconds"))
+        calib.data.images = calib.data.images.to(device)
+        calib.data.labels = calib.data.labels.to(device)
+        write_json(out_dir / CALIB_FILE, {"seed": calib.seed, "n": len(calib), "indices": calib.indices,
+                                          "split": "train", "dataset": cfg.data.name})
+
+        torch.manual_seed(int(cfg.seed))
+        ctx = PruneContext(calib=calib, device=device, seed=int(cfg.seed), progress=bool(cfg.progress),
+                           log_metrics=tracker.log, workdir=out_dir)
+        start = time.perf_counter()
+        result = algorithm.prune(model, layers, target, ctx)
+        record["prune_seconds"] = time.perf_counter() - start
+
+        # The harness's own accounting, on the model the algorithm returned.
+        sparse_layers = [type(ly)(ly.name, result.model.get_submodule(ly.name), ly.kind) for ly in layers]
+        audit = audit_model(result.model, sparse_layers, target, result.allocation)
+        record.update(audit.summary())
+        write_csv(out_dir / ALLOCATION_FILE, audit.layers)
+        for table_name, table in result.tables.items():
+            write_csv(out_dir / f"{table_name}.csv", table)
+
+        ev = evaluate(result.model, data.test, device, batch_size=int(cfg.eval.batch_size),
+                      num_workers=int(cfg.data.get("num_workers", 0)))
+        record.update(top1=ev.top1, top5=ev.top5, eval_images=ev.images, eval_seconds=ev.seconds,
+                      eval_images_per_second=ev.images_per_second, stats=result.stats, status="ok")
+        log.info("%s on %s at target %.3f (achieved %.4f): dense top-1 %.2f%%, sparse top-1 %.2f%% (top-5 %.2f%%), "
+                 "pruned in %.1f s", algorithm.label, cfg.model.name, target, audit.achieved, dense.top1, ev.top1,
+                 ev.top5, record["prune_seconds"])
+        tracker.log_table("allocation", audit.layers)
+    except Exception as exc:  # recorded, then re-raised or swallowed by the caller's policy
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        if not isinstance(exc, PtsbenchError):
+            record["traceback"] = traceback.format_exc()
+        raise_after = exc
+    else:
+        raise_after = None
+    finally:
+        record["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        write_json(out_dir / RESULT_FILE, record)
+        if tracker_started:
+            tracker.finish(_summary(record), failed=record["status"] != "ok")
+    if raise_after is not None:
+        raise JobFailed(record) from raise_after
+    return record
+
+
+SUMMARY_KEYS = ("target_sparsity", "achieved_sparsity", "achieved_sparsity_all", "dense_top1", "top1", "top5",
+                "prune_seconds", "eval_seconds", "status", "error")
+
+
+def _summary(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: record.get(k) for k in SUMMARY_KEYS}
+
+
+class JobFailed(Exception):
+    """Raised after a failed job's record has been written."""
+
+    def __init__(self, record: dict[str, Any]):
+        super().__init__(record.get("error"))
+        self.record = record

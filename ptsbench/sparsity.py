@@ -1,0 +1,275 @@
+"""Sparsity primitives shared by every algorithm: which layers are prunable, how a global target is split
+across them (allocation), exact magnitude masks, and masks attached with `torch.nn.utils.parametrize`.
+
+An allocation is a per-layer count of weights to remove, so the achieved global sparsity equals the
+target to within one weight per layer, whatever the method's own arithmetic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ptsbench.errors import ConfigError, unknown_choice
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("uniform", "erk", "global", "global_l2norm")
+
+
+@dataclass
+class PrunableLayer:
+    """One prunable weight: the module that owns it and how the policy classified it."""
+
+    name: str
+    module: nn.Module
+    kind: str  # conv, depthwise_conv, first_conv, linear, classifier, attention
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def numel(self) -> int:
+        return self.module.weight.numel()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.module.weight.shape)
+
+
+@dataclass(frozen=True)
+class PrunePolicy:
+    """Which Conv2d/Linear weights may be pruned. The default prunes all of them, as FCPTS and UniPTS do."""
+
+    first_conv: bool = True
+    classifier: bool = True
+    depthwise: bool = True
+    attention: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: Mapping | None) -> PrunePolicy:
+        cfg = dict(cfg or {})
+        unknown = set(cfg) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise unknown_choice("prune policy key", sorted(unknown)[0], cls.__dataclass_fields__)
+        return cls(**{k: bool(v) for k, v in cfg.items()})
+
+
+def _classifier_name(model: nn.Module) -> str | None:
+    get = getattr(model, "get_classifier", None)
+    if get is None:
+        return None
+    head = get()
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    return None
+
+
+def find_prunable_layers(model: nn.Module, policy: PrunePolicy | None = None) -> list[PrunableLayer]:
+    """Conv2d and Linear layers in module order, classified and filtered by the policy."""
+    policy = policy or PrunePolicy()
+    classifier = _classifier_name(model)
+    layers: list[PrunableLayer] = []
+    seen_conv = False
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            if not seen_conv:
+                kind, seen_conv = "first_conv", True
+            elif module.groups > 1 and module.groups == module.in_channels:
+                kind = "depthwise_conv"
+            else:
+                kind = "conv"
+        elif isinstance(module, nn.Linear):
+            if name == classifier:
+                kind = "classifier"
+            elif ".attn." in f".{name}.":
+                kind = "attention"
+            else:
+                kind = "linear"
+        else:
+            continue
+        allowed = {
+            "first_conv": policy.first_conv,
+            "depthwise_conv": policy.depthwise,
+            "classifier": policy.classifier,
+            "attention": policy.attention,
+        }.get(kind, True)
+        if allowed:
+            layers.append(PrunableLayer(name, module, kind))
+    if not layers:
+        raise ConfigError("The model has no prunable Conv2d or Linear weights under the current prune policy.")
+    return layers
+
+
+def describe_policy(layers: list[PrunableLayer], policy: PrunePolicy) -> str:
+    kinds: dict[str, int] = {}
+    for layer in layers:
+        kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
+    parts = ", ".join(f"{k}={v}" for k, v in sorted(kinds.items()))
+    return f"{len(layers)} prunable layers ({parts}); policy {policy}"
+
+
+# ------------------------------------------------------------------------------------------ allocations
+
+
+def check_sparsity(value: object, what: str = "sparsity") -> float:
+    """A sparsity must be a number in [0, 1)."""
+    try:
+        s = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}={value!r} is not a number; it must be a float in [0, 1).") from None
+    if not (0.0 <= s < 1.0) or math.isnan(s):
+        raise ConfigError(f"{what}={value!r} is outside [0, 1): a sparsity is the fraction of weights removed.")
+    return s
+
+
+def counts_from_rates(layers: list[PrunableLayer], rates: Mapping[str, float], target: float | None = None) -> dict[str, int]:
+    """Per-layer sparsity rates to whole counts of zeros.
+
+    Each count is within one weight of rate * n. When `target` is given, the rounding is distributed by
+    largest remainder so that the total is exactly round(target * N) whenever the rates average to target.
+    """
+    ideal = {ly.name: rates[ly.name] * ly.numel for ly in layers}
+    counts = {name: math.floor(v) for name, v in ideal.items()}
+    if target is None:
+        return {name: min(round(v), ly.numel) for (name, v), ly in zip(ideal.items(), layers, strict=True)}
+    total = round(target * sum(ly.numel for ly in layers))
+    short = total - sum(counts.values())
+    order = sorted(ideal, key=lambda n: (ideal[n] - counts[n]), reverse=True)
+    caps = {ly.name: ly.numel for ly in layers}
+    for name in order:
+        if short <= 0:
+            break
+        if ideal[name] - counts[name] > 0 and counts[name] < caps[name]:
+            counts[name] += 1
+            short -= 1
+    return counts
+
+
+def uniform_allocation(layers: list[PrunableLayer], target: float) -> dict[str, float]:
+    return {ly.name: target for ly in layers}
+
+
+def erk_allocation(layers: list[PrunableLayer], target: float, power_scale: float = 1.0) -> dict[str, float]:
+    """Erdos-Renyi-Kernel: keep-density proportional to (sum of dims / product of dims) ** power_scale.
+
+    Layers whose density would exceed 1 are made dense and the scale is re-solved over the rest (RigL).
+    """
+    raw = {ly.name: (sum(ly.shape) / math.prod(ly.shape)) ** power_scale for ly in layers}
+    n = {ly.name: ly.numel for ly in layers}
+    keep_total = (1.0 - target) * sum(n.values())
+    dense: set[str] = set()
+    while True:
+        free = [name for name in raw if name not in dense]
+        budget = keep_total - sum(n[name] for name in dense)
+        denom = sum(raw[name] * n[name] for name in free)
+        if not free or denom <= 0:
+            raise ConfigError(f"ERK cannot reach sparsity {target}: too few prunable weights outside dense layers.")
+        eps = budget / denom
+        over = [name for name in free if eps * raw[name] > 1.0]
+        if not over:
+            break
+        dense.update(over)
+    return {name: 0.0 if name in dense else 1.0 - eps * raw[name] for name in raw}
+
+
+def _global_counts(scores: list[torch.Tensor], target: float) -> list[int]:
+    """Remove the round(target * N) smallest scores over all layers; ties broken by position."""
+    sizes = [s.numel() for s in scores]
+    k = round(target * sum(sizes))
+    if k == 0:
+        return [0] * len(scores)
+    flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores])
+    order = torch.sort(flat, stable=True).indices[:k]
+    layer_id = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return torch.bincount(layer_id[order], minlength=len(sizes)).tolist()
+
+
+def global_magnitude_counts(layers: list[PrunableLayer], target: float) -> dict[str, int]:
+    counts = _global_counts([ly.weight.abs() for ly in layers], target)
+    return {ly.name: c for ly, c in zip(layers, counts, strict=True)}
+
+
+def global_l2norm_counts(layers: list[PrunableLayer], target: float) -> dict[str, int]:
+    """POT's allocation: |w| / ||W_l||_2 per layer, then one global threshold."""
+    scores = [ly.weight.abs() / ly.weight.norm().clamp_min(1e-12) for ly in layers]
+    counts = _global_counts(scores, target)
+    return {ly.name: c for ly, c in zip(layers, counts, strict=True)}
+
+
+def allocate(layers: list[PrunableLayer], target: float, method: str, erk_power_scale: float = 1.0) -> dict[str, int]:
+    """Per-layer counts of weights to remove so that the global sparsity over `layers` is `target`."""
+    target = check_sparsity(target)
+    if method == "uniform":
+        return counts_from_rates(layers, uniform_allocation(layers, target), target)
+    if method == "erk":
+        return counts_from_rates(layers, erk_allocation(layers, target, erk_power_scale), target)
+    if method == "global":
+        return global_magnitude_counts(layers, target)
+    if method == "global_l2norm":
+        return global_l2norm_counts(layers, target)
+    raise unknown_choice("allocation", method, ALLOCATIONS + ("from_file",))
+
+
+def rates(layers: list[PrunableLayer], counts: Mapping[str, int]) -> dict[str, float]:
+    return {ly.name: counts[ly.name] / ly.numel for ly in layers}
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+
+def magnitude_mask(weight: torch.Tensor, n_zero: int, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """A {0,1} mask removing exactly `n_zero` entries with the smallest score (default |w|).
+
+    Ties are broken by position (stable sort), so the same weights always give the same mask.
+    """
+    scores = weight.detach().abs() if scores is None else scores.detach()
+    mask = torch.ones(weight.numel(), dtype=weight.dtype, device=weight.device)
+    if n_zero > 0:
+        idx = torch.sort(scores.reshape(-1), stable=True).indices[:n_zero]
+        mask[idx] = 0
+    return mask.view_as(weight)
+
+
+def magnitude_masks(layers: list[PrunableLayer], counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    return {ly.name: magnitude_mask(ly.weight, counts[ly.name]) for ly in layers}
+
+
+class WeightMask(nn.Module):
+    """Parametrization W -> W * M with a fixed {0,1} mask buffer."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask.detach().clone())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def apply_masks(layers: list[PrunableLayer], masks: Mapping[str, torch.Tensor]) -> None:
+    """Attach each mask to its layer's weight as a parametrization (replacing an earlier mask)."""
+    for ly in layers:
+        if ly.name not in masks:
+            continue
+        if parametrize.is_parametrized(ly.module, "weight"):
+            parametrize.remove_parametrizations(ly.module, "weight", leave_parametrized=False)
+        parametrize.register_parametrization(ly.module, "weight", WeightMask(masks[ly.name].to(ly.weight.device)))
+
+
+def bake_masks(model: nn.Module) -> None:
+    """Fold every weight parametrization into a plain weight tensor (zeros stay zeros)."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
+def masks_from_weights(layers: list[PrunableLayer]) -> dict[str, torch.Tensor]:
+    return {ly.name: (ly.weight.detach() != 0).to(ly.weight.dtype) for ly in layers}

@@ -1,0 +1,56 @@
+"""Shared fixtures: real Hydra configs composed with the Compose API, tiny real-data overrides, and one
+session-wide cache so the tiny dense models are trained once per test run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from ptsbench.config import register_configs
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+register_configs()
+
+# Small but real: the first 2,000 Fashion-MNIST train images, 500 test images, one training epoch.
+TINY = [
+    "data.limit_train=2000",
+    "data.limit_test=500",
+    "train.epochs=1",
+    "calib.n=128",
+    "progress=false",
+]
+
+
+def compose_config(overrides: list[str] | None = None, cache_dir: Path | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides or []), return_hydra_config=False)
+    if cache_dir is not None:
+        with open_dict(cfg):
+            cfg.cache_dir = str(cache_dir)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ptsbench-cache")
+
+
+@pytest.fixture(scope="session")
+def require_fmnist() -> Path:
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist (scripts/setup.sh does it)")
+    return FMNIST
+
+
+@pytest.fixture
+def tiny_cfg(cache_dir, require_fmnist):
+    def make(*overrides: str) -> DictConfig:
+        return compose_config(TINY + list(overrides), cache_dir=cache_dir)
+
+    return make

@@ -1,0 +1,104 @@
+"""End to end through the real console scripts: a multirun of two tiny jobs, its aggregate, the report
+command, failures inside a sweep, and the W&B mirror in offline mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT, TINY
+
+BIN = Path(sys.executable).parent
+
+
+def run_cli(args: list[str], cache_dir: Path, cwd: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PTSBENCH_CACHE": str(cache_dir), "HYDRA_FULL_ERROR": "0", **(extra_env or {})}
+    return subprocess.run([str(BIN / "ptsbench"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.slow
+def test_multirun_of_two_jobs_aggregates(cache_dir, require_fmnist, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", *TINY, "algorithm.allocation=uniform,global", "algorithm.bn_recalibration=true",
+                    "sparsity=0.8", f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("results.csv", "results.md", "accuracy_vs_sparsity.png"):
+        assert (sweep / name).exists(), name
+    table = pd.read_csv(sweep / "results.csv")
+    assert len(table) == 2 and set(table["status"]) == {"ok"}
+    assert table["method"].tolist() == ["magnitude-global+bn", "magnitude-uniform+bn"]  # sorted
+    assert (table["achieved_sparsity"] - 0.8).abs().max() < 1e-6
+    assert (sweep / "0" / ".hydra" / "config.yaml").exists()  # Hydra provenance kept
+    md = (sweep / "results.md").read_text()
+    assert "magnitude-global+bn" in md and "2 jobs" in md
+
+    # ptsbench-report rebuilds the same table from the result files
+    out = tmp_path / "report"
+    rep = subprocess.run([str(BIN / "ptsbench-report"), str(sweep), "--out", str(out)], capture_output=True,
+                         text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr
+    rebuilt = pd.read_csv(out / "results.csv")
+    pd.testing.assert_frame_equal(rebuilt.drop(columns=["job_dir"]), table.drop(columns=["job_dir"]))
+    assert (out / "accuracy_vs_sparsity.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_single_job_prints_accuracies(cache_dir, require_fmnist, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli([*TINY, "sparsity=0.7", f"hydra.run.dir={run_dir}"], cache_dir, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dense top-1" in proc.stdout and "sparse top-1" in proc.stdout
+    assert {"result.json", "allocation.csv", "calib_indices.json"} <= {p.name for p in run_dir.iterdir()}
+
+
+@pytest.mark.slow
+def test_failed_job_keeps_the_others_and_exits_nonzero(cache_dir, require_fmnist, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", *TINY, "sparsity=0.5,1.5", f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path)
+    assert proc.returncode != 0
+    table = pd.read_csv(sweep / "results.csv")
+    assert sorted(table["status"]) == ["failed", "ok"]
+    failed = table[table["status"] == "failed"].iloc[0]
+    assert "sparsity=1.5 is outside [0, 1)" in failed["error"]
+    assert "failed" in (sweep / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_single_job_bad_input_is_one_paragraph(cache_dir, require_fmnist, tmp_path):
+    proc = run_cli([*TINY, "algorithm.allocation=ekr", f"hydra.run.dir={tmp_path / 'run'}"], cache_dir, tmp_path)
+    assert proc.returncode == 1
+    assert "Unknown allocation 'ekr'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_wandb_offline_mirrors_each_job(cache_dir, require_fmnist, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", *TINY, "logger=wandb", "sparsity=0.5,0.9", f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path,
+                   {"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(sweep.glob("*/wandb/offline-run-*"))
+    assert len(runs) == 2
+    for run in runs:
+        files = {p.name for p in run.rglob("*")}
+        assert any(name.endswith(".wandb") for name in files)
+    # the summary and config are written into the run's files folder at finish()
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/wandb/offline-run-*/files/wandb-summary.json")]
+    assert len(summaries) == 2
+    assert {round(s["target_sparsity"], 2) for s in summaries} == {0.5, 0.9}
+    assert all(s["status"] == "ok" and "top1" in s for s in summaries)
+    configs = list(sweep.glob("*/wandb/offline-run-*/files/config.yaml"))
+    assert len(configs) == 2
+
+
+def test_readme_commands_are_the_scripts():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    commands = [line.strip() for line in readme[:20] if line.strip().startswith("bash scripts/")]
+    assert commands[:2] == ["bash scripts/bench.sh", "bash scripts/test.sh"]
+    assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()

@@ -1,0 +1,71 @@
+"""One job through the runner on real (tiny) Fashion-MNIST: files, fields, accounting, failures."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from ptsbench.runner import JobFailed, run_job
+
+REQUIRED_FIELDS = {
+    "model", "dataset", "algorithm", "method", "algorithm_options", "target_sparsity", "achieved_sparsity",
+    "achieved_sparsity_all", "dense_top1", "top1", "top5", "prune_seconds", "calib_images", "calib_seed", "seed",
+    "status", "error", "ptsbench_version", "git_commit", "config_hash",
+}
+
+
+def test_magnitude_job_writes_record_allocation_and_indices(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("sparsity=0.7", "algorithm.allocation=erk", "algorithm.bn_recalibration=true")
+    record = run_job(cfg, tmp_path)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert REQUIRED_FIELDS <= set(saved)
+    assert saved["status"] == "ok" and saved["error"] is None
+    assert saved["method"] == "magnitude-erk+bn" == record["method"]
+    assert abs(saved["achieved_sparsity"] - 0.7) < 1e-6
+    assert saved["achieved_sparsity_all"] < saved["achieved_sparsity"]
+    assert saved["dense_top1"] > 60.0, "one epoch on 2,000 images should already beat 60%"
+    assert 0.0 <= saved["top1"] <= 100.0 and saved["top5"] >= saved["top1"]
+    alloc = pd.read_csv(tmp_path / "allocation.csv")
+    assert list(alloc.columns[:6]) == ["name", "type", "shape", "params", "target_sparsity", "achieved_sparsity"]
+    assert len(alloc) == 21
+    assert ((alloc["achieved_sparsity"] - alloc["target_sparsity"]).abs() * alloc["params"]).max() < 1.0
+    calib = json.loads((tmp_path / "calib_indices.json").read_text())
+    assert calib["n"] == 128 and len(set(calib["indices"])) == 128 and calib["seed"] == 0
+
+
+def test_same_seed_same_result(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("sparsity=0.8", "algorithm.allocation=global", "algorithm.bn_recalibration=true")
+    a = run_job(cfg, tmp_path / "a")
+    b = run_job(cfg, tmp_path / "b")
+    assert a["top1"] == b["top1"] and a["config_hash"] == b["config_hash"]
+    assert pd.read_csv(tmp_path / "a" / "allocation.csv").equals(pd.read_csv(tmp_path / "b" / "allocation.csv"))
+
+
+def test_dense_model_is_trained_once_and_cached(tiny_cfg, tmp_path, cache_dir):
+    run_job(tiny_cfg("sparsity=0.5"), tmp_path / "a")
+    weights = sorted((cache_dir / "dense").glob("resnet18-*.safetensors"))
+    assert len(weights) == 1
+    mtime = weights[0].stat().st_mtime_ns
+    record = run_job(tiny_cfg("sparsity=0.6"), tmp_path / "b")
+    assert weights[0].stat().st_mtime_ns == mtime
+    assert record["dense_source"] == "recipe" and record["dense_train_seconds"] > 0
+
+
+@pytest.mark.parametrize("override,match", [
+    ("sparsity=1.2", r"sparsity=1.2 is outside \[0, 1\)"),
+    ("sparsity=abc", r"sparsity='abc' is not a number"),
+    ("algorithm.allocation=ekr", r"Unknown allocation 'ekr'"),
+    ("calib.n=100000", r"calib.n=100000 is larger than the train split"),
+    ("model.name=resnet181", r"Unknown timm model 'resnet181'"),
+])
+def test_bad_input_is_recorded_with_a_clear_error(tiny_cfg, tmp_path, override, match):
+    with pytest.raises(JobFailed, match=match):
+        run_job(tiny_cfg(override), tmp_path)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["status"] == "failed"
+    assert "traceback" not in saved  # user errors are one paragraph, not a stack trace
+    import re
+
+    assert re.search(match, saved["error"])
