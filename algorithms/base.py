@@ -69,3 +69,4 @@ class PTSAlgorithm(ABC):
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         """Check options against the model before any expensive work; raise ConfigError on bad input."""
+        return None

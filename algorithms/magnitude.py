@@ -15,7 +15,7 @@ from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from ptsbench.bn import recalibrate_batchnorm
-from ptsbench.errors import ConfigError
+from ptsbench.errors import ConfigError, unknown_choice
 from ptsbench.sparsity import (
     ALLOCATIONS,
     PrunableLayer,
@@ -67,8 +67,6 @@ class MagnitudePruning(PTSAlgorithm):
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
                  bn_recalibration: bool = False, bn_batch_size: int = 64):
         if allocation not in ALLOCATION_CHOICES:
-            from ptsbench.errors import unknown_choice
-
             raise unknown_choice("allocation", allocation, ALLOCATION_CHOICES)
         if allocation == "from_file" and not allocation_file:
             raise ConfigError("algorithm.allocation=from_file needs algorithm.allocation_file=PATH (an allocation.csv).")

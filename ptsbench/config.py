@@ -57,12 +57,14 @@ class TrainConfig:
     label_smoothing: float = 0.1
     max_shift: int = 2
     hflip: bool = True
+    zero_init_head: bool = True
     seed: int = 0
 
 
 @dataclass
 class EvalConfig:
     batch_size: int = 500
+    channels_last: bool = True  # NHWC convolutions: faster on CPU for CNNs, same accuracy
 
 
 @dataclass

@@ -111,7 +111,7 @@ def _dense_accuracy(model: nn.Module, data: DataBundle, key: str, cfg: DictConfi
             cached = json.loads(path.read_text())
             return float(cached["top1"]), float(cached["top5"])
         result = evaluate(model, data.test, device, batch_size=int(cfg.eval.batch_size),
-                          num_workers=int(cfg.data.get("num_workers", 0)))
+                          num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last))
         _write_json_atomic(path, result.as_dict())
     log.info("Dense %s: top-1 %.2f%% top-5 %.2f%% on %d images", cfg.model.name, result.top1, result.top5, result.images)
     return result.top1, result.top5

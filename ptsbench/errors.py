@@ -37,3 +37,13 @@ def unknown_choice(what: str, value: object, allowed: Iterable[str], hint: str =
     if hint:
         msg += f" {hint}"
     return ConfigError(msg)
+
+
+def ensure_finite(value: float, what: str, step: int | None = None) -> float:
+    """Stop an algorithm whose loss became NaN or infinite instead of training through it."""
+    import math
+
+    if not math.isfinite(value):
+        where = f" at step {step}" if step is not None else ""
+        raise NonFiniteLossError(f"{what} became {value}{where}; the job stops instead of training on garbage.")
+    return value

@@ -170,7 +170,7 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
             write_csv(out_dir / f"{table_name}.csv", table)
 
         ev = evaluate(result.model, data.test, device, batch_size=int(cfg.eval.batch_size),
-                      num_workers=int(cfg.data.get("num_workers", 0)))
+                      num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last))
         record.update(top1=ev.top1, top5=ev.top5, eval_images=ev.images, eval_seconds=ev.seconds,
                       eval_images_per_second=ev.images_per_second, stats=result.stats, status="ok")
         log.info("%s on %s at target %.3f (achieved %.4f): dense top-1 %.2f%%, sparse top-1 %.2f%% (top-5 %.2f%%), "
