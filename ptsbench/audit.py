@@ -3,9 +3,11 @@ never taken from the algorithm's own report."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ class Audit:
     total_params: int
     zeros: int
     max_layer_error: float  # largest |achieved - allocated| count per layer, in weights
+    mask_hash: str  # sha256 of every layer's zero pattern: equal hashes mean identical masks
     layers: pd.DataFrame
 
     def summary(self) -> dict:
@@ -34,6 +37,7 @@ class Audit:
             "total_params": self.total_params,
             "zero_weights": self.zeros,
             "max_layer_count_error": self.max_layer_error,
+            "mask_hash": self.mask_hash,
         }
 
 
@@ -49,12 +53,16 @@ def audit_model(model: nn.Module, layers: list[PrunableLayer], target: float,
     Call it on a model whose masks are baked, so that `model.parameters()` are the weights in use.
     """
     rows = []
+    digest = hashlib.sha256()
     zeros_total = 0
     prunable = 0
     max_err = 0.0
     for ly in layers:
         w = effective_weight(ly)
-        zeros = int((w == 0).sum())
+        zero_pattern = (w == 0).cpu()
+        digest.update(ly.name.encode())
+        digest.update(np.packbits(zero_pattern.reshape(-1).numpy()).tobytes())
+        zeros = int(zero_pattern.sum())
         n = w.numel()
         zeros_total += zeros
         prunable += n
@@ -81,5 +89,6 @@ def audit_model(model: nn.Module, layers: list[PrunableLayer], target: float,
         total_params=total,
         zeros=zeros_total,
         max_layer_error=max_err,
+        mask_hash=digest.hexdigest()[:16],
         layers=pd.DataFrame(rows),
     )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from ptsbench.config import register_configs
 from ptsbench.runner import JobFailed, run_job
@@ -19,6 +20,20 @@ log = logging.getLogger("ptsbench")
 
 register_configs()
 
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def threads_per_job(cfg: DictConfig, hc) -> int | None:
+    """Explicit `threads`, else cores shared among the launcher's parallel jobs, else torch's default."""
+    if cfg.get("threads"):
+        return int(cfg.threads)
+    n_jobs = hc.launcher.get("n_jobs") if hc.launcher is not None else None
+    if not n_jobs:
+        return None
+    cores = os.cpu_count() or 1
+    parallel = cores if int(n_jobs) < 0 else min(int(n_jobs), cores)
+    return max(1, cores // parallel)
+
 
 def sweep_name(hc) -> str:
     if hc.mode == RunMode.MULTIRUN:
@@ -26,17 +41,24 @@ def sweep_name(hc) -> str:
     return "single"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     tracker = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else Tracker()
+    threads = threads_per_job(cfg, hc)
+    if threads:
+        with open_dict(cfg):
+            cfg.threads = threads
     try:
-        record = run_job(cfg, out_dir, tracker, sweep=sweep_name(hc))
+        resume_dirs = [Path(hc.sweep.dir)] if hc.mode == RunMode.MULTIRUN else [out_dir]
+        record = run_job(cfg, out_dir, tracker, sweep=sweep_name(hc), resume_dirs=resume_dirs)
     except JobFailed as failure:
         log.error("Job failed: %s (recorded in %s)", failure.record["error"], out_dir / "result.json")
         if hc.mode != RunMode.MULTIRUN:
             sys.exit(1)
+        return
+    if record.get("skipped"):
         return
     print(f"{record['method']} on {record['model']} at sparsity {record['target_sparsity']}: "
           f"dense top-1 {record['dense_top1']:.2f}%, sparse top-1 {record['top1']:.2f}% "

@@ -91,6 +91,8 @@ class PtsbenchConfig:
     device: str = "auto"
     threads: int | None = None
     progress: bool = True
+    save_sparse: bool = False  # write the pruned model (safetensors + compact bit-mask form) and re-check it
+    resume: bool = False  # skip jobs whose identical config already finished in this sweep
     cache_dir: str = MISSING
     experiment_name: str = "default"
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ptsbench.errors import ConfigError, DataError, unknown_choice
+from ptsbench.paths import safe_subdir
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def load_fashion_mnist_arrays(root: str) -> dict[str, tuple[np.ndarray, np.ndarr
 def _download_fashion_mnist(cache_dir: Path) -> Path:
     from torchvision.datasets import FashionMNIST
 
-    root = cache_dir / "datasets"
+    root = safe_subdir(cache_dir, "datasets")
     try:
         FashionMNIST(str(root), train=True, download=True)
         FashionMNIST(str(root), train=False, download=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from ptsbench.data import DataBundle, build_data
@@ -21,10 +21,12 @@ from ptsbench.models import (
     create_model,
     dense_key,
     load_state_strict,
+    plain,
     read_state_dict,
     save_state,
     stable_hash,
 )
+from ptsbench.paths import safe_child, safe_subdir
 from ptsbench.train import train_dense
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,8 @@ class Dense:
 
 def training_recipe(cfg: DictConfig) -> dict:
     """The shared recipe with the model config's own overrides applied (both recorded in the hash)."""
-    recipe = OmegaConf.to_container(cfg.train, resolve=True)
-    recipe.update(OmegaConf.to_container(cfg.model.get("train_overrides") or {}, resolve=True))
+    recipe = plain(cfg.train)
+    recipe.update(plain(cfg.model.get("train_overrides")))
     return recipe
 
 
@@ -72,8 +74,7 @@ def load_dense_weights(cfg: DictConfig, model: nn.Module, data: DataBundle, cach
     recipe = training_recipe(cfg)
     key_obj = dense_key(cfg.model, cfg.data, data.spec, recipe, int(cfg.train.seed))
     key = f"{cfg.model.name}-{data.spec.name}-{stable_hash(key_obj)}"
-    dense_dir = cache_dir / "dense"
-    dense_dir.mkdir(parents=True, exist_ok=True)
+    dense_dir = safe_subdir(cache_dir, "dense")
     info: dict = {}
     if cfg.model.get("checkpoint"):
         source = "checkpoint"
@@ -82,9 +83,9 @@ def load_dense_weights(cfg: DictConfig, model: nn.Module, data: DataBundle, cach
         source = "pretrained"
     else:
         source = "recipe"
-        weights = dense_dir / f"{key}.safetensors"
-        meta_path = dense_dir / f"{key}.train.json"
-        with FileLock(str(dense_dir / f"{key}.lock")):
+        weights = safe_child(dense_dir, f"{key}.safetensors")
+        meta_path = safe_child(dense_dir, f"{key}.train.json")
+        with FileLock(str(safe_child(dense_dir, f"{key}.lock"))):
             if weights.exists():
                 load_state_strict(model, read_state_dict(weights), str(weights))
                 info = json.loads(meta_path.read_text()) if meta_path.exists() else {}

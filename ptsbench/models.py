@@ -22,6 +22,15 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
+def plain(node) -> dict:
+    """A DictConfig (possibly empty or None) as a plain, resolved dict."""
+    if node is None:
+        return {}
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return dict(node)
+
+
 def model_names_in_conf() -> list[str]:
     conf = Path(__file__).resolve().parent.parent / "conf" / "model"
     return sorted(p.stem for p in conf.glob("*.yaml"))
@@ -40,7 +49,7 @@ def create_model(model_cfg: DictConfig, spec: DataSpec, pretrained: bool = False
             hint="Pick a config with model=<name> or any timm architecture with model.name=<timm name> "
                  "(see timm.list_models()).",
         )
-    kwargs = dict(OmegaConf.to_container(model_cfg.get("kwargs") or {}, resolve=True))
+    kwargs = plain(model_cfg.get("kwargs"))
     if model_cfg.get("img_size_arg", False):
         kwargs["img_size"] = spec.img_size
     if pretrained:
@@ -157,7 +166,7 @@ def dense_key(model_cfg: DictConfig, data_cfg: DictConfig, spec: DataSpec, recip
     return {
         "version": CACHE_VERSION,
         "model": model_cfg.name,
-        "kwargs": OmegaConf.to_container(model_cfg.get("kwargs") or {}, resolve=True),
+        "kwargs": plain(model_cfg.get("kwargs")),
         "data": spec.name,
         "data_root": str(data_cfg.get("root")),
         "img_size": spec.img_size,

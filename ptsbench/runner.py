@@ -7,6 +7,7 @@ error and never touches other jobs.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import platform
 import subprocess
@@ -19,20 +20,38 @@ import hydra
 import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 import ptsbench
 from algorithms.base import PruneContext, PTSAlgorithm
 from ptsbench.audit import audit_model
-from ptsbench.data import sample_calibration
+from ptsbench.checkpoint import load_compact_form, save_compact_form, save_dense_form
+from ptsbench.data import DataBundle, sample_calibration
 from ptsbench.dense import build_model, load_data, load_dense_weights
 from ptsbench.errors import ConfigError, PtsbenchError
 from ptsbench.evaluate import evaluate
 from ptsbench.models import stable_hash
-from ptsbench.results import ALLOCATION_FILE, CALIB_FILE, RESULT_FILE, write_csv, write_json
-from ptsbench.sparsity import PrunePolicy, check_sparsity, describe_policy, find_prunable_layers
+from ptsbench.results import (
+    ALLOCATION_FILE,
+    CALIB_FILE,
+    RESULT_FILE,
+    find_result_files,
+    write_csv,
+    write_json,
+)
+from ptsbench.sparsity import (
+    PrunableLayer,
+    PrunePolicy,
+    check_sparsity,
+    describe_policy,
+    find_prunable_layers,
+)
 from ptsbench.tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+SPARSE_MODEL_FILE = "sparse_model.safetensors"
+COMPACT_MODEL_FILE = "sparse_model.compact.safetensors"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,7 +82,7 @@ def git_commit() -> str | None:
 def config_hash(cfg: DictConfig) -> str:
     """Identity of a job: the resolved config minus what does not change the result."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("hydra", "logger", "progress", "threads", "cache_dir", "resume"):
+    for key in ("hydra", "logger", "progress", "threads", "cache_dir", "resume", "save_sparse"):
         plain.pop(key, None)
     return stable_hash(plain, length=16)
 
@@ -84,7 +103,6 @@ def build_algorithm(cfg: DictConfig) -> PTSAlgorithm:
 def base_record(cfg: DictConfig) -> dict[str, Any]:
     return {
         "model": cfg.model.name,
-        "model_config": cfg.model.get("config_name", cfg.model.name),
         "dataset": cfg.data.name,
         "algorithm": None,
         "method": None,
@@ -115,11 +133,55 @@ def validate_config(cfg: DictConfig) -> float:
     return target
 
 
-def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, sweep: str = "single") -> dict[str, Any]:
-    """Run one job and write its files into `out_dir`; returns the record (status ok or failed)."""
+def find_finished(config_id: str, dirs: list[Path]) -> Path | None:
+    """A result.json under `dirs` with this config hash and status ok, if any."""
+    for path in find_result_files(d for d in dirs if d.exists()):
+        try:
+            done = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if done.get("config_hash") == config_id and done.get("status") == "ok":
+            return path
+    return None
+
+
+def save_and_verify_sparse(model: nn.Module, layers: list[PrunableLayer], cfg: DictConfig, data: DataBundle,
+                           out_dir: Path, device: torch.device, expected_top1: float) -> dict[str, Any]:
+    """Write both checkpoint forms, reload the compact one into a fresh timm model, audit and evaluate it."""
+    sparse_keys = [f"{ly.name}.weight" for ly in layers]
+    dense_bytes = save_dense_form(model, out_dir / SPARSE_MODEL_FILE)
+    compact_bytes = save_compact_form(model, sparse_keys, out_dir / COMPACT_MODEL_FILE)
+    fresh = build_model(cfg, data)
+    load_compact_form(fresh, out_dir / COMPACT_MODEL_FILE)
+    fresh.to(device)
+    fresh_layers = [PrunableLayer(ly.name, fresh.get_submodule(ly.name), ly.kind) for ly in layers]
+    reloaded = audit_model(fresh, fresh_layers, float(cfg.sparsity))
+    ev = evaluate(fresh, data.test, device, batch_size=int(cfg.eval.batch_size),
+                  num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last))
+    if abs(ev.top1 - expected_top1) > 1e-9:
+        log.warning("Reloaded compact checkpoint gives top-1 %.4f, the pruned model %.4f", ev.top1, expected_top1)
+    return {"checkpoint_bytes": dense_bytes, "compact_checkpoint_bytes": compact_bytes,
+            "compact_ratio": compact_bytes / dense_bytes, "reload_top1": ev.top1,
+            "reload_achieved_sparsity": reloaded.achieved}
+
+
+def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, sweep: str = "single",
+            resume_dirs: list[Path] | None = None) -> dict[str, Any]:
+    """Run one job and write its files into `out_dir`; returns the record (status ok or failed).
+
+    With `cfg.resume`, a job whose config hash already finished under `resume_dirs` (default: `out_dir`)
+    is skipped and the earlier record returned.
+    """
+    record = base_record(cfg)
+    if cfg.get("resume"):
+        done = find_finished(record["config_hash"], resume_dirs or [out_dir])
+        if done is not None:
+            log.info("resume: identical config already finished in %s; skipping", done.parent)
+            previous = json.loads(done.read_text())
+            previous["skipped"] = True
+            return previous
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = tracker or Tracker()
-    record = base_record(cfg)
     record["job_dir"] = str(out_dir)
     tracker_started = False
     try:
@@ -162,7 +224,7 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
         record["prune_seconds"] = time.perf_counter() - start
 
         # The harness's own accounting, on the model the algorithm returned.
-        sparse_layers = [type(ly)(ly.name, result.model.get_submodule(ly.name), ly.kind) for ly in layers]
+        sparse_layers = [PrunableLayer(ly.name, result.model.get_submodule(ly.name), ly.kind) for ly in layers]
         audit = audit_model(result.model, sparse_layers, target, result.allocation)
         record.update(audit.summary())
         write_csv(out_dir / ALLOCATION_FILE, audit.layers)
@@ -176,8 +238,13 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
         log.info("%s on %s at target %.3f (achieved %.4f): dense top-1 %.2f%%, sparse top-1 %.2f%% (top-5 %.2f%%), "
                  "pruned in %.1f s", algorithm.label, cfg.model.name, target, audit.achieved, dense.top1, ev.top1,
                  ev.top5, record["prune_seconds"])
+        if cfg.get("save_sparse"):
+            record.update(save_and_verify_sparse(result.model, sparse_layers, cfg, data, out_dir, device, ev.top1))
         tracker.log_table("allocation", audit.layers)
-    except Exception as exc:  # recorded, then re-raised or swallowed by the caller's policy
+    except KeyboardInterrupt:
+        record.update(status="interrupted", error="KeyboardInterrupt")
+        raise
+    except Exception as exc:  # recorded, then re-raised as JobFailed for the caller's policy
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         if not isinstance(exc, PtsbenchError):
             record["traceback"] = traceback.format_exc()

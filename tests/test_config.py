@@ -51,3 +51,30 @@ def test_wrong_type_fails_at_compose():
 def test_unknown_group_option_lists_available():
     with pytest.raises(ConfigCompositionException, match=r"Could not find 'model/resnet9'.*resnet18"):
         compose_config(["model=resnet9"])
+
+
+@pytest.mark.parametrize("launcher", ["parallel", "slurm"])
+def test_launcher_presets_compose(launcher):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    if launcher == "parallel":
+        assert cfg.hydra.launcher.n_jobs == 2
+        assert "JoblibLauncher" in cfg.hydra.launcher._target_
+    else:
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.array_parallelism == 32
+        assert "SlurmLauncher" in cfg.hydra.launcher._target_
+
+
+def test_threads_shared_among_parallel_jobs(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from ptsbench.cli import threads_per_job
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    cfg = OmegaConf.create({"threads": None})
+    assert threads_per_job(cfg, OmegaConf.create({"launcher": {"n_jobs": 4}})) == 2
+    assert threads_per_job(cfg, OmegaConf.create({"launcher": {"n_jobs": -1}})) == 1
+    assert threads_per_job(cfg, OmegaConf.create({"launcher": {"_target_": "basic"}})) is None
+    assert threads_per_job(OmegaConf.create({"threads": 3}), OmegaConf.create({"launcher": {"n_jobs": 4}})) == 3

@@ -85,3 +85,24 @@ def test_calibration_size_errors(require_fmnist, tmp_path, n, match):
     train = build_data(cfg, tmp_path).train
     with pytest.raises(ConfigError, match=match):
         sample_calibration(train, n, 0, batch_size=64)
+
+
+def test_image_folder_uses_timm_preprocessing(tmp_path):
+    from PIL import Image
+
+    gen = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("n01", "n02"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                pixels = gen.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.JPEG")
+    cfg = OmegaConf.create({"name": "imagenet", "root": str(tmp_path), "train_split": "train", "val_split": "val"})
+    bundle = build_data(cfg, tmp_path, model_name="resnet18")
+    assert bundle.spec.num_classes == 2 and bundle.spec.in_chans == 3 and bundle.spec.img_size == 224
+    image, label = bundle.test[0]
+    assert image.shape == (3, 224, 224) and label == 0
+    calib = sample_calibration(bundle.train, 4, 0, batch_size=2)
+    assert calib.data.images.shape == (4, 3, 224, 224)
+    small = build_data(cfg, tmp_path, img_size=64, model_name="resnet18")
+    assert small.test[0][0].shape == (3, 64, 64)
