@@ -6,10 +6,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ptsbench.report import write_report
+from ptsbench.tracking import sweep_group
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,9 @@ class AggregateResults(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         table = write_report([sweep_dir], sweep_dir)
+        if config.get("logger") and len(table):
+            tracker = hydra.utils.instantiate(config.logger)
+            tracker.sweep_summary(table, sweep_group(config.hydra.sweep.dir), str(sweep_dir))
         failed = table[table["status"] != "ok"] if len(table) else table
         log.info("Sweep finished: %d jobs, %d failed. Tables and plot in %s", len(table), len(failed), sweep_dir)
         for _, row in failed.iterrows():

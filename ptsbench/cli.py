@@ -14,7 +14,7 @@ from omegaconf import DictConfig, open_dict
 
 from ptsbench.config import register_configs
 from ptsbench.runner import JobFailed, run_job
-from ptsbench.tracking import Tracker
+from ptsbench.tracking import Tracker, sweep_group
 
 log = logging.getLogger("ptsbench")
 
@@ -37,7 +37,7 @@ def threads_per_job(cfg: DictConfig, hc) -> int | None:
 
 def sweep_name(hc) -> str:
     if hc.mode == RunMode.MULTIRUN:
-        return str(hc.sweep.dir).strip("/").replace("/", "_")
+        return sweep_group(hc.sweep.dir)
     return "single"
 
 

@@ -47,16 +47,16 @@ class CalibConfig:
 class TrainConfig:
     """The harness's dense training recipe (used when no checkpoint or hub weights are given)."""
 
-    epochs: int = 2
-    batch_size: int = 128
+    epochs: float = 1
+    batch_size: int = 64
     lr: float = 2e-3
     min_lr: float = 0.0
     weight_decay: float = 0.05
-    warmup_epochs: float = 0.2
+    warmup_epochs: float = 0.1
     warmup_lr: float = 1e-6
-    label_smoothing: float = 0.1
-    max_shift: int = 2
-    hflip: bool = True
+    label_smoothing: float = 0.0
+    max_shift: int = 0
+    hflip: bool = False
     zero_init_head: bool = True
     seed: int = 0
 

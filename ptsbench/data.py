@@ -188,15 +188,25 @@ def _limit(ds: Dataset, limit: int | None) -> Dataset:
     return torch.utils.data.Subset(ds, range(limit))
 
 
+@lru_cache(maxsize=4)
+def fashion_mnist_tensors(root: str, size: int) -> tuple[InMemoryImages, InMemoryImages]:
+    """Normalised train and test tensors at `size` (built once per process: a sweep reuses them).
+
+    Callers must not modify them in place.
+    """
+    arrays = load_fashion_mnist_arrays(root)
+    train = _to_tensor_set(*arrays["train"], FASHION_MNIST_MEAN, FASHION_MNIST_STD, size)
+    test = _to_tensor_set(*arrays["test"], FASHION_MNIST_MEAN, FASHION_MNIST_STD, size)
+    return train, test
+
+
 def build_fashion_mnist(cfg, img_size: int | None, cache_dir: Path) -> DataBundle:
     root = Path(cfg.root)
     if _find_idx(root, FASHION_MNIST_FILES["train"][0]) is None and cfg.get("download", False):
         root = _download_fashion_mnist(cache_dir)
-    arrays = load_fashion_mnist_arrays(str(root))
-    size = img_size or 28
+    size = int(img_size or 28)
+    train, test = fashion_mnist_tensors(str(root), size)
     spec = DataSpec("fashion_mnist", 10, 1, size, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
-    train = _to_tensor_set(*arrays["train"], spec.mean, spec.std, size)
-    test = _to_tensor_set(*arrays["test"], spec.mean, spec.std, size)
     return DataBundle(spec, train, test)
 
 

@@ -182,15 +182,22 @@ def erk_allocation(layers: list[PrunableLayer], target: float, power_scale: floa
 
 
 def _global_counts(scores: list[torch.Tensor], target: float) -> list[int]:
-    """Remove the round(target * N) smallest scores over all layers; ties broken by position."""
+    """Remove the round(target * N) smallest scores over all layers; ties broken by position.
+
+    Linear time: one k-th value for the threshold, then the tied entries in position order.
+    """
     sizes = [s.numel() for s in scores]
     k = round(target * sum(sizes))
     if k == 0:
         return [0] * len(scores)
     flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores])
-    order = torch.sort(flat, stable=True).indices[:k]
+    threshold = torch.kthvalue(flat, k).values
     layer_id = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    return torch.bincount(layer_id[order], minlength=len(sizes)).tolist()
+    counts = torch.bincount(layer_id[flat < threshold], minlength=len(sizes))
+    missing = k - int(counts.sum())
+    tied = torch.nonzero(flat == threshold).squeeze(1)[:missing]
+    counts += torch.bincount(layer_id[tied], minlength=len(sizes))
+    return counts.tolist()
 
 
 def global_magnitude_counts(layers: list[PrunableLayer], target: float) -> dict[str, int]:

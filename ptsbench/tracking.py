@@ -10,6 +10,11 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 
+def sweep_group(sweep_dir: str) -> str:
+    """The W&B group of a sweep: its output directory, flattened."""
+    return str(sweep_dir).strip("/").replace("/", "_")
+
+
 class Tracker:
     """The no-op tracker (logger=none): every method is safe to call."""
 
@@ -25,6 +30,9 @@ class Tracker:
 
     def finish(self, summary: dict[str, Any], failed: bool = False) -> None:
         pass
+
+    def sweep_summary(self, table: pd.DataFrame, group: str, dir: str) -> None:
+        """At the end of a sweep: one run with the results table and accuracy-vs-sparsity plots."""
 
 
 class WandbTracker(Tracker):
@@ -49,10 +57,16 @@ class WandbTracker(Tracker):
             self.run.log(metrics, step=step)
 
     def log_table(self, key: str, table: pd.DataFrame) -> None:
-        if self.run is not None:
-            import wandb
+        if self.run is None:
+            return
+        import wandb
 
-            self.run.log({key: wandb.Table(dataframe=table)})
+        wb_table = wandb.Table(dataframe=table)
+        logged = {key: wb_table}
+        if key == "allocation" and {"name", "achieved_sparsity"} <= set(table.columns):
+            logged[f"{key}_chart"] = wandb.plot.bar(wb_table, "name", "achieved_sparsity",
+                                                    title="per-layer sparsity")
+        self.run.log(logged)
 
     def finish(self, summary: dict[str, Any], failed: bool = False) -> None:
         if self.run is None:
@@ -62,3 +76,26 @@ class WandbTracker(Tracker):
         finally:
             self.run.finish(exit_code=1 if failed else 0)
             self.run = None
+
+    def sweep_summary(self, table: pd.DataFrame, group: str, dir: str) -> None:
+        import wandb
+
+        run = wandb.init(project=self.project, entity=self.entity, mode=self.mode, name=f"{group}-summary",
+                         group=group, job_type="summary", tags=["summary", *self.extra_tags], dir=dir,
+                         reinit="finish_previous")
+        try:
+            run.log({"results": wandb.Table(dataframe=table.astype({c: str for c in table.columns
+                                                                     if table[c].dtype == object}))})
+            ok = table[table["status"] == "ok"]
+            for model, rows in ok.groupby("model"):
+                methods = sorted(rows["method"].unique())
+                xs, ys = [], []
+                for method in methods:
+                    part = rows[rows["method"] == method].groupby("target_sparsity")["top1"].mean().sort_index()
+                    xs.append(part.index.tolist())
+                    ys.append(part.tolist())
+                run.log({f"accuracy_vs_sparsity/{model}": wandb.plot.line_series(
+                    xs=xs, ys=ys, keys=methods, title=f"{model}: top-1 vs sparsity", xname="target sparsity")})
+            run.summary.update({"jobs": len(table), "failed": int((table["status"] != "ok").sum())})
+        finally:
+            run.finish()

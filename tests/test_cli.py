@@ -95,6 +95,12 @@ def test_wandb_offline_mirrors_each_job(cache_dir, require_fmnist, tmp_path):
     assert all(s["status"] == "ok" and "top1" in s for s in summaries)
     configs = list(sweep.glob("*/wandb/offline-run-*/files/config.yaml"))
     assert len(configs) == 2
+    # one summary run for the sweep, with the results table and the accuracy-vs-sparsity line plot
+    summary_runs = list((sweep / "wandb").glob("offline-run-*"))
+    assert len(summary_runs) == 1
+    media = {p.name for p in summary_runs[0].rglob("*.json")}
+    assert any(name.startswith("results") for name in media)
+    assert any("accuracy_vs_sparsity" in str(p) for p in summary_runs[0].rglob("*"))
 
 
 def test_readme_commands_are_the_scripts():

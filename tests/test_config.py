@@ -49,7 +49,7 @@ def test_wrong_type_fails_at_compose():
 
 
 def test_unknown_group_option_lists_available():
-    with pytest.raises(ConfigCompositionException, match=r"Could not find 'model/resnet9'.*resnet18"):
+    with pytest.raises(ConfigCompositionException, match=r"(?s)Could not find 'model/resnet9'.*resnet18"):
         compose_config(["model=resnet9"])
 
 

@@ -109,11 +109,21 @@ def test_erk_power_scale_zero_is_uniform(layers):
 
 def test_global_threshold_is_one_threshold(layers):
     counts = allocate(layers, 0.8, "global")
-    kept_min = min(ly.weight.abs()[magnitude_mask(ly.weight, counts[ly.name]).bool()].min() for ly in layers
-                   if counts[ly.name] < ly.numel)
-    pruned_max = max(ly.weight.abs()[~magnitude_mask(ly.weight, counts[ly.name]).bool()].max() for ly in layers
-                     if counts[ly.name] > 0)
+    masks = magnitude_masks(layers, counts)
+    kept_min = min(ly.weight.abs()[masks[ly.name].bool()].min() for ly in layers if counts[ly.name] < ly.numel)
+    pruned_max = max(ly.weight.abs()[~masks[ly.name].bool()].max() for ly in layers if counts[ly.name] > 0)
     assert pruned_max <= kept_min
+
+
+def test_global_ties_broken_by_position():
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[1].weight.copy_(torch.tensor([[0.5, 1.0], [1.0, 2.0]]))
+    layers = find_prunable_layers(model)
+    # sorted: 0.5 (layer 1), then five 1.0s: four in layer 0 come first by position
+    assert allocate(layers, 0.5, "global") == {"0": 3, "1": 1}
+    assert allocate(layers, 0.75, "global") == {"0": 4, "1": 2}
 
 
 def test_global_l2norm_differs_from_global(layers):
