@@ -56,6 +56,7 @@ def app(cfg: DictConfig) -> None:
     except JobFailed as failure:
         log.error("Job failed: %s (recorded in %s)", failure.record["error"], out_dir / "result.json")
         if hc.mode != RunMode.MULTIRUN:
+            print(f"ptsbench: {failure.record['error']}", file=sys.stderr)
             sys.exit(1)
         return
     if record.get("skipped"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from ptsbench.models import (
     stable_hash,
 )
 from ptsbench.paths import safe_child, safe_subdir
+from ptsbench.results import write_json
 from ptsbench.train import train_dense
 
 log = logging.getLogger(__name__)
@@ -50,19 +50,18 @@ def training_recipe(cfg: DictConfig) -> dict:
     return recipe
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)
-
-
 def load_data(cfg: DictConfig, cache_dir: Path) -> DataBundle:
     img_size = cfg.model.get("img_size") or cfg.data.get("img_size")
     return build_data(cfg.data, cache_dir, img_size=img_size, model_name=cfg.model.name)
 
 
 def build_model(cfg: DictConfig, data: DataBundle) -> nn.Module:
-    """The architecture, checked against the input size; weights come from `load_dense_weights`."""
+    """The architecture, checked against the input size; weights come from `load_dense_weights`.
+
+    The initialisation is seeded (train.seed): torch's default generator is seeded differently in every
+    process, and the harness's dense training must give the same weights on every machine.
+    """
+    torch.manual_seed(int(cfg.train.seed))
     model = create_model(cfg.model, data.spec, pretrained=bool(cfg.model.get("pretrained")))
     check_input_size(model, data.spec)
     return model
@@ -95,7 +94,7 @@ def load_dense_weights(cfg: DictConfig, model: nn.Module, data: DataBundle, cach
                 info = train_dense(model, data.train, recipe, int(cfg.train.seed), device, progress)
                 info.update({"recipe": recipe, "key": key_obj})
                 save_state(model, weights, {"key": key})
-                _write_json_atomic(meta_path, info)
+                write_json(meta_path, info)
                 log.info("Dense %s trained in %.0f s, cached at %s", cfg.model.name, info["train_seconds"], weights)
         info["weights"] = str(weights)
     model.to(device).eval()
@@ -113,6 +112,6 @@ def _dense_accuracy(model: nn.Module, data: DataBundle, key: str, cfg: DictConfi
             return float(cached["top1"]), float(cached["top5"])
         result = evaluate(model, data.test, device, batch_size=int(cfg.eval.batch_size),
                           num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last))
-        _write_json_atomic(path, result.as_dict())
+        write_json(path, result.as_dict())
     log.info("Dense %s: top-1 %.2f%% top-5 %.2f%% on %d images", cfg.model.name, result.top1, result.top5, result.images)
     return result.top1, result.top5

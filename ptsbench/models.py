@@ -19,7 +19,7 @@ from ptsbench.errors import CheckpointError, ConfigError, unknown_choice
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: seeded initialisation
 
 
 def plain(node) -> dict:
