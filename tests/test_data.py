@@ -106,3 +106,11 @@ def test_image_folder_uses_timm_preprocessing(tmp_path):
     assert calib.data.images.shape == (4, 3, 224, 224)
     small = build_data(cfg, tmp_path, img_size=64, model_name="resnet18")
     assert small.test[0][0].shape == (3, 64, 64)
+
+
+def test_cifar10_missing_names_the_expected_layout(tmp_path):
+    cfg = OmegaConf.create({"name": "cifar10", "root": str(tmp_path), "download": False})
+    with pytest.raises(DataError, match=r"cifar-10-batches-py"):
+        build_data(cfg, tmp_path)
+    with pytest.raises(DataError, match=r"needs data.root"):
+        build_data(OmegaConf.create({"name": "cifar10", "root": None}), tmp_path)
