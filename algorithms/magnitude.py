@@ -22,7 +22,6 @@ from ptsbench.sparsity import (
     allocate,
     apply_masks,
     bake_masks,
-    check_sparsity,
     counts_from_rates,
     magnitude_masks,
     rates,
@@ -50,7 +49,10 @@ def read_allocation_file(path: str | Path, layers: list[PrunableLayer], target: 
             f"Allocation file {path} does not fit this model: layers the model does not have: "
             f"{unknown[:8] or 'none'}; model layers the file lacks: {missing[:8] or 'none'}."
         )
-    layer_rates = {name: check_sparsity(given[name], f"sparsity of layer {name}") for name in names}
+    layer_rates = {name: float(given[name]) for name in names}
+    bad = {name: v for name, v in layer_rates.items() if not 0.0 <= v <= 1.0}
+    if bad:
+        raise ConfigError(f"Allocation file {path} has layer sparsities outside [0, 1]: {dict(list(bad.items())[:5])}.")
     total = sum(ly.numel for ly in layers)
     reached = sum(layer_rates[ly.name] * ly.numel for ly in layers) / total
     if abs(reached - target) > tolerance:

@@ -17,11 +17,12 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 register_configs()
 
-# Small but real: the first 2,000 Fashion-MNIST train images, 500 test images, one training epoch.
+# Small but real: the first 2,000 Fashion-MNIST train images, 500 test images, three training epochs
+# (about 83% dense top-1, trained once per test session in ~40 s).
 TINY = [
     "data.limit_train=2000",
     "data.limit_test=500",
-    "train.epochs=1",
+    "train.epochs=3",
     "calib.n=128",
     "progress=false",
 ]
