@@ -36,10 +36,6 @@ def model_names_in_conf() -> list[str]:
     return sorted(p.stem for p in conf.glob("*.yaml"))
 
 
-def effective_img_size(model_cfg: DictConfig, spec_img_size: int) -> int:
-    return int(model_cfg.get("img_size") or spec_img_size)
-
-
 def create_model(model_cfg: DictConfig, spec: DataSpec, pretrained: bool = False) -> nn.Module:
     """A timm model with classes, channels and (where the architecture takes it) image size from the data."""
     name = model_cfg.name

@@ -276,7 +276,3 @@ def bake_masks(model: nn.Module) -> None:
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-
-
-def masks_from_weights(layers: list[PrunableLayer]) -> dict[str, torch.Tensor]:
-    return {ly.name: (ly.weight.detach() != 0).to(ly.weight.dtype) for ly in layers}
