@@ -1,0 +1,233 @@
+"""FCPTS: the bridge's slope, what drives the thresholds, exact final sparsity, determinism, one job.
+
+The model is the tiny dense ResNet-18 the harness trains on real Fashion-MNIST (shared with the runner
+tests through the session cache), so the bridge is checked on trained weights, not on synthetic ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from algorithms.base import PruneContext
+from algorithms.fcpts import (
+    FCPTS,
+    MaskSTE,
+    attach_thresholds,
+    bridge_sparsity,
+    count_masks,
+    exact_counts,
+    global_sparsity,
+    layer_sparsities,
+    original_weight,
+    sorted_magnitudes,
+    sparsity_loss,
+)
+from ptsbench.audit import audit_model
+from ptsbench.data import CalibrationSet, sample_calibration
+from ptsbench.dense import build_model, load_data, load_dense_weights
+from ptsbench.distill import kd_kl
+from ptsbench.errors import ConfigError, NonFiniteLossError
+from ptsbench.runner import run_job
+from ptsbench.sparsity import PrunableLayer, counts_from_rates, erk_allocation, find_prunable_layers
+from tests.conftest import TINY, compose_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def dense(cache_dir, require_fmnist) -> tuple[torch.nn.Module, CalibrationSet]:
+    """The tiny dense ResNet-18 (trained once per session by the harness recipe) and its calibration set."""
+    cfg = compose_config(TINY + ["algorithm=fcpts_quick"], cache_dir=cache_dir)
+    data = load_data(cfg, cache_dir)
+    model = build_model(cfg, data)
+    load_dense_weights(cfg, model, data, cache_dir, CPU, progress=False)
+    calib = sample_calibration(data.train, int(cfg.calib.n), int(cfg.calib.seed), int(cfg.calib.batch_size))
+    return model.eval(), calib
+
+
+def fresh(dense) -> tuple[torch.nn.Module, list[PrunableLayer]]:
+    model = copy.deepcopy(dense[0])
+    return model, find_prunable_layers(model)
+
+
+def context(dense, seed: int = 0) -> PruneContext:
+    return PruneContext(calib=dense[1], device=CPU, seed=seed, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ bridge
+
+
+@pytest.mark.parametrize("bridge,tolerance", [("kde", 0.05), ("histogram", 0.15)])
+def test_bridge_slope_matches_finite_difference_of_the_count(dense, bridge, tolerance):
+    """dS/dt from the bridge vs the slope of the exact count over a window holding 4% of the weights,
+    on one trained layer per stage (147k to 2.4M weights), at layer sparsities 0.3 to 0.9.
+
+    Tolerances: the Gaussian KDE is smooth and agrees within 5%; the 100-bin histogram is a step
+    function whose bins are wide next to the window, so it gets 15%.
+    """
+    model, _ = fresh(dense)
+    for name in ("layer2.1.conv2", "layer3.1.conv2", "layer4.1.conv2"):
+        w = model.get_submodule(name).weight.detach()
+        a = torch.sort(w.abs().reshape(-1)).values
+        n = a.numel()
+        for q in (0.3, 0.5, 0.7, 0.9):
+            t = a[round(q * n)].clone().requires_grad_(True)
+            s = bridge_sparsity(t, w, bridge)
+            count = int(torch.searchsorted(a, t.detach(), right=True))
+            assert s.item() == pytest.approx(count / n, rel=1e-6)  # forward: the exact count (float32)
+            s.backward()
+            lo, hi = a[round((q - 0.02) * n)], a[round((q + 0.02) * n)]
+            inside = torch.searchsorted(a, hi, right=True) - torch.searchsorted(a, lo, right=True)
+            fd = float(inside) / n / float(hi - lo)
+            assert float(t.grad) == pytest.approx(fd, rel=tolerance), f"{name} at sparsity {q}"
+
+
+# ----------------------------------------------------------------------------------- what moves t
+
+
+def test_sparsity_loss_alone_moves_erk_thresholds_to_the_target(dense):
+    """From ERK at 50%, L_c with the method's own optimiser and schedule reaches 60% (no L_rec)."""
+    model, layers = fresh(dense)
+    layers = [ly for ly in layers if not ly.name.startswith(("layer3", "layer4"))]  # keeps the test fast
+    gates = attach_thresholds(layers, counts_from_rates(layers, erk_allocation(layers, 0.5), 0.5), "sparsity_only")
+    algo = FCPTS(iterations=150, sparsity_loss="abs")
+    optimizer, scheduler = algo._optimizer(model, gates, iters_per_epoch=2)
+    start = global_sparsity(layers, layer_sparsities(layers, gates, "kde", "silverman")).item()
+    for step in range(algo.iterations):
+        s = global_sparsity(layers, layer_sparsities(layers, gates, "kde", "silverman"))
+        optimizer.zero_grad(set_to_none=True)
+        sparsity_loss(s, 0.6, "abs").backward()
+        optimizer.step()
+        scheduler.step_update(step + 1)
+    end = global_sparsity(layers, layer_sparsities(layers, gates, "kde", "silverman")).item()
+    assert start == pytest.approx(0.5, abs=1e-4)
+    assert end == pytest.approx(0.6, abs=2e-3)
+    assert all(original_weight(ly).grad is None for ly in layers)  # weights untouched: thresholds did it
+
+
+def test_mask_ste_gradient_is_minus_half_sum_w_dl_dweff():
+    w = torch.tensor([0.3, -0.1, 0.05, -0.4])
+    t = torch.tensor(0.2, requires_grad=True)
+    c = torch.tensor([1.0, 2.0, -3.0, 0.5])  # L = sum c * W_eff, so dL/dW_eff = c
+    weff = w * MaskSTE.apply(w.abs() - t)
+    assert weff.tolist() == pytest.approx([0.3, 0.0, 0.0, -0.4])
+    (c * weff).sum().backward()
+    assert float(t.grad) == pytest.approx(-0.5 * float((w * c).sum()))
+
+
+@pytest.mark.parametrize("threshold_grad", ["ste", "sparsity_only"])
+def test_reconstruction_reaches_thresholds_only_with_ste(dense, threshold_grad):
+    model, layers = fresh(dense)
+    teacher = copy.deepcopy(model).train()
+    gates = attach_thresholds(layers, counts_from_rates(layers, erk_allocation(layers, 0.8), 0.8), threshold_grad)
+    images = dense[1].data.images[:32]
+    with torch.no_grad():
+        t_logits = teacher(images)
+    kd_kl(model.train()(images), t_logits).backward()
+    grads = [g.score.grad for g in gates]
+    if threshold_grad == "ste":
+        assert all(g is not None and torch.isfinite(g) for g in grads)
+        assert sum(float(g) != 0.0 for g in grads) >= len(gates) - 1
+    else:
+        assert all(g is None for g in grads)
+    assert all(original_weight(ly).grad is not None for ly in layers)  # weights learn in both modes
+
+
+# ------------------------------------------------------------------------------------ exact ending
+
+
+def test_exact_counts_hit_every_total_and_keep_a_hit_allocation():
+    torch.manual_seed(0)
+    mods = [torch.nn.Linear(n, 64) for n in (50, 300, 1000)]
+    layers = [PrunableLayer(f"l{i}", m, "linear") for i, m in enumerate(mods)]
+    gates = attach_thresholds(layers, {"l0": 1000, "l1": 9000, "l2": 40000}, "ste")
+    total = sum(ly.numel for ly in layers)
+    sorted_abs = sorted_magnitudes(layers)
+    for target in (0.1, 0.5, 0.6, 0.77, 0.95):
+        counts = exact_counts(layers, gates, sorted_abs, target).counts
+        assert sum(counts.values()) == round(target * total)
+        masks = count_masks(layers, sorted_abs, counts)
+        assert all(int((masks[n] == 0).sum()) == counts[n] for n in counts)
+    learned = exact_counts(layers, gates, sorted_abs, 50000 / total)
+    assert learned.counts == learned.learned_counts == {"l0": 1000, "l1": 9000, "l2": 40000}
+    assert learned.logit_shift == 0.0
+
+
+def test_exact_counts_with_tied_magnitudes():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(100, 100)
+    with torch.no_grad():
+        lin.weight.copy_(lin.weight.sign() * (lin.weight.abs() * 20).ceil() / 20)  # |w| is 0.05 or 0.1
+    layers = [PrunableLayer("tied", lin, "linear")]
+    gates = attach_thresholds(layers, {"tied": 3000}, "ste")
+    sorted_abs = sorted_magnitudes(layers)
+    for target in (0.05, 0.33, 0.5, 0.81):
+        counts = exact_counts(layers, gates, sorted_abs, target).counts
+        assert counts["tied"] == round(target * 10_000)
+        assert int((count_masks(layers, sorted_abs, counts)["tied"] == 0).sum()) == counts["tied"]
+
+
+def test_prune_ends_exactly_on_target_and_is_deterministic(dense):
+    """lambda = 0 lets L_rec move the thresholds freely, so the correction has a residual to remove."""
+    algo = FCPTS(iterations=3, batch_size=32, lr=0.05, sparsity_lambda=0.0, threshold_grad="ste", log_every=1)
+    runs = []
+    for _ in range(2):
+        model, layers = fresh(dense)
+        result = algo.prune(model, layers, 0.9, context(dense, seed=7))
+        audit = audit_model(result.model, layers, 0.9, result.allocation)
+        total = sum(ly.numel for ly in layers)
+        assert audit.zeros == round(0.9 * total)
+        assert audit.max_layer_error < 1.0
+        assert abs(result.stats["residual_before_correction"]) > 1e-6
+        assert result.stats["correction_weights_moved"] > 0
+        traj = result.tables["allocation_trajectory"]
+        assert set(traj["iteration"]) == {0, 1, 2} and len(traj) == 3 * len(layers)
+        runs.append(result)
+    a, b = runs
+    assert all(torch.equal(a.masks[name], b.masks[name]) for name in a.masks)
+    assert a.stats["residual_before_correction"] == b.stats["residual_before_correction"]
+
+
+def test_nan_loss_stops_the_run(dense):
+    model, layers = fresh(dense)
+    with torch.no_grad():
+        layers[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="FCPTS reconstruction loss became nan at step 0"):
+        FCPTS(iterations=2, batch_size=32).prune(model, layers, 0.5, context(dense))
+
+
+# ---------------------------------------------------------------------------------- options, a job
+
+
+def test_options_labels_and_bad_choices():
+    assert FCPTS().label == "fcpts-ste-kde"
+    assert FCPTS(threshold_grad="sparsity_only", bridge="histogram", iterations=120).label == \
+        "fcpts-sparsity_only-hist-120it"
+    assert FCPTS(bridge="histogram").options()["bridge"] == "histogram"
+    for option, value, match in [("bridge", "kdee", "Did you mean: kde"),
+                                 ("threshold_grad", "st", "sparsity_only, ste"),
+                                 ("sparsity_loss", "l1", "abs, pow2")]:
+        with pytest.raises(ConfigError, match=f"Unknown algorithm.{option} '{value}'.*{match}"):
+            FCPTS(**{option: value})
+
+
+def test_fcpts_quick_job_records_ok_with_residual(tiny_cfg, tmp_path):
+    record = run_job(tiny_cfg("algorithm=fcpts_quick", "sparsity=0.7", "algorithm.iterations=6",
+                              "algorithm.log_every=2"), tmp_path)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["status"] == "ok" and record["method"] == "fcpts-ste-kde-6it"
+    assert saved["achieved_sparsity"] == pytest.approx(0.7, abs=1e-6)
+    assert saved["max_layer_count_error"] < 1.0
+    stats = saved["stats"]
+    assert {"residual_before_correction", "learned_global_sparsity", "seconds_teacher", "seconds_student",
+            "seconds_bridge"} <= set(stats)
+    assert stats["learned_global_sparsity"] - 0.7 == pytest.approx(stats["residual_before_correction"])
+    assert abs(stats["residual_before_correction"]) < 0.01
+    traj = pd.read_csv(tmp_path / "allocation_trajectory.csv")
+    assert sorted(set(traj["iteration"])) == [0, 2, 4, 5]
+    assert traj["sparsity"].between(0, 1).all()

@@ -1,0 +1,257 @@
+"""UniPTS: exact reduce-regrow decoding, the genetic search on a real model, dynamic sparse training, the
+base-decayed objective, and whole jobs through the runner on tiny real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from algorithms.base import PruneContext
+from algorithms.unipts import (
+    UniPTS,
+    attach_dynamic_masks,
+    decode_genome,
+    distillation_loss,
+    draw_fitness_set,
+    regrow_rates,
+)
+from ptsbench.data import sample_calibration
+from ptsbench.dense import build_model, load_data, load_dense_weights
+from ptsbench.distill import tau_schedule
+from ptsbench.errors import ConfigError
+from ptsbench.runner import build_algorithm, run_job
+from ptsbench.sparsity import PrunableLayer, find_prunable_layers
+from tests.conftest import TINY, compose_config
+
+# A search small enough for a test: 4 generations of 6, scored on 64 calibration images.
+SMALL_SEARCH = dict(population_size=6, generations=4, num_parents=3, fitness_set_size=64, epochs=0)
+
+
+def linear_layers(shapes: list[tuple[int, int]]) -> list[PrunableLayer]:
+    torch.manual_seed(0)
+    return [PrunableLayer(f"l{i}", nn.Linear(cin, cout, bias=False), "linear") for i, (cout, cin) in enumerate(shapes)]
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+MIXED = [(1, 9), (10, 10), (50, 100), (200, 100), (300, 300)]  # 9 to 90,000 weights
+
+
+@pytest.mark.parametrize("target", [0.0, 0.5, 0.7, 0.9, 0.95])
+@pytest.mark.parametrize("genome", [
+    [0.5] * 5,
+    [0.3, 0.9, 0.1, 0.7, 0.2],
+    [40.0, 35.0, 30.0, 0.0, -5.0],  # the small layers ask for far more than they lost: clipping
+    [0.0, 0.0, 0.0, 0.0, 60.0],  # everything to the big layer: it clips, the rest must absorb it
+    [-3.0, 12.5, 1e3, -1e3, 2.0],  # extreme genes after many mutations
+])
+def test_any_genome_decodes_to_exactly_the_target(target, genome):
+    layers = linear_layers(MIXED)
+    counts = decode_genome(torch.tensor(genome), layers, target, delta=0.05)
+    total = sum(ly.numel for ly in layers)
+    assert sum(counts.values()) == round(target * total)
+    assert all(0 <= counts[ly.name] <= ly.numel for ly in layers)
+
+
+def test_clipped_layers_are_water_filled_instead_of_overshooting():
+    layers = linear_layers(MIXED)
+    numels = [ly.numel for ly in layers]
+    genome = torch.tensor([40.0, 35.0, 30.0, 0.0, -5.0])
+    target, delta = 0.7, 0.05
+    share = torch.softmax(genome.double(), 0)
+    n = torch.tensor(numels, dtype=torch.float64)
+    naive = (target + delta - delta * n.sum() * share / n).clamp_min(0)  # the reference's decoding
+    assert float((naive * n).sum() / n.sum()) > target + 0.01, "this genome must force clipping"
+    rates = regrow_rates(genome, numels, target, delta)
+    assert (rates == 0).sum() >= 1
+    assert float((rates * n).sum() / n.sum()) == pytest.approx(target, abs=1e-12)
+    assert float(rates.max()) <= target + delta + 1e-12
+
+
+def test_constant_genome_regrows_an_equal_count_per_layer():
+    layers = linear_layers([(10, 100), (20, 100), (40, 100), (80, 100)])  # large enough that nothing clips
+    target, delta = 0.6, 0.05
+    total = sum(ly.numel for ly in layers)
+    counts = decode_genome(torch.full((4,), target), layers, target, delta)
+    regrown = [(target + delta) * ly.numel - counts[ly.name] for ly in layers]
+    assert all(abs(r - delta * total / len(layers)) <= 1.0 for r in regrown)
+    assert sum(counts.values()) == round(target * total)
+
+
+def test_target_plus_delta_above_one_is_refused():
+    layers = linear_layers(MIXED)
+    with pytest.raises(ConfigError, match="delta"):
+        UniPTS(delta=0.05).validate(layers, 0.97)
+    UniPTS(delta=0.05).validate(layers, 0.95)  # reduce to exactly 1.0, regrow from there
+
+
+# --------------------------------------------------------------------------------- search on a real model
+
+
+@pytest.fixture(scope="module")
+def tiny_dense(cache_dir, require_fmnist):
+    """The tiny dense resnet18 of the test session (trained once, cached) and its 128 calibration images."""
+    cfg = compose_config(TINY, cache_dir=cache_dir)
+    data = load_data(cfg, cache_dir)
+    model = build_model(cfg, data)
+    load_dense_weights(cfg, model, data, cache_dir, torch.device("cpu"), progress=False)
+    calib = sample_calibration(data.train, int(cfg.calib.n), int(cfg.calib.seed), int(cfg.calib.batch_size))
+    return model, calib
+
+
+def search(tiny_dense, seed: int):
+    model, calib = tiny_dense
+    layers = find_prunable_layers(model)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = PruneContext(calib=calib, device=torch.device("cpu"), seed=seed, progress=False)
+    fitness_set = draw_fitness_set(calib, SMALL_SEARCH["fitness_set_size"], ctx.generator(0))
+    outcome = UniPTS(**SMALL_SEARCH).search_distribution(model, layers, 0.9, fitness_set, ctx)
+    restored = all(torch.equal(v, model.state_dict()[k]) for k, v in dense.items())
+    return outcome, restored
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_dense):
+    return search(tiny_dense, seed=0)
+
+
+def test_search_keeps_the_best_and_restores_the_model(searched):
+    outcome, restored = searched
+    best = [row["best_fitness"] for row in outcome.history]
+    assert len(best) == SMALL_SEARCH["generations"]
+    assert all(b >= a for a, b in zip(best, best[1:], strict=False)), f"best fitness fell: {best}"
+    assert outcome.fitness == best[-1] >= outcome.constant_fitness
+    assert 10.0 < outcome.fitness <= 100.0
+    assert sum(row["evaluated"] for row in outcome.history) == outcome.evaluations > SMALL_SEARCH["population_size"]
+    assert restored, "dense weights and BatchNorm statistics must come back after the search"
+
+
+def test_same_seed_same_searched_distribution(tiny_dense, searched):
+    again, _ = search(tiny_dense, seed=0)
+    first, _ = searched
+    assert again.counts == first.counts
+    assert torch.equal(again.genome, first.genome)
+    assert [r["best_fitness"] for r in again.history] == [r["best_fitness"] for r in first.history]
+
+
+def test_same_seed_bit_identical_masks_after_training(tiny_dense):
+    dense, calib = tiny_dense
+    results = []
+    for _ in range(2):
+        model = copy.deepcopy(dense)
+        ctx = PruneContext(calib=calib, device=torch.device("cpu"), seed=3, progress=False)
+        algo = UniPTS(population_size=4, generations=2, num_parents=2, fitness_set_size=64, epochs=1)
+        results.append(algo.prune(model, find_prunable_layers(model), 0.8, ctx))
+    first, second = results
+    assert first.allocation == second.allocation
+    assert all(torch.equal(first.masks[name], second.masks[name]) for name in first.masks)
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(),
+                                                  strict=True))
+
+
+# ------------------------------------------------------------------------------------ dynamic sparse training
+
+
+def test_dst_regrows_a_pruned_weight_pushed_above_the_threshold():
+    layer = linear_layers([(8, 16)])[0]
+    attach_dynamic_masks([layer], {layer.name: 64}, decay=5e-5)
+    mask = layer.module.parametrizations.weight[0]
+    x = torch.ones(1, 16)
+    layer.module(x)
+    pruned = int((mask.mask.reshape(-1) == 0).nonzero()[0])
+    original = layer.module.parametrizations.weight.original
+    optimizer = torch.optim.SGD(layer.module.parameters(), lr=1.0)
+    # A loss that rewards the pruned weight: its gradient reaches it straight through the mask.
+    loss = -10.0 * layer.module.weight.reshape(-1)[pruned]
+    loss.backward()
+    assert float(original.grad.reshape(-1)[pruned]) == pytest.approx(-10.0 + 5e-5 * float(original.detach().reshape(-1)[pruned]))
+    optimizer.step()
+    kth_largest = original.detach().abs().reshape(-1).topk(64).values[-1]
+    assert abs(float(original.detach().reshape(-1)[pruned])) >= float(kth_largest)
+    layer.module(x)  # the next step recomputes the mask
+    assert mask.mask.reshape(-1)[pruned] == 1
+    assert int(mask.mask.sum()) == 128 - 64
+
+
+def test_srste_decay_acts_on_pruned_weights_only():
+    layer = linear_layers([(4, 8)])[0]
+    attach_dynamic_masks([layer], {layer.name: 20}, decay=0.1)
+    layer.module.weight.sum().backward()
+    mask = layer.module.parametrizations.weight[0].mask
+    original = layer.module.parametrizations.weight.original
+    expected = 1.0 + 0.1 * (1 - mask) * original.detach()
+    assert torch.allclose(original.grad, expected)
+    assert int((mask == 0).sum()) == 20
+
+
+# ----------------------------------------------------------------------------------------- objective
+
+
+def test_base_decayed_loss_equals_its_formula():
+    student = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 0.0]])
+    teacher = torch.tensor([[3.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    T, epoch = 4.0, 10
+    tau = tau_schedule(epoch, 8.0, 0.99)
+    assert tau == pytest.approx(8.0 * 0.99**10)
+    expected = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist(), strict=True):
+        p = [math.exp(v / T) / sum(math.exp(u / T) for u in t_row) for v in t_row]
+        q = [math.exp(v) / sum(math.exp(u) for u in s_row) for v in s_row]
+        expected += sum(pc * (math.log(pc) - math.log(qc) / tau) for pc, qc in zip(p, q, strict=True))
+    expected *= T * T / len(student)
+    got = distillation_loss("base_decayed", student, teacher, T, tau)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- whole jobs
+
+
+def test_labels_tell_the_ablations_apart():
+    labels = {
+        build_algorithm(compose_config(["algorithm=unipts", *extra])).label
+        for extra in ([], ["algorithm.search=false"], ["algorithm.dst=false"], ["algorithm.objective=kl"],
+                      ["algorithm.search=false", "algorithm.fallback_allocation=uniform"], ["algorithm.epochs=0"])
+    }
+    assert labels == {"unipts", "unipts-nosearch-erk", "unipts-nodst", "unipts-kl", "unipts-nosearch-uniform",
+                      "unipts-notrain"}
+    assert build_algorithm(compose_config(["algorithm=unipts_quick"])).label == "unipts"
+
+
+def assert_exact_sparsity(job_dir, target: float) -> pd.DataFrame:
+    alloc = pd.read_csv(job_dir / "allocation.csv")
+    assert ((alloc["achieved_sparsity"] - alloc["target_sparsity"]).abs() * alloc["params"]).max() < 1.0
+    assert abs((alloc["achieved_sparsity"] * alloc["params"]).sum() - target * alloc["params"].sum()) <= 1.0
+    return alloc
+
+
+def test_unipts_quick_job_end_to_end(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0.8", "algorithm.population_size=4", "algorithm.generations=2",
+                   "algorithm.num_parents=2", "algorithm.fitness_set_size=128", "algorithm.epochs=2")
+    record = run_job(cfg, tmp_path)
+    assert record["status"] == "ok" and record["method"] == "unipts"
+    assert abs(record["achieved_sparsity"] - 0.8) < 1e-6
+    assert_exact_sparsity(tmp_path, 0.8)
+    history = pd.read_csv(tmp_path / "search_history.csv")
+    assert list(history["generation"]) == [0, 1]
+    searched = pd.read_csv(tmp_path / "searched_allocation.csv")
+    assert len(searched) == 21
+    training = pd.read_csv(tmp_path / "training_history.csv")
+    assert len(training) == 2 and training["loss"].notna().all()
+    stats = json.loads((tmp_path / "result.json").read_text())["stats"]
+    assert stats["search_seconds_per_candidate"] > 0 and stats["train_lr"] == 0.01
+    assert record["top1"] > 60.0, "distilled resnet18 at 80% keeps most of its dense accuracy"
+
+
+def test_ablation_without_search_and_dst_runs(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0.7", "algorithm.search=false", "algorithm.dst=false",
+                   "algorithm.epochs=1")
+    record = run_job(cfg, tmp_path)
+    assert record["status"] == "ok" and record["method"] == "unipts-nosearch-erk-nodst"
+    assert_exact_sparsity(tmp_path, 0.7)
+    assert not (tmp_path / "search_history.csv").exists()
