@@ -2,11 +2,14 @@
 smallest-magnitude weights, optionally re-estimating BatchNorm statistics on the calibration set.
 
 This is the baseline every PTS paper starts from; with `allocation=global_l2norm` it is POT's mask
-selection without POT's corrections.
+selection without POT's corrections. `reconstruction=layer|block` adds PTSBench's reconstruction axis
+(`ptsbench.reconstruct`): each layer or block is tuned to reproduce the dense one's output, so any
+allocation (including another job's, `allocation=from_file`) can be combined with any reconstruction.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from torch import nn
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.errors import ConfigError, unknown_choice
+from ptsbench.reconstruct import ReconstructionSettings, make_units, process_units
 from ptsbench.sparsity import (
     ALLOCATIONS,
     PrunableLayer,
@@ -28,6 +32,7 @@ from ptsbench.sparsity import (
 )
 
 ALLOCATION_CHOICES = ALLOCATIONS + ("from_file",)
+RNG_STREAM = 31  # ctx.generator offset for the reconstruction batches
 
 
 def read_allocation_file(path: str | Path, layers: list[PrunableLayer], target: float,
@@ -67,7 +72,10 @@ class MagnitudePruning(PTSAlgorithm):
     name = "magnitude"
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
-                 bn_recalibration: bool = False, bn_batch_size: int = 64):
+                 allocation_label: str | None = None,
+                 bn_recalibration: bool = False, bn_batch_size: int = 64, reconstruction: str = "none",
+                 recon_inputs: str = "dense", recon_iterations: int = 20_000, recon_lr: float = 1e-5,
+                 recon_bias_lr: float = 1e-4, recon_batch_size: int = 64, early_stop_loss: float = 1e-5):
         if allocation not in ALLOCATION_CHOICES:
             raise unknown_choice("allocation", allocation, ALLOCATION_CHOICES)
         if allocation == "from_file" and not allocation_file:
@@ -75,8 +83,12 @@ class MagnitudePruning(PTSAlgorithm):
         self.allocation = allocation
         self.erk_power_scale = float(erk_power_scale)
         self.allocation_file = allocation_file
+        self.allocation_label = allocation_label  # names a from_file allocation in labels, e.g. "fcpts"
         self.bn_recalibration = bool(bn_recalibration)
         self.bn_batch_size = int(bn_batch_size)
+        self.recon = ReconstructionSettings(reconstruction, recon_inputs, int(recon_iterations), float(recon_lr),
+                                            float(recon_bias_lr), int(recon_batch_size),
+                                            float(early_stop_loss)).check()
 
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"allocation": self.allocation, "bn_recalibration": self.bn_recalibration}
@@ -84,12 +96,21 @@ class MagnitudePruning(PTSAlgorithm):
             opts["erk_power_scale"] = self.erk_power_scale
         if self.allocation == "from_file":
             opts["allocation_file"] = str(self.allocation_file)
+        if self.recon.mode != "none":
+            opts.update(reconstruction=self.recon.mode, recon_inputs=self.recon.inputs,
+                        recon_iterations=self.recon.iterations, recon_lr=self.recon.lr,
+                        recon_bias_lr=self.recon.bias_lr)
         return opts
 
     @property
     def label(self) -> str:
         alloc = self.allocation if self.allocation != "erk" or self.erk_power_scale == 1.0 else f"erk{self.erk_power_scale:g}"
-        return f"magnitude-{alloc}" + ("+bn" if self.bn_recalibration else "")
+        if self.allocation == "from_file" and self.allocation_label:
+            alloc = f"from_{self.allocation_label}"
+        label = f"magnitude-{alloc}" + ("+bn" if self.bn_recalibration else "")
+        if self.recon.mode != "none":
+            label += f"+{self.recon.mode}" + ("-sparseinp" if self.recon.inputs == "sparse" else "")
+        return label
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         if self.allocation == "from_file":
@@ -102,12 +123,23 @@ class MagnitudePruning(PTSAlgorithm):
         else:
             counts = allocate(layers, target, self.allocation, self.erk_power_scale)
         # 2. Masks: the smallest magnitudes of each layer.
+        dense = copy.deepcopy(model).requires_grad_(False) if self.recon.mode != "none" else None
         masks = magnitude_masks(layers, counts)
         apply_masks(layers, masks)
         # 3. Optional BatchNorm re-estimation on the calibration images.
         bn_layers = 0
         if self.bn_recalibration:
             bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.bn_batch_size)
+        stats: dict[str, Any] = {"bn_layers_recalibrated": bn_layers, "calib_passes": int(self.bn_recalibration)}
+        tables = {}
+        # 4. Optional reconstruction of each layer's or block's dense output.
+        if dense is not None:
+            reports = process_units(model, dense, make_units(self.recon.mode, model, layers), ctx.calib,
+                                    self.recon, ctx.device, ctx.generator(RNG_STREAM), progress=ctx.progress,
+                                    desc=f"{self.recon.mode}-wise reconstruction")
+            table = pd.DataFrame([vars(r) for r in reports])
+            tables["reconstruction"] = table
+            stats.update(units=len(table), mean_error_before=float(table["error_before"].mean()),
+                         mean_error_after=float(table["error_after"].mean()), recon_steps=int(table["steps"].sum()))
         bake_masks(model)
-        stats = {"bn_layers_recalibrated": bn_layers, "calib_passes": int(self.bn_recalibration)}
-        return PruneResult(model=model, allocation=rates(layers, counts), masks=masks, stats=stats)
+        return PruneResult(model=model, allocation=rates(layers, counts), masks=masks, stats=stats, tables=tables)

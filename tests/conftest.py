@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -55,3 +56,18 @@ def tiny_cfg(cache_dir, require_fmnist):
         return compose_config(TINY + list(overrides), cache_dir=cache_dir)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(cache_dir, require_fmnist):
+    """The tiny dense ResNet-18 of the test session (trained once on real Fashion-MNIST, cached) and its
+    128 calibration images. Tests that change the model deep-copy it first."""
+    from ptsbench.data import sample_calibration
+    from ptsbench.dense import build_model, load_data, load_dense_weights
+
+    cfg = compose_config(TINY, cache_dir=cache_dir)
+    data = load_data(cfg, cache_dir)
+    model = build_model(cfg, data)
+    load_dense_weights(cfg, model, data, cache_dir, torch.device("cpu"), progress=False)
+    calib = sample_calibration(data.train, int(cfg.calib.n), int(cfg.calib.seed), int(cfg.calib.batch_size))
+    return model.eval(), calib

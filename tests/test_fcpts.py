@@ -28,26 +28,18 @@ from algorithms.fcpts import (
     sparsity_loss,
 )
 from ptsbench.audit import audit_model
-from ptsbench.data import CalibrationSet, sample_calibration
-from ptsbench.dense import build_model, load_data, load_dense_weights
+from ptsbench.data import CalibrationSet
 from ptsbench.distill import kd_kl
 from ptsbench.errors import ConfigError, NonFiniteLossError
 from ptsbench.runner import run_job
 from ptsbench.sparsity import PrunableLayer, counts_from_rates, erk_allocation, find_prunable_layers
-from tests.conftest import TINY, compose_config
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def dense(cache_dir, require_fmnist) -> tuple[torch.nn.Module, CalibrationSet]:
-    """The tiny dense ResNet-18 (trained once per session by the harness recipe) and its calibration set."""
-    cfg = compose_config(TINY + ["algorithm=fcpts_quick"], cache_dir=cache_dir)
-    data = load_data(cfg, cache_dir)
-    model = build_model(cfg, data)
-    load_dense_weights(cfg, model, data, cache_dir, CPU, progress=False)
-    calib = sample_calibration(data.train, int(cfg.calib.n), int(cfg.calib.seed), int(cfg.calib.batch_size))
-    return model.eval(), calib
+def dense(tiny_dense) -> tuple[torch.nn.Module, CalibrationSet]:
+    return tiny_dense
 
 
 def fresh(dense) -> tuple[torch.nn.Module, list[PrunableLayer]]:

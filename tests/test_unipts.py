@@ -21,13 +21,11 @@ from algorithms.unipts import (
     draw_fitness_set,
     regrow_rates,
 )
-from ptsbench.data import sample_calibration
-from ptsbench.dense import build_model, load_data, load_dense_weights
 from ptsbench.distill import tau_schedule
 from ptsbench.errors import ConfigError
 from ptsbench.runner import build_algorithm, run_job
 from ptsbench.sparsity import PrunableLayer, find_prunable_layers
-from tests.conftest import TINY, compose_config
+from tests.conftest import compose_config
 
 # A search small enough for a test: 4 generations of 6, scored on 64 calibration images.
 SMALL_SEARCH = dict(population_size=6, generations=4, num_parents=3, fitness_set_size=64, epochs=0)
@@ -92,17 +90,6 @@ def test_target_plus_delta_above_one_is_refused():
 
 
 # --------------------------------------------------------------------------------- search on a real model
-
-
-@pytest.fixture(scope="module")
-def tiny_dense(cache_dir, require_fmnist):
-    """The tiny dense resnet18 of the test session (trained once, cached) and its 128 calibration images."""
-    cfg = compose_config(TINY, cache_dir=cache_dir)
-    data = load_data(cfg, cache_dir)
-    model = build_model(cfg, data)
-    load_dense_weights(cfg, model, data, cache_dir, torch.device("cpu"), progress=False)
-    calib = sample_calibration(data.train, int(cfg.calib.n), int(cfg.calib.seed), int(cfg.calib.batch_size))
-    return model, calib
 
 
 def search(tiny_dense, seed: int):

@@ -1,0 +1,130 @@
+"""POT: post-training pruning with layer-wise calibration (Lazarevich, Kozlov, Malinin, ICCVW 2021).
+
+OpenVINO's post-training weight sparsity, the baseline both FCPTS and UniPTS compare against, as
+msbench reproduces it (configs/pst_res18_sp50_pot.yaml):
+
+1. **Fold BatchNorm** into the preceding convolutions, so allocation and correction see the weights the
+   network effectively uses (`ptsbench.bnfold`).
+2. **Allocate** with one global threshold on |w| / ||W_l||_2 (global L2-normalised magnitude): per-layer
+   rates emerge instead of being set by a rule.
+3. **Weight correction**: per output channel, the kept weights are rescaled and shifted so the pruned
+   channel keeps the dense channel's mean and standard deviation.
+4. **Bias correction**: each layer's mean output error on calibration data is folded into its bias.
+5. **Layer-wise calibration**: each pruned layer (conv + bias) is tuned with Adam (1e-5 weights, 1e-4
+   biases) so its output matches the dense layer's on the dense model's inputs; pruned weights stay zero.
+
+Reference budgets (msbench): 10,240 calibration images, 20,000 Adam steps of batch 64 per layer. The
+steps after folding are shared with the technique matrix (`ptsbench.reconstruct`), so `pot` with
+`reconstruction=block` or `recon_inputs=sparse` is msbench's `_pot_erk_layer_sparseinp`-style variant.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
+from ptsbench.bnfold import find_conv_bn_pairs, fold_batchnorm
+from ptsbench.errors import ConfigError, unknown_choice
+from ptsbench.reconstruct import ReconstructionSettings, correct_weights, make_units, process_units
+from ptsbench.sparsity import (
+    ALLOCATIONS,
+    PrunableLayer,
+    allocate,
+    apply_masks,
+    bake_masks,
+    magnitude_masks,
+    rates,
+)
+
+RNG_STREAM = 31  # ctx.generator offset for the reconstruction batches
+
+
+class POT(PTSAlgorithm):
+    name = "pot"
+
+    def __init__(self, fold_bn: bool = True, allocation: str = "global_l2norm", weight_correction: bool = True,
+                 bias_correction: bool = True, reconstruction: str = "layer", recon_inputs: str = "dense",
+                 recon_iterations: int = 20_000, recon_lr: float = 1e-5, recon_bias_lr: float = 1e-4,
+                 recon_batch_size: int = 64, early_stop_loss: float = 1e-5):
+        if allocation not in ALLOCATIONS:
+            raise unknown_choice("algorithm.allocation", allocation, ALLOCATIONS)
+        self.fold_bn = bool(fold_bn)
+        self.allocation = allocation
+        self.weight_correction = bool(weight_correction)
+        self.bias_correction = bool(bias_correction)
+        self.recon = ReconstructionSettings(reconstruction, recon_inputs, int(recon_iterations), float(recon_lr),
+                                            float(recon_bias_lr), int(recon_batch_size),
+                                            float(early_stop_loss)).check()
+
+    def options(self) -> dict[str, Any]:
+        return {"fold_bn": self.fold_bn, "allocation": self.allocation, "weight_correction": self.weight_correction,
+                "bias_correction": self.bias_correction, "reconstruction": self.recon.mode,
+                "recon_inputs": self.recon.inputs, "recon_iterations": self.recon.iterations,
+                "recon_lr": self.recon.lr, "recon_bias_lr": self.recon.bias_lr}
+
+    @property
+    def label(self) -> str:
+        parts = ["pot"]
+        if self.allocation != "global_l2norm":
+            parts.append(self.allocation)
+        if self.recon.mode != "layer":
+            parts.append(f"{self.recon.mode}recon")
+        if self.recon.inputs != "dense" and self.recon.mode != "none":
+            parts.append("sparseinp")
+        if not (self.weight_correction and self.bias_correction):
+            parts.append("nocorr" if not (self.weight_correction or self.bias_correction) else
+                         ("nowc" if not self.weight_correction else "nobc"))
+        return "-".join(parts)
+
+    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
+        was_training = model.training
+        model.eval()
+        stats: dict[str, Any] = {}
+
+        # 1. Fold BatchNorm into the convolutions (found on one calibration batch).
+        carriers: dict[str, str] = {}
+        if self.fold_bn:
+            example = ctx.calib.data.images[:2].to(ctx.device)
+            pairs = find_conv_bn_pairs(model, example)
+            fold_batchnorm(model, pairs)
+            carriers = {p.conv: p.bn for p in pairs}
+        stats["bn_folded"] = len(carriers)
+        dense = copy.deepcopy(model).requires_grad_(False)  # the folded dense model: targets for 4 and 5
+
+        # 2. Allocation and masks on the folded weights.
+        counts = allocate(layers, target, self.allocation)
+        masks = magnitude_masks(layers, counts)
+
+        # 3. Weight correction, then the masks as parametrizations (zeros stay zero from here on).
+        with torch.no_grad():
+            for ly in layers:
+                if self.weight_correction:
+                    ly.weight.copy_(correct_weights(ly.weight, masks[ly.name]))
+        apply_masks(layers, masks)
+
+        # 4 + 5. Bias correction and layer-wise (or block-wise) calibration, unit by unit.
+        mode = self.recon.mode if self.recon.mode != "none" else "layer"  # bias correction works per layer
+        units = make_units(mode, model, layers, carriers)
+        reports = []
+        if self.bias_correction or self.recon.mode != "none":
+            if len(ctx.calib) < 1:
+                raise ConfigError("POT needs calibration images (calib.n >= 1).")
+            reports = process_units(model, dense, units, ctx.calib, self.recon, ctx.device,
+                                    ctx.generator(RNG_STREAM), bias_correction=self.bias_correction,
+                                    progress=ctx.progress, desc="POT layer-wise calibration")
+        del dense
+        bake_masks(model)
+        model.train(was_training)
+
+        table = pd.DataFrame([vars(r) for r in reports])
+        if len(table):
+            stats.update(units=len(table), mean_error_before=float(table["error_before"].mean()),
+                         mean_error_after=float(table["error_after"].mean()),
+                         recon_steps=int(table["steps"].sum()))
+        return PruneResult(model=model, allocation=rates(layers, counts), masks=masks, stats=stats,
+                           tables={"reconstruction": table} if len(table) else {})
