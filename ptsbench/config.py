@@ -17,7 +17,8 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
     img_size: int | None = None  # input size; None follows the dataset
     img_size_arg: bool = False  # the architecture takes img_size (ViT)
-    checkpoint: str | None = None  # dense weights: safetensors or a weights-only torch file
+    checkpoint: str | None = None  # dense weights: safetensors or a weights-only torch file, or pkg:<module>/<path>
+    checkpoint_layout: str = "timm"  # key names in the checkpoint: timm | lukemelas_efficientnet
     pretrained: bool = False  # timm hub weights (needs network)
     train_overrides: dict[str, Any] = field(default_factory=dict)  # per-model changes to the train recipe
 
@@ -34,6 +35,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     crop_pct: float | None = None
+    probe: bool = False  # a handful of labelled images: jobs also record top-1 agreement and KL to the dense model
 
 
 @dataclass

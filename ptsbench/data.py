@@ -8,7 +8,9 @@ DataLoader with timm's preprocessing for the model.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -232,9 +234,23 @@ def build_cifar10(cfg, img_size: int | None, cache_dir: Path) -> DataBundle:
     )
 
 
+def timm_eval_transform(cfg, img_size: int | None, model_name: str | None):
+    """timm's evaluation preprocessing for the model's pretrained config (resize, crop_pct, mean/std), and
+    that config; `img_size` and `data.crop_pct` override the model's values."""
+    import timm.data
+
+    pretrained_cfg = timm.get_pretrained_cfg(model_name) if model_name and timm.is_model(model_name) else None
+    data_cfg = dict(timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())) if pretrained_cfg else {}
+    if img_size:
+        data_cfg["input_size"] = (3, img_size, img_size)
+    data_cfg.setdefault("input_size", (3, 224, 224))
+    if cfg.get("crop_pct") is not None:
+        data_cfg["crop_pct"] = float(cfg.crop_pct)
+    return timm.data.create_transform(**data_cfg, is_training=False), data_cfg
+
+
 def build_image_folder(cfg, img_size: int | None, cache_dir: Path, model_name: str | None) -> DataBundle:
     """ImageNet layout: root/train/<class>/*.JPEG and root/val/<class>/*.JPEG, timm preprocessing."""
-    import timm.data
     from torchvision.datasets import ImageFolder
 
     if cfg.root is None:
@@ -246,14 +262,7 @@ def build_image_folder(cfg, img_size: int | None, cache_dir: Path, model_name: s
             f"{root} does not have the ImageFolder layout: missing {', '.join(missing)}/ (expected "
             f"{root}/{cfg.train_split}/<class>/<image> and {root}/{cfg.val_split}/<class>/<image>)."
         )
-    pretrained_cfg = timm.get_pretrained_cfg(model_name) if model_name and timm.is_model(model_name) else None
-    data_cfg = dict(timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())) if pretrained_cfg else {}
-    if img_size:
-        data_cfg["input_size"] = (3, img_size, img_size)
-    data_cfg.setdefault("input_size", (3, 224, 224))
-    if cfg.get("crop_pct") is not None:
-        data_cfg["crop_pct"] = float(cfg.crop_pct)
-    transform = timm.data.create_transform(**data_cfg, is_training=False)
+    transform, data_cfg = timm_eval_transform(cfg, img_size, model_name)
     try:
         train = ImageFolder(str(root / cfg.train_split), transform=transform)
         val = ImageFolder(str(root / cfg.val_split), transform=transform)
@@ -266,7 +275,54 @@ def build_image_folder(cfg, img_size: int | None, cache_dir: Path, model_name: s
     return DataBundle(spec, train, val)
 
 
-DATASETS = ("fashion_mnist", "cifar10", "imagenet", "image_folder")
+PROBE_FILE = re.compile(r"^imagenet_(\d+)_(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
+
+
+def foolbox_data_dir() -> Path:
+    """foolbox's bundled sample folder, found without importing foolbox (whose import pulls in eagerpy,
+    GitPython, requests and scipy only to read 20 files)."""
+    found = importlib.util.find_spec("foolbox")
+    if found is None or not found.submodule_search_locations:
+        raise DataError(
+            "data=imagenet_probe reads the ImageNet validation images shipped in the PyPI package foolbox, "
+            "which is not installed: pip install -e '.[realweights]' (scripts/setup.sh does it), or point "
+            "data.root at a folder of imagenet_<index>_<label>.jpg files."
+        )
+    return Path(list(found.submodule_search_locations)[0]) / "data"
+
+
+def build_imagenet_probe(cfg, img_size: int | None, model_name: str | None) -> DataBundle:
+    """A few labelled ImageNet validation images (foolbox's 20: `imagenet_<index>_<label>.jpg`), held in
+    memory after timm's evaluation preprocessing for the model.
+
+    There is no separate train split: calibration draws from the same images (data.probe marks the set
+    as too small for accuracy alone, so jobs also record agreement and KL with the dense model).
+    """
+    from PIL import Image
+
+    root = Path(cfg.root) if cfg.get("root") else foolbox_data_dir()
+    files = sorted(p for p in root.glob("*") if PROBE_FILE.match(p.name)) if root.is_dir() else []
+    if not files:
+        raise DataError(
+            f"No probe images under {str(root)!r}: expected files named imagenet_<index>_<label>.jpg with the "
+            f"ImageNet class index (0-999) as <label>, as in foolbox's data folder."
+        )
+    transform, data_cfg = timm_eval_transform(cfg, img_size, model_name)
+    images, labels = [], []
+    for path in files:
+        label = int(PROBE_FILE.match(path.name).group(2))
+        if not 0 <= label < 1000:
+            raise DataError(f"{path.name}: label {label} is not an ImageNet-1k class index (0-999).")
+        with Image.open(path) as img:
+            images.append(transform(img.convert("RGB")))
+        labels.append(label)
+    probe = InMemoryImages(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+    spec = DataSpec("imagenet_probe", 1000, 3, data_cfg["input_size"][-1],
+                    tuple(data_cfg.get("mean", (0.485, 0.456, 0.406))), tuple(data_cfg.get("std", (0.229, 0.224, 0.225))))
+    return DataBundle(spec, probe, probe)
+
+
+DATASETS = ("fashion_mnist", "cifar10", "imagenet", "image_folder", "imagenet_probe")
 
 
 def build_data(cfg, cache_dir: Path, img_size: int | None = None, model_name: str | None = None) -> DataBundle:
@@ -281,6 +337,8 @@ def build_data(cfg, cache_dir: Path, img_size: int | None = None, model_name: st
         bundle = build_cifar10(cfg, img_size, cache_dir)
     elif name in ("imagenet", "image_folder"):
         bundle = build_image_folder(cfg, img_size, cache_dir, model_name)
+    elif name == "imagenet_probe":
+        bundle = build_imagenet_probe(cfg, img_size, model_name)
     else:
         raise unknown_choice("dataset", name, DATASETS)
     bundle.train = _limit(bundle.train, cfg.get("limit_train"))

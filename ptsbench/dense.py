@@ -19,6 +19,7 @@ from ptsbench.models import (
     check_input_size,
     create_model,
     dense_key,
+    load_checkpoint,
     load_state_strict,
     plain,
     read_state_dict,
@@ -59,10 +60,12 @@ def build_model(cfg: DictConfig, data: DataBundle) -> nn.Module:
     """The architecture, checked against the input size; weights come from `load_dense_weights`.
 
     The initialisation is seeded (train.seed): torch's default generator is seeded differently in every
-    process, and the harness's dense training must give the same weights on every machine.
+    process, and the harness's dense training must give the same weights on every machine. A checkpoint
+    wins over the hub, so `model.checkpoint=PATH` works offline with configs that say `pretrained: true`.
     """
     torch.manual_seed(int(cfg.train.seed))
-    model = create_model(cfg.model, data.spec, pretrained=bool(cfg.model.get("pretrained")))
+    from_hub = bool(cfg.model.get("pretrained")) and not cfg.model.get("checkpoint")
+    model = create_model(cfg.model, data.spec, pretrained=from_hub)
     check_input_size(model, data.spec)
     return model
 
@@ -77,7 +80,7 @@ def load_dense_weights(cfg: DictConfig, model: nn.Module, data: DataBundle, cach
     info: dict = {}
     if cfg.model.get("checkpoint"):
         source = "checkpoint"
-        load_state_strict(model, read_state_dict(cfg.model.checkpoint), str(cfg.model.checkpoint))
+        load_checkpoint(model, cfg.model)
     elif cfg.model.get("pretrained"):
         source = "pretrained"
     else:

@@ -59,3 +59,31 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "c
     if total == 0:
         return EvalResult(float("nan"), float("nan"), 0, seconds)
     return EvalResult(100.0 * correct1 / total, 100.0 * correct5 / total, total, seconds)
+
+
+def collect_logits(model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 500,
+                   num_workers: int = 0) -> torch.Tensor:
+    """The model's logits on every image of `dataset`, in order, as a float32 CPU tensor."""
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for images, _ in iterate_batches(dataset, batch_size, num_workers=num_workers):
+            out.append(model(images.to(device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def logit_fidelity(dense_logits: torch.Tensor, sparse_logits: torch.Tensor) -> dict[str, float]:
+    """How closely the sparse model follows the dense one on the same images, finer than top-1 on a small set.
+
+    `agreement_top1`: percent of images where both predict the same class. `kl_dense_sparse`: the mean over
+    images of KL(p_dense || p_sparse) in nats, the divergence a distillation loss minimises.
+    """
+    if dense_logits.shape != sparse_logits.shape or dense_logits.numel() == 0:
+        raise ValueError(f"logit shapes differ or are empty: {tuple(dense_logits.shape)} vs {tuple(sparse_logits.shape)}")
+    agree = (dense_logits.argmax(dim=1) == sparse_logits.argmax(dim=1)).double().mean().item()
+    log_p = torch.log_softmax(dense_logits.double(), dim=1)
+    log_q = torch.log_softmax(sparse_logits.double(), dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1).mean().item()
+    return {"agreement_top1": 100.0 * agree, "kl_dense_sparse": kl}

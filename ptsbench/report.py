@@ -1,4 +1,5 @@
-"""Tables and plots from result files: `ptsbench-report DIR [DIR ...]` rebuilds what a sweep leaves."""
+"""Tables and plots from result files: `ptsbench-report DIR [DIR ...]` rebuilds what a sweep leaves;
+`--reference` adds the comparison with the published numbers (ptsbench/reference.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ptsbench.errors import PtsbenchError  # noqa: E402
+from ptsbench.reference import REFERENCE_CSV, write_reference_comparison  # noqa: E402
 from ptsbench.results import load_records, write_atomic, write_csv  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,8 @@ MD_COLUMNS = {
     "top5": "top-5", "prune_seconds": "prune s", "seed": "seed", "status": "status",
 }
 SORT_KEYS = ["model", "method", "target_sparsity", "seed"]
+# Recorded only on probe data sets (data.probe): shown after top-5 when any job has them.
+PROBE_COLUMNS = {"agreement_top1": "agrees w/ dense %", "kl_dense_sparse": "KL(dense‖sparse)"}
 
 
 def results_table(records: pd.DataFrame) -> pd.DataFrame:
@@ -47,8 +52,20 @@ def results_table(records: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(SORT_KEYS, na_position="last", kind="stable").reset_index(drop=True)
 
 
+def probe_rows(table: pd.DataFrame) -> pd.Series:
+    """Jobs evaluated on a probe set: those that recorded agreement with the dense model."""
+    if "agreement_top1" not in table:
+        return pd.Series(False, index=table.index)
+    return pd.to_numeric(table["agreement_top1"], errors="coerce").notna()
+
+
 def markdown_table(table: pd.DataFrame) -> str:
-    shown = table[list(MD_COLUMNS)].rename(columns=MD_COLUMNS)
+    columns = dict(MD_COLUMNS)
+    if probe_rows(table).any():
+        at = list(columns).index("top5") + 1
+        items = list(columns.items())
+        columns = dict(items[:at] + [(c, n) for c, n in PROBE_COLUMNS.items() if c in table] + items[at:])
+    shown = table[list(columns)].rename(columns=columns)
     failed = table["status"] != "ok"
     if failed.any():
         shown.loc[failed, "status"] = [
@@ -109,6 +126,14 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path) -> pd.DataFram
     write_csv(out / "results.csv", table)
     n_failed = int((table["status"] != "ok").sum()) if len(table) else 0
     header = f"# Results\n\n{len(table)} jobs from {', '.join(map(str, dirs))}; {n_failed} failed.\n\n"
+    probe = probe_rows(table)
+    if probe.any():
+        sizes = sorted({int(n) for n in pd.to_numeric(table.loc[probe, "eval_images"], errors="coerce").dropna()})
+        header += (
+            f"**Small probe set:** {int(probe.sum())} jobs were evaluated on only {', '.join(map(str, sizes))} "
+            f"images, so their top-1 moves in coarse steps; read it with the top-1 agreement with the dense model "
+            f"and the mean KL(dense‖sparse) of the predictions.\n\n"
+        )
     summary = seed_summary(table)
     body = markdown_table(table) if len(table) else "(no result files found)"
     if not summary.empty and (summary["seeds"] > 1).any():
@@ -120,10 +145,22 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path) -> pd.DataFram
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptsbench-report", description=__doc__)
-    parser.add_argument("dirs", nargs="+", help="sweep or job directories holding result.json files")
+    parser.add_argument("dirs", nargs="*", metavar="DIR", help="sweep or job directories holding result.json files")
     parser.add_argument("--out", help="where to write the tables and plot (default: the first DIR)")
+    parser.add_argument("--reference", nargs="?", const=str(REFERENCE_CSV), metavar="CSV",
+                        help="also write reference_comparison.{md,csv}: measured rows beside the published numbers "
+                             f"in CSV (default: {REFERENCE_CSV.relative_to(REFERENCE_CSV.parents[2])})")
+    parser.add_argument("--any-dataset", action="store_true",
+                        help="with --reference, match published rows on other datasets too (shown in a column)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.reference is not None and Path(args.reference).is_dir():  # `--reference DIR ...`: DIR is a result dir
+        args.dirs.insert(0, args.reference)
+        args.reference = str(REFERENCE_CSV)
+    if not args.dirs:
+        parser.error("give at least one DIR holding result.json files")
+    if args.any_dataset and args.reference is None:
+        parser.error("--any-dataset only applies with --reference")
     missing = [d for d in args.dirs if not Path(d).exists()]
     if missing:
         print(f"ptsbench-report: no such directory: {', '.join(missing)}", file=sys.stderr)
@@ -135,6 +172,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     log.info("%d jobs (%d failed) -> %s/results.{csv,md}, accuracy_vs_sparsity.png",
              len(table), int((table["status"] != "ok").sum()), out)
+    if args.reference is not None:
+        try:
+            comparison = write_reference_comparison(table, out, args.reference, any_dataset=args.any_dataset,
+                                                    sources=", ".join(args.dirs))
+        except PtsbenchError as exc:
+            print(f"ptsbench-report: {exc}", file=sys.stderr)
+            return 2
+        log.info("%d measured rows, %d with a published counterpart -> %s/reference_comparison.{csv,md}",
+                 len(comparison), int(comparison["published_method"].notna().sum()), out)
     return 0
 
 

@@ -29,7 +29,7 @@ from ptsbench.checkpoint import load_compact_form, save_compact_form, save_dense
 from ptsbench.data import DataBundle, sample_calibration
 from ptsbench.dense import build_model, load_data, load_dense_weights
 from ptsbench.errors import ConfigError, PtsbenchError
-from ptsbench.evaluate import evaluate
+from ptsbench.evaluate import collect_logits, evaluate, logit_fidelity
 from ptsbench.models import stable_hash
 from ptsbench.results import (
     ALLOCATION_FILE,
@@ -211,6 +211,10 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
         dense = load_dense_weights(cfg, model, data, cache_dir, device, progress=bool(cfg.progress))
         record.update(dense_top1=dense.top1, dense_top5=dense.top5, dense_source=dense.source, dense_key=dense.key,
                       dense_train_seconds=dense.info.get("train_seconds"))
+        # On a probe set (a few dozen images) top-1 moves in coarse steps, so the dense logits are kept to
+        # measure how closely the sparse model follows them; the algorithm may change `model` in place.
+        dense_logits = (collect_logits(model, data.test, device, int(cfg.eval.batch_size))
+                        if cfg.data.get("probe") else None)
         calib.data.images = calib.data.images.to(device)
         calib.data.labels = calib.data.labels.to(device)
         write_json(out_dir / CALIB_FILE, {"seed": calib.seed, "n": len(calib), "indices": calib.indices,
@@ -235,6 +239,9 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
                       num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last))
         record.update(top1=ev.top1, top5=ev.top5, eval_images=ev.images, eval_seconds=ev.seconds,
                       eval_images_per_second=ev.images_per_second, stats=result.stats, status="ok")
+        if dense_logits is not None:
+            record.update(logit_fidelity(dense_logits, collect_logits(result.model, data.test, device,
+                                                                      int(cfg.eval.batch_size))))
         log.info("%s on %s at target %.3f (achieved %.4f): dense top-1 %.2f%%, sparse top-1 %.2f%% (top-5 %.2f%%), "
                  "pruned in %.1f s", algorithm.label, cfg.model.name, target, audit.achieved, dense.top1, ev.top1,
                  ev.top5, record["prune_seconds"])

@@ -18,7 +18,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "setup: creating .venv and installing ptsbench (about 2 minutes the first time)" >&2
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[dev,joblib,submitit]"
+  .venv/bin/python -m pip install -q -e ".[dev,joblib,submitit,realweights]"
   .venv/bin/python -c "import torch, torchvision, timm; print('setup: torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)" >&2
   echo "$want" > "$stamp"
 fi
