@@ -45,3 +45,56 @@ def test_eval_throughput_against_plain_loop(require_fmnist, tmp_path, name, kwar
           f"harness channels_last {harness_cl:.0f} img/s (ratio {harness_cl / plain:.3f})")
     assert harness / plain > 0.8
     assert sum(1 for _ in iterate_batches(data.test, batch)) == 20
+
+
+def random_calibration(n: int, size: int = 28):
+    from ptsbench.data import CalibrationSet, InMemoryImages
+
+    g = torch.Generator().manual_seed(0)
+    data = InMemoryImages(torch.randn(n, 1, size, size, generator=g), torch.randint(10, (n,), generator=g))
+    return CalibrationSet(data, list(range(n)), 0)
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("bridge,threshold_grad", [("kde", "ste"), ("histogram", "sparsity_only")])
+def test_fcpts_time_per_iteration(bridge, threshold_grad):
+    """FCPTS at the reference batch (64) on resnet18 at 28x28: seconds per iteration and where they go,
+    projected to the reference 1,600 iterations (the 5-minute target of issue 3)."""
+    from algorithms.base import PruneContext
+    from algorithms.fcpts import FCPTS
+    from ptsbench.sparsity import find_prunable_layers
+
+    model = timm.create_model("resnet18", num_classes=10, in_chans=1)
+    iterations = 48
+    algo = FCPTS(iterations=iterations, bridge=bridge, threshold_grad=threshold_grad)
+    ctx = PruneContext(calib=random_calibration(1024), device=torch.device("cpu"), seed=0, progress=False)
+    start = time.perf_counter()
+    result = algo.prune(model, find_prunable_layers(model), 0.8, ctx)
+    total = time.perf_counter() - start
+    s = result.stats
+    per = {k[len("seconds_"):]: v / iterations for k, v in s.items() if k.startswith("seconds_") and k != "seconds_per_iteration"}
+    print(f"\nFCPTS {bridge}/{threshold_grad} resnet18@28, batch 64, {torch.get_num_threads()} threads: "
+          f"{s['seconds_per_iteration']:.3f} s/iteration (" + ", ".join(f"{k} {v:.3f}" for k, v in per.items())
+          + f"); whole prune {total:.1f} s for {iterations} iterations; projected 1600 iterations: "
+          f"{s['seconds_per_iteration'] * 1600 / 60:.1f} min")
+    assert s["seconds_per_iteration"] > 0
+
+
+@pytest.mark.bench
+def test_unipts_quick_time_per_candidate_and_epoch():
+    """UniPTS with the quick preset's sizes on resnet18 at 28x28: time per search candidate and per epoch."""
+    from algorithms.base import PruneContext
+    from algorithms.unipts import UniPTS
+    from ptsbench.sparsity import find_prunable_layers
+
+    model = timm.create_model("resnet18", num_classes=10, in_chans=1)
+    algo = UniPTS(population_size=8, generations=5, num_parents=4, fitness_set_size=512, epochs=5,
+                  bn_recalibration=True)
+    ctx = PruneContext(calib=random_calibration(1024), device=torch.device("cpu"), seed=0, progress=False)
+    start = time.perf_counter()
+    s = algo.prune(model, find_prunable_layers(model), 0.9, ctx).stats
+    total = time.perf_counter() - start
+    print(f"\nUniPTS quick resnet18@28, {torch.get_num_threads()} threads: {s['search_candidates_scored']} candidates "
+          f"at {s['search_seconds_per_candidate']:.2f} s each ({s['search_seconds']:.1f} s search), "
+          f"{s['train_seconds_per_epoch']:.1f} s per epoch of 1024 images; whole job {total:.1f} s")
+    assert total > 0

@@ -123,3 +123,22 @@ def test_same_seed_is_bit_identical_across_processes(cache_dir, require_fmnist, 
                     "calib.seed=7", f"hydra.run.dir={tmp_path / 'c'}"], cache_dir, tmp_path)
     c = json.loads((tmp_path / "c" / "result.json").read_text())
     assert c["calib_seed"] == 7 and a["calib_seed"] == 0  # a different calibration draw is reported as such
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", [
+    ["algorithm=fcpts_quick", "algorithm.iterations=4", "algorithm.batch_size=32"],
+    ["algorithm=unipts_quick", "algorithm.population_size=4", "algorithm.generations=2", "algorithm.num_parents=2",
+     "algorithm.fitness_set_size=64", "algorithm.epochs=1", "algorithm.batch_size=32"],
+    ["algorithm=pot_quick", "algorithm.recon_iterations=4"],
+], ids=["fcpts", "unipts", "pot"])
+def test_learned_methods_are_bit_identical_across_processes(cache_dir, require_fmnist, tmp_path, algorithm):
+    """Same seed, two fresh processes: identical masks (hash of every layer's mask) and accuracy."""
+    records = []
+    for name in ("a", "b"):
+        proc = run_cli([*TINY, "sparsity=0.8", *algorithm, f"hydra.run.dir={tmp_path / name}"], cache_dir, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        records.append(json.loads((tmp_path / name / "result.json").read_text()))
+    a, b = records
+    assert a["status"] == b["status"] == "ok"
+    assert a["mask_hash"] == b["mask_hash"] and a["top1"] == b["top1"] and a["top5"] == b["top5"]

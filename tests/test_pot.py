@@ -99,19 +99,23 @@ def folded(tiny_dense):
     return model, dense, layers, masks, carriers, calib
 
 
+def mean_channel_error(model, unit, inputs, targets) -> float:
+    """Mean over channels of |mean output error of that channel| over samples and positions."""
+    with torch.no_grad():
+        diff = targets - unit_outputs(model, unit, inputs)
+    return diff.transpose(0, 1).reshape(diff.shape[1], -1).mean(1).abs().mean().item()
+
+
 def test_bias_correction_removes_the_mean_output_error(folded):
     model, dense, layers, _, carriers, calib = folded
     for unit in layer_units(layers, carriers)[:6]:
         inputs = collect_inputs(dense, unit.name, calib, 64, CPU)
         targets = unit_outputs(dense, unit, inputs)
-        def mean_error():
-            with torch.no_grad():
-                diff = targets - unit_outputs(model, unit, inputs)
-            return diff.transpose(0, 1).reshape(diff.shape[1], -1).mean(1).abs().mean().item()
-        before, mse_before = mean_error(), output_error(model, unit, inputs, targets)
+        before, mse_before = mean_channel_error(model, unit, inputs, targets), output_error(model, unit, inputs, targets)
         shift = correct_bias(model, unit, inputs, targets)
         assert shift is not None and shift > 0
-        assert mean_error() < 1e-3 * max(before, 1e-12) + 1e-6  # mean error per channel gone
+        after = mean_channel_error(model, unit, inputs, targets)
+        assert after < 1e-3 * max(before, 1e-12) + 1e-6  # mean error per channel gone
         assert output_error(model, unit, inputs, targets) <= mse_before  # and the MSE can only drop
 
 
