@@ -96,6 +96,8 @@ class MagnitudePruning(PTSAlgorithm):
             opts["erk_power_scale"] = self.erk_power_scale
         if self.allocation == "from_file":
             opts["allocation_file"] = str(self.allocation_file)
+            if self.allocation_label:
+                opts["allocation_label"] = self.allocation_label
         if self.recon.mode != "none":
             opts.update(reconstruction=self.recon.mode, recon_inputs=self.recon.inputs,
                         recon_iterations=self.recon.iterations, recon_lr=self.recon.lr,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
@@ -21,6 +22,12 @@ log = logging.getLogger("ptsbench")
 register_configs()
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose_job_config(overrides: list[str]) -> DictConfig:
+    """One job's config from the harness's config directory, for drivers that call `run_job` in-process."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
 
 
 def threads_per_job(cfg: DictConfig, hc) -> int | None:

@@ -72,7 +72,7 @@ def load_records(dirs: Iterable[str | Path]) -> pd.DataFrame:
         except (OSError, json.JSONDecodeError) as exc:
             rows.append({"status": "unreadable", "error": f"{path}: {exc}", "job_dir": str(path.parent)})
             continue
-        record.setdefault("job_dir", str(path.parent))
+        record["job_dir"] = str(path.parent)  # where the files are now (a result folder may have been moved)
         rows.append(record)
     if not rows:
         return pd.DataFrame()

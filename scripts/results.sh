@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Rebuilds the committed results of the PTS methods: results/pts_methods (every method x model x
+# sparsity), results/technique_matrix (allocation x reconstruction) and results/mask_overlap.
+# Jobs already finished with an identical config are skipped (resume), so an interrupted rebuild
+# continues where it stopped; delete a directory to recompute it from scratch.
+#
+#   bash scripts/results.sh                      everything (hours on a 2-core CPU)
+#   MODELS=resnet18 bash scripts/results.sh      one model
+#   ALGORITHMS=fcpts_quick,pot_quick SPARSITIES=0.8,0.9 bash scripts/results.sh
+#   THREADS=1 ...                                torch threads per job (run two scripts side by side)
+#
+# results/README.md says which parts were run for the committed tables.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+MODELS="${MODELS:-resnet18,mobilenetv2,vit_tiny}"
+SPARSITIES="${SPARSITIES:-0.5,0.7,0.8,0.9,0.95}"
+ALGORITHMS="${ALGORITHMS:-magnitude_uniform_bn,magnitude_erk_bn,magnitude_global_bn,fcpts_quick,fcpts_quick_code,unipts_quick,unipts_quick_nosearch,unipts_quick_nodst,unipts_quick_kl,pot_quick}"
+MATRIX_SPARSITIES="${MATRIX_SPARSITIES:-0.5 0.7 0.8 0.9}"
+THREADS="${THREADS:-null}"
+status=0
+
+# 1. Every method x sparsity, one sweep directory per model; then one table and plot over all of them.
+for model in ${MODELS//,/ }; do
+  .venv/bin/ptsbench experiment=pts_methods "model=$model" "algorithm=$ALGORITHMS" "sparsity=$SPARSITIES" \
+    "threads=$THREADS" "hydra.sweep.dir=results/pts_methods/$model" || status=1
+done
+.venv/bin/ptsbench-report results/pts_methods/* --out results/pts_methods || status=1
+
+# Per-layer sparsity at 0.9 on each model: FCPTS's learned allocation against ERK and global (+ UniPTS, POT).
+for model in ${MODELS//,/ }; do
+  jobs=$(.venv/bin/python - "$model" <<'PY'
+import sys
+from ptsbench.results import load_records
+r = load_records([f"results/pts_methods/{sys.argv[1]}"])
+if not r.empty:
+    r = r[(r.status == "ok") & ((r.target_sparsity - 0.9).abs() < 1e-9)]
+    keep = ("magnitude-erk+bn", "magnitude-global+bn", "fcpts-ste-kde-64it", "unipts", "pot")
+    print(" ".join(r[r.method.isin(keep)].sort_values("method").job_dir))
+PY
+)
+  [ -n "$jobs" ] && .venv/bin/python -m ptsbench.masks $jobs --out results/pts_methods \
+    --plot-only "layer_sparsity_${model}_0.9.png"
+done
+
+# 2. Allocation x reconstruction, with FCPTS's and UniPTS's allocations cross-applied.
+for model in ${MODELS//,/ }; do
+  .venv/bin/python -m ptsbench.matrix --source results/pts_methods --out "results/technique_matrix/$model" \
+    --models "$model" --sparsities $MATRIX_SPARSITIES -- "threads=$THREADS" || status=1
+done
+
+# 3. Mask overlap at 0.8 on resnet18: the same jobs again with save_sparse=true (same seed, same masks:
+#    their mask_hash equals the pts_methods jobs'), then IoU per layer and overall.
+.venv/bin/ptsbench -m model=resnet18 sparsity=0.8 save_sparse=true resume=true experiment_name=mask_overlap \
+  algorithm=magnitude_erk_bn,magnitude_global_bn,pot_quick,fcpts_quick,unipts_quick \
+  "threads=$THREADS" hydra.sweep.dir=results/mask_overlap/jobs || status=1
+.venv/bin/python -m ptsbench.masks results/mask_overlap/jobs/[0-9]* --out results/mask_overlap || status=1
+exit $status
