@@ -142,3 +142,41 @@ def test_learned_methods_are_bit_identical_across_processes(cache_dir, require_f
     a, b = records
     assert a["status"] == b["status"] == "ok"
     assert a["mask_hash"] == b["mask_hash"] and a["top1"] == b["top1"] and a["top5"] == b["top5"]
+
+
+SWEEP_2 = ["-m", *TINY, "algorithm.allocation=erk,global", "algorithm.bn_recalibration=true", "sparsity=0.8"]
+
+
+def sweep_records(sweep: Path) -> dict[str, dict]:
+    records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/result.json"))]
+    return {r["method"]: r for r in records}
+
+
+@pytest.mark.slow
+def test_parallel_sweep_gives_the_serial_results(cache_dir, require_fmnist, tmp_path):
+    """hydra/launcher=parallel (joblib, 2 processes, 1 torch thread each) against the default serial launcher."""
+    sweeps = {}
+    for name, extra in (("serial", []), ("parallel", ["hydra/launcher=parallel"])):
+        sweep = tmp_path / name
+        proc = run_cli([*SWEEP_2, *extra, f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        sweeps[name] = sweep_records(sweep)
+    serial, parallel = sweeps["serial"], sweeps["parallel"]
+    assert set(serial) == set(parallel) == {"magnitude-erk+bn", "magnitude-global+bn"}
+    for method in serial:
+        assert parallel[method]["mask_hash"] == serial[method]["mask_hash"]
+        assert parallel[method]["top1"] == pytest.approx(serial[method]["top1"], abs=1e-9)
+    assert (tmp_path / "parallel" / "results.csv").exists()
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_the_sweep(cache_dir, require_fmnist, tmp_path):
+    """submitit_local, the stand-in for Slurm on one machine: each job a submitit process, then the aggregate."""
+    sweep = tmp_path / "submitit"
+    proc = run_cli([*SWEEP_2, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
+                    f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = sweep_records(sweep)
+    assert {r["status"] for r in records.values()} == {"ok"} and len(records) == 2
+    assert len(pd.read_csv(sweep / "results.csv")) == 2
+    assert list(sweep.glob(".submitit/*/*_log.out")) or list(sweep.glob("**/*.out"))  # submitit ran the jobs
