@@ -224,6 +224,9 @@ def stable_hash(obj: object, length: int = 12) -> str:
 
 def file_fingerprint(path: str | Path) -> dict:
     p = resolve_checkpoint_path(path).resolve()
+    if not p.is_file():
+        raise CheckpointError(f"model.checkpoint={str(path)!r} does not exist (give a safetensors file or a "
+                              f"weights-only torch file).")
     st = p.stat()
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 

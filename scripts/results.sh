@@ -55,4 +55,7 @@ done
   algorithm=magnitude_erk_bn,magnitude_global_bn,pot_quick,fcpts_quick,unipts_quick \
   "threads=$THREADS" hydra.sweep.dir=results/mask_overlap/jobs || status=1
 .venv/bin/python -m ptsbench.masks results/mask_overlap/jobs/[0-9]* --out results/mask_overlap || status=1
+
+# 4. The papers' headline claims against all of the above.
+.venv/bin/python -m ptsbench.claims --results results || status=1
 exit $status

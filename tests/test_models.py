@@ -10,7 +10,13 @@ from safetensors.torch import save_file
 
 from ptsbench.data import DataSpec
 from ptsbench.errors import CheckpointError, ConfigError
-from ptsbench.models import check_input_size, create_model, load_state_strict, read_state_dict
+from ptsbench.models import (
+    check_input_size,
+    create_model,
+    file_fingerprint,
+    load_state_strict,
+    read_state_dict,
+)
 
 SPEC = DataSpec("fashion_mnist", 10, 1, 28, (0.286,), (0.353,))
 
@@ -67,6 +73,8 @@ def test_checkpoint_mismatch_lists_keys(tmp_path):
 def test_missing_and_unreadable_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_state_dict(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match=r"model.checkpoint='.*nope.pt' does not exist"):
+        file_fingerprint(tmp_path / "nope.pt")  # the dense cache key is computed first: same clear error
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"this is not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
