@@ -185,9 +185,9 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
     record["job_dir"] = str(out_dir)
     tracker_started = False
     try:
-        target = validate_config(cfg)
-        algorithm = build_algorithm(cfg)
+        algorithm = build_algorithm(cfg)  # first, so a failed record still names its method
         record.update(algorithm=algorithm.name, method=algorithm.label, algorithm_options=algorithm.options())
+        target = validate_config(cfg)
         name = f"{cfg.model.name}-{algorithm.label}-{target:g}-s{cfg.seed}"
         tracker.start(name=name, group=sweep, job_type=algorithm.name,
                       config=OmegaConf.to_container(cfg, resolve=True),

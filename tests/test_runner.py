@@ -69,3 +69,5 @@ def test_bad_input_is_recorded_with_a_clear_error(tiny_cfg, tmp_path, override, 
     import re
 
     assert re.search(match, saved["error"])
+    if "allocation" not in override:  # the method is named even when the job fails on other input
+        assert saved["method"] == "magnitude-uniform"
