@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from ptsbench.checkpoint import read_compact_form  # noqa: E402
 from ptsbench.errors import PtsbenchError  # noqa: E402
-from ptsbench.results import ALLOCATION_FILE, RESULT_FILE, write_atomic, write_csv  # noqa: E402
+from ptsbench.results import ALLOCATION_FILE, RESULT_FILE, save_figure, write_atomic, write_csv  # noqa: E402
 from ptsbench.runner import COMPACT_MODEL_FILE  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,8 @@ def plot_layer_sparsity(jobs: Sequence[Path], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_mask_report(jobs: Sequence[Path], out: Path) -> pd.DataFrame:

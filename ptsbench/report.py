@@ -17,7 +17,7 @@ import pandas as pd  # noqa: E402
 
 from ptsbench.errors import PtsbenchError  # noqa: E402
 from ptsbench.reference import REFERENCE_CSV, write_reference_comparison  # noqa: E402
-from ptsbench.results import load_records, write_atomic, write_csv  # noqa: E402
+from ptsbench.results import load_records, save_figure, write_atomic, write_csv  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,8 @@ def plot_accuracy_vs_sparsity(table: pd.DataFrame, path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_report(dirs: Iterable[str | Path], out_dir: str | Path) -> pd.DataFrame:

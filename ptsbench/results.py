@@ -44,6 +44,15 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure atomically (write a hidden temporary file, then rename) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=dpi)
+    fig.clf()
+    tmp.replace(path)
+
+
 def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
 
