@@ -21,6 +21,7 @@ steps after folding are shared with the technique matrix (`ptsbench.reconstruct`
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import pandas as pd
@@ -107,16 +108,23 @@ class POT(PTSAlgorithm):
                     ly.weight.copy_(correct_weights(ly.weight, masks[ly.name]))
         apply_masks(layers, masks)
 
-        # 4 + 5. Bias correction and layer-wise (or block-wise) calibration, unit by unit.
-        mode = self.recon.mode if self.recon.mode != "none" else "layer"  # bias correction works per layer
-        units = make_units(mode, model, layers, carriers)
+        # 4 + 5. Bias correction and layer-wise (or block-wise) calibration, unit by unit. Bias correction
+        # is per layer: with block units it gets its own pass over the layers first.
         reports = []
-        if self.bias_correction or self.recon.mode != "none":
-            if len(ctx.calib) < 1:
-                raise ConfigError("POT needs calibration images (calib.n >= 1).")
-            reports = process_units(model, dense, units, ctx.calib, self.recon, ctx.device,
-                                    ctx.generator(RNG_STREAM), bias_correction=self.bias_correction,
-                                    progress=ctx.progress, desc="POT layer-wise calibration")
+        if len(ctx.calib) < 1:
+            raise ConfigError("POT needs calibration images (calib.n >= 1).")
+        passes = []
+        if self.recon.mode in ("none", "layer"):
+            if self.bias_correction or self.recon.mode == "layer":
+                passes.append((make_units("layer", model, layers, carriers), self.recon, self.bias_correction))
+        else:
+            if self.bias_correction:
+                only_bias = dataclasses.replace(self.recon, mode="none")
+                passes.append((make_units("layer", model, layers, carriers), only_bias, True))
+            passes.append((make_units(self.recon.mode, model, layers, carriers), self.recon, False))
+        for units, settings, bias in passes:
+            reports += process_units(model, dense, units, ctx.calib, settings, ctx.device, ctx.generator(RNG_STREAM),
+                                     bias_correction=bias, progress=ctx.progress, desc="POT calibration")
         del dense
         bake_masks(model)
         model.train(was_training)

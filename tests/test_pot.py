@@ -191,3 +191,14 @@ def test_allocation_file_from_one_job_drives_another(tiny_cfg, tmp_path):
     assert a["zeros"].to_dict() == b["zeros"].to_dict()
     saved = json.loads((second / "result.json").read_text())
     assert saved["stats"]["units"] == 21 and saved["stats"]["mean_error_after"] < saved["stats"]["mean_error_before"]
+
+
+def test_pot_with_block_units_still_corrects_every_layer_bias(tiny_dense):
+    model = copy.deepcopy(tiny_dense[0])
+    layers = find_prunable_layers(model)
+    ctx = PruneContext(calib=tiny_dense[1], device=CPU, seed=0, progress=False)
+    result = POT(reconstruction="block", recon_iterations=2, recon_lr=1e-4).prune(model, layers, 0.8, ctx)
+    table = result.tables["reconstruction"]
+    bias_pass, block_pass = table.iloc[:len(layers)], table.iloc[len(layers):]
+    assert bias_pass["bias_shift"].notna().all() and (bias_pass["steps"] == 0).all()  # every layer has a bias
+    assert list(block_pass["kind"]).count("block") == 8 and (block_pass["steps"] == 2).all()
