@@ -25,23 +25,21 @@ for model in ${MODELS//,/ }; do
   .venv/bin/ptsbench experiment=pts_methods "model=$model" "algorithm=$ALGORITHMS" "sparsity=$SPARSITIES" \
     "threads=$THREADS" "hydra.sweep.dir=results/pts_methods/$model" || status=1
 done
-.venv/bin/ptsbench-report results/pts_methods/* --out results/pts_methods || status=1
+.venv/bin/ptsbench-report results/pts_methods/*/ --out results/pts_methods || status=1
 
 # Per-layer sparsity at 0.9 on each model: FCPTS's learned allocation against ERK and global (+ UniPTS, POT).
-for model in ${MODELS//,/ }; do
-  jobs=$(.venv/bin/python - "$model" <<'PY'
-import sys
+.venv/bin/python - <<'PY' || status=1
+import subprocess
 from ptsbench.results import load_records
-r = load_records([f"results/pts_methods/{sys.argv[1]}"])
-if not r.empty:
-    r = r[(r.status == "ok") & ((r.target_sparsity - 0.9).abs() < 1e-9)]
-    keep = ("magnitude-erk+bn", "magnitude-global+bn", "fcpts-ste-kde-64it", "unipts", "pot")
-    print(" ".join(r[r.method.isin(keep)].sort_values("method").job_dir))
+r = load_records(["results/pts_methods"])
+r = r[(r.status == "ok") & ((r.target_sparsity - 0.9).abs() < 1e-9)]
+keep = ("magnitude-erk+bn", "magnitude-global+bn", "fcpts-ste-kde-64it", "unipts", "pot")
+for model, g in r.groupby("model"):
+    jobs = g[g.method.isin(keep)].drop_duplicates("method").sort_values("method").job_dir.tolist()
+    short = {"mobilenetv2_100": "mobilenetv2", "vit_tiny_patch16_224": "vit_tiny"}.get(model, model)
+    subprocess.run([".venv/bin/python", "-m", "ptsbench.masks", *jobs, "--out", "results/pts_methods",
+                    "--plot-only", f"layer_sparsity_{short}_0.9.png"], check=True)
 PY
-)
-  [ -n "$jobs" ] && .venv/bin/python -m ptsbench.masks $jobs --out results/pts_methods \
-    --plot-only "layer_sparsity_${model}_0.9.png"
-done
 
 # 2. Allocation x reconstruction, with FCPTS's and UniPTS's allocations cross-applied.
 for model in ${MODELS//,/ }; do
