@@ -128,13 +128,9 @@ class MagnitudePruning(PTSAlgorithm):
         dense = copy.deepcopy(model).requires_grad_(False) if self.recon.mode != "none" else None
         masks = magnitude_masks(layers, counts)
         apply_masks(layers, masks)
-        # 3. Optional BatchNorm re-estimation on the calibration images.
-        bn_layers = 0
-        if self.bn_recalibration:
-            bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.bn_batch_size)
-        stats: dict[str, Any] = {"bn_layers_recalibrated": bn_layers, "calib_passes": int(self.bn_recalibration)}
+        stats: dict[str, Any] = {}
         tables = {}
-        # 4. Optional reconstruction of each layer's or block's dense output.
+        # 3. Optional reconstruction of each layer's or block's dense output.
         if dense is not None:
             reports = process_units(model, dense, make_units(self.recon.mode, model, layers), ctx.calib,
                                     self.recon, ctx.device, ctx.generator(RNG_STREAM), progress=ctx.progress,
@@ -143,5 +139,12 @@ class MagnitudePruning(PTSAlgorithm):
             tables["reconstruction"] = table
             stats.update(units=len(table), mean_error_before=float(table["error_before"].mean()),
                          mean_error_after=float(table["error_after"].mean()), recon_steps=int(table["steps"].sum()))
+        # 4. Optional BatchNorm re-estimation on the calibration images, last: reconstruction brings each
+        # layer's output back towards the dense one, so statistics measured before it would no longer fit
+        # (measured: uniform 0.9 on resnet18 fell from 37.7% to 10.1% with layer reconstruction after BN).
+        bn_layers = 0
+        if self.bn_recalibration:
+            bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.bn_batch_size)
+        stats.update(bn_layers_recalibrated=bn_layers, calib_passes=int(self.bn_recalibration))
         bake_masks(model)
         return PruneResult(model=model, allocation=rates(layers, counts), masks=masks, stats=stats, tables=tables)
