@@ -47,8 +47,9 @@ for model in ${MODELS//,/ }; do
     --models "$model" --sparsities $MATRIX_SPARSITIES -- "threads=$THREADS" || status=1
 done
 
-# 3. Mask overlap at 0.8 on resnet18: the same jobs again with save_sparse=true (same seed, same masks:
-#    their mask_hash equals the pts_methods jobs'), then IoU per layer and overall.
+# 3. Mask overlap at 0.8 on resnet18: the same jobs again with save_sparse=true, then IoU per layer and
+#    overall. Same seed and same torch thread count give the pts_methods jobs' masks (mask_hash); with a
+#    different thread count the methods that train (FCPTS, UniPTS) sum floats in another order and differ.
 .venv/bin/ptsbench -m model=resnet18 sparsity=0.8 save_sparse=true resume=true experiment_name=mask_overlap \
   algorithm=magnitude_erk_bn,magnitude_global_bn,pot_quick,fcpts_quick,unipts_quick \
   "threads=$THREADS" hydra.sweep.dir=results/mask_overlap/jobs || status=1
