@@ -33,7 +33,15 @@ from ptsbench.runner import JobFailed, run_job
 log = logging.getLogger(__name__)
 
 HEURISTIC = ("uniform", "erk", "global")
-LEARNED = {"fcpts": "fcpts-ste", "unipts": "unipts"}  # allocation name -> method label prefix of its source job
+LEARNED = {"fcpts": "fcpts-ste-kde", "unipts": "unipts"}  # allocation name -> method label of its source job
+
+
+def is_method(labels: pd.Series, base: str) -> pd.Series:
+    """Labels equal to `base`, or `base` plus only an iteration-count suffix ("fcpts-ste-kde-64it"):
+    ablations ("unipts-kl", "unipts-nodst") are other methods."""
+    labels = labels.astype(str)
+    suffix = labels.str.slice(len(base) + 1)
+    return (labels == base) | (labels.str.startswith(base + "-") & suffix.str.fullmatch(r"\d+it"))
 RECONSTRUCTIONS = ("none", "layer", "block")
 
 
@@ -42,11 +50,8 @@ def learned_allocation(records: pd.DataFrame, model: str, sparsity: float, prefi
     `prefix-`); the most recent if several."""
     if records.empty:
         return None
-    method = records["method"].astype(str)
     rows = records[(records["model"] == model) & (records["status"] == "ok")
-                   & ((records["target_sparsity"] - sparsity).abs() < 1e-9)
-                   & ((method == prefix) | method.str.startswith(prefix + "-"))]
-    rows = rows[rows["method"].str.split("-").str.len() <= len(prefix.split("-")) + 2]  # no ablations
+                   & ((records["target_sparsity"] - sparsity).abs() < 1e-9) & is_method(records["method"], prefix)]
     if rows.empty:
         return None
     path = Path(rows.sort_values("finished_at").iloc[-1]["job_dir"]) / ALLOCATION_FILE
@@ -104,11 +109,8 @@ def pivot(table: pd.DataFrame, source: pd.DataFrame) -> str:
     for model, sparsity, allocation in out.index:
         value = None
         if allocation in LEARNED and not source.empty:
-            m = source["method"].astype(str)
             rows = source[(source["model"] == model) & ((source["target_sparsity"] - sparsity).abs() < 1e-9)
-                          & ((m == LEARNED[allocation]) | m.str.startswith(LEARNED[allocation] + "-"))
-                          & (source["status"] == "ok")]
-            rows = rows[rows["method"].str.split("-").str.len() <= len(LEARNED[allocation].split("-")) + 2]
+                          & is_method(source["method"], LEARNED[allocation]) & (source["status"] == "ok")]
             value = round(float(rows["top1"].iloc[-1]), 2) if len(rows) else None
         own.append(value)
     out["method's own top-1"] = own

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ptsbench.masks import mask_overlap, write_mask_report
-from ptsbench.matrix import learned_allocation, matrix_jobs
+from ptsbench.matrix import is_method, learned_allocation, matrix_jobs
 from ptsbench.matrix import main as matrix_main
 from ptsbench.results import load_records
 from ptsbench.runner import run_job
@@ -46,8 +46,11 @@ def test_matrix_cross_applies_a_learned_allocation(tiny_cfg, tmp_path, cache_dir
     run_job(tiny_cfg("algorithm=fcpts_quick", "sparsity=0.7", "algorithm.iterations=3", "algorithm.batch_size=32"),
             source)
     records = load_records([tmp_path / "source"])
-    assert learned_allocation(records, "resnet18", 0.7, "fcpts-ste") == source / "allocation.csv"
-    assert learned_allocation(records, "resnet18", 0.8, "fcpts-ste") is None
+    assert learned_allocation(records, "resnet18", 0.7, "fcpts-ste-kde") == source / "allocation.csv"
+    assert learned_allocation(records, "resnet18", 0.8, "fcpts-ste-kde") is None
+    labels = pd.Series(["unipts", "unipts-kl", "unipts-nodst", "fcpts-ste-kde-64it", "fcpts-ste-kde-hist"])
+    assert is_method(labels, "unipts").tolist() == [True, False, False, False, False]
+    assert is_method(labels, "fcpts-ste-kde").tolist() == [False, False, False, True, False]
     cells = matrix_jobs(records, "resnet18", 0.7)
     assert {(name, recon) for name, recon, _ in cells} == {
         (a, r) for a in ("uniform", "erk", "global", "fcpts") for r in ("none", "layer", "block")}
