@@ -24,14 +24,13 @@ import copy
 import dataclasses
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from ptsbench.bnfold import find_conv_bn_pairs, fold_batchnorm
 from ptsbench.errors import ConfigError, unknown_choice
-from ptsbench.reconstruct import ReconstructionSettings, correct_weights, make_units, process_units
+from ptsbench.reconstruct import ReconstructionSettings, correct_weights, make_units, process_units, summarise
 from ptsbench.sparsity import (
     ALLOCATIONS,
     PrunableLayer,
@@ -129,10 +128,7 @@ class POT(PTSAlgorithm):
         bake_masks(model)
         model.train(was_training)
 
-        table = pd.DataFrame([vars(r) for r in reports])
-        if len(table):
-            stats.update(units=len(table), mean_error_before=float(table["error_before"].mean()),
-                         mean_error_after=float(table["error_after"].mean()),
-                         recon_steps=int(table["steps"].sum()))
+        table, recon_stats = summarise(reports)
+        stats.update(recon_stats)
         return PruneResult(model=model, allocation=rates(layers, counts), masks=masks, stats=stats,
                            tables={"reconstruction": table} if len(table) else {})

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -251,6 +252,15 @@ class UnitReport:
     steps: int
     bias_shift: float | None = None
     reverted: bool = False  # tuning made the unit worse on the calibration set, so it was undone
+
+
+def summarise(reports: list[UnitReport]) -> tuple[pd.DataFrame, dict[str, float | int]]:
+    """The per-unit table a method saves (`reconstruction.csv`) and the stats it records (empty if none)."""
+    table = pd.DataFrame([vars(r) for r in reports])
+    if table.empty:
+        return table, {}
+    return table, {"units": len(table), "mean_error_before": float(table["error_before"].mean()),
+                   "mean_error_after": float(table["error_after"].mean()), "recon_steps": int(table["steps"].sum())}
 
 
 def tune_unit(model: nn.Module, unit: Unit, inputs: torch.Tensor, targets: torch.Tensor,
