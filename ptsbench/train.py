@@ -65,7 +65,8 @@ def train_dense(model: nn.Module, train_set: InMemoryImages, recipe: Mapping, se
     torch.manual_seed(int(seed))
     if recipe.get("zero_init_head", False):
         zero_classifier(model)
-    model.to(device).train()
+    memory_format = torch.channels_last if recipe.get("channels_last", False) else torch.contiguous_format
+    model.to(device, memory_format=memory_format).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]))
     total = max(1, round(epochs * steps_per_epoch))
     scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=float(recipe.get("min_lr", 0.0)),
@@ -79,7 +80,7 @@ def train_dense(model: nn.Module, train_set: InMemoryImages, recipe: Mapping, se
     while step < total:
         running, seen = 0.0, 0
         for images, labels in iterate_batches(train_set, batch_size, shuffle=True, generator=g, drop_last=True):
-            images = random_translate_flip(images, max_shift, flip, g).to(device)
+            images = random_translate_flip(images, max_shift, flip, g).to(device, memory_format=memory_format)
             labels = labels.to(device)
             loss = F.cross_entropy(model(images), labels, label_smoothing=smoothing)
             value = ensure_finite(loss.item(), "Dense training loss (lower train.lr)", step)
@@ -96,5 +97,5 @@ def train_dense(model: nn.Module, train_set: InMemoryImages, recipe: Mapping, se
                 break
         epoch_loss = running / max(seen, 1)
     bar.close()
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()
     return {"train_seconds": time.perf_counter() - start, "train_steps": step, "final_train_loss": epoch_loss}

@@ -78,3 +78,28 @@ def test_threads_shared_among_parallel_jobs(monkeypatch):
     assert threads_per_job(cfg, OmegaConf.create({"launcher": {"n_jobs": -1}})) == 1
     assert threads_per_job(cfg, OmegaConf.create({"launcher": {"_target_": "basic"}})) is None
     assert threads_per_job(OmegaConf.create({"threads": 3}), OmegaConf.create({"launcher": {"n_jobs": 4}})) == 3
+
+
+def test_default_benchmark_grid_runs_learned_methods_at_0_9_only():
+    """The default benchmark's filter (hydra-filter-sweeper's Expression, evaluated on each composed job
+    config exactly as the sweeper does) keeps every magnitude cell and the learned quick presets at 0.9."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+    from hydra_filter_sweeper import Expression
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        sweep = compose("config", overrides=["experiment=fmnist_benchmark"], return_hydra_config=True).hydra.sweeper
+    assert sweep._target_ == "hydra_plugins.filter.FilterSweeper"
+    grid = [sweep.params[k].split(",") for k in ("model", "algorithm", "sparsity")]
+    (filter_target, kwargs), = sweep.filters[0].items()
+    assert filter_target == "hydra_filter_sweeper.Expression"
+    kept = []
+    for model, algorithm, sparsity in itertools.product(*grid):
+        cfg = compose_config(["experiment=fmnist_benchmark", f"model={model}", f"algorithm={algorithm}",
+                              f"sparsity={sparsity}"])
+        if not Expression(cfg, "unused").filter(**kwargs):
+            kept.append((model, algorithm, float(sparsity)))
+    learned = sorted((m, a, s) for m, a, s in kept if not a.startswith("magnitude"))
+    assert learned == [(m, a, 0.9) for m in ("mobilenetv2", "resnet18") for a in ("fcpts_quick", "unipts_quick")]
+    assert len(kept) == 2 * 3 * 5 + 4
