@@ -9,8 +9,8 @@ import pandas as pd
 from ptsbench.claims import fcpts_claim, unipts_claim, verdict, write_claims
 
 
-def record(method: str, sparsity: float, top1: float, model: str = "resnet18") -> dict:
-    return {"model": model, "method": method, "target_sparsity": sparsity, "top1": top1, "status": "ok", "seed": 0}
+def record(method: str, sparsity: float, top1: float, model: str = "resnet18", seed: int = 0) -> dict:
+    return {"model": model, "method": method, "target_sparsity": sparsity, "top1": top1, "status": "ok", "seed": seed}
 
 
 def test_verdicts():
@@ -18,6 +18,23 @@ def test_verdicts():
     assert verdict(5.0, 30.0) == "holds in direction only"
     assert verdict(0.3, 30.0) == "does not hold here" and verdict(-2.0, 30.0) == "does not hold here"
     assert verdict(float("nan"), 30.0) == "not measured"
+    assert verdict(2.0, 30.0, spread=1.0) == "holds in direction only"
+    assert verdict(2.0, 30.0, spread=1.8) == "does not hold here"  # the seed band reaches the tie zone
+
+
+def test_gains_are_paired_by_seed_and_carry_the_seed_band():
+    rows = [record("fcpts-ste-kde-64it", 0.8, 80.0, seed=0), record("fcpts-ste-kde-64it", 0.8, 70.0, seed=1),
+            record("magnitude-erk+bn", 0.8, 78.0, seed=0), record("magnitude-erk+bn", 0.8, 64.0, seed=1),
+            record("magnitude-erk+bn", 0.8, 50.0, seed=2),  # no FCPTS run with seed 2: not paired
+            record("unipts", 0.9, 60.0, seed=0), record("pot", 0.9, 59.0, seed=0),
+            record("unipts", 0.9, 62.0, seed=1), record("pot", 0.9, 50.0, seed=1)]
+    f = fcpts_claim(pd.DataFrame(rows)).iloc[0]
+    assert f["seeds"] == 2 and f["gain over best"] == 4.0  # (80-78 + 70-64) / 2, seed 2 left out
+    assert f["± (seeds)"] == "+4.00 ± 2.83" and f["verdict (vs best)"] == "holds in direction only"
+    u = unipts_claim(pd.DataFrame(rows)).iloc[0]
+    assert u["UniPTS - POT"] == 6.5 and u["seeds"] == 2
+    assert u["± (seeds)"] == "+6.50 ± 7.78"
+    assert u["verdict"] == "does not hold here"  # gains 1 and 12: the seed band reaches zero
 
 
 def test_claim_tables_compare_against_the_right_rows(tmp_path):
