@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 MODELS="${MODELS:-resnet18,mobilenetv2,vit_tiny}"
 SPARSITIES="${SPARSITIES:-0.5,0.7,0.8,0.9,0.95}"
-ALGORITHMS="${ALGORITHMS:-magnitude_uniform_bn,magnitude_erk_bn,magnitude_global_bn,fcpts_quick,fcpts_quick_code,unipts_quick,unipts_quick_nosearch,unipts_quick_nodst,unipts_quick_kl,pot_quick}"
+ALGORITHMS="${ALGORITHMS:-magnitude_uniform_bn,magnitude_erk_bn,magnitude_global_bn,fcpts_quick,fcpts_quick_ste,fcpts_quick_code,unipts_quick,unipts_quick_nosearch,unipts_quick_nodst,unipts_quick_kl,pot_quick}"
 MATRIX_SPARSITIES="${MATRIX_SPARSITIES:-0.5 0.7 0.8 0.9}"
 THREADS="${THREADS:-null}"
 status=0
@@ -33,7 +33,7 @@ import subprocess
 from ptsbench.results import load_records
 r = load_records(["results/pts_methods"])
 r = r[(r.status == "ok") & ((r.target_sparsity - 0.9).abs() < 1e-9)]
-keep = ("magnitude-erk+bn", "magnitude-global+bn", "fcpts-ste-kde-64it", "unipts", "pot")
+keep = ("magnitude-erk+bn", "magnitude-global+bn", "fcpts-sparsity_only-kde-64it", "unipts", "pot")
 for model, g in r.groupby("model"):
     jobs = g[g.method.isin(keep)].drop_duplicates("method").sort_values("method").job_dir.tolist()
     short = {"mobilenetv2_100": "mobilenetv2", "vit_tiny_patch16_224": "vit_tiny"}.get(model, model)
