@@ -81,25 +81,46 @@ def test_threads_shared_among_parallel_jobs(monkeypatch):
 
 
 def test_default_benchmark_grid_runs_learned_methods_at_0_9_only():
-    """The default benchmark's filter (hydra-filter-sweeper's Expression, evaluated on each composed job
-    config exactly as the sweeper does) keeps every magnitude cell and the learned quick presets at 0.9."""
+    """The default benchmark's filter, instantiated and applied the way hydra-filter-sweeper does it (the
+    resolved job config, converted to plain containers), keeps every magnitude cell and the learned quick
+    presets at 0.9 only."""
     import itertools
 
     from hydra import compose, initialize_config_dir
-    from hydra_filter_sweeper import Expression
+    from hydra_plugins.filter import FilterSweeper
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         sweep = compose("config", overrides=["experiment=fmnist_benchmark"], return_hydra_config=True).hydra.sweeper
-    assert sweep._target_ == "hydra_plugins.filter.FilterSweeper"
-    grid = [sweep.params[k].split(",") for k in ("model", "algorithm", "sparsity")]
-    (filter_target, kwargs), = sweep.filters[0].items()
-    assert filter_target == "hydra_filter_sweeper.Expression"
-    kept = []
-    for model, algorithm, sparsity in itertools.product(*grid):
-        cfg = compose_config(["experiment=fmnist_benchmark", f"model={model}", f"algorithm={algorithm}",
-                              f"sparsity={sparsity}"])
-        if not Expression(cfg, "unused").filter(**kwargs):
-            kept.append((model, algorithm, float(sparsity)))
+        assert sweep._target_ == "hydra_plugins.filter.FilterSweeper"
+        grid = [sweep.params[k].split(",") for k in ("model", "algorithm", "sparsity")]
+        filters = OmegaConf.to_container(sweep.filters)
+        kept, reasons = [], set()
+        for model, algorithm, sparsity in itertools.product(*grid):
+            cfg = compose("config", overrides=["experiment=fmnist_benchmark", f"model={model}",
+                                                f"algorithm={algorithm}", f"sparsity={sparsity}"])
+            OmegaConf.resolve(cfg)
+            skipped = False
+            for f in filters:
+                key, kwargs = FilterSweeper._split_cfg(f)
+                flt = FilterSweeper._instantiate(key, config=cfg, directory="unused")
+                if flt.filter(**kwargs):
+                    skipped = True
+                    reasons.add(flt.reason(**kwargs))
+            if not skipped:
+                kept.append((model, algorithm, float(sparsity)))
     learned = sorted((m, a, s) for m, a, s in kept if not a.startswith("magnitude"))
     assert learned == [(m, a, 0.9) for m in ("mobilenetv2", "resnet18") for a in ("fcpts_quick", "unipts_quick")]
     assert len(kept) == 2 * 3 * 5 + 4
+    assert reasons == {"fcpts runs only at sparsity 0.9 in this sweep", "unipts runs only at sparsity 0.9 in this sweep"}
+
+
+def test_sparsity_filter_keeps_unnamed_algorithms_and_bad_values():
+    from ptsbench.sweep import SparsitiesFor
+
+    def skipped(target: str, sparsity) -> bool:
+        config = {"algorithm": {"_target_": target}, "sparsity": sparsity}
+        return SparsitiesFor(config, "unused").filter(fcpts=[0.8, 0.9])
+
+    assert skipped("algorithms.fcpts.FCPTS", 0.5) and not skipped("algorithms.fcpts.FCPTS", 0.8)
+    assert not skipped("algorithms.magnitude.MagnitudePruning", 0.5)
+    assert not skipped("algorithms.fcpts.FCPTS", "abc")  # runs, and fails with ptsbench's own message

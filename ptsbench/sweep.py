@@ -1,0 +1,50 @@
+"""Sweep filters for hydra-filter-sweeper: cut cells out of a Cartesian grid.
+
+Hydra's basic sweeper runs every combination. A benchmark often wants the cheap baselines everywhere and
+the expensive methods only at a few sparsities; `SparsitiesFor` says so in the experiment config:
+
+    defaults:
+      - override /hydra/sweeper: filter
+    hydra:
+      sweeper:
+        params: {algorithm: magnitude_erk_bn,fcpts_quick, sparsity: 0.5,0.9}
+        filters:
+          - ptsbench.sweep.SparsitiesFor:
+              fcpts: [0.9]     # algorithm name (the class's `name`) -> the sparsities it runs at
+
+Algorithms not named keep every sparsity. The sweeper logs each skipped job with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from hydra.utils import get_class
+from hydra_filter_sweeper import AbstractFilter
+
+
+def algorithm_name(config: Mapping[str, Any]) -> str | None:
+    """The `name` of the job's algorithm class (fcpts, unipts, magnitude, pot ...), from its `_target_`."""
+    target = (config.get("algorithm") or {}).get("_target_")
+    if not target:
+        return None
+    return getattr(get_class(target), "name", None)
+
+
+class SparsitiesFor(AbstractFilter):
+    """Skip a job whose algorithm is named in the filter's arguments and whose sparsity is not listed."""
+
+    def filter(self, **sparsities: Sequence[float]) -> bool:
+        allowed = sparsities.get(algorithm_name(self.config) or "")
+        if allowed is None:
+            return False
+        try:
+            sparsity = float(self.config.get("sparsity"))
+        except (TypeError, ValueError):
+            return False  # not a number: the job runs and fails with ptsbench's own message
+        return not any(abs(sparsity - float(s)) < 1e-9 for s in allowed)
+
+    def reason(self, **sparsities: Sequence[float]) -> str:
+        name = algorithm_name(self.config)
+        return f"{name} runs only at sparsity {', '.join(str(s) for s in sparsities[name])} in this sweep"
