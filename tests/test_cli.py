@@ -50,6 +50,23 @@ def test_multirun_of_two_jobs_aggregates(cache_dir, require_fmnist, tmp_path):
 
 
 @pytest.mark.slow
+def test_default_benchmark_sweep_skips_the_filtered_cells(cache_dir, require_fmnist, tmp_path):
+    """experiment=fmnist_benchmark through the real CLI and hydra-filter-sweeper, its grid replaced from the
+    command line (as in `bash scripts/bench.sh model=...`): magnitude runs at both sparsities, FCPTS only
+    at 0.9, and the skipped cell is logged with its reason."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["experiment=fmnist_benchmark", *TINY, "model=resnet18", "algorithm=magnitude_erk_bn,fcpts_quick",
+                    "sparsity=0.5,0.9", f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_csv(sweep / "results.csv")
+    cells = sorted(zip(table["algorithm"], table["target_sparsity"]))
+    assert cells == [("fcpts", 0.9), ("magnitude", 0.5), ("magnitude", 0.9)]
+    assert set(table["status"]) == {"ok"}
+    assert "fcpts runs only at sparsity 0.9 in this sweep" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in sweep.iterdir() if p.name.isdigit()) == ["0", "1", "2"]
+
+
+@pytest.mark.slow
 def test_single_job_prints_accuracies(cache_dir, require_fmnist, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli([*TINY, "sparsity=0.7", f"hydra.run.dir={run_dir}"], cache_dir, tmp_path)
