@@ -59,7 +59,7 @@ def test_default_benchmark_sweep_skips_the_filtered_cells(cache_dir, require_fmn
                     "sparsity=0.5,0.9", f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(sweep / "results.csv")
-    cells = sorted(zip(table["algorithm"], table["target_sparsity"]))
+    cells = sorted(zip(table["algorithm"], table["target_sparsity"], strict=True))
     assert cells == [("fcpts", 0.9), ("magnitude", 0.5), ("magnitude", 0.9)]
     assert set(table["status"]) == {"ok"}
     assert "fcpts runs only at sparsity 0.9 in this sweep" in proc.stdout + proc.stderr
