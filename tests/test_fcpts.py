@@ -212,7 +212,7 @@ def test_fcpts_quick_job_records_ok_with_residual(tiny_cfg, tmp_path):
     record = run_job(tiny_cfg("algorithm=fcpts_quick", "sparsity=0.7", "algorithm.iterations=6",
                               "algorithm.log_every=2"), tmp_path)
     saved = json.loads((tmp_path / "result.json").read_text())
-    assert saved["status"] == "ok" and record["method"] == "fcpts-ste-kde-6it"
+    assert saved["status"] == "ok" and record["method"] == "fcpts-sparsity_only-kde-6it"
     assert saved["achieved_sparsity"] == pytest.approx(0.7, abs=1e-6)
     assert saved["max_layer_count_error"] < 1.0
     stats = saved["stats"]

@@ -43,7 +43,7 @@ def test_masks_report_from_two_jobs(tiny_cfg, tmp_path):
 @pytest.mark.slow
 def test_matrix_cross_applies_a_learned_allocation(tiny_cfg, tmp_path, cache_dir):
     source = tmp_path / "source" / "0"
-    run_job(tiny_cfg("algorithm=fcpts_quick", "sparsity=0.7", "algorithm.iterations=3", "algorithm.batch_size=32"),
+    run_job(tiny_cfg("algorithm=fcpts_quick_ste", "sparsity=0.7", "algorithm.iterations=3", "algorithm.batch_size=32"),
             source)
     records = load_records([tmp_path / "source"])
     assert learned_allocation(records, "resnet18", 0.7, "fcpts-ste-kde") == source / "allocation.csv"
