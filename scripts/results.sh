@@ -25,7 +25,7 @@ for model in ${MODELS//,/ }; do
   .venv/bin/ptsbench experiment=pts_methods "model=$model" "algorithm=$ALGORITHMS" "sparsity=$SPARSITIES" \
     "threads=$THREADS" "hydra.sweep.dir=results/pts_methods/$model" || status=1
 done
-.venv/bin/ptsbench-report results/pts_methods/*/ --out results/pts_methods || status=1
+.venv/bin/ptsbench-report results/pts_methods/*/ --out results/pts_methods --reference --any-dataset || status=1
 
 # Per-layer sparsity at 0.9 on each model: FCPTS's learned allocation against ERK and global (+ UniPTS, POT).
 .venv/bin/python - <<'PY' || status=1
