@@ -32,7 +32,7 @@ done
 import subprocess
 from ptsbench.results import load_records
 r = load_records(["results/pts_methods"])
-r = r[(r.status == "ok") & ((r.target_sparsity - 0.9).abs() < 1e-9)]
+r = r[(r.status == "ok") & ((r.target_sparsity - 0.9).abs() < 1e-9) & (r.seed == 0)]
 keep = ("magnitude-erk+bn", "magnitude-global+bn", "fcpts-sparsity_only-kde-64it", "unipts", "pot")
 for model, g in r.groupby("model"):
     jobs = g[g.method.isin(keep)].drop_duplicates("method").sort_values("method").job_dir.tolist()
