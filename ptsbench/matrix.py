@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 HEURISTIC = ("uniform", "erk", "global")
 LEARNED = {"fcpts": "fcpts-ste-kde", "unipts": "unipts"}  # allocation name -> method label of its source job
+RECONSTRUCTIONS = ("none", "layer", "block")
 
 
 def is_method(labels: pd.Series, base: str) -> pd.Series:
@@ -42,7 +43,6 @@ def is_method(labels: pd.Series, base: str) -> pd.Series:
     labels = labels.astype(str)
     suffix = labels.str.slice(len(base) + 1)
     return (labels == base) | (labels.str.startswith(base + "-") & suffix.str.fullmatch(r"\d+it"))
-RECONSTRUCTIONS = ("none", "layer", "block")
 
 
 def learned_allocation(records: pd.DataFrame, model: str, sparsity: float, prefix: str) -> Path | None:

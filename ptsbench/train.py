@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ptsbench.data import InMemoryImages, iterate_batches
 from ptsbench.errors import ConfigError, ensure_finite
+from ptsbench.evaluate import is_convolutional
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,9 @@ def train_dense(model: nn.Module, train_set: InMemoryImages, recipe: Mapping, se
     torch.manual_seed(int(seed))
     if recipe.get("zero_init_head", False):
         zero_classifier(model)
-    memory_format = torch.channels_last if recipe.get("channels_last", False) else torch.contiguous_format
+    # NHWC pays off for CNNs only; a ViT's one convolution (the patch embedding) gains nothing from it.
+    nhwc = bool(recipe.get("channels_last", False)) and is_convolutional(model)
+    memory_format = torch.channels_last if nhwc else torch.contiguous_format
     model.to(device, memory_format=memory_format).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]))
     total = max(1, round(epochs * steps_per_epoch))
