@@ -45,13 +45,17 @@ def is_method(labels: pd.Series, base: str) -> pd.Series:
     return (labels == base) | (labels.str.startswith(base + "-") & suffix.str.fullmatch(r"\d+it"))
 
 
-def learned_allocation(records: pd.DataFrame, model: str, sparsity: float, prefix: str) -> Path | None:
-    """allocation.csv of the source job of `model` at `sparsity` whose method is `prefix` (or starts with
-    `prefix-`); the most recent if several."""
+def learned_allocation(records: pd.DataFrame, model: str, sparsity: float, prefix: str,
+                       seed: int | None = None) -> Path | None:
+    """allocation.csv of the source job of `model` at `sparsity` whose method is `prefix` (plus at most an
+    iteration-count suffix), of seed `seed` if given (other seeds' runs learn other allocations); the
+    most recent if several."""
     if records.empty:
         return None
     rows = records[(records["model"] == model) & (records["status"] == "ok")
                    & ((records["target_sparsity"] - sparsity).abs() < 1e-9) & is_method(records["method"], prefix)]
+    if seed is not None:
+        rows = rows[rows["seed"] == seed]
     if rows.empty:
         return None
     path = Path(rows.sort_values("finished_at").iloc[-1]["job_dir"]) / ALLOCATION_FILE
@@ -59,8 +63,10 @@ def learned_allocation(records: pd.DataFrame, model: str, sparsity: float, prefi
 
 
 def matrix_jobs(records: pd.DataFrame, model: str, sparsity: float, allocations: Sequence[str] | None = None,
-                reconstructions: Sequence[str] = RECONSTRUCTIONS) -> list[tuple[str, str, list[str]]]:
-    """(allocation name, reconstruction, overrides) for every cell of one model and sparsity."""
+                reconstructions: Sequence[str] = RECONSTRUCTIONS, seed: int | None = None
+                ) -> list[tuple[str, str, list[str]]]:
+    """(allocation name, reconstruction, overrides) for every cell of one model and sparsity; the learned
+    allocations come from the source jobs of `seed` (any seed if None)."""
     wanted = set(allocations or (*HEURISTIC, *LEARNED))
     unknown = wanted - {*HEURISTIC, *LEARNED}
     if unknown:
@@ -72,7 +78,7 @@ def matrix_jobs(records: pd.DataFrame, model: str, sparsity: float, allocations:
     for name, prefix in LEARNED.items():
         if name not in wanted:
             continue
-        path = learned_allocation(records, model, sparsity, prefix)
+        path = learned_allocation(records, model, sparsity, prefix, seed)
         if path is None:
             log.warning("no %s job for %s at %g in the source results: its allocation row is skipped", name, model,
                         sparsity)
@@ -110,7 +116,8 @@ def pivot(table: pd.DataFrame, source: pd.DataFrame) -> str:
         value = None
         if allocation in LEARNED and not source.empty:
             rows = source[(source["model"] == model) & ((source["target_sparsity"] - sparsity).abs() < 1e-9)
-                          & is_method(source["method"], LEARNED[allocation]) & (source["status"] == "ok")]
+                          & is_method(source["method"], LEARNED[allocation]) & (source["status"] == "ok")
+                          & source["seed"].isin(ok["seed"].unique())]
             value = round(float(rows["top1"].iloc[-1]), 2) if len(rows) else None
         own.append(value)
     out["method's own top-1"] = own
@@ -146,9 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ptsbench.cli import compose_job_config  # Hydra's compose API with the harness's config dir
 
         for model in args.models:
+            seed = int(compose_job_config([f"model={model}", *args.overrides]).seed)
             for sparsity in args.sparsities:
                 try:
-                    cells = matrix_jobs(source, model, sparsity, args.allocations, args.reconstructions)
+                    cells = matrix_jobs(source, model, sparsity, args.allocations, args.reconstructions, seed)
                 except PtsbenchError as exc:
                     print(f"ptsbench.matrix: {exc}", file=sys.stderr)
                     return 2

@@ -48,6 +48,8 @@ def test_matrix_cross_applies_a_learned_allocation(tiny_cfg, tmp_path, cache_dir
     records = load_records([tmp_path / "source"])
     assert learned_allocation(records, "resnet18", 0.7, "fcpts-ste-kde") == source / "allocation.csv"
     assert learned_allocation(records, "resnet18", 0.8, "fcpts-ste-kde") is None
+    assert learned_allocation(records, "resnet18", 0.7, "fcpts-ste-kde", seed=0) == source / "allocation.csv"
+    assert learned_allocation(records, "resnet18", 0.7, "fcpts-ste-kde", seed=1) is None  # another seed's run
     labels = pd.Series(["unipts", "unipts-kl", "unipts-nodst", "fcpts-ste-kde-64it", "fcpts-ste-kde-hist"])
     assert is_method(labels, "unipts").tolist() == [True, False, False, False, False]
     assert is_method(labels, "fcpts-ste-kde").tolist() == [False, False, False, True, False]
