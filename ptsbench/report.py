@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 import sys
 from collections.abc import Iterable, Sequence
@@ -87,6 +88,36 @@ def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
     return agg.reset_index()
 
 
+def by_sparsity(table: pd.DataFrame) -> str:
+    """Markdown: one row per (model, method), one column per target sparsity: top-1 (mean over seeds,
+    with the number of seeds when more than one), then the mean pruning wall seconds per sparsity."""
+    summary = seed_summary(table)
+    if summary.empty:
+        return ""
+    def cell(row: pd.Series) -> str:
+        return f"{row.top1_mean:.2f}" + (f" (n={int(row.seeds)})" if row.seeds > 1 else "")
+
+    summary["cell"] = summary.apply(cell, axis=1)
+    keys = ["model", "method"]
+    top1 = summary.pivot(index=keys, columns="target_sparsity", values="cell").fillna("")
+    secs = summary.pivot(index=keys, columns="target_sparsity", values="prune_seconds")
+    secs = secs.apply(lambda col: col.map(lambda v: "" if pd.isna(v) else f"{v:.4g}"))
+    top1.columns = [f"{c:g}" for c in top1.columns]
+    secs.columns = [f"s {c:g}" for c in secs.columns]
+    both = top1.join(secs).reset_index()
+    return ("Top-1 % per target sparsity (mean over seeds; n = seeds when more than one), then the mean "
+            "pruning wall seconds per job (`s`: the algorithm's own time, without dense training and "
+            "evaluation).\n\n" + both.to_markdown(index=False, disable_numparse=True))
+
+
+def select_methods(table: pd.DataFrame, patterns: Sequence[str] | None) -> pd.DataFrame:
+    """The rows whose method label matches one of the shell-style `patterns` (all rows if none given)."""
+    if not patterns or table.empty:
+        return table
+    keep = table["method"].astype(str).map(lambda m: any(fnmatch.fnmatchcase(m, p) for p in patterns))
+    return table[keep].reset_index(drop=True)
+
+
 def plot_accuracy_vs_sparsity(table: pd.DataFrame, path: Path) -> None:
     """One panel per model, one line per method (mean over seeds, band = one std), dense as a reference."""
     summary = seed_summary(table)
@@ -115,14 +146,18 @@ def plot_accuracy_vs_sparsity(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(dirs: Iterable[str | Path], out_dir: str | Path) -> pd.DataFrame:
-    """Gather result.json files under `dirs` and write results.csv, results.md, accuracy_vs_sparsity.png."""
+def write_report(dirs: Iterable[str | Path], out_dir: str | Path, methods: Sequence[str] | None = None
+                 ) -> pd.DataFrame:
+    """Gather result.json files under `dirs` (only the methods matching `methods`, shell-style patterns,
+    if given) and write results.csv, results.md, accuracy_vs_sparsity.png."""
     dirs = [Path(d) for d in dirs]
     out = Path(out_dir)
-    table = results_table(load_records(dirs))
+    table = select_methods(results_table(load_records(dirs)), methods)
     write_csv(out / "results.csv", table)
     n_failed = int((table["status"] != "ok").sum()) if len(table) else 0
     header = f"# Results\n\n{len(table)} jobs from {', '.join(map(str, dirs))}; {n_failed} failed.\n\n"
+    if methods:
+        header += f"Methods matching: {', '.join(f'`{m}`' for m in methods)}.\n\n"
     probe = probe_rows(table)
     if probe.any():
         sizes = sorted({int(n) for n in pd.to_numeric(table.loc[probe, "eval_images"], errors="coerce").dropna()})
@@ -133,6 +168,8 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path) -> pd.DataFram
         )
     summary = seed_summary(table)
     body = markdown_table(table) if len(table) else "(no result files found)"
+    if not summary.empty:
+        body = "## By sparsity\n\n" + by_sparsity(table) + "\n\n## Every job\n\n" + body
     if not summary.empty and (summary["seeds"] > 1).any():
         body += "\n\n## Mean over seeds\n\n" + summary.to_markdown(index=False, floatfmt=".4g")
     write_atomic(out / "results.md", header + body + "\n")
@@ -147,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reference", nargs="?", const=str(REFERENCE_CSV), metavar="CSV",
                         help="also write reference_comparison.{md,csv}: measured rows beside the published numbers "
                              f"in CSV (default: {REFERENCE_CSV.relative_to(REFERENCE_CSV.parents[2])})")
+    parser.add_argument("--methods", nargs="+", metavar="PATTERN",
+                        help="only methods whose label matches one of these shell-style patterns "
+                             "(e.g. 'unipts*' 'magnitude-erk+bn')")
     parser.add_argument("--any-dataset", action="store_true",
                         help="with --reference, match published rows on other datasets too (shown in a column)")
     args = parser.parse_args(argv)
@@ -163,9 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ptsbench-report: no such directory: {', '.join(missing)}", file=sys.stderr)
         return 2
     out = Path(args.out or args.dirs[0])
-    table = write_report(args.dirs, out)
+    table = write_report(args.dirs, out, args.methods)
     if table.empty:
-        print(f"ptsbench-report: no result.json files under {', '.join(args.dirs)}", file=sys.stderr)
+        what = f"matching {args.methods} " if args.methods else ""
+        print(f"ptsbench-report: no result.json files {what}under {', '.join(args.dirs)}", file=sys.stderr)
         return 1
     log.info("%d jobs (%d failed) -> %s/results.{csv,md}, accuracy_vs_sparsity.png",
              len(table), int((table["status"] != "ok").sum()), out)

@@ -158,3 +158,18 @@ def test_reference_option_forms_and_errors(sweep, tmp_path, capsys):
     assert "none.csv' does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_report(sweep, "--any-dataset")
+
+
+def test_methods_filter_and_table_by_sparsity(sweep, tmp_path, capsys):
+    out = tmp_path / "unipts"
+    assert run_report(sweep, "--methods", "unipts*", "fcpts-*", "--out", out) == 0
+    table = pd.read_csv(out / "results.csv")
+    assert sorted(table["method"]) == ["fcpts-ste-kde", "unipts", "unipts"]
+    text = (out / "results.md").read_text()
+    assert "`unipts*`" in text and "magnitude-uniform" not in text
+    # one row per (model, method): the two UniPTS seeds averaged, their count shown, seconds beside
+    row = next(line for line in text.splitlines() if line.startswith("| resnet50.tv_in1k | unipts"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:] == ["", "67.80 (n=2)", "", "1"]  # columns: 0.8, 0.9, s 0.8, s 0.9
+    assert run_report(sweep, "--methods", "lamp*", "--out", tmp_path / "none") == 1
+    assert "matching ['lamp*']" in capsys.readouterr().err
