@@ -26,6 +26,9 @@ for model in ${MODELS//,/ }; do
     "threads=$THREADS" "hydra.sweep.dir=results/pts_methods/$model" || status=1
 done
 .venv/bin/ptsbench-report results/pts_methods/*/ --out results/pts_methods --reference --any-dataset || status=1
+# UniPTS and its ablations beside FCPTS, POT and the magnitude baselines (issue 4's table and plot).
+.venv/bin/ptsbench-report results/pts_methods/*/ --out results/unipts \
+  --methods 'unipts*' 'fcpts-*-kde-64it' 'magnitude-*' pot || status=1
 
 # Per-layer sparsity at 0.9 on each model: FCPTS's learned allocation against ERK and global (+ UniPTS, POT).
 .venv/bin/python - <<'PY' || status=1
@@ -46,6 +49,8 @@ for model in ${MODELS//,/ }; do
   .venv/bin/python -m ptsbench.matrix --source results/pts_methods --out "results/technique_matrix/$model" \
     --models "$model" --sparsities $MATRIX_SPARSITIES -- "threads=$THREADS" || status=1
 done
+.venv/bin/python -m ptsbench.matrix --report-only --source results/pts_methods --out results/technique_matrix \
+  || status=1  # every model's cells in one table
 
 # 3. Mask overlap at 0.8 on resnet18: the same jobs again with save_sparse=true, then IoU per layer and
 #    overall. Same seed and same torch thread count give the pts_methods jobs' masks (mask_hash); with a
