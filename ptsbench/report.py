@@ -118,30 +118,49 @@ def select_methods(table: pd.DataFrame, patterns: Sequence[str] | None) -> pd.Da
     return table[keep].reset_index(drop=True)
 
 
+MARKERS = "osD^vP*Xph<>"
+
+
+def method_styles(methods: Iterable[str]) -> dict[str, dict[str, object]]:
+    """One colour and marker per method, the same in every panel (tab10, or tab20 beyond ten methods)."""
+    methods = sorted(set(methods))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    return {m: {"color": cmap(i % cmap.N), "marker": MARKERS[i % len(MARKERS)]} for i, m in enumerate(methods)}
+
+
 def plot_accuracy_vs_sparsity(table: pd.DataFrame, path: Path) -> None:
-    """One panel per model, one line per method (mean over seeds, band = one std), dense as a reference."""
+    """One panel per model, one line per method (mean over seeds, band = one std), dense as a reference;
+    a method keeps its colour and marker across panels, and one legend below the panels names them."""
     summary = seed_summary(table)
     models = sorted(table["model"].dropna().unique()) or ["(none)"]
+    styles = method_styles(summary["method"].astype(str)) if not summary.empty else {}
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         part = summary[summary["model"] == model] if not summary.empty else summary
         for method, rows in part.groupby("method") if not part.empty else []:
             rows = rows.sort_values("target_sparsity")
             x, y = rows["target_sparsity"].astype(float), rows["top1_mean"].astype(float)
-            (line,) = ax.plot(x, y, marker="o", label=method)
+            (line,) = ax.plot(x, y, label=method, markersize=5, **styles[str(method)])
             std = rows["top1_std"].fillna(0).astype(float)
             if (rows["seeds"] > 1).any():
                 ax.fill_between(x, y - std, y + std, color=line.get_color(), alpha=0.2)
         dense = pd.to_numeric(table.loc[table["model"] == model, "dense_top1"], errors="coerce").dropna()
         if not dense.empty:
-            ax.axhline(dense.mean(), color="black", linestyle="--", linewidth=1, label=f"dense ({dense.mean():.1f})")
+            ax.axhline(dense.mean(), color="black", linestyle="--", linewidth=1)
+            ax.annotate(f"dense {dense.mean():.1f}", (0.01, dense.mean()), xycoords=("axes fraction", "data"),
+                        textcoords="offset points", xytext=(0, 3), fontsize=8)
         failed = table[(table["model"] == model) & (table["status"] != "ok")]
         title = f"{model}" + (f"  ({len(failed)} failed)" if len(failed) else "")
         ax.set(title=title, xlabel="target sparsity", ylabel="top-1 (%)")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+    if styles:
+        handles = [plt.Line2D([], [], label=m, **st) for m, st in styles.items()]
+        ncol = min(len(handles), max(2, 3 * len(models)))
+        fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        rows = -(-len(handles) // ncol)
+        fig.tight_layout(rect=(0, min(0.45, 0.07 * rows + 0.02), 1, 1))
+    else:
+        fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
 

@@ -173,3 +173,13 @@ def test_methods_filter_and_table_by_sparsity(sweep, tmp_path, capsys):
     assert cells[2:] == ["", "67.80 (n=2)", "", "1"]  # columns: 0.8, 0.9, s 0.8, s 0.9
     assert run_report(sweep, "--methods", "lamp*", "--out", tmp_path / "none") == 1
     assert "matching ['lamp*']" in capsys.readouterr().err
+
+
+def test_a_method_keeps_its_style_in_every_panel():
+    from ptsbench.report import method_styles
+
+    few, more = method_styles(["pot", "unipts", "fcpts"]), method_styles([f"m{i}" for i in range(14)] + ["pot"])
+    assert few == method_styles(["fcpts", "pot", "unipts", "pot"])  # order and repeats do not matter
+    for styles in (few, more):
+        assert len({(st["color"], st["marker"]) for st in styles.values()}) == len(styles)
+        assert len({st["color"] for st in styles.values()}) == len(styles)  # tab20 beyond ten methods
