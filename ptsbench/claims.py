@@ -118,23 +118,29 @@ def matrix_claim(matrix: pd.DataFrame) -> pd.DataFrame:
     ok["allocation"] = label.fillna(alloc) if label is not None else alloc
     ok["reconstruction"] = ok["algorithm_options.reconstruction"].fillna("none")
     rows = []
+    columns = ["model", "sparsity", "cells", "learned - heuristic alloc (no recon)"]
     for (model, sparsity), g in ok.groupby(["model", "target_sparsity"]):
         t = g.pivot_table(index="allocation", columns="reconstruction", values="top1")
-        learned = [a for a in ("fcpts", "unipts") if a in t.index]
-        heuristic = [a for a in ("uniform", "erk", "global") if a in t.index]
-        row = {"model": model, "sparsity": sparsity}
-        if learned and heuristic and "none" in t:
-            row["learned - heuristic alloc (no recon)"] = t.loc[learned, "none"].max() - t.loc[heuristic, "none"].max()
-        for recon in ("layer", "block"):
-            if recon in t and "none" in t:
-                row[f"{recon} - none (best alloc)"] = t[recon].max() - t["none"].max()
-                row[f"{recon} - none (mean over allocs)"] = (t[recon] - t["none"]).mean()
-        if "block" in t and "layer" in t:
-            row["block - layer (mean over allocs)"] = (t["block"] - t["layer"]).mean()
+        row = {"model": model, "sparsity": sparsity, "cells": int(t.notna().sum().sum())}
+        if "none" in t:  # a difference is taken only over the allocations that have both of its columns
+            none = t["none"].dropna()
+            learned = [a for a in ("fcpts", "unipts") if a in none.index]
+            heuristic = [a for a in ("uniform", "erk", "global") if a in none.index]
+            if learned and heuristic:
+                row[columns[3]] = none[learned].max() - none[heuristic].max()
+            for recon in ("layer", "block"):
+                if recon in t and len(pair := t[[recon, "none"]].dropna()):
+                    row[f"{recon} - none (best alloc)"] = pair[recon].max() - pair["none"].max()
+                    row[f"{recon} - none (mean over allocs)"] = (pair[recon] - pair["none"]).mean()
+        if "block" in t and "layer" in t and len(pair := t[["block", "layer"]].dropna()):
+            row["block - layer (mean over allocs)"] = (pair["block"] - pair["layer"]).mean()
         gains = {k: v for k, v in row.items() if k.endswith("(mean over allocs)") or k.startswith("learned")}
         row["largest effect"] = max(gains, key=gains.get) if gains else ""
         rows.append(row)
-    return pd.DataFrame(rows)
+    for recon in ("layer", "block"):
+        columns += [f"{recon} - none (best alloc)", f"{recon} - none (mean over allocs)"]
+    columns += ["block - layer (mean over allocs)", "largest effect"]
+    return pd.DataFrame(rows).reindex(columns=columns)
 
 
 def write_claims(results: Path, out: Path) -> str:

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from ptsbench.claims import fcpts_claim, unipts_claim, verdict, write_claims
+from ptsbench.claims import fcpts_claim, matrix_claim, unipts_claim, verdict, write_claims
 
 
 def record(method: str, sparsity: float, top1: float, model: str = "resnet18", seed: int = 0) -> dict:
@@ -52,3 +52,19 @@ def test_claim_tables_compare_against_the_right_rows(tmp_path):
         (tmp_path / "pts_methods" / str(i) / "result.json").write_text(json.dumps(r))
     text = write_claims(tmp_path, tmp_path / "claims.md")
     assert "holds in direction only" in text and "(technique matrix not run)" in text
+
+
+def test_matrix_differences_use_only_allocations_with_both_columns():
+    def cell(allocation: str, recon: str, top1: float) -> dict:
+        learned = allocation in ("fcpts", "unipts")
+        return {**record("magnitude", 0.9, top1), "algorithm_options.allocation": "from_file" if learned else allocation,
+                "algorithm_options.allocation_label": allocation if learned else None,
+                "algorithm_options.reconstruction": recon}
+
+    # a matrix still running: ERK has no reconstruction cells yet, so it must not enter "best alloc"
+    cells = [cell("uniform", "none", 10.0), cell("uniform", "layer", 30.0), cell("uniform", "block", 20.0),
+             cell("erk", "none", 75.0), cell("fcpts", "none", 80.0)]
+    row = matrix_claim(pd.DataFrame(cells)).iloc[0]
+    assert row["cells"] == 5 and row["learned - heuristic alloc (no recon)"] == 5.0
+    assert row["layer - none (best alloc)"] == 20.0 and row["block - none (mean over allocs)"] == 10.0
+    assert row["block - layer (mean over allocs)"] == -10.0 and row["largest effect"] == "layer - none (mean over allocs)"
