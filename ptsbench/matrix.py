@@ -65,8 +65,9 @@ def learned_allocation(records: pd.DataFrame, model: str, sparsity: float, prefi
 def matrix_jobs(records: pd.DataFrame, model: str, sparsity: float, allocations: Sequence[str] | None = None,
                 reconstructions: Sequence[str] = RECONSTRUCTIONS, seed: int | None = None
                 ) -> list[tuple[str, str, list[str]]]:
-    """(allocation name, reconstruction, overrides) for every cell of one model and sparsity; the learned
-    allocations come from the source jobs of `seed` (any seed if None)."""
+    """(allocation name, reconstruction, overrides) for every cell of one model (named as the records name
+    it, see `job_identity`) and sparsity; the learned allocations come from the source jobs of `seed`
+    (any seed if None)."""
     wanted = set(allocations or (*HEURISTIC, *LEARNED))
     unknown = wanted - {*HEURISTIC, *LEARNED}
     if unknown:
@@ -87,6 +88,15 @@ def matrix_jobs(records: pd.DataFrame, model: str, sparsity: float, allocations:
                                    f"algorithm.allocation_label={name}"]))
     return [(name, recon, ["algorithm=magnitude_recon_quick", f"algorithm.reconstruction={recon}", *alloc])
             for name, alloc in allocations for recon in reconstructions]
+
+
+def job_identity(model: str, overrides: Sequence[str] = ()) -> tuple[str, int]:
+    """(model name as the result records hold it, seed) of the jobs `model=<model> *overrides` compose
+    to: the config group `mobilenetv2` records its timm name `mobilenetv2_100`."""
+    from ptsbench.cli import compose_job_config
+
+    cfg = compose_job_config([f"model={model}", *overrides])
+    return str(cfg.model.name), int(cfg.seed)
 
 
 def pivot(table: pd.DataFrame, source: pd.DataFrame) -> str:
@@ -153,10 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ptsbench.cli import compose_job_config  # Hydra's compose API with the harness's config dir
 
         for model in args.models:
-            seed = int(compose_job_config([f"model={model}", *args.overrides]).seed)
+            name, seed = job_identity(model, args.overrides)
             for sparsity in args.sparsities:
                 try:
-                    cells = matrix_jobs(source, model, sparsity, args.allocations, args.reconstructions, seed)
+                    cells = matrix_jobs(source, name, sparsity, args.allocations, args.reconstructions, seed)
                 except PtsbenchError as exc:
                     print(f"ptsbench.matrix: {exc}", file=sys.stderr)
                     return 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ptsbench.masks import mask_overlap, write_mask_report
-from ptsbench.matrix import is_method, learned_allocation, matrix_jobs
+from ptsbench.matrix import is_method, job_identity, learned_allocation, matrix_jobs
 from ptsbench.matrix import main as matrix_main
 from ptsbench.results import load_records
 from ptsbench.runner import run_job
@@ -76,3 +76,10 @@ def test_matrix_cross_applies_a_learned_allocation(tiny_cfg, tmp_path, cache_dir
     assert "| fcpts" in text
     record = json.loads((source / "result.json").read_text())
     assert f"{record['top1']:.2f}"[:4] in text  # the method's own top-1 sits beside its allocation's rows
+
+
+def test_matrix_looks_learned_jobs_up_under_the_recorded_model_name():
+    # records say "mobilenetv2_100" and "vit_tiny_patch16_224"; a lookup by config group name found nothing
+    assert job_identity("mobilenetv2") == ("mobilenetv2_100", 0)
+    assert job_identity("vit_tiny", ["seed=3"]) == ("vit_tiny_patch16_224", 3)
+    assert job_identity("resnet18") == ("resnet18", 0)
