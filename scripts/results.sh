@@ -26,7 +26,7 @@ for model in ${MODELS//,/ }; do
     "threads=$THREADS" "hydra.sweep.dir=results/pts_methods/$model" || status=1
 done
 .venv/bin/ptsbench-report results/pts_methods/*/ --out results/pts_methods --reference --any-dataset || status=1
-# UniPTS and its ablations beside FCPTS, POT and the magnitude baselines (issue 4's table and plot).
+# UniPTS and its ablations beside FCPTS, POT and the magnitude baselines: one table and plot.
 .venv/bin/ptsbench-report results/pts_methods/*/ --out results/unipts \
   --methods 'unipts*' 'fcpts-*-kde-64it' 'magnitude-*' pot || status=1
 
