@@ -118,7 +118,8 @@ def matrix_claim(matrix: pd.DataFrame) -> pd.DataFrame:
     ok["allocation"] = label.fillna(alloc) if label is not None else alloc
     ok["reconstruction"] = ok["algorithm_options.reconstruction"].fillna("none")
     rows = []
-    columns = ["model", "sparsity", "cells", "learned - heuristic alloc (no recon)"]
+    learned_gain = "learned - heuristic alloc (no recon)"
+    columns = ["model", "sparsity", "cells", learned_gain]
     for (model, sparsity), g in ok.groupby(["model", "target_sparsity"]):
         t = g.pivot_table(index="allocation", columns="reconstruction", values="top1")
         row = {"model": model, "sparsity": sparsity, "cells": int(t.notna().sum().sum())}
@@ -127,7 +128,7 @@ def matrix_claim(matrix: pd.DataFrame) -> pd.DataFrame:
             learned = [a for a in ("fcpts", "unipts") if a in none.index]
             heuristic = [a for a in ("uniform", "erk", "global") if a in none.index]
             if learned and heuristic:
-                row[columns[3]] = none[learned].max() - none[heuristic].max()
+                row[learned_gain] = none[learned].max() - none[heuristic].max()
             for recon in ("layer", "block"):
                 if recon in t and len(pair := t[[recon, "none"]].dropna()):
                     row[f"{recon} - none (best alloc)"] = pair[recon].max() - pair["none"].max()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -45,20 +45,27 @@ def is_method(labels: pd.Series, base: str) -> pd.Series:
     return (labels == base) | (labels.str.startswith(base + "-") & suffix.str.fullmatch(r"\d+it"))
 
 
-def learned_allocation(records: pd.DataFrame, model: str, sparsity: float, prefix: str,
-                       seed: int | None = None) -> Path | None:
-    """allocation.csv of the source job of `model` at `sparsity` whose method is `prefix` (plus at most an
-    iteration-count suffix), of seed `seed` if given (other seeds' runs learn other allocations); the
-    most recent if several."""
+def source_job(records: pd.DataFrame, model: str, sparsity: float, prefix: str,
+               seeds: Iterable[int] | None = None) -> pd.Series | None:
+    """The finished source job of `model` at `sparsity` whose method is `prefix` (plus at most an
+    iteration-count suffix), of one of `seeds` if given (other seeds' runs learn other allocations); the
+    most recent if several, None if none."""
     if records.empty:
         return None
     rows = records[(records["model"] == model) & (records["status"] == "ok")
                    & ((records["target_sparsity"] - sparsity).abs() < 1e-9) & is_method(records["method"], prefix)]
-    if seed is not None:
-        rows = rows[rows["seed"] == seed]
-    if rows.empty:
+    if seeds is not None:
+        rows = rows[rows["seed"].isin(list(seeds))]
+    return None if rows.empty else rows.sort_values("finished_at").iloc[-1]
+
+
+def learned_allocation(records: pd.DataFrame, model: str, sparsity: float, prefix: str,
+                       seed: int | None = None) -> Path | None:
+    """allocation.csv of `source_job(...)` for seed `seed` (any seed if None)."""
+    job = source_job(records, model, sparsity, prefix, None if seed is None else [seed])
+    if job is None:
         return None
-    path = Path(rows.sort_values("finished_at").iloc[-1]["job_dir"]) / ALLOCATION_FILE
+    path = Path(job["job_dir"]) / ALLOCATION_FILE
     return path if path.is_file() else None
 
 
@@ -122,14 +129,10 @@ def pivot(table: pd.DataFrame, source: pd.DataFrame) -> str:
     for c in [r for r in RECONSTRUCTIONS if r in secs.columns]:
         out[f"s {c}"] = secs[c].round(1)
     own = []
-    for model, sparsity, allocation in out.index:
-        value = None
-        if allocation in LEARNED and not source.empty:
-            rows = source[(source["model"] == model) & ((source["target_sparsity"] - sparsity).abs() < 1e-9)
-                          & is_method(source["method"], LEARNED[allocation]) & (source["status"] == "ok")
-                          & source["seed"].isin(ok["seed"].unique())]
-            value = round(float(rows["top1"].iloc[-1]), 2) if len(rows) else None
-        own.append(value)
+    for model, sparsity, allocation in out.index:  # the job whose allocation the row replays
+        job = source_job(source, model, sparsity, LEARNED[allocation], ok["seed"].unique()) \
+            if allocation in LEARNED else None
+        own.append(None if job is None else round(float(job["top1"]), 2))
     out["method's own top-1"] = own
     dense = ok.groupby("model")["dense_top1"].first().round(2)
     lines = ["# Technique matrix: allocation x reconstruction", "",

@@ -88,12 +88,13 @@ def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
     return agg.reset_index()
 
 
-def by_sparsity(table: pd.DataFrame) -> str:
-    """Markdown: one row per (model, method), one column per target sparsity: top-1 (mean over seeds,
-    with the number of seeds when more than one), then the mean pruning wall seconds per sparsity."""
-    summary = seed_summary(table)
+def by_sparsity(summary: pd.DataFrame) -> str:
+    """Markdown from `seed_summary`: one row per (model, method), one column per target sparsity: top-1
+    (mean over seeds, with the number of seeds when more than one), then the mean pruning wall seconds."""
     if summary.empty:
         return ""
+    summary = summary.copy()
+
     def cell(row: pd.Series) -> str:
         return f"{row.top1_mean:.2f}" + (f" (n={int(row.seeds)})" if row.seeds > 1 else "")
 
@@ -188,7 +189,7 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path, methods: Seque
     summary = seed_summary(table)
     body = markdown_table(table) if len(table) else "(no result files found)"
     if not summary.empty:
-        body = "## By sparsity\n\n" + by_sparsity(table) + "\n\n## Every job\n\n" + body
+        body = "## By sparsity\n\n" + by_sparsity(summary) + "\n\n## Every job\n\n" + body
     if not summary.empty and (summary["seeds"] > 1).any():
         body += "\n\n## Mean over seeds\n\n" + summary.to_markdown(index=False, floatfmt=".4g")
     write_atomic(out / "results.md", header + body + "\n")
