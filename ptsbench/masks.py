@@ -1,8 +1,9 @@
 """Comparing what different methods pruned: mask overlap between jobs and per-layer sparsity plots.
 
-`python -m ptsbench.masks JOB_DIR JOB_DIR [...] --out DIR` writes, for every pair of jobs, the overlap
-(IoU) of their kept weights per layer and overall (`mask_overlap.csv`, `.md`), and one chart with each
-job's per-layer sparsity (`layer_sparsity.png`). Masks are read from the jobs' compact checkpoints
+`python -m ptsbench.masks JOB_DIR JOB_DIR [...] --out DIR` writes, for every pair of jobs on the same
+model, the overlap (IoU) of their kept weights per layer and overall (`mask_overlap.csv`, `.md`), and per
+model one chart with each job's per-layer sparsity (`layer_sparsity_<model>.png`). Jobs of several models
+can be passed at once; pairs never cross models. Masks are read from the jobs' compact checkpoints
 (`save_sparse=true`): a weight is kept where it is non-zero, which is what the audit counts.
 """
 
@@ -31,9 +32,21 @@ from ptsbench.runner import COMPACT_MODEL_FILE  # noqa: E402
 log = logging.getLogger(__name__)
 
 
+def job_record(job: Path) -> dict:
+    return json.loads((job / RESULT_FILE).read_text())
+
+
 def job_label(job: Path) -> str:
-    record = json.loads((job / RESULT_FILE).read_text())
+    record = job_record(job)
     return f"{record.get('model')} {record.get('method')} @{record.get('target_sparsity')}"
+
+
+def jobs_by_model(jobs: Sequence[Path]) -> dict[str, list[Path]]:
+    """The jobs grouped by their record's model, in the order given."""
+    groups: dict[str, list[Path]] = {}
+    for job in jobs:
+        groups.setdefault(str(job_record(job).get("model")), []).append(job)
+    return groups
 
 
 def kept_masks(job: Path) -> dict[str, torch.Tensor]:
@@ -65,15 +78,17 @@ def mask_overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> pd.D
 
 
 def pairwise_overlap(jobs: Sequence[Path]) -> pd.DataFrame:
-    """Per-layer and overall IoU for every pair of jobs (columns job_a, job_b added)."""
-    masks = {job: kept_masks(job) for job in jobs}
-    labels = {job: job_label(job) for job in jobs}
+    """Per-layer and overall IoU for every pair of jobs on the same model (columns model, job_a, job_b added)."""
     tables = []
-    for ja, jb in itertools.combinations(jobs, 2):
-        t = mask_overlap(masks[ja], masks[jb])
-        t.insert(0, "job_b", labels[jb])
-        t.insert(0, "job_a", labels[ja])
-        tables.append(t)
+    for model, group in jobs_by_model(jobs).items():
+        masks = {job: kept_masks(job) for job in group}
+        labels = {job: job_label(job) for job in group}
+        for ja, jb in itertools.combinations(group, 2):
+            t = mask_overlap(masks[ja], masks[jb])
+            t.insert(0, "job_b", labels[jb])
+            t.insert(0, "job_a", labels[ja])
+            t.insert(0, "model", model)
+            tables.append(t)
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
@@ -86,7 +101,7 @@ def plot_layer_sparsity(jobs: Sequence[Path], path: Path) -> None:
         names = names or table["name"].tolist()
         ax.plot(range(len(table)), table["achieved_sparsity"], marker=".", label=job_label(job))
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax.set(ylabel="layer sparsity", ylim=(0, 1.02), title="per-layer sparsity")
+    ax.set(ylabel="layer sparsity", ylim=(0, 1.02), title=f"per-layer sparsity, {job_record(jobs[0]).get('model')}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -95,13 +110,20 @@ def plot_layer_sparsity(jobs: Sequence[Path], path: Path) -> None:
 
 
 def write_mask_report(jobs: Sequence[Path], out: Path) -> pd.DataFrame:
+    """mask_overlap.csv (per layer), mask_overlap.md (overall, one table per model), layer_sparsity_<model>.png."""
+    groups = jobs_by_model(jobs)
+    if not any(len(group) > 1 for group in groups.values()):
+        raise PtsbenchError(f"No two jobs on the same model to compare: {', '.join(map(job_label, jobs))}.")
     table = pairwise_overlap(jobs)
     write_csv(out / "mask_overlap.csv", table)
-    overall = table[table["layer"] == "all"][["job_a", "job_b", "kept_a", "kept_b", "iou"]]
-    text = ("# Mask overlap\n\nIoU of the kept weights, |A ∩ B| / |A ∪ B|, over all prunable weights; per-layer "
-            "values in mask_overlap.csv.\n\n" + overall.to_markdown(index=False, floatfmt=".4f") + "\n")
-    write_atomic(out / "mask_overlap.md", text)
-    plot_layer_sparsity(jobs, out / "layer_sparsity.png")
+    sections = ["# Mask overlap\n\nIoU of the kept weights, |A ∩ B| / |A ∪ B|, over all prunable weights; "
+                "per-layer values in mask_overlap.csv, per-layer sparsity in layer_sparsity_<model>.png."]
+    for model, rows in table[table["layer"] == "all"].groupby("model", sort=True):
+        overall = rows[["job_a", "job_b", "kept_a", "kept_b", "iou"]]
+        sections.append(f"## {model}\n\n" + overall.to_markdown(index=False, floatfmt=".4f"))
+    write_atomic(out / "mask_overlap.md", "\n\n".join(sections) + "\n")
+    for model, group in groups.items():
+        plot_layer_sparsity(group, out / f"layer_sparsity_{model}.png")
     return table
 
 

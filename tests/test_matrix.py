@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ptsbench.masks import mask_overlap, write_mask_report
+from ptsbench.errors import PtsbenchError
+from ptsbench.masks import jobs_by_model, mask_overlap, write_mask_report
 from ptsbench.matrix import is_method, job_identity, learned_allocation, matrix_jobs
 from ptsbench.matrix import main as matrix_main
 from ptsbench.results import load_records
@@ -36,8 +37,21 @@ def test_masks_report_from_two_jobs(tiny_cfg, tmp_path):
     assert len(table) == 21 + 1
     assert 0.0 < overall["iou"] < 1.0  # different allocations keep different weights
     assert overall["kept_a"] == overall["kept_b"] == round(0.2 * overall["params"])
-    assert (tmp_path / "report" / "layer_sparsity.png").stat().st_size > 10_000
-    assert "IoU" in (tmp_path / "report" / "mask_overlap.md").read_text()
+    assert (table["model"] == "resnet18").all()
+    assert (tmp_path / "report" / "layer_sparsity_resnet18.png").stat().st_size > 10_000
+    assert "## resnet18" in (tmp_path / "report" / "mask_overlap.md").read_text()
+
+
+def test_masks_never_pair_jobs_of_different_models(tmp_path):
+    jobs = []
+    for i, model in enumerate(("resnet18", "vit_tiny_patch16_224", "resnet18")):
+        (job := tmp_path / str(i)).mkdir()
+        (job / "result.json").write_text(json.dumps({"model": model, "method": "pot", "target_sparsity": 0.8}))
+        jobs.append(job)
+    assert {m: [j.name for j in g] for m, g in jobs_by_model(jobs).items()} == {
+        "resnet18": ["0", "2"], "vit_tiny_patch16_224": ["1"]}
+    with pytest.raises(PtsbenchError, match="No two jobs on the same model"):
+        write_mask_report(jobs[:2], tmp_path / "report")
 
 
 @pytest.mark.slow
