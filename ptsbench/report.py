@@ -129,6 +129,14 @@ def method_styles(methods: Iterable[str]) -> dict[str, dict[str, object]]:
     return {m: {"color": cmap(i % cmap.N), "marker": MARKERS[i % len(MARKERS)]} for i, m in enumerate(methods)}
 
 
+def legend_columns(labels: Sequence[str], width_in: float, fontsize: float) -> int:
+    """How many legend columns of these labels fit across a figure `width_in` inches wide (a column is a
+    marker and its longest label; a character is taken as 0.62 em, wider than the average one)."""
+    char_in = 0.62 * fontsize / 72
+    column_in = 0.75 + char_in * max((len(label) for label in labels), default=1)
+    return max(1, min(len(labels), int(width_in // column_in)))
+
+
 def plot_accuracy_vs_sparsity(table: pd.DataFrame, path: Path) -> None:
     """One panel per model, one line per method (mean over seeds, band = one std), dense as a reference;
     a method keeps its colour and marker across panels, and one legend below the panels names them."""
@@ -156,7 +164,7 @@ def plot_accuracy_vs_sparsity(table: pd.DataFrame, path: Path) -> None:
         ax.grid(alpha=0.3)
     if styles:
         handles = [plt.Line2D([], [], label=m, **st) for m, st in styles.items()]
-        ncol = min(len(handles), max(2, 3 * len(models)))
+        ncol = legend_columns([h.get_label() for h in handles], fig.get_figwidth(), fontsize=8)
         fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
         rows = -(-len(handles) // ncol)
         fig.tight_layout(rect=(0, min(0.45, 0.07 * rows + 0.02), 1, 1))

@@ -183,3 +183,20 @@ def test_a_method_keeps_its_style_in_every_panel():
     for styles in (few, more):
         assert len({(st["color"], st["marker"]) for st in styles.values()}) == len(styles)
         assert len({st["color"] for st in styles.values()}) == len(styles)  # tab20 beyond ten methods
+
+
+@pytest.mark.parametrize("labels", [["pot", "unipts"], [f"magnitude-from_unipts+bn+block-{i}" for i in range(15)]])
+def test_the_legend_below_the_panels_fits_the_figure(labels):
+    import matplotlib.pyplot as plt
+
+    from ptsbench.report import legend_columns
+
+    fig = plt.figure(figsize=(15.6, 4.2))
+    ncol = legend_columns(labels, fig.get_figwidth(), fontsize=8)
+    handles = [plt.Line2D([], [], marker="o", label=label) for label in labels]
+    legend = fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.canvas.draw()
+    box, frame = legend.get_window_extent(), fig.bbox
+    plt.close(fig)
+    assert ncol == len(labels) or ncol >= 3  # short labels share one row; long ones still use the width
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1, (box, frame)
