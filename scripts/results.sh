@@ -52,13 +52,16 @@ done
 .venv/bin/python -m ptsbench.matrix --report-only --source results/pts_methods --out results/technique_matrix \
   || status=1  # every model's cells in one table
 
-# 3. Mask overlap at 0.8 on resnet18: the same jobs again with save_sparse=true, then IoU per layer and
-#    overall. Same seed and same torch thread count give the pts_methods jobs' masks (mask_hash); with a
-#    different thread count the methods that train (FCPTS, UniPTS) sum floats in another order and differ.
-.venv/bin/ptsbench -m model=resnet18 sparsity=0.8 save_sparse=true resume=true experiment_name=mask_overlap \
-  algorithm=magnitude_erk_bn,magnitude_global_bn,pot_quick,fcpts_quick,unipts_quick \
-  "threads=$THREADS" hydra.sweep.dir=results/mask_overlap/jobs || status=1
-.venv/bin/python -m ptsbench.masks results/mask_overlap/jobs/[0-9]* --out results/mask_overlap || status=1
+# 3. Mask overlap at 0.8: the same jobs again with save_sparse=true, one sweep per model, then IoU per
+#    layer and overall within each model. Same seed and same torch thread count give the pts_methods
+#    jobs' masks (mask_hash); with a different thread count the methods that train (FCPTS, UniPTS) sum
+#    floats in another order and differ.
+for model in ${MODELS//,/ }; do
+  .venv/bin/ptsbench -m "model=$model" sparsity=0.8 save_sparse=true resume=true experiment_name=mask_overlap \
+    algorithm=magnitude_erk_bn,magnitude_global_bn,pot_quick,fcpts_quick,unipts_quick \
+    "threads=$THREADS" "hydra.sweep.dir=results/mask_overlap/$model" || status=1
+done
+.venv/bin/python -m ptsbench.masks results/mask_overlap/*/[0-9]* --out results/mask_overlap || status=1
 
 # 4. The papers' headline claims against all of the above.
 .venv/bin/python -m ptsbench.claims --results results || status=1
