@@ -119,7 +119,9 @@ def matrix_claim(matrix: pd.DataFrame) -> pd.DataFrame:
     ok["reconstruction"] = ok["algorithm_options.reconstruction"].fillna("none")
     rows = []
     learned_gain = "learned - heuristic alloc (no recon)"
-    columns = ["model", "sparsity", "cells", learned_gain]
+    columns = ["model", "sparsity", "cells", learned_gain,
+               *(f"{recon} - none ({over})" for recon in ("layer", "block") for over in ("best alloc", "mean over allocs")),
+               "block - layer (mean over allocs)", "largest effect"]
     for (model, sparsity), g in ok.groupby(["model", "target_sparsity"]):
         t = g.pivot_table(index="allocation", columns="reconstruction", values="top1")
         row = {"model": model, "sparsity": sparsity, "cells": int(t.notna().sum().sum())}
@@ -138,9 +140,6 @@ def matrix_claim(matrix: pd.DataFrame) -> pd.DataFrame:
         gains = {k: v for k, v in row.items() if k.endswith("(mean over allocs)") or k.startswith("learned")}
         row["largest effect"] = max(gains, key=gains.get) if gains else ""
         rows.append(row)
-    for recon in ("layer", "block"):
-        columns += [f"{recon} - none (best alloc)", f"{recon} - none (mean over allocs)"]
-    columns += ["block - layer (mean over allocs)", "largest effect"]
     return pd.DataFrame(rows).reindex(columns=columns)
 
 

@@ -14,7 +14,7 @@ import itertools
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -77,10 +77,13 @@ def mask_overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> pd.D
     return pd.DataFrame(rows)
 
 
-def pairwise_overlap(jobs: Sequence[Path]) -> pd.DataFrame:
-    """Per-layer and overall IoU for every pair of jobs on the same model (columns model, job_a, job_b added)."""
+def pairwise_overlap(groups: Mapping[str, Sequence[Path]]) -> pd.DataFrame:
+    """Per-layer and overall IoU for every pair of jobs within each model's group (`jobs_by_model`), with
+    columns model, job_a, job_b added."""
     tables = []
-    for model, group in jobs_by_model(jobs).items():
+    for model, group in groups.items():
+        if len(group) < 2:  # nothing to pair it with: its checkpoints are not even read
+            continue
         masks = {job: kept_masks(job) for job in group}
         labels = {job: job_label(job) for job in group}
         for ja, jb in itertools.combinations(group, 2):
@@ -89,7 +92,10 @@ def pairwise_overlap(jobs: Sequence[Path]) -> pd.DataFrame:
             t.insert(0, "job_a", labels[ja])
             t.insert(0, "model", model)
             tables.append(t)
-    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    if not tables:
+        jobs = [job for group in groups.values() for job in group]
+        raise PtsbenchError(f"No two jobs on the same model to compare: {', '.join(map(job_label, jobs))}.")
+    return pd.concat(tables, ignore_index=True)
 
 
 def plot_layer_sparsity(jobs: Sequence[Path], path: Path) -> None:
@@ -112,9 +118,7 @@ def plot_layer_sparsity(jobs: Sequence[Path], path: Path) -> None:
 def write_mask_report(jobs: Sequence[Path], out: Path) -> pd.DataFrame:
     """mask_overlap.csv (per layer), mask_overlap.md (overall, one table per model), layer_sparsity_<model>.png."""
     groups = jobs_by_model(jobs)
-    if not any(len(group) > 1 for group in groups.values()):
-        raise PtsbenchError(f"No two jobs on the same model to compare: {', '.join(map(job_label, jobs))}.")
-    table = pairwise_overlap(jobs)
+    table = pairwise_overlap(groups)
     write_csv(out / "mask_overlap.csv", table)
     sections = ["# Mask overlap\n\nIoU of the kept weights, |A ∩ B| / |A ∪ B|, over all prunable weights; "
                 "per-layer values in mask_overlap.csv, per-layer sparsity in layer_sparsity_<model>.png."]

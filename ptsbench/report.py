@@ -93,12 +93,11 @@ def by_sparsity(summary: pd.DataFrame) -> str:
     (mean over seeds, with the number of seeds when more than one), then the mean pruning wall seconds."""
     if summary.empty:
         return ""
-    summary = summary.copy()
 
     def cell(row: pd.Series) -> str:
         return f"{row.top1_mean:.2f}" + (f" (n={int(row.seeds)})" if row.seeds > 1 else "")
 
-    summary["cell"] = summary.apply(cell, axis=1)
+    summary = summary.assign(cell=summary.apply(cell, axis=1))  # a new frame: the caller's stays as it was
     keys = ["model", "method"]
     top1 = summary.pivot(index=keys, columns="target_sparsity", values="cell").fillna("")
     secs = summary.pivot(index=keys, columns="target_sparsity", values="prune_seconds")
