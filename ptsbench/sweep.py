@@ -12,7 +12,9 @@ the expensive methods only at a few sparsities; `SparsitiesFor` says so in the e
           - ptsbench.sweep.SparsitiesFor:
               fcpts: [0.9]     # algorithm name (the class's `name`) -> the sparsities it runs at
 
-Algorithms not named keep every sparsity. The sweeper logs each skipped job with the reason.
+Algorithms not named keep every sparsity. `ModelSparsities` keeps, for each model, only the sparsities its
+config lists in `sweep_sparsities` (the range where that model separates the methods), so one grid over the
+union serves models whose discriminating ranges differ. The sweeper logs each skipped job with the reason.
 """
 
 from __future__ import annotations
@@ -48,3 +50,23 @@ class SparsitiesFor(AbstractFilter):
     def reason(self, **sparsities: Sequence[float]) -> str:
         name = algorithm_name(self.config)
         return f"{name} runs only at sparsity {', '.join(str(s) for s in sparsities[name])} in this sweep"
+
+
+def _same_sparsity(value: Any, allowed: Sequence[float]) -> bool:
+    try:
+        sparsity = float(value)
+    except (TypeError, ValueError):
+        return True  # not a number: the job runs and fails with ptsbench's own message
+    return any(abs(sparsity - float(s)) < 1e-9 for s in allowed)
+
+
+class ModelSparsities(AbstractFilter):
+    """Skip a job whose sparsity is not in its model config's `sweep_sparsities` (when the model lists any)."""
+
+    def filter(self) -> bool:
+        allowed = (self.config.get("model") or {}).get("sweep_sparsities")
+        return bool(allowed) and not _same_sparsity(self.config.get("sparsity"), allowed)
+
+    def reason(self) -> str:
+        model = self.config.get("model") or {}
+        return f"{model.get('name')} is swept at sparsity {', '.join(str(s) for s in model['sweep_sparsities'])}"

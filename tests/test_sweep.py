@@ -1,0 +1,28 @@
+"""The sweep filters that cut a benchmark grid: per-model discriminating sparsities."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from ptsbench.sweep import ModelSparsities
+from tests.conftest import compose_config
+
+
+def kept(model: str, sparsity: float) -> bool:
+    cfg = compose_config([f"model={model}", f"sparsity={sparsity}"])
+    config = OmegaConf.to_container(cfg, resolve=False)  # the sweeper hands filters plain containers
+    return not ModelSparsities(config, "unused").filter()
+
+
+def test_each_model_keeps_only_its_discriminating_range():
+    assert kept("resnet18", 0.99) and kept("resnet18", 0.95) and not kept("resnet18", 0.7)
+    assert kept("mobilenetv2", 0.7) and not kept("mobilenetv2", 0.99)
+    assert kept("vit_tiny", 0.5) and not kept("vit_tiny", 0.98)
+
+
+def test_models_without_a_range_and_bad_values_are_not_cut():
+    assert not ModelSparsities({"model": {"name": "x"}, "sparsity": 0.3}, "unused").filter()
+    # not a number: the job runs and fails with ptsbench's own message
+    assert not ModelSparsities({"model": {"sweep_sparsities": [0.5]}, "sparsity": "abc"}, "unused").filter()
+    flt = ModelSparsities({"model": {"name": "resnet18", "sweep_sparsities": [0.9, 0.99]}, "sparsity": 0.5}, "unused")
+    assert flt.filter() and flt.reason() == "resnet18 is swept at sparsity 0.9, 0.99"
