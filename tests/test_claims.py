@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from ptsbench.claims import fcpts_claim, matrix_claim, unipts_claim, verdict, write_claims
+from ptsbench.analysis.claims import fcpts_claim, matrix_claim, unipts_claim, verdict, write_claims
 
 
 def record(method: str, sparsity: float, top1: float, model: str = "resnet18", seed: int = 0) -> dict:

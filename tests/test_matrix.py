@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ptsbench.errors import PtsbenchError
-from ptsbench.masks import jobs_by_model, mask_overlap, write_mask_report
-from ptsbench.matrix import is_method, job_identity, learned_allocation, matrix_jobs
-from ptsbench.matrix import main as matrix_main
+from ptsbench.analysis.overlap import jobs_by_model, mask_overlap, write_mask_report
+from ptsbench.analysis.matrix import is_method, job_identity, learned_allocation, matrix_jobs
+from ptsbench.analysis.matrix import main as matrix_main
 from ptsbench.results import load_records
 from ptsbench.runner import run_job
 from tests.conftest import TINY

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ptsbench.reference import REFERENCE_COLUMNS, REFERENCE_CSV, load_reference, method_family
+from ptsbench.analysis.reference import REFERENCE_COLUMNS, REFERENCE_CSV, load_reference, method_family
 from ptsbench.report import main as report_main
 from ptsbench.results import RESULT_FILE, write_json
 

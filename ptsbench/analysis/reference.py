@@ -18,7 +18,7 @@ import pandas as pd
 from ptsbench.errors import DataError
 from ptsbench.results import write_atomic, write_csv
 
-REFERENCE_CSV = Path(__file__).resolve().parent.parent / "results" / "reference" / "paper_numbers.csv"
+REFERENCE_CSV = Path(__file__).resolve().parents[2] / "results" / "reference" / "paper_numbers.csv"
 REFERENCE_COLUMNS = ["paper", "model", "dataset", "dense_top1", "sparsity", "method", "top1", "calib_images", "notes"]
 
 # timm architecture (the pretrained tag after '.' is dropped) -> the papers' model name.

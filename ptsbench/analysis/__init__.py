@@ -1,0 +1,18 @@
+"""The analysis programs: what happens to jobs after they ran.
+
+The job path (ptsbench.cli -> ptsbench.runner) leaves one folder per job under a scratch runs folder
+(result.json, allocation.csv, calibration indices, Hydra's copies). A *study* is the committed form of a
+set of jobs: `study.collect` turns their folders into one `records.jsonl` and one long-format
+`allocations.csv`, and everything below reads studies, not job folders:
+
+    runs/<study>/...  --study.collect-->  results/<study>/{records.jsonl, allocations.csv}
+                      --ptsbench-report-->  results.{md,csv}, accuracy_vs_sparsity.png (+ reference)
+    matrix     allocation x reconstruction, replaying learned allocations from a study's allocations.csv
+    overlap    mask overlap between methods (needs the jobs' checkpoints, so it reads run folders) and
+               per-layer sparsity charts (from a study)
+    claims     the papers' headline claims, from the pts_methods and technique_matrix studies
+    reference  measured rows beside the published numbers
+
+The lists these programs need (which algorithms a study runs, which are baselines, which allocations are
+learned) live in conf/experiment/<study>.yaml and conf/study/<study>.yaml, never in the modules.
+"""
