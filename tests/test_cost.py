@@ -1,0 +1,128 @@
+"""The harness's cost accounting (ptsbench.cost): passes counted through every copy of the model, peak
+memory of the prune alone, MACs dense and sparse, and the speed label."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from algorithms.base import PruneContext
+from algorithms.fcpts import FCPTS
+from algorithms.magnitude import MagnitudePruning
+from ptsbench.cost import (
+    PassCounter,
+    PeakMemory,
+    PruneCost,
+    count_macs,
+    inference_cost,
+    is_semi_structured,
+    speed_label,
+)
+from ptsbench.data import InMemoryImages
+from ptsbench.patterns import Pattern, parse_pattern
+from ptsbench.sparsity import PrunableLayer, find_prunable_layers
+
+
+def prune_with_cost(algorithm, model, calib, target=0.8):
+    layers = find_prunable_layers(model)
+    ctx = PruneContext(calib=calib, device=torch.device("cpu"), seed=0, progress=False)
+    with PruneCost(model, torch.device("cpu")) as cost:
+        result = algorithm.prune(model, layers, target, ctx)
+    return result, layers, cost.record()
+
+
+def test_magnitude_runs_no_pass_and_bn_reestimation_runs_the_calibration_set_once(tiny_dense):
+    dense, calib = tiny_dense
+    _, _, plain = prune_with_cost(MagnitudePruning("uniform"), copy.deepcopy(dense), calib)
+    assert (plain["forward_passes"], plain["backward_passes"]) == (0, 0)
+    _, _, bn = prune_with_cost(MagnitudePruning("uniform", bn_recalibration=True), copy.deepcopy(dense), calib)
+    assert bn["forward_passes"] == len(calib) == 128
+    assert bn["forward_calls"] == len(calib) // 64 and bn["backward_passes"] == 0
+
+
+def test_fcpts_teacher_copy_is_counted_and_backward_only_through_the_student(tiny_dense):
+    """FCPTS deep-copies the model as its frozen teacher: per iteration one teacher and one student
+    forward of a batch, one backward through the student's output (the sparsity loss does not reach it)."""
+    dense, calib = tiny_dense
+    iterations, batch = 3, 32
+    algo = FCPTS(iterations=iterations, batch_size=batch, channels_last=False)
+    _, _, cost = prune_with_cost(algo, copy.deepcopy(dense), calib)
+    assert cost["forward_passes"] == 2 * iterations * batch
+    assert cost["backward_passes"] == iterations * batch
+    assert cost["forward_calls"] == 2 * iterations and cost["backward_calls"] == iterations
+
+
+def test_blocks_alone_and_nested_modules_of_the_same_class_are_not_passes():
+    inner = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+    model = nn.Sequential(inner, nn.Flatten(), nn.Sequential(nn.LazyLinear(3)))
+    x = torch.randn(5, 1, 6, 6)
+    model(x)
+    with PassCounter(model) as counter:
+        model(x)  # nested Sequentials inside: one pass of 5 images
+        inner(x)  # a block alone (same class, fewer layers): no pass
+        copy.deepcopy(model)(x[:2]).sum().backward()  # a copy: a pass forward and backward
+        with torch.no_grad():
+            model(x)
+    model(x)  # after the context: not counted
+    assert counter.record() == {"forward_passes": 12, "backward_passes": 2, "forward_calls": 3, "backward_calls": 1}
+
+
+def test_peak_memory_is_the_prune_alone_not_the_process_lifetime():
+    with PeakMemory(torch.device("cpu")) as big:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block.add_(1)
+        del block
+    with PeakMemory(torch.device("cpu")) as small:
+        torch.ones(16).sum()
+    if big.values["peak_memory_source"] != "rss:vmhwm_reset":
+        pytest.skip("no resettable RSS high-water mark on this system (not Linux)")
+    assert big.values["peak_memory_mb"] - small.values["peak_memory_mb"] > 48
+    assert small.values["peak_rss_mb"] == small.values["peak_memory_mb"] > 0
+
+
+def test_uniform_magnitude_at_0_8_keeps_a_fifth_of_the_prunable_macs(tiny_dense):
+    dense, calib = tiny_dense
+    result, layers, _ = prune_with_cost(MagnitudePruning("uniform"), copy.deepcopy(dense), calib, 0.8)
+    macs = count_macs(result.model, layers, calib.data.images[:1])
+    assert macs["macs_model"] >= macs["macs_dense"] > 0
+    assert abs(macs["macs_sparse"] / macs["macs_dense"] - 0.2) < 0.01
+    assert result.model.training is dense.training  # the model's mode is restored
+
+
+def test_strided_padded_conv_counts_every_tap_once_per_output_position():
+    """FlopCounterMode counts taps that read padding as the dense kernel computes them; with that
+    convention each weight is used Hout*Wout times, so MACs over non-zero weights are exact."""
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.3)
+    model = nn.Sequential(conv)
+    x = torch.randn(1, 3, 11, 9)
+    h_out, w_out = model(x).shape[-2:]
+    assert (h_out, w_out) == (6, 5)
+    macs = count_macs(model, [PrunableLayer("0", conv, "conv")], x)
+    assert macs["macs_dense"] == 8 * 3 * 3 * 3 * h_out * w_out
+    assert macs["macs_sparse"] == int(conv.weight.count_nonzero()) * h_out * w_out
+
+
+def test_speed_labels_follow_the_pattern_and_the_device():
+    macs = {"macs_model": 1000, "macs_dense": 800, "macs_sparse": 400}
+    assert speed_label(parse_pattern("unstructured"), macs, None, [], None, torch.device("cpu"), 8) == {"speed": "none"}
+    cpu = speed_label(Pattern(2, 4), macs, None, [], None, torch.device("cpu"), 8)
+    assert cpu == {"speed": "theoretical", "speedup_theoretical": pytest.approx(1000 / 600)}
+    w = torch.tensor([[1.0, 0, 2, 0, 0, 0, 0, 3]])
+    assert is_semi_structured(w)
+    assert not is_semi_structured(torch.tensor([[1.0, 1, 1, 0, 0, 0, 0, 0]]))
+
+
+def test_inference_cost_on_a_tiny_model_gives_every_record_key():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[1].weight[:, ::2] = 0
+    layers = [PrunableLayer("1", model[1], "linear"), PrunableLayer("3", model[3], "linear")]
+    test = InMemoryImages(torch.randn(4, 1, 4, 4), torch.zeros(4, dtype=torch.long))
+    out = inference_cost(model, layers, test, torch.device("cpu"), pattern="2:4")
+    assert out["macs_dense"] == 16 * 8 + 8 * 2 and out["macs_sparse"] == 8 * 8 + 8 * 2
+    assert out["speed"] == "theoretical" and out["speedup_theoretical"] > 1
