@@ -2,7 +2,8 @@
 smallest-magnitude weights, optionally re-estimating BatchNorm statistics on the calibration set.
 
 This is the baseline every PTS paper starts from; with `allocation=global_l2norm` it is POT's mask
-selection without POT's corrections. `reconstruction=layer|block` adds PTSBench's reconstruction axis
+selection without POT's corrections. With `pattern=N:M` (top-level key) every row of a layer keeps the N
+largest |w| of each M consecutive weights (`ptsbench.patterns`), and the allocation is the pattern's. `reconstruction=layer|block` adds PTSBench's reconstruction axis
 (`ptsbench.reconstruct`): each layer or block is tuned to reproduce the dense one's output, so any
 allocation (including another job's, `allocation=from_file`) can be combined with any reconstruction.
 """
@@ -10,15 +11,18 @@ allocation (including another job's, `allocation=from_file`) can be combined wit
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.errors import ConfigError, unknown_choice
+from ptsbench.patterns import Pattern, nm_mask, nm_zero_counts
 from ptsbench.reconstruct import ReconstructionSettings, make_units, process_units, summarise
 from ptsbench.sparsity import (
     ALLOCATIONS,
@@ -27,7 +31,7 @@ from ptsbench.sparsity import (
     apply_masks,
     bake_masks,
     counts_from_rates,
-    magnitude_masks,
+    magnitude_mask,
     rates,
 )
 
@@ -68,22 +72,79 @@ def read_allocation_file(path: str | Path, layers: list[PrunableLayer], target: 
     return layer_rates
 
 
+@dataclass(frozen=True)
+class AllocationChoice:
+    """The allocation axis as a method's options: a registered strategy, or another job's allocation.csv.
+
+    Shared by every method that takes its per-layer rates from outside (magnitude, Wanda, SparseGPT).
+    """
+
+    strategy: str = "uniform"
+    erk_power_scale: float = 1.0
+    file: str | None = None
+    label: str | None = None  # names a from_file allocation in method labels, e.g. "fcpts"
+
+    def check(self) -> AllocationChoice:
+        if self.strategy not in ALLOCATION_CHOICES:
+            raise unknown_choice("allocation", self.strategy, ALLOCATION_CHOICES)
+        if self.strategy == "from_file" and not self.file:
+            raise ConfigError("algorithm.allocation=from_file needs algorithm.allocation_file=PATH (an allocation.csv).")
+        return self
+
+    def validate(self, layers: list[PrunableLayer], target: float, pattern: Pattern) -> None:
+        if pattern.is_nm and self.strategy != "uniform":
+            raise ConfigError(f"algorithm.allocation={self.strategy} cannot be combined with pattern={pattern}: N:M "
+                              f"fixes every layer's sparsity at 1 - N/M = {pattern.sparsity:.4g}, so there is nothing "
+                              "to allocate. Use algorithm.allocation=uniform (or pattern=unstructured).")
+        if self.strategy == "from_file":
+            read_allocation_file(self.file, layers, target)
+
+    def counts(self, layers: list[PrunableLayer], target: float, pattern: Pattern) -> dict[str, int]:
+        """Zeros per layer: the pattern's where it fixes them, else the strategy's (exact counts)."""
+        if pattern.is_nm:
+            return nm_zero_counts(layers, pattern)
+        if self.strategy == "from_file":
+            return counts_from_rates(layers, read_allocation_file(self.file, layers, target))
+        return allocate(layers, target, self.strategy, self.erk_power_scale)
+
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"allocation": self.strategy}
+        if self.strategy == "erk":
+            opts["erk_power_scale"] = self.erk_power_scale
+        if self.strategy == "from_file":
+            opts["allocation_file"] = str(self.file)
+            if self.label:
+                opts["allocation_label"] = self.label
+        return opts
+
+    def describe(self, pattern: Pattern) -> str:
+        """The allocation's part of a method label; under N:M the pattern names it."""
+        if pattern.is_nm:
+            return str(pattern)
+        if self.strategy == "from_file" and self.label:
+            return f"from_{self.label}"
+        return self.strategy if self.strategy != "erk" or self.erk_power_scale == 1.0 else f"erk{self.erk_power_scale:g}"
+
+
+def pattern_masks(layers: list[PrunableLayer], counts: dict[str, int], pattern: Pattern,
+                  scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Masks from per-layer scores: exact lowest-score counts (unstructured) or N:M groups where rows fit."""
+    if not pattern.is_nm:
+        return {ly.name: magnitude_mask(ly.weight, counts[ly.name], scores[ly.name]) for ly in layers}
+    return {ly.name: nm_mask(scores[ly.name], pattern.n, pattern.m) if pattern.fits(ly)
+            else magnitude_mask(ly.weight, 0) for ly in layers}
+
+
 class MagnitudePruning(PTSAlgorithm):
     name = "magnitude"
+    supports_nm_pattern = True
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
                  allocation_label: str | None = None,
                  bn_recalibration: bool = False, bn_batch_size: int = 64, reconstruction: str = "none",
                  recon_inputs: str = "dense", recon_iterations: int = 20_000, recon_lr: float = 1e-5,
                  recon_bias_lr: float = 1e-4, recon_batch_size: int = 64, early_stop_loss: float = 1e-5):
-        if allocation not in ALLOCATION_CHOICES:
-            raise unknown_choice("allocation", allocation, ALLOCATION_CHOICES)
-        if allocation == "from_file" and not allocation_file:
-            raise ConfigError("algorithm.allocation=from_file needs algorithm.allocation_file=PATH (an allocation.csv).")
-        self.allocation = allocation
-        self.erk_power_scale = float(erk_power_scale)
-        self.allocation_file = allocation_file
-        self.allocation_label = allocation_label  # names a from_file allocation in labels, e.g. "fcpts"
+        self.alloc = AllocationChoice(allocation, float(erk_power_scale), allocation_file, allocation_label).check()
         self.bn_recalibration = bool(bn_recalibration)
         self.bn_batch_size = int(bn_batch_size)
         self.recon = ReconstructionSettings(reconstruction, recon_inputs, int(recon_iterations), float(recon_lr),
@@ -91,13 +152,7 @@ class MagnitudePruning(PTSAlgorithm):
                                             float(early_stop_loss)).check()
 
     def options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"allocation": self.allocation, "bn_recalibration": self.bn_recalibration}
-        if self.allocation == "erk":
-            opts["erk_power_scale"] = self.erk_power_scale
-        if self.allocation == "from_file":
-            opts["allocation_file"] = str(self.allocation_file)
-            if self.allocation_label:
-                opts["allocation_label"] = self.allocation_label
+        opts: dict[str, Any] = {**self.alloc.options(), "bn_recalibration": self.bn_recalibration}
         if self.recon.mode != "none":
             opts.update(reconstruction=self.recon.mode, recon_inputs=self.recon.inputs,
                         recon_iterations=self.recon.iterations, recon_lr=self.recon.lr,
@@ -106,27 +161,20 @@ class MagnitudePruning(PTSAlgorithm):
 
     @property
     def label(self) -> str:
-        alloc = self.allocation if self.allocation != "erk" or self.erk_power_scale == 1.0 else f"erk{self.erk_power_scale:g}"
-        if self.allocation == "from_file" and self.allocation_label:
-            alloc = f"from_{self.allocation_label}"
-        label = f"magnitude-{alloc}" + ("+bn" if self.bn_recalibration else "")
+        label = f"magnitude-{self.alloc.describe(self.pattern)}" + ("+bn" if self.bn_recalibration else "")
         if self.recon.mode != "none":
             label += f"+{self.recon.mode}" + ("-sparseinp" if self.recon.inputs == "sparse" else "")
         return label
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
-        if self.allocation == "from_file":
-            read_allocation_file(self.allocation_file, layers, target)
+        self.alloc.validate(layers, target, self.pattern)
 
     def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
-        # 1. Allocation: how many weights each layer loses.
-        if self.allocation == "from_file":
-            counts = counts_from_rates(layers, read_allocation_file(self.allocation_file, layers, target))
-        else:
-            counts = allocate(layers, target, self.allocation, self.erk_power_scale)
-        # 2. Masks: the smallest magnitudes of each layer.
+        # 1. Allocation: how many weights each layer loses (fixed by the pattern under N:M).
+        counts = self.alloc.counts(layers, target, self.pattern)
+        # 2. Masks: the smallest magnitudes of each layer (of each group of M under N:M).
         dense = copy.deepcopy(model).requires_grad_(False) if self.recon.mode != "none" else None
-        masks = magnitude_masks(layers, counts)
+        masks = pattern_masks(layers, counts, self.pattern, {ly.name: ly.weight.detach().abs() for ly in layers})
         apply_masks(layers, masks)
         stats: dict[str, Any] = {}
         tables = {}

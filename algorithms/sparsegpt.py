@@ -1,0 +1,208 @@
+"""SparseGPT: one-shot pruning with an approximate OBS weight update (Frantar, Alistarh, ICML 2023).
+
+Specification (paper, and IST-DASLab/sparsegpt `sparsegpt.py`, `opt.py`), for a layer y = W x with W of
+shape (rows, cols) and calibration inputs X (cols x n):
+* Hessian H = (2/n) X X^T, accumulated batch by batch. An input that never fires (H_jj = 0) gets
+  H_jj = 1. Dampening: H += lambda * mean(diag H) * I (lambda = `percdamp`, 0.01).
+* U = upper Cholesky factor of H^-1; U_jj^2 is the OBS denominator [H_F^-1]_jj of column j once the
+  columns before it are frozen, and row j of U (over j..) is the direction that compensates its removal.
+* Columns are processed in blocks of B (`blocksize`, 128). At the start of a block (unstructured) the
+  block's mask is chosen over all its rows and columns from the saliency w^2 / U_jj^2 of the current,
+  already updated weights. Under N:M, at every column j with j % M == 0, each row keeps the N highest
+  saliencies of columns j .. j+M-1.
+* Column j of the block: q = w_j with masked entries set to 0, err = (w_j - q) / U_jj, the block's later
+  columns get W[:, k] -= err * U_jk; after the block the rest of the layer gets W[:, end:] -= Err @ U[block,
+  end:] (lazy batch update, exact). With one block this is the exact sequential OBS update of each removed
+  weight in column order (tests/test_sparsegpt.py checks it against a textbook implementation).
+* Layers are pruned in module order, a block at a time, each calibrated on the outputs of the blocks
+  already pruned and updated (`ptsbench.layerwise`, as `opt_sequential` does).
+
+Vision adaptation and count rules (our choices):
+* Conv2d: H comes from the unfolded input (patch column (c, ky, kx) over all positions and images); W is
+  flattened to (out, in/groups x kh x kw). The reference flattens the weight but does not unfold the input,
+  so its convolution Hessian is only right if the caller unfolds; we unfold. Grouped and depthwise convs
+  are `groups` independent layers with their own Hessians, processed together as a batch.
+* Exact counts: the reference prunes every saliency <= the value at index int(p * block size), one weight
+  (or more with ties) over p per block. Here block b of a (sub-)layer with k zeros over C columns loses
+  round(k * end_b / C) - round(k * start_b / C) weights, so the layer loses exactly its allocation's count.
+* Inputs that never fire are not zeroed up front, as the reference does, since that could exceed the
+  count; their saliency is set to 0 so they are the first to go, and keeping one costs nothing on the data.
+* The per-layer rate comes from the allocation axis (uniform in the paper; ERK, global, global-L2 or a
+  learned allocation from another job's allocation.csv here), N:M from the top-level `pattern` key. Under
+  N:M the block size is rounded down to a multiple of M (at least M): only the unstructured block mask
+  depends on it.
+* Arithmetic in float32 (float64 layers stay float64), on the layer's device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
+from algorithms.magnitude import AllocationChoice
+from ptsbench.errors import ConfigError, PtsbenchError
+from ptsbench.layerwise import check_supported, grouped_weight, layer_groups, sequential_prune
+from ptsbench.patterns import Pattern
+from ptsbench.sparsity import PrunableLayer, magnitude_mask, rates
+
+BLOCKSIZE = 128
+PERCDAMP = 0.01
+
+
+class Hessian:
+    """Sum of x x^T per group over all calibration positions; `matrix()` is (2/n) X X^T."""
+
+    def __init__(self, layer: PrunableLayer):
+        w = layer.module.weight
+        cols = w[0].numel()
+        self.sum = torch.zeros(layer_groups(layer), cols, cols, dtype=compute_dtype(w), device=w.device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.to(self.sum.dtype)
+        self.sum.baddbmm_(x, x.transpose(1, 2))
+        self.n += x.shape[-1]
+
+    def matrix(self) -> torch.Tensor:
+        return self.sum * (2.0 / max(self.n, 1))
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dampened H -> (U, dead): U the upper Cholesky factor of H^-1, dead the inputs that never fired."""
+    h = hessian.clone()
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag += percdamp * diag.mean(dim=-1, keepdim=True)
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info.max()) > 0:
+        raise PtsbenchError(f"The dampened Hessian is not positive definite (percdamp={percdamp}); "
+                            "raise algorithm.percdamp.")
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True), dead
+
+
+def block_zero_counts(zeros: torch.Tensor, cols: int, starts: list[int]) -> torch.Tensor:
+    """Zeros per (group, column block) that add up exactly to each group's count: cumulative rounding."""
+    edges = torch.tensor(starts + [cols], dtype=torch.float64)
+    cumulative = torch.round(zeros.to(torch.float64)[:, None] * edges[None, :] / cols).long()
+    return cumulative.diff(dim=1)
+
+
+def lowest_per_group(saliency: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Boolean (G, R, B): the `counts[g]` lowest saliencies of group g over its whole block, ties by position."""
+    flat = saliency.reshape(saliency.shape[0], -1)
+    order = torch.sort(flat, dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
+    return (ranks < counts.to(flat.device)[:, None]).view_as(saliency)
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, zeros: torch.Tensor | None = None,
+                    pattern: Pattern | None = None, blocksize: int = BLOCKSIZE,
+                    percdamp: float = PERCDAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune and update a batch of independent layers: weight (G, R, C), hessian (G, C, C).
+
+    `zeros[g]` weights of group g go (unstructured), or every M-group of a row keeps N (`pattern` N:M).
+    Returns the updated weights (masked entries exactly 0) and the boolean mask of removed entries.
+    """
+    nm = pattern is not None and pattern.is_nm
+    w = weight.clone()
+    groups, rows, cols = w.shape
+    u, dead = inverse_cholesky(hessian.to(w.dtype), percdamp)
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    if nm:
+        blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
+    starts = list(range(0, cols, blocksize))
+    per_block = None if nm else block_zero_counts(zeros.reshape(groups), cols, starts)
+    for b, i1 in enumerate(starts):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, :, i1:i2].clone()
+        u1 = u[:, i1:i2, i1:i2]
+        denom = u1.diagonal(dim1=-2, dim2=-1).pow(2)[:, None, :]
+        errors = torch.zeros_like(w1)
+        mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        if not nm:
+            saliency = (w1.pow(2) / denom).masked_fill(dead[:, None, i1:i2], 0.0)
+            mask1 = lowest_per_group(saliency, per_block[:, b])
+        for i in range(i2 - i1):
+            if nm and i % pattern.m == 0:
+                span = slice(i, i + pattern.m)
+                saliency = (w1[:, :, span].pow(2) / denom[:, :, span]).masked_fill(dead[:, None, i1 + i:i1 + i + pattern.m], 0.0)
+                keep = torch.sort(saliency, dim=-1, descending=True, stable=True).indices[..., :pattern.n]
+                mask1[:, :, span] = ~torch.zeros_like(saliency, dtype=torch.bool).scatter_(-1, keep, True)
+            col = w1[:, :, i]
+            q = col.masked_fill(mask1[:, :, i], 0.0)
+            err = (col - q) / u1[:, i, i][:, None]
+            w1[:, :, i + 1:] -= err[:, :, None] * u1[:, None, i, i + 1:]
+            w1[:, :, i] = q
+            errors[:, :, i] = err
+        w[:, :, i1:i2] = w1
+        pruned[:, :, i1:i2] = mask1
+        if i2 < cols:
+            w[:, :, i2:] -= torch.bmm(errors, u[:, i1:i2, i2:])
+    return w, pruned
+
+
+def group_zero_counts(n_zero: int, groups: int) -> torch.Tensor:
+    """A layer's count split over its groups as evenly as whole numbers allow (exact total)."""
+    return torch.tensor([(n_zero * (g + 1)) // groups - (n_zero * g) // groups for g in range(groups)])
+
+
+def prune_layer(layer: PrunableLayer, hessian: torch.Tensor, n_zero: int, pattern: Pattern,
+                blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP) -> torch.Tensor:
+    """SparseGPT on one Conv2d/Linear in place; returns its {0,1} mask in the weight's shape."""
+    weight = layer.module.weight
+    grouped = grouped_weight(layer).to(compute_dtype(weight))
+    zeros = group_zero_counts(n_zero, grouped.shape[0])
+    new, pruned = sparsegpt_prune(grouped, hessian, zeros, pattern, blocksize, percdamp)
+    weight.data.copy_(new.reshape(weight.shape).to(weight.dtype))
+    return (~pruned).reshape(weight.shape).to(weight.dtype)
+
+
+class SparseGPT(PTSAlgorithm):
+    name = "sparsegpt"
+    supports_nm_pattern = True
+
+    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
+                 allocation_label: str | None = None, blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
+                 batch_size: int = 64):
+        self.alloc = AllocationChoice(allocation, float(erk_power_scale), allocation_file, allocation_label).check()
+        if int(blocksize) < 1:
+            raise ConfigError(f"algorithm.blocksize={blocksize} must be a positive number of columns (default 128).")
+        if not float(percdamp) > 0:
+            raise ConfigError(f"algorithm.percdamp={percdamp} must be > 0 (a fraction of the mean Hessian diagonal).")
+        self.blocksize = int(blocksize)
+        self.percdamp = float(percdamp)
+        self.batch_size = int(batch_size)  # calibration images per forward pass (memory, not results)
+
+    def options(self) -> dict[str, Any]:
+        return {**self.alloc.options(), "blocksize": self.blocksize, "percdamp": self.percdamp}
+
+    @property
+    def label(self) -> str:
+        return f"sparsegpt-{self.alloc.describe(self.pattern)}"
+
+    def validate(self, layers: list[PrunableLayer], target: float) -> None:
+        check_supported(layers)
+        self.alloc.validate(layers, target, self.pattern)
+
+    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
+        counts = self.alloc.counts(layers, target, self.pattern)
+        masks = {ly.name: magnitude_mask(ly.weight, 0) for ly in layers}
+
+        def finish(layer: PrunableLayer, stat: Hessian) -> None:
+            masks[layer.name] = prune_layer(layer, stat.matrix(), counts[layer.name], self.pattern,
+                                            self.blocksize, self.percdamp)
+
+        todo = [ly for ly in layers if counts[ly.name] > 0]  # dense layers keep their weights untouched
+        passes = sequential_prune(model, todo, ctx.calib, self.batch_size, Hessian, finish,
+                                  progress=ctx.progress, desc="sparsegpt") if todo else 0
+        return PruneResult(model=model, allocation=rates(layers, counts), masks=masks,
+                           stats={"calib_passes": passes, "layers_pruned": len(todo)})

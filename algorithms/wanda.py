@@ -1,0 +1,113 @@
+"""Wanda: pruning by weights and activations (Sun, Liu, Bair, Kolter, ICLR 2024), one shot, no weight update.
+
+Specification (paper, and locuslab/wanda `lib/prune.py`, `image_classifiers/prune_utils.py`):
+* Score of weight (o, j): S_oj = |W_oj| * ||X_j||_2, the norm of input feature j over every calibration
+  token or position.
+* Comparison group: each output row separately; a row loses its lowest-scoring weights. Under N:M each
+  group of M consecutive inputs of a row keeps its N highest scores.
+* No weight update, one pass of input statistics per layer; layers are pruned in module order, block by
+  block, each block calibrated on the outputs of the blocks already pruned (`ptsbench.layerwise`).
+
+Vision adaptation (our choices; the reference prunes only the Linear layers of ViT/DeiT/ConvNeXt blocks):
+* Conv2d, grouped and depthwise included: feature j of weight (o, c, ky, kx) is the unfolded patch entry
+  (c, ky, kx) of o's group, over all output positions and images; padding zeros count as zeros. Pruning
+  convolutions this way is our extension: tables should say so.
+* Counts: a layer loses exactly its allocation's count (the audit demands round(p * n)). Every row loses
+  floor(count / rows); the remainder goes to the rows whose next weight has the lowest score. The
+  reference drops int(cols * p) per row, so its layers land a little under p; masks agree otherwise.
+* The per-layer rate comes from the allocation axis (uniform in the paper; ERK, global, global-L2 or
+  another job's allocation here), and N:M from the top-level `pattern` key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
+from algorithms.magnitude import AllocationChoice, pattern_masks
+from ptsbench.layerwise import check_supported, layer_groups, sequential_prune
+from ptsbench.patterns import Pattern
+from ptsbench.sparsity import PrunableLayer, magnitude_mask, rates
+
+
+class InputNorms:
+    """Squared L2 norm of each (group, input feature) over all calibration positions."""
+
+    def __init__(self, layer: PrunableLayer):
+        w = layer.module.weight
+        g = layer_groups(layer)
+        self.squares = torch.zeros(g, w[0].numel(), dtype=torch.float32, device=w.device)
+
+    def add(self, x: torch.Tensor) -> None:
+        self.squares += x.float().pow(2).sum(dim=-1)
+
+
+def wanda_scores(weight: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
+    """|W| * ||X_j|| with the weight's shape; row o reads the norms of its own group."""
+    rows = weight.shape[0]
+    norms = squares.sqrt().repeat_interleave(rows // squares.shape[0], dim=0)
+    return (weight.detach().float().reshape(rows, -1).abs() * norms).view(weight.shape)
+
+
+def row_mask(scores: torch.Tensor, n_zero: int) -> torch.Tensor:
+    """{0,1} mask removing exactly `n_zero` entries, the lowest scores of each row (rows = dim 0).
+
+    Each row loses floor(n_zero / rows); the remaining ones go to the rows whose next-lowest score is the
+    smallest, ties broken by row index, so the count is exact and the comparison stays within rows.
+    """
+    flat = scores.reshape(scores.shape[0], -1)
+    rows, cols = flat.shape
+    base, extra = divmod(int(n_zero), rows)
+    order = torch.sort(flat, dim=1, stable=True)
+    drop = torch.zeros_like(flat, dtype=torch.bool)
+    drop.scatter_(1, order.indices[:, :base], True)
+    if extra:
+        next_rows = torch.sort(order.values[:, base], stable=True).indices[:extra]
+        drop[next_rows, order.indices[next_rows, base]] = True
+    return (~drop).to(scores.dtype).view_as(scores)
+
+
+def wanda_mask(layer: PrunableLayer, squares: torch.Tensor, n_zero: int, pattern: Pattern) -> torch.Tensor:
+    scores = wanda_scores(layer.module.weight, squares)
+    if pattern.is_nm:
+        return pattern_masks([layer], {layer.name: n_zero}, pattern, {layer.name: scores})[layer.name]
+    return row_mask(scores, n_zero)
+
+
+class Wanda(PTSAlgorithm):
+    name = "wanda"
+    supports_nm_pattern = True
+
+    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
+                 allocation_label: str | None = None, batch_size: int = 64):
+        self.alloc = AllocationChoice(allocation, float(erk_power_scale), allocation_file, allocation_label).check()
+        self.batch_size = int(batch_size)  # calibration images per forward pass (memory, not results)
+
+    def options(self) -> dict[str, Any]:
+        return self.alloc.options()
+
+    @property
+    def label(self) -> str:
+        return f"wanda-{self.alloc.describe(self.pattern)}"
+
+    def validate(self, layers: list[PrunableLayer], target: float) -> None:
+        check_supported(layers)
+        self.alloc.validate(layers, target, self.pattern)
+
+    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
+        counts = self.alloc.counts(layers, target, self.pattern)
+        masks = {ly.name: magnitude_mask(ly.weight, 0) for ly in layers}
+
+        def finish(layer: PrunableLayer, stat: InputNorms) -> None:
+            mask = wanda_mask(layer, stat.squares, counts[layer.name], self.pattern).to(layer.module.weight.dtype)
+            layer.module.weight.data.mul_(mask)
+            masks[layer.name] = mask
+
+        todo = [ly for ly in layers if counts[ly.name] > 0]  # dense layers need no statistics
+        passes = sequential_prune(model, todo, ctx.calib, self.batch_size, InputNorms, finish,
+                                  progress=ctx.progress, desc="wanda") if todo else 0
+        return PruneResult(model=model, allocation=rates(layers, counts), masks=masks,
+                           stats={"calib_passes": passes, "layers_pruned": len(todo)})

@@ -1,0 +1,148 @@
+"""The sequential calibration pass shared by the one-shot methods (Wanda, SparseGPT).
+
+A layer computes y = W x. For a Linear, x is a token (a ViT's tokens, or one vector per image); for a
+Conv2d the input is unfolded into patches, so a weight (o, c, ky, kx) multiplies the patch entry
+j = (c, ky, kx) at every output position: W is (out, in/groups x kh x kw) and the layer's "inputs" are the
+patch columns over all positions and calibration images, split per group (a depthwise conv is `groups`
+layers of kh x kw inputs each). Stride, padding and dilation come from the conv; padding zeros enter as
+zeros. Statistics are accumulated batch by batch, so no layer's full input is ever stored.
+
+Order, as in the reference code (locuslab/wanda `prune_wanda`, IST-DASLab/sparsegpt `opt_sequential`):
+layers are pruned in module order, a block at a time. The calibration set runs through the model whose
+earlier blocks are already pruned (and, for SparseGPT, updated); hooks collect the statistics of every
+prunable layer of the current block in that one pass, which stops as soon as they have all fired; the
+block's layers are then pruned together. Layers outside blocks (stem, classifier) are blocks of their own.
+Running the network from its input for each block is our choice: it needs no knowledge of how a timm
+model wires its blocks together, at the cost of recomputing the pruned prefix once per block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ptsbench.data import CalibrationSet
+from ptsbench.distill import find_blocks
+from ptsbench.errors import ConfigError
+from ptsbench.sparsity import PrunableLayer
+
+
+class InputStatistic(Protocol):
+    """What a method accumulates about a layer's inputs: `add` takes one batch as (groups, cols, n)."""
+
+    def add(self, x: torch.Tensor) -> None: ...
+
+
+class _AllFired(Exception):
+    """Raised by a hook once every layer of the block has seen the batch: the rest of the forward is waste."""
+
+
+def check_supported(layers: list[PrunableLayer]) -> None:
+    """Refuse layers whose input cannot be unfolded from the module's own settings (before any work)."""
+    for ly in layers:
+        module = ly.module
+        if isinstance(module, nn.Conv2d):
+            # timm's Conv2dSame pads inside its own forward, so the hooked input lacks that padding.
+            if type(module).forward is not nn.Conv2d.forward or module.padding_mode != "zeros":
+                raise ConfigError(f"Layer {ly.name} ({type(module).__name__}, padding_mode={module.padding_mode!r}) "
+                                  "pads its input itself; the one-shot methods unfold plain zero-padded Conv2d only.")
+            if isinstance(module.padding, str) and module.padding != "valid":
+                raise ConfigError(f"Layer {ly.name} uses padding={module.padding!r}; give explicit padding sizes.")
+        elif not isinstance(module, nn.Linear):
+            raise ConfigError(f"Layer {ly.name} is a {type(module).__name__}; the one-shot methods take Conv2d and Linear.")
+
+
+def layer_groups(layer: PrunableLayer) -> int:
+    return layer.module.groups if isinstance(layer.module, nn.Conv2d) else 1
+
+
+def grouped_weight(layer: PrunableLayer) -> torch.Tensor:
+    """The weight as (groups, out/groups, in/groups x kh x kw): one matrix per independent sub-layer."""
+    w = layer.module.weight.detach()
+    g = layer_groups(layer)
+    return w.reshape(g, w.shape[0] // g, -1)
+
+
+def unfold_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as (groups, cols per group, n): column j of group g is what weight column j reads."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1]).t().unsqueeze(0)
+    padding = 0 if module.padding == "valid" else module.padding
+    patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    b, cols, positions = patches.shape
+    g = module.groups
+    return patches.view(b, g, cols // g, positions).permute(1, 2, 0, 3).reshape(g, cols // g, b * positions)
+
+
+def block_passes(model: nn.Module, layers: list[PrunableLayer]) -> list[list[PrunableLayer]]:
+    """Consecutive prunable layers of the same block, in module order; a layer outside blocks is alone."""
+    blocks = find_blocks(model)
+
+    def owner(name: str) -> str:
+        return next((b for b in blocks if name.startswith(b + ".")), name)
+
+    passes: list[list[PrunableLayer]] = []
+    last = None
+    for ly in layers:
+        key = owner(ly.name)
+        if passes and key == last:
+            passes[-1].append(ly)
+        else:
+            passes.append([ly])
+        last = key
+    return passes
+
+
+def collect(model: nn.Module, block: list[PrunableLayer], calib: CalibrationSet, batch_size: int,
+            begin: Callable[[PrunableLayer], InputStatistic]) -> dict[str, InputStatistic]:
+    """Run the calibration set through `model` up to the last layer of `block`, accumulating each layer's
+    unfolded inputs into the statistic `begin` makes for it."""
+    stats = {ly.name: begin(ly) for ly in block}
+    waiting: set[str] = set()
+
+    def hook_for(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            stats[name].add(unfold_input(module, args[0].detach()))
+            waiting.discard(name)
+            if not waiting:
+                raise _AllFired
+
+        return hook
+
+    handles = [ly.module.register_forward_hook(hook_for(ly.name)) for ly in block]
+    device = block[0].module.weight.device
+    try:
+        with torch.no_grad():
+            for images, _ in calib.batches(batch_size):
+                waiting.update(ly.name for ly in block)
+                with contextlib.suppress(_AllFired):
+                    model(images.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def sequential_prune(model: nn.Module, layers: list[PrunableLayer], calib: CalibrationSet, batch_size: int,
+                     begin: Callable[[PrunableLayer], InputStatistic],
+                     finish: Callable[[PrunableLayer, InputStatistic], None],
+                     progress: bool = False, desc: str = "one-shot pruning") -> int:
+    """Prune `layers` block by block with `finish(layer, statistic)`, each block calibrated on the outputs
+    of the blocks already pruned. Returns the number of calibration passes (one per block)."""
+    passes = block_passes(model, layers)
+    was_training = model.training
+    model.eval()
+    try:
+        for block in tqdm(passes, desc=desc, disable=not progress):
+            stats = collect(model, block, calib, batch_size, begin)
+            for ly in block:
+                finish(ly, stats[ly.name])
+    finally:
+        model.train(was_training)
+    return len(passes)
