@@ -57,6 +57,15 @@ def save_compact_form(model: nn.Module, sparse_weights: Iterable[str], path: Pat
     return path.stat().st_size
 
 
+def is_compact_form(path: Path) -> bool:
+    """Whether `path` is a safetensors file written by `save_compact_form` (read from its header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == "ptsbench-compact"
+    except Exception:  # not safetensors at all: the caller's reader reports it
+        return False
+
+
 def read_compact_form(path: Path) -> dict[str, torch.Tensor]:
     """Rebuild the full state dict from a compact file."""
     try:

@@ -1,14 +1,26 @@
-"""Structured-config schemas: a misspelt key in a config file or a value of the wrong type fails when
-Hydra composes the config, before any work starts. The algorithm group is free-form: each algorithm's
-constructor is its schema."""
+"""Structured-config schemas and the checks that run on a composed config before any work starts.
+
+A misspelt key in a config file or a value of the wrong type fails when Hydra composes the config. Two
+things get past composition and are caught by `check_config` instead: keys added with `+` (Hydra adds
+them inside `open_dict`, which lifts the schema's struct flag) and values of the right type but outside
+their range (`calib.n=0`, `train.lr=-1`). The algorithm group is free-form: each algorithm's constructor
+is its schema (`check_constructor_keys`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from ptsbench.errors import ConfigError, unknown_key
+from ptsbench.sparsity import PrunePolicy
 
 
 @dataclass
@@ -18,9 +30,11 @@ class ModelConfig:
     img_size: int | None = None  # input size; None follows the dataset
     img_size_arg: bool = False  # the architecture takes img_size (ViT)
     checkpoint: str | None = None  # dense weights: safetensors or a weights-only torch file, or pkg:<module>/<path>
+    checkpoint_sha256: str | None = None  # pins the checkpoint file's content (the shipped zoo weights)
     checkpoint_layout: str = "timm"  # key names in the checkpoint: timm | lukemelas_efficientnet
     pretrained: bool = False  # timm hub weights (needs network)
     train_overrides: dict[str, Any] = field(default_factory=dict)  # per-model changes to the train recipe
+    sweep_sparsities: list[float] | None = None  # the range where this model discriminates between methods
 
 
 @dataclass
@@ -71,25 +85,18 @@ class EvalConfig:
 
 
 @dataclass
-class PrunePolicyConfig:
-    first_conv: bool = True
-    classifier: bool = True
-    depthwise: bool = True
-    attention: bool = True
-
-
-@dataclass
 class PtsbenchConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     calib: CalibConfig = field(default_factory=CalibConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    prune_policy: PrunePolicyConfig = field(default_factory=PrunePolicyConfig)
+    prune_policy: PrunePolicy = field(default_factory=PrunePolicy)  # the policy class is its own schema
     algorithm: Any = MISSING
     logger: Any = None
     # sparsity stays untyped here so that a bad value reaches ptsbench's own check, which names it
     sparsity: Any = 0.5
+    pattern: str = "unstructured"  # unstructured | N:M (N kept of every M consecutive weights of a row)
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
@@ -103,3 +110,155 @@ class PtsbenchConfig:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="ptsbench_schema", node=PtsbenchConfig)
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of one numeric option, phrased the way the error message shows them."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # `low` itself is not allowed
+    high_open: bool = False  # `high` itself is not allowed
+    whole: bool = False  # a whole number
+    nullable: bool = False  # null means "not set" (no limit, torch's default ...)
+
+    def allows(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.whole and value != int(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def describe(self) -> str:
+        kind = "a whole number" if self.whole else "a number"
+        if self.low is not None and self.high is not None:
+            text = f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            text = f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            text = f"a finite {kind[2:]}"
+        return text + (" or null" if self.nullable else "")
+
+
+COUNT = Range(1, whole=True)  # a number of images, threads, a batch size
+OPTIONAL_COUNT = Range(1, whole=True, nullable=True)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+
+# Numeric options outside the algorithm group; seeds are any whole number (typed int by the schema).
+RANGES: dict[str, Range] = {
+    "threads": OPTIONAL_COUNT,
+    "model.img_size": OPTIONAL_COUNT,
+    "data.img_size": OPTIONAL_COUNT,
+    "data.limit_train": OPTIONAL_COUNT,
+    "data.limit_test": OPTIONAL_COUNT,
+    "data.num_workers": Range(0, whole=True),
+    "data.crop_pct": Range(0, 1, low_open=True, nullable=True),
+    "calib.n": COUNT,
+    "calib.batch_size": COUNT,
+    "eval.batch_size": COUNT,
+}
+# The dense training recipe; checked after `model.train_overrides` is applied, so an override is named.
+TRAIN_RANGES: dict[str, Range] = {
+    "epochs": POSITIVE,
+    "batch_size": COUNT,
+    "lr": POSITIVE,
+    "min_lr": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "warmup_epochs": NON_NEGATIVE,
+    "warmup_lr": NON_NEGATIVE,
+    "label_smoothing": Range(0, 1, high_open=True),
+    "max_shift": Range(0, whole=True),
+}
+
+
+def unknown_keys(node: DictConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """(dotted key, the keys its schema allows) for every key a structured node's dataclass lacks.
+
+    Hydra's `+key=value` adds keys under `open_dict`, so the schema's struct flag does not stop them;
+    the node keeps its dataclass type, which is what this compares against.
+    """
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    allowed = [f.name for f in dataclasses.fields(schema)]
+    found: list[tuple[str, list[str]]] = []
+    for key in node:
+        if key not in allowed:
+            found.append((f"{prefix}{key}", allowed))
+        elif dataclasses.is_dataclass(OmegaConf.get_type(node, key)):
+            found.extend(unknown_keys(node[key], f"{prefix}{key}."))
+    return found
+
+
+def check_schema_keys(cfg: DictConfig) -> None:
+    """Fail on the first key the schema does not declare, naming every unknown key found."""
+    found = unknown_keys(cfg)
+    overrides = cfg.model.get("train_overrides") if "model" in cfg else None
+    train_fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    found += [(f"model.train_overrides.{k}", train_fields) for k in (overrides or {}) if k not in train_fields]
+    if found:
+        key, allowed = found[0]
+        parent = key.rpartition(".")[0]
+        others = f" Also unknown: {', '.join(k for k, _ in found[1:])}." if len(found) > 1 else ""
+        raise unknown_key(key, parent or "the top level of the config", allowed,
+                          hint="Keys added with + are checked against the schema too." + others)
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Every numeric option inside its range; the training recipe both as given and as overridden by the model."""
+    for key, allowed in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if not allowed.allows(value):
+            raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed.describe()}.")
+    overrides = cfg.model.get("train_overrides") or {}
+    for name, allowed in TRAIN_RANGES.items():
+        for key in [f"train.{name}"] + ([f"model.train_overrides.{name}"] if name in overrides else []):
+            value = OmegaConf.select(cfg, key, default=None)
+            if not allowed.allows(value):
+                raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed.describe()}.")
+    lr, min_lr = (overrides.get(k, cfg.train.get(k)) for k in ("lr", "min_lr"))
+    if min_lr > lr:
+        raise ConfigError(f"train.min_lr={min_lr} is above train.lr={lr}: the cosine schedule decays from lr to min_lr.")
+
+
+def check_constructor_keys(node: DictConfig, key: str) -> None:
+    """Every option of an instantiated node (`algorithm`, `logger`) must be a constructor argument.
+
+    Those groups have no dataclass schema; without this, `+algorithm.foo=1` would only surface as a
+    TypeError from inside `hydra.utils.instantiate`.
+    """
+    target = node.get("_target_")
+    if not target:
+        raise ConfigError(f"{key} has no _target_: pick a config from conf/{key}/.")
+    try:
+        cls = hydra.utils.get_class(str(target))
+    except Exception as exc:  # hydra wraps import errors in several exception types
+        raise ConfigError(f"{key}._target_={target!r} cannot be imported: {exc}") from None
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [name for name in params if name != "self"]
+    unknown = [k for k in node if not str(k).startswith("_") and k not in allowed]
+    if unknown:
+        others = f"Also unknown: {', '.join(f'{key}.{k}' for k in unknown[1:])}." if len(unknown) > 1 else ""
+        raise unknown_key(f"{key}.{unknown[0]}", f"{key}._target_={target} ({cls.__name__})", allowed, hint=others)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Keys and numeric ranges of a composed job config, before anything is loaded or trained."""
+    check_schema_keys(cfg)
+    check_ranges(cfg)
+    check_constructor_keys(cfg.algorithm, "algorithm")
+    if cfg.get("logger"):
+        check_constructor_keys(cfg.logger, "logger")

@@ -26,17 +26,28 @@ class NonFiniteLossError(PtsbenchError):
     """An algorithm's loss became NaN or infinite."""
 
 
-def unknown_choice(what: str, value: object, allowed: Iterable[str], hint: str = "") -> ConfigError:
-    """Build the error for a value outside a known set, with the closest matches first."""
+def _allowed_text(value: object, allowed: Iterable[str], hint: str) -> str:
+    """' Allowed: a, b, c. Did you mean: b? hint' for the tail of an unknown-name error."""
     allowed = sorted(allowed)
     close = difflib.get_close_matches(str(value), allowed, n=3, cutoff=0.5)
     listing = ", ".join(allowed) if len(allowed) <= 30 else ", ".join(allowed[:30]) + f", ... ({len(allowed)} in all)"
-    msg = f"Unknown {what} {value!r}. Allowed: {listing}."
+    msg = f" Allowed: {listing}."
     if close:
         msg += f" Did you mean: {', '.join(close)}?"
     if hint:
         msg += f" {hint}"
-    return ConfigError(msg)
+    return msg
+
+
+def unknown_choice(what: str, value: object, allowed: Iterable[str], hint: str = "") -> ConfigError:
+    """Build the error for a value outside a known set, with the closest matches first."""
+    return ConfigError(f"Unknown {what} {value!r}." + _allowed_text(value, allowed, hint))
+
+
+def unknown_key(key: str, owner: str, allowed: Iterable[str], hint: str = "") -> ConfigError:
+    """Build the error for a config key that `owner` (a config node or a constructor) does not take."""
+    name = key.rpartition(".")[2]
+    return ConfigError(f"Unknown config key {key!r}: {owner} has no option {name!r}." + _allowed_text(name, allowed, hint))
 
 
 def ensure_finite(value: float, what: str, step: int | None = None) -> float:

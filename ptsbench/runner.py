@@ -13,6 +13,9 @@ import platform
 import subprocess
 import time
 import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +26,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import ptsbench
-from algorithms.base import PruneContext, PTSAlgorithm
-from ptsbench.audit import audit_model
+from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
+from ptsbench.audit import Audit, audit_model
 from ptsbench.checkpoint import load_compact_form, save_compact_form, save_dense_form
-from ptsbench.data import DataBundle, sample_calibration
+from ptsbench.config import check_config, check_constructor_keys
+from ptsbench.cost import PruneCost, inference_cost
+from ptsbench.data import CalibrationSet, DataBundle, sample_calibration
 from ptsbench.dense import build_model, load_data, load_dense_weights
-from ptsbench.errors import ConfigError, PtsbenchError
+from ptsbench.errors import ConfigError, DataError, PtsbenchError
 from ptsbench.evaluate import collect_logits, evaluate, logit_fidelity
 from ptsbench.models import stable_hash
+from ptsbench.patterns import check_pattern_target, parse_pattern
 from ptsbench.results import (
     ALLOCATION_FILE,
     CALIB_FILE,
@@ -88,6 +94,7 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def build_algorithm(cfg: DictConfig) -> PTSAlgorithm:
+    check_constructor_keys(cfg.algorithm, "algorithm")
     try:
         algorithm = hydra.utils.instantiate(cfg.algorithm, _convert_="all")
     except hydra.errors.InstantiationException as exc:
@@ -107,6 +114,7 @@ def base_record(cfg: DictConfig) -> dict[str, Any]:
         "algorithm": None,
         "method": None,
         "target_sparsity": cfg.sparsity,
+        "pattern": str(cfg.get("pattern", "unstructured")),
         "seed": cfg.seed,
         "calib_seed": cfg.calib.seed,
         "calib_images": cfg.calib.n,
@@ -126,11 +134,62 @@ def base_record(cfg: DictConfig) -> dict[str, Any]:
 def validate_config(cfg: DictConfig) -> float:
     """Cheap checks that run before anything is loaded or trained; returns the target sparsity."""
     target = check_sparsity(cfg.sparsity)
-    if cfg.calib.n is None or int(cfg.calib.n) < 1:
-        raise ConfigError(f"calib.n={cfg.calib.n!r} must be a positive whole number of images.")
+    check_pattern_target(parse_pattern(cfg.get("pattern", "unstructured")), target)
+    check_config(cfg)
     if int(cfg.calib.n) < int(cfg.calib.batch_size):
         raise ConfigError(f"calib.n={cfg.calib.n} is below one calibration batch (calib.batch_size={cfg.calib.batch_size}).")
     return target
+
+
+def check_not_empty(cfg: DictConfig, data: DataBundle) -> None:
+    """An empty split would evaluate to a NaN top-1 (or calibrate on nothing) and still exit 0."""
+    for split, dataset, keys in (("train", data.train, "data.train_split, data.limit_train"),
+                                 ("evaluation", data.test, "data.val_split, data.limit_test")):
+        if len(dataset) == 0:
+            raise DataError(f"The {split} set of data={cfg.data.name} is empty (root={cfg.data.get('root')!r}); "
+                            f"check {keys}.")
+
+
+def _names(layers: list[str], limit: int = 6) -> str:
+    return ", ".join(layers[:limit]) + (f" ... ({len(layers)} layers in all)" if len(layers) > limit else "")
+
+
+def target_missed(audit: Audit, dense_zeros: Mapping[str, int]) -> str | None:
+    """Why the audited zeros do not deliver the plan, or None when they do.
+
+    The criterion, on zeros counted in the returned weights (never the method's own count): in every
+    layer, the zeros are within one weight of the allocation's count (allocated sparsity x weights), and
+    over all prunable layers they are within one weight per layer of target x prunable weights.
+    """
+    rows = audit.layers
+    planned = rows["target_sparsity"].astype(float) * rows["params"]
+    gap = rows["zeros"] - planned
+    unplanned = rows.loc[planned.isna(), "name"].tolist()
+    over = rows.loc[gap > 1 + 1e-6, "name"].tolist()
+    under = rows.loc[gap < -1 - 1e-6, "name"].tolist()
+    already = [n for n, count in zip(rows["name"], planned, strict=True)
+               if n in over and dense_zeros.get(n, 0) > count + 1]
+    over = [n for n in over if n not in already]
+    reasons = []
+    if already:
+        first = rows.index[rows["name"] == already[0]][0]
+        n = int(rows.at[first, "params"])
+        reasons.append(f"the dense checkpoint is already sparser than this allocation in layers {_names(already)} "
+                       f"({already[0]}: {dense_zeros[already[0]]} of {n} weights zero before pruning, "
+                       f"{dense_zeros[already[0]] / n:.1%}; the allocation asks for {planned[first]:.0f}, "
+                       f"{planned[first] / n:.1%})")
+    for names, what in ((over, "more zeros than"), (under, "fewer zeros than")):
+        if names:
+            reasons.append(f"layers {_names(names)} have {what} their allocation")
+    if unplanned:
+        reasons.append(f"the method gave no allocation for layers {_names(unplanned)}")
+    # An N:M pattern leaves the layers whose rows do not split into groups of M dense, by its rule.
+    excess = audit.zeros - audit.target * (audit.prunable_params - audit.pattern.get("pattern_dense_params", 0))
+    if abs(excess) > len(rows) + 1e-6:
+        reasons.append(f"achieved sparsity {audit.achieved:.6f} is {abs(excess):.0f} weights "
+                       f"{'above' if excess > 0 else 'below'} the target {audit.target:g} "
+                       f"(tolerance: {len(rows)} weights, one per layer)")
+    return "Target missed: " + "; ".join(reasons) + "." if reasons else None
 
 
 def find_finished(config_id: str, dirs: list[Path]) -> Path | None:
@@ -165,12 +224,155 @@ def save_and_verify_sparse(model: nn.Module, layers: list[PrunableLayer], cfg: D
             "reload_achieved_sparsity": reloaded.achieved}
 
 
+@dataclass
+class PreparedJob:
+    """Everything the prune step needs, built and checked before any long work finishes."""
+
+    algorithm: PTSAlgorithm
+    target: float
+    device: torch.device
+    data: DataBundle
+    calib: CalibrationSet
+    model: nn.Module
+    layers: list[PrunableLayer]
+    dense_zeros: dict[str, int]  # zeros per prunable layer before pruning: explains a missed target
+    dense_logits: torch.Tensor | None
+
+
+class JobLog:
+    """The record of one job and the tracker run that mirrors it."""
+
+    def __init__(self, record: dict[str, Any], out_dir: Path, tracker: Tracker):
+        self.record, self.out_dir, self.tracker = record, out_dir, tracker
+        self.tracker_started = False
+
+    def start_tracker(self, **kwargs: Any) -> None:
+        self.tracker.start(**kwargs)
+        self.tracker_started = True
+
+
+@contextmanager
+def recorded(record: dict[str, Any], out_dir: Path, tracker: Tracker) -> Iterator[JobLog]:
+    """Write result.json and finish the tracker run however the job ends.
+
+    An exception becomes status failed (with its message, and a traceback unless it is a user error) and
+    is re-raised as JobFailed for the caller's policy; an interrupt is recorded and re-raised as is.
+    """
+    job = JobLog(record, out_dir, tracker)
+    try:
+        yield job
+    except KeyboardInterrupt:
+        record.update(status="interrupted", error="KeyboardInterrupt")
+        raise
+    except Exception as exc:
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        if not isinstance(exc, PtsbenchError):
+            record["traceback"] = traceback.format_exc()
+        raise JobFailed(record) from exc
+    finally:
+        record["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        write_json(out_dir / RESULT_FILE, record)
+        if job.tracker_started:
+            tracker.finish(_summary(record), failed=record["status"] != "ok")
+
+
+def prepare(cfg: DictConfig, job: JobLog, sweep: str) -> PreparedJob:
+    """Build and check everything (config, data, calibration draw, model, layers), then the dense weights.
+
+    Everything that can be checked is checked before dense training or any other long work.
+    """
+    record = job.record
+    algorithm = build_algorithm(cfg)  # first, so a failed record still names its method
+    record.update(algorithm=algorithm.name, method=algorithm.label, algorithm_options=algorithm.options())
+    algorithm.set_pattern(parse_pattern(cfg.get("pattern", "unstructured")))  # refuses N:M if it cannot follow it
+    record["method"] = algorithm.label  # names an N:M pattern
+    target = validate_config(cfg)
+    name = f"{cfg.model.name}-{algorithm.label}-{target:g}-s{cfg.seed}"
+    job.start_tracker(name=name, group=sweep, job_type=algorithm.name, config=OmegaConf.to_container(cfg, resolve=True),
+                      tags=[cfg.model.name, cfg.data.name, algorithm.name], dir=str(job.out_dir))
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(cfg.device)
+    record["device"] = str(device)
+    cache_dir = Path(str(cfg.cache_dir)).expanduser()
+
+    data = load_data(cfg, cache_dir)
+    check_not_empty(cfg, data)
+    calib = sample_calibration(data.train, int(cfg.calib.n), int(cfg.calib.seed), int(cfg.calib.batch_size))
+    model = build_model(cfg, data)
+    policy = PrunePolicy.from_config(cfg.prune_policy)
+    layers = find_prunable_layers(model, policy)
+    log.info(describe_policy(layers, policy))
+    algorithm.validate(layers, target)
+
+    dense = load_dense_weights(cfg, model, data, cache_dir, device, progress=bool(cfg.progress))
+    record.update(dense_top1=dense.top1, dense_top5=dense.top5, dense_source=dense.source, dense_key=dense.key,
+                  dense_sha256=dense.sha256,
+                  dense_train_seconds=dense.info.get("train_seconds"))
+    dense_zeros = {ly.name: int((ly.weight == 0).sum()) for ly in layers}
+    # On a probe set (a few dozen images) top-1 moves in coarse steps, so the dense logits are kept to
+    # measure how closely the sparse model follows them; the algorithm may change `model` in place.
+    dense_logits = (collect_logits(model, data.test, device, int(cfg.eval.batch_size))
+                    if cfg.data.get("probe") else None)
+    calib.data.images = calib.data.images.to(device)
+    calib.data.labels = calib.data.labels.to(device)
+    write_json(job.out_dir / CALIB_FILE, {"seed": calib.seed, "n": len(calib), "indices": calib.indices,
+                                          "split": "train", "dataset": cfg.data.name})
+    return PreparedJob(algorithm, target, device, data, calib, model, layers, dense_zeros, dense_logits)
+
+
+def prune_and_audit(cfg: DictConfig, job: JobLog, prep: PreparedJob) -> tuple[PruneResult, list[PrunableLayer], Audit]:
+    """Run the algorithm, then count its zeros ourselves on the model it returned."""
+    torch.manual_seed(int(cfg.seed))
+    ctx = PruneContext(calib=prep.calib, device=prep.device, seed=int(cfg.seed), progress=bool(cfg.progress),
+                       log_metrics=job.tracker.log, workdir=job.out_dir)
+    start = time.perf_counter()
+    with PruneCost(prep.model, prep.device) as cost:  # passes and peak memory, counted by the harness
+        result = prep.algorithm.prune(prep.model, prep.layers, prep.target, ctx)
+    job.record["prune_seconds"] = time.perf_counter() - start
+    job.record.update(cost.record())
+
+    sparse_layers = [PrunableLayer(ly.name, result.model.get_submodule(ly.name), ly.kind) for ly in prep.layers]
+    audit = audit_model(result.model, sparse_layers, prep.target, result.allocation, pattern=prep.algorithm.pattern)
+    job.record.update(audit.summary())
+    write_csv(job.out_dir / ALLOCATION_FILE, audit.layers)
+    for table_name, table in result.tables.items():
+        write_csv(job.out_dir / f"{table_name}.csv", table)
+    return result, sparse_layers, audit
+
+
+def evaluate_and_save(cfg: DictConfig, job: JobLog, prep: PreparedJob, result: PruneResult,
+                      sparse_layers: list[PrunableLayer], audit: Audit) -> None:
+    """Top-1/top-5 of the sparse model, the status (ok or target_missed), and the optional checkpoints."""
+    record, device = job.record, prep.device
+    ev = evaluate(result.model, prep.data.test, device, batch_size=int(cfg.eval.batch_size),
+                  num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last))
+    missed = target_missed(audit, prep.dense_zeros)
+    record.update(top1=ev.top1, top5=ev.top5, eval_images=ev.images, eval_seconds=ev.seconds,
+                  eval_images_per_second=ev.images_per_second, stats=result.stats,
+                  status="target_missed" if missed else "ok", error=missed)
+    record.update(inference_cost(result.model, sparse_layers, prep.data.test, device, prep.algorithm.pattern,
+                                 int(cfg.eval.batch_size)))
+    if missed:
+        log.error("%s", missed)
+    if prep.dense_logits is not None:
+        record.update(logit_fidelity(prep.dense_logits, collect_logits(result.model, prep.data.test, device,
+                                                                       int(cfg.eval.batch_size))))
+    log.info("%s on %s at target %.3f (achieved %.4f): dense top-1 %.2f%%, sparse top-1 %.2f%% (top-5 %.2f%%), "
+             "pruned in %.1f s", prep.algorithm.label, cfg.model.name, prep.target, audit.achieved,
+             record["dense_top1"], ev.top1, ev.top5, record["prune_seconds"])
+    if cfg.get("save_sparse"):
+        record.update(save_and_verify_sparse(result.model, sparse_layers, cfg, prep.data, job.out_dir, device,
+                                             ev.top1))
+    job.tracker.log_table("allocation", audit.layers)
+
+
 def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, sweep: str = "single",
             resume_dirs: list[Path] | None = None) -> dict[str, Any]:
-    """Run one job and write its files into `out_dir`; returns the record (status ok or failed).
+    """Run one job and write its files into `out_dir`; returns the record (status ok or target_missed).
 
-    With `cfg.resume`, a job whose config hash already finished under `resume_dirs` (default: `out_dir`)
-    is skipped and the earlier record returned.
+    A failure is recorded (status failed) and raised as JobFailed. With `cfg.resume`, a job whose config
+    hash already finished under `resume_dirs` (default: `out_dir`) is skipped and the earlier record returned.
     """
     record = base_record(cfg)
     if cfg.get("resume"):
@@ -181,90 +383,11 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
             previous["skipped"] = True
             return previous
     out_dir.mkdir(parents=True, exist_ok=True)
-    tracker = tracker or Tracker()
     record["job_dir"] = str(out_dir)
-    tracker_started = False
-    try:
-        algorithm = build_algorithm(cfg)  # first, so a failed record still names its method
-        record.update(algorithm=algorithm.name, method=algorithm.label, algorithm_options=algorithm.options())
-        target = validate_config(cfg)
-        name = f"{cfg.model.name}-{algorithm.label}-{target:g}-s{cfg.seed}"
-        tracker.start(name=name, group=sweep, job_type=algorithm.name,
-                      config=OmegaConf.to_container(cfg, resolve=True),
-                      tags=[cfg.model.name, cfg.data.name, algorithm.name], dir=str(out_dir))
-        tracker_started = True
-        if cfg.get("threads"):
-            torch.set_num_threads(int(cfg.threads))
-        device = resolve_device(cfg.device)
-        record["device"] = str(device)
-        cache_dir = Path(str(cfg.cache_dir)).expanduser()
-
-        # Everything that can be checked is checked before dense training or any other long work.
-        data = load_data(cfg, cache_dir)
-        calib = sample_calibration(data.train, int(cfg.calib.n), int(cfg.calib.seed), int(cfg.calib.batch_size))
-        model = build_model(cfg, data)
-        policy = PrunePolicy.from_config(cfg.prune_policy)
-        layers = find_prunable_layers(model, policy)
-        log.info(describe_policy(layers, policy))
-        algorithm.validate(layers, target)
-
-        dense = load_dense_weights(cfg, model, data, cache_dir, device, progress=bool(cfg.progress))
-        record.update(dense_top1=dense.top1, dense_top5=dense.top5, dense_source=dense.source, dense_key=dense.key,
-                      dense_train_seconds=dense.info.get("train_seconds"))
-        # On a probe set (a few dozen images) top-1 moves in coarse steps, so the dense logits are kept to
-        # measure how closely the sparse model follows them; the algorithm may change `model` in place.
-        dense_logits = (collect_logits(model, data.test, device, int(cfg.eval.batch_size))
-                        if cfg.data.get("probe") else None)
-        calib.data.images = calib.data.images.to(device)
-        calib.data.labels = calib.data.labels.to(device)
-        write_json(out_dir / CALIB_FILE, {"seed": calib.seed, "n": len(calib), "indices": calib.indices,
-                                          "split": "train", "dataset": cfg.data.name})
-
-        torch.manual_seed(int(cfg.seed))
-        ctx = PruneContext(calib=calib, device=device, seed=int(cfg.seed), progress=bool(cfg.progress),
-                           log_metrics=tracker.log, workdir=out_dir)
-        start = time.perf_counter()
-        result = algorithm.prune(model, layers, target, ctx)
-        record["prune_seconds"] = time.perf_counter() - start
-
-        # The harness's own accounting, on the model the algorithm returned.
-        sparse_layers = [PrunableLayer(ly.name, result.model.get_submodule(ly.name), ly.kind) for ly in layers]
-        audit = audit_model(result.model, sparse_layers, target, result.allocation)
-        record.update(audit.summary())
-        write_csv(out_dir / ALLOCATION_FILE, audit.layers)
-        for table_name, table in result.tables.items():
-            write_csv(out_dir / f"{table_name}.csv", table)
-
-        ev = evaluate(result.model, data.test, device, batch_size=int(cfg.eval.batch_size),
-                      num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last))
-        record.update(top1=ev.top1, top5=ev.top5, eval_images=ev.images, eval_seconds=ev.seconds,
-                      eval_images_per_second=ev.images_per_second, stats=result.stats, status="ok")
-        if dense_logits is not None:
-            record.update(logit_fidelity(dense_logits, collect_logits(result.model, data.test, device,
-                                                                      int(cfg.eval.batch_size))))
-        log.info("%s on %s at target %.3f (achieved %.4f): dense top-1 %.2f%%, sparse top-1 %.2f%% (top-5 %.2f%%), "
-                 "pruned in %.1f s", algorithm.label, cfg.model.name, target, audit.achieved, dense.top1, ev.top1,
-                 ev.top5, record["prune_seconds"])
-        if cfg.get("save_sparse"):
-            record.update(save_and_verify_sparse(result.model, sparse_layers, cfg, data, out_dir, device, ev.top1))
-        tracker.log_table("allocation", audit.layers)
-    except KeyboardInterrupt:
-        record.update(status="interrupted", error="KeyboardInterrupt")
-        raise
-    except Exception as exc:  # recorded, then re-raised as JobFailed for the caller's policy
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        if not isinstance(exc, PtsbenchError):
-            record["traceback"] = traceback.format_exc()
-        raise_after = exc
-    else:
-        raise_after = None
-    finally:
-        record["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        write_json(out_dir / RESULT_FILE, record)
-        if tracker_started:
-            tracker.finish(_summary(record), failed=record["status"] != "ok")
-    if raise_after is not None:
-        raise JobFailed(record) from raise_after
+    with recorded(record, out_dir, tracker or Tracker()) as job:
+        prep = prepare(cfg, job, sweep)
+        result, sparse_layers, audit = prune_and_audit(cfg, job, prep)
+        evaluate_and_save(cfg, job, prep, result, sparse_layers, audit)
     return record
 
 

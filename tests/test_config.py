@@ -6,6 +6,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from ptsbench.config import check_config
+from ptsbench.errors import ConfigError
 from ptsbench.runner import build_algorithm
 from tests.conftest import CONF, compose_config
 
@@ -20,6 +22,7 @@ def options(group: str) -> list[str]:
 def test_every_option_composes(group, option):
     cfg = compose_config([f"{group}={option}"])
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    check_config(cfg)  # every shipped option passes the key and range checks a job runs first
     if group == "algorithm":
         algo = build_algorithm(cfg)
         assert algo.label
@@ -124,3 +127,58 @@ def test_sparsity_filter_keeps_unnamed_algorithms_and_bad_values():
     assert skipped("algorithms.fcpts.FCPTS", 0.5) and not skipped("algorithms.fcpts.FCPTS", 0.8)
     assert not skipped("algorithms.magnitude.MagnitudePruning", 0.5)
     assert not skipped("algorithms.fcpts.FCPTS", "abc")  # runs, and fails with ptsbench's own message
+
+
+# Each bad value fails in run_job's first step, before data, model or dense training: the cache stays empty.
+BAD_INPUT = [
+    ("threads=0", r"threads=0 is not allowed: it must be a whole number >= 1 or null"),
+    ("data.limit_train=0", r"data.limit_train=0 is not allowed: it must be a whole number >= 1 or null"),
+    ("data.limit_test=0", r"data.limit_test=0 is not allowed: it must be a whole number >= 1 or null"),
+    ("data.num_workers=-1", r"data.num_workers=-1 is not allowed: it must be a whole number >= 0"),
+    ("data.crop_pct=1.5", r"data.crop_pct=1.5 is not allowed: it must be a number in \(0, 1\] or null"),
+    ("model.img_size=0", r"model.img_size=0 is not allowed"),
+    ("calib.n=0", r"calib.n=0 is not allowed: it must be a whole number >= 1"),
+    ("calib.batch_size=0", r"calib.batch_size=0 is not allowed: it must be a whole number >= 1"),
+    ("eval.batch_size=0", r"eval.batch_size=0 is not allowed: it must be a whole number >= 1"),
+    ("train.epochs=0", r"train.epochs=0.0 is not allowed: it must be a number > 0"),
+    ("train.batch_size=0", r"train.batch_size=0 is not allowed: it must be a whole number >= 1"),
+    ("train.lr=-1", r"train.lr=-1.0 is not allowed: it must be a number > 0"),
+    ("train.lr=nan", r"train.lr=nan is not allowed: it must be a number > 0"),
+    ("train.weight_decay=-0.1", r"train.weight_decay=-0.1 is not allowed: it must be a number >= 0"),
+    ("train.label_smoothing=1", r"train.label_smoothing=1.0 is not allowed: it must be a number in \[0, 1\)"),
+    ("train.min_lr=1", r"train.min_lr=1.0 is above train.lr=0.002"),
+    ("model.train_overrides.epochs=-1", r"model.train_overrides.epochs=-1 is not allowed: it must be a number > 0"),
+    ("+foo=1", r"Unknown config key 'foo': the top level of the config has no option 'foo'"),
+    ("+train.foo=1", r"Unknown config key 'train.foo': train has no option 'foo'. Allowed: batch_size"),
+    ("+prune_policy.depthwsie=false", r"Unknown config key 'prune_policy.depthwsie'.*Did you mean: depthwise"),
+    ("+model.train_overrides.lrr=1", r"Unknown config key 'model.train_overrides.lrr'.*Did you mean: lr\?"),
+    ("+algorithm.foo=1", r"Unknown config key 'algorithm.foo': algorithm._target_=algorithms.magnitude.Magnitude"),
+]
+
+
+@pytest.mark.parametrize("override,match", BAD_INPUT, ids=[o for o, _ in BAD_INPUT])
+def test_bad_value_fails_before_any_work(tmp_path, override, match):
+    import json
+
+    from ptsbench.runner import JobFailed, run_job
+
+    cfg = compose_config(["progress=false", override], cache_dir=tmp_path / "cache")
+    with pytest.raises(JobFailed, match=match):
+        run_job(cfg, tmp_path / "job")
+    saved = json.loads((tmp_path / "job" / "result.json").read_text())
+    assert saved["status"] == "failed" and "traceback" not in saved
+    assert not (tmp_path / "cache").exists(), "nothing may be loaded or trained before the checks"
+
+
+def test_unknown_logger_option_fails():
+    with pytest.raises(ConfigError, match=r"Unknown config key 'logger.foo'.*WandbTracker.*Allowed: entity, mode"):
+        check_config(compose_config(["logger=wandb", "+logger.foo=1"]))
+
+
+def test_prune_policy_schema_is_the_policy():
+    from ptsbench.sparsity import PrunePolicy
+
+    cfg = compose_config(["prune_policy.first_conv=false"])
+    policy = OmegaConf.to_object(cfg.prune_policy)
+    assert isinstance(policy, PrunePolicy) and policy == PrunePolicy(first_conv=False)
+    assert PrunePolicy.from_config(cfg.prune_policy) == policy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from ptsbench.checkpoint import read_compact_form, save_compact_form
 from ptsbench.errors import CheckpointError, NonFiniteLossError, ensure_finite
 from ptsbench.results import write_json
-from ptsbench.runner import run_job
+from ptsbench.runner import JobFailed, run_job
 
 
 def test_save_sparse_reloads_with_same_sparsity_and_accuracy(tiny_cfg, tmp_path):
@@ -93,3 +94,113 @@ def test_paths_never_leave_their_root(tmp_path):
     (root / "link").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(ConfigError, match="outside"):
         safe_child(root, "link", "file")
+
+
+def test_presparse_checkpoint_misses_the_target_and_is_flagged(tiny_dense, tiny_cfg, tmp_path):
+    """Uniform 0.5 cannot be met in a layer that is already 80% zeros: the job says so, never ok."""
+    from omegaconf import OmegaConf
+
+    from ptsbench.callbacks import AggregateResults
+    from ptsbench.models import save_state
+
+    model = copy.deepcopy(tiny_dense[0])
+    weight = model.get_submodule("layer1.0.conv1").weight
+    with torch.no_grad():
+        weight[torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) < 0.8] = 0
+    save_state(model, tmp_path / "presparse.safetensors")
+    sweep = tmp_path / "sweep"
+    record = run_job(tiny_cfg(f"model.checkpoint={tmp_path / 'presparse.safetensors'}", "sparsity=0.5"), sweep / "0")
+    assert record["status"] == "target_missed"
+    assert "already sparser than this allocation in layers layer1.0.conv1 " in record["error"]
+    assert "above the target 0.5" in record["error"]
+    assert json.loads((sweep / "0" / "result.json").read_text())["status"] == "target_missed"
+    with pytest.raises(SystemExit) as exit_info:
+        AggregateResults().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert exit_info.value.code == 1
+    markdown = (sweep / "results.md").read_text()
+    assert "1 jobs missed their sparsity target" in markdown and "**target_missed**: Target missed" in markdown
+    assert "target_missed" in (sweep / "results.csv").read_text()
+
+
+def test_target_check_counts_zeros_per_layer_and_globally():
+    from ptsbench.audit import audit_model
+    from ptsbench.runner import target_missed
+    from ptsbench.sparsity import find_prunable_layers
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    layers = find_prunable_layers(model)
+    with torch.no_grad():
+        model[0].weight.view(-1)[:32] = 0
+        model[1].weight.view(-1)[:16] = 0
+    plan = {"0": 0.5, "1": 0.5}
+    assert target_missed(audit_model(model, layers, 0.5, plan), {}) is None
+    with torch.no_grad():
+        model[1].weight.view(-1)[:16] = 1.0  # the method's own count would still say 16: the audit does not
+    message = target_missed(audit_model(model, layers, 0.5, plan), {})
+    assert message is not None and "layers 1 have fewer zeros than their allocation" in message
+    assert "16 weights below the target 0.5 (tolerance: 2 weights" in message
+
+
+def test_corrupt_dense_cache_entry_is_retrained(tmp_path, require_fmnist, caplog):
+    from ptsbench.dense import build_model, load_data, load_dense_weights
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["data.limit_train=128", "data.limit_test=64", "train.epochs=1", "progress=false",
+                          "model.train_overrides={}"], cache_dir=tmp_path)
+    data = load_data(cfg, tmp_path)
+    first = load_dense_weights(cfg, build_model(cfg, data), data, tmp_path, torch.device("cpu"), progress=False)
+    weights = tmp_path / "dense" / f"{first.key}.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a crash mid-write on another machine
+    model = build_model(cfg, data)
+    with caplog.at_level("WARNING"):
+        again = load_dense_weights(cfg, model, data, tmp_path, torch.device("cpu"), progress=False)
+    assert "is unreadable, retraining it" in caplog.text
+    assert again.info["train_seconds"] > 0 and load_file(str(weights))  # retrained and cached again
+    assert again.top1 == first.top1  # same recipe, same seed
+
+
+def test_compact_checkpoint_loads_as_model_checkpoint(tmp_path, require_fmnist):
+    from ptsbench.dense import build_model, load_data
+    from ptsbench.models import load_checkpoint
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["data.limit_train=64", "data.limit_test=64"], cache_dir=tmp_path)
+    data = load_data(cfg, tmp_path)
+    sparse = build_model(cfg, data)
+    with torch.no_grad():
+        sparse.fc.weight[sparse.fc.weight.abs() < sparse.fc.weight.abs().median()] = 0
+    path = tmp_path / "sparse_model.compact.safetensors"
+    save_compact_form(sparse, ["fc.weight"], path)
+    cfg.model.checkpoint = str(path)
+    fresh = build_model(cfg, data)
+    torch.nn.init.zeros_(fresh.fc.weight)
+    load_checkpoint(fresh, cfg.model)
+    for key, value in sparse.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_empty_evaluation_set_is_an_error(tiny_cfg, tmp_path, monkeypatch):
+    import ptsbench.runner as runner
+
+    real_load = runner.load_data
+
+    def without_test_images(cfg, cache_dir):
+        data = real_load(cfg, cache_dir)
+        data.test = data.test.subset(torch.arange(0))
+        return data
+
+    monkeypatch.setattr(runner, "load_data", without_test_images)
+    with pytest.raises(JobFailed, match=r"The evaluation set of data=fashion_mnist is empty.*data.limit_test"):
+        run_job(tiny_cfg(), tmp_path)
+
+
+def test_named_random_streams():
+    from algorithms.base import PruneContext
+
+    ctx = PruneContext(calib=None, device=torch.device("cpu"), seed=3)
+    draw = lambda g: torch.rand(4, generator=g)  # noqa: E731
+    assert torch.equal(draw(ctx.generator("reconstruction")), draw(ctx.generator("reconstruction")))
+    assert not torch.equal(draw(ctx.generator("reconstruction")), draw(ctx.generator("shuffle")))
+    other_seed = PruneContext(calib=None, device=torch.device("cpu"), seed=4)
+    assert not torch.equal(draw(ctx.generator("reconstruction")), draw(other_seed.generator("reconstruction")))
+    assert ctx.generator(31).initial_seed() == 3 * 1_000_003 + 31  # the int form draws what it always drew
