@@ -4,15 +4,24 @@ never taken from the algorithm's own report."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from ptsbench.effective import EffectiveSparsityError, LayerReach, layer_reach
+from ptsbench.patterns import UNSTRUCTURED, Pattern, audit_pattern
 from ptsbench.sparsity import PrunableLayer
+
+log = logging.getLogger(__name__)
+
+# Effective sparsity above the achieved one by more than this is worth a warning: the mask (or the input
+# size) leaves kept weights that cannot influence the output.
+EFFECTIVE_GAP_WARNING = 0.01
 
 
 @dataclass
@@ -26,6 +35,10 @@ class Audit:
     max_layer_error: float  # largest |achieved - allocated| count per layer, in weights
     mask_hash: str  # sha256 of every layer's zero pattern: equal hashes mean identical masks
     layers: pd.DataFrame
+    # Over prunable weights, at the model's input size (None when no input shape was given):
+    dense_dead_fraction: float | None = None  # weights of the dense model that cannot influence the output
+    effective_sparsity: float | None = None  # weights that are zero or cannot influence the output
+    pattern: dict = field(default_factory=dict)  # the pattern and the layers it leaves dense (ptsbench.patterns)
 
     def summary(self) -> dict:
         return {
@@ -38,6 +51,9 @@ class Audit:
             "zero_weights": self.zeros,
             "max_layer_count_error": self.max_layer_error,
             "mask_hash": self.mask_hash,
+            "dense_dead_fraction": self.dense_dead_fraction,
+            "effective_sparsity": self.effective_sparsity,
+            **self.pattern,
         }
 
 
@@ -46,12 +62,31 @@ def effective_weight(layer: PrunableLayer) -> torch.Tensor:
     return layer.module.weight.detach()
 
 
+def reach_or_none(model: nn.Module, layers: list[PrunableLayer],
+                  input_shape: Sequence[int] | None) -> dict[str, LayerReach] | None:
+    """Dense-dead and effective counts per layer; None without an input shape, or (with a warning naming the
+    op) when the model calls an op whose influence the structural pass cannot vouch for: the job's other
+    results stand, and no number is better than a wrong one."""
+    if input_shape is None:
+        return None
+    try:
+        return layer_reach(model, [ly.name for ly in layers], input_shape)
+    except EffectiveSparsityError as exc:
+        log.warning("Effective sparsity not computed: %s", exc)
+        return None
+
+
 def audit_model(model: nn.Module, layers: list[PrunableLayer], target: float,
-                allocated: Mapping[str, float] | None = None) -> Audit:
+                allocated: Mapping[str, float] | None = None,
+                input_shape: Sequence[int] | None = None, pattern: Pattern = UNSTRUCTURED) -> Audit:
     """Count zeros per prunable layer and over all parameters; compare with the target and the allocation.
+    With `input_shape` (1, C, H, W), also the dense-dead fraction and the effective sparsity
+    (ptsbench.effective): zeros are not the only weights a mask or an input size can make useless.
 
     Call it on a model whose masks are baked, so that `model.parameters()` are the weights in use.
+    Under an N:M `pattern` every group is checked, and a violated one fails the job (PatternViolation).
     """
+    reach = reach_or_none(model, layers, input_shape)
     rows = []
     digest = hashlib.sha256()
     zeros_total = 0
@@ -77,11 +112,13 @@ def audit_model(model: nn.Module, layers: list[PrunableLayer], target: float,
             "target_sparsity": planned,
             "achieved_sparsity": zeros / n,
             "zeros": zeros,
+            "dense_dead_fraction": reach[ly.name].dense_dead_fraction if reach else float("nan"),
+            "effective_sparsity": reach[ly.name].effective_sparsity if reach else float("nan"),
         })
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
     zeros_all = sum(int((p.detach() == 0).sum()) for p in params)
-    return Audit(
+    audit = Audit(
         target=float(target),
         achieved=zeros_total / prunable,
         achieved_all=zeros_all / total,
@@ -91,4 +128,20 @@ def audit_model(model: nn.Module, layers: list[PrunableLayer], target: float,
         max_layer_error=max_err,
         mask_hash=digest.hexdigest()[:16],
         layers=pd.DataFrame(rows),
+        pattern=audit_pattern(layers, pattern),
     )
+    if reach:
+        audit.dense_dead_fraction = sum(r.dense_dead for r in reach.values()) / prunable
+        audit.effective_sparsity = 1.0 - sum(r.effective for r in reach.values()) / prunable
+        warn_if_ineffective(audit)
+    return audit
+
+
+def warn_if_ineffective(audit: Audit) -> None:
+    """Say so when kept weights cannot influence the output: the achieved sparsity flatters the mask."""
+    if audit.effective_sparsity is None or audit.effective_sparsity <= audit.achieved + EFFECTIVE_GAP_WARNING:
+        return
+    log.warning("Effective sparsity %.4f exceeds the achieved %.4f: %.2f%% of the prunable weights are kept but "
+                "cannot influence the output (dense model at this input size: %.2f%% dead by structure).",
+                audit.effective_sparsity, audit.achieved, 100 * (audit.effective_sparsity - audit.achieved),
+                100 * (audit.dense_dead_fraction or 0.0))
