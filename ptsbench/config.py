@@ -1,10 +1,10 @@
 """Structured-config schemas and the checks that run on a composed config before any work starts.
 
 A misspelt key in a config file or a value of the wrong type fails when Hydra composes the config. Two
-things get past composition and are caught by `check_config` instead: keys added with `+` (Hydra adds
-them inside `open_dict`, which lifts the schema's struct flag) and values of the right type but outside
-their range (`calib.n=0`, `train.lr=-1`). The algorithm group is free-form: each algorithm's constructor
-is its schema (`check_constructor_keys`).
+things get past composition and are caught by `check_config` instead: keys added with `+` or `++` (Hydra
+adds them with `OmegaConf.update(..., force_add=True)`, which ignores the struct flag of a structured
+node) and values of the right type but outside their range (`calib.n=0`, `train.lr=-1`). The algorithm
+group is free-form: each algorithm's constructor is its schema (`check_constructor_keys`).
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ TRAIN_RANGES: dict[str, Range] = {
 def unknown_keys(node: DictConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
     """(dotted key, the keys its schema allows) for every key a structured node's dataclass lacks.
 
-    Hydra's `+key=value` adds keys under `open_dict`, so the schema's struct flag does not stop them;
+    Hydra's `+key=value` adds keys with `force_add=True`, so the schema's struct flag does not stop them;
     the node keeps its dataclass type, which is what this compares against.
     """
     schema = OmegaConf.get_type(node)

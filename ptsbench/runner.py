@@ -1,7 +1,9 @@
 """One job: dense model -> calibration draw -> algorithm -> audit -> evaluation -> record.
 
-Everything a job produces lands in its own output directory; a failure is recorded there with its
-error and never touches other jobs.
+`run_job` runs three steps (`prepare`, `prune_and_audit`, `evaluate_and_save`) inside `recorded`, which
+writes result.json however the job ends. Everything a job produces lands in its own output directory; a
+failure is recorded there with its error and never touches other jobs. A job that ran but whose audited
+zeros miss its allocation or target gets status `target_missed`, never `ok` (`target_missed`).
 """
 
 from __future__ import annotations
@@ -333,7 +335,9 @@ def prune_and_audit(cfg: DictConfig, job: JobLog, prep: PreparedJob) -> tuple[Pr
     job.record.update(cost.record())
 
     sparse_layers = [PrunableLayer(ly.name, result.model.get_submodule(ly.name), ly.kind) for ly in prep.layers]
-    audit = audit_model(result.model, sparse_layers, prep.target, result.allocation, pattern=prep.algorithm.pattern)
+    spec = prep.data.spec
+    audit = audit_model(result.model, sparse_layers, prep.target, result.allocation, pattern=prep.algorithm.pattern,
+                        input_shape=(1, spec.in_chans, spec.img_size, spec.img_size))
     job.record.update(audit.summary())
     write_csv(job.out_dir / ALLOCATION_FILE, audit.layers)
     for table_name, table in result.tables.items():
