@@ -18,7 +18,9 @@ by the method.
   layer (the counter's total before and after each layer's call). The counter counts every kernel tap
   of a convolution, taps that read padding included, as the dense kernel computes them; under that
   convention each weight of a conv or linear layer is used once per output position, so the sparse
-  count, dense MACs x kept fraction, is exact for any stride, padding, dilation or groups.
+  count, dense MACs x kept fraction, is exact for any stride, padding, dilation or groups. `macs_model`
+  is the counter's whole-model total; it misses ops the counter has no formula for (on CPU, PyTorch's
+  fused attention kernel, so a ViT's attention products are absent there).
 * **Speed label** (`speed_label`): `none` for unstructured sparsity (no kernel runs it faster),
   `theoretical` for N:M without a kernel here (the MAC ratio is recorded), `measured:<backend>` for 2:4
   on a CUDA GPU, where PyTorch's semi-structured kernel replaces the eligible Linear weights of an fp16
