@@ -1,12 +1,19 @@
-"""Claim verdicts from result records (synthetic records, the real claims code path)."""
+"""Claim verdicts from study records (synthetic records, the real claims code path and study configs)."""
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 
-from ptsbench.analysis.claims import fcpts_claim, matrix_claim, unipts_claim, verdict, write_claims
+from ptsbench.analysis.claims import (
+    fcpts_claim,
+    load_settings,
+    matrix_claim,
+    unipts_claim,
+    verdict,
+    write_claims,
+)
+from ptsbench.analysis.matrix import load_settings as matrix_settings
+from ptsbench.analysis.study import write_study
 
 
 def record(method: str, sparsity: float, top1: float, model: str = "resnet18", seed: int = 0) -> dict:
@@ -22,16 +29,25 @@ def test_verdicts():
     assert verdict(2.0, 30.0, spread=1.8) == "does not hold here"  # the seed band reaches the tie zone
 
 
+def test_claims_compare_the_labels_of_the_configured_algorithms():
+    # conf/study/claims.yaml names algorithm configs; the labels are the classes' own
+    claims = load_settings()
+    assert claims.fcpts.method == "fcpts-ste-kde-64it" and claims.fcpts.paper_gain == 30.0
+    assert claims.fcpts.baselines == ("magnitude-uniform+bn", "magnitude-erk+bn", "magnitude-global+bn", "pot")
+    assert (claims.unipts.method, claims.unipts.against, claims.unipts.plain_kd) == ("unipts", "pot", "unipts-kl")
+
+
 def test_gains_are_paired_by_seed_and_carry_the_seed_band():
     rows = [record("fcpts-ste-kde-64it", 0.8, 80.0, seed=0), record("fcpts-ste-kde-64it", 0.8, 70.0, seed=1),
             record("magnitude-erk+bn", 0.8, 78.0, seed=0), record("magnitude-erk+bn", 0.8, 64.0, seed=1),
             record("magnitude-erk+bn", 0.8, 50.0, seed=2),  # no FCPTS run with seed 2: not paired
             record("unipts", 0.9, 60.0, seed=0), record("pot", 0.9, 59.0, seed=0),
             record("unipts", 0.9, 62.0, seed=1), record("pot", 0.9, 50.0, seed=1)]
-    f = fcpts_claim(pd.DataFrame(rows)).iloc[0]
+    claims = load_settings()
+    f = fcpts_claim(pd.DataFrame(rows), claims.fcpts).iloc[0]
     assert f["seeds"] == 2 and f["gain over best"] == 4.0  # (80-78 + 70-64) / 2, seed 2 left out
     assert f["± (seeds)"] == "+4.00 ± 2.83" and f["verdict (vs best)"] == "holds in direction only"
-    u = unipts_claim(pd.DataFrame(rows)).iloc[0]
+    u = unipts_claim(pd.DataFrame(rows), claims.unipts).iloc[0]
     assert u["UniPTS - POT"] == 6.5 and u["seeds"] == 2
     assert u["± (seeds)"] == "+6.50 ± 7.78"
     assert u["verdict"] == "does not hold here"  # gains 1 and 12: the seed band reaches zero
@@ -41,30 +57,33 @@ def test_claim_tables_compare_against_the_right_rows(tmp_path):
     rows = [record("fcpts-ste-kde-64it", 0.8, 80.0), record("magnitude-uniform+bn", 0.8, 40.0),
             record("magnitude-erk+bn", 0.8, 70.0), record("pot", 0.8, 75.0),
             record("unipts", 0.9, 60.0), record("pot", 0.9, 10.0), record("unipts-kl", 0.9, 65.0)]
-    f = fcpts_claim(pd.DataFrame(rows)).set_index("sparsity").loc[0.8]
+    claims = load_settings()
+    f = fcpts_claim(pd.DataFrame(rows), claims.fcpts).set_index("sparsity").loc[0.8]
     assert f["gain over best"] == 5.0 and f["best baseline"] == "pot 75.00"
     assert f["gain over worst"] == 40.0 and f["verdict (vs best)"] == "holds in direction only"
-    u = unipts_claim(pd.DataFrame(rows)).iloc[0]
+    u = unipts_claim(pd.DataFrame(rows), claims.unipts).iloc[0]
     assert u["UniPTS - POT"] == 50.0 and bool(u["POT collapses (< 20%)"]) and u["verdict"] == "holds in direction only"
 
-    for i, r in enumerate(rows):  # the same through result files and the markdown writer
-        (tmp_path / "pts_methods" / str(i)).mkdir(parents=True)
-        (tmp_path / "pts_methods" / str(i) / "result.json").write_text(json.dumps(r))
-    text = write_claims(tmp_path, tmp_path / "claims.md")
+    # the same through a study's records.jsonl and the markdown writer
+    write_study(tmp_path / "pts_methods", rows, pd.DataFrame(columns=["config_hash"]))
+    text = write_claims(tmp_path, tmp_path / "claims" / "claims.md")
     assert "holds in direction only" in text and "(technique matrix not run)" in text
+    assert "pot 75.00" in text and "(no unipts and pot rows" not in text
 
 
 def test_matrix_differences_use_only_allocations_with_both_columns():
+    settings = matrix_settings()  # learned: fcpts_quick, unipts_quick; heuristic: uniform, erk, global
+
     def cell(allocation: str, recon: str, top1: float) -> dict:
-        learned = allocation in ("fcpts", "unipts")
+        learned = allocation in settings.learned
         return {**record("magnitude", 0.9, top1), "algorithm_options.allocation": "from_file" if learned else allocation,
                 "algorithm_options.allocation_label": allocation if learned else None,
                 "algorithm_options.reconstruction": recon}
 
     # a matrix still running: ERK has no reconstruction cells yet, so it must not enter "best alloc"
     cells = [cell("uniform", "none", 10.0), cell("uniform", "layer", 30.0), cell("uniform", "block", 20.0),
-             cell("erk", "none", 75.0), cell("fcpts", "none", 80.0)]
-    row = matrix_claim(pd.DataFrame(cells)).iloc[0]
+             cell("erk", "none", 75.0), cell("fcpts_quick", "none", 80.0)]
+    row = matrix_claim(pd.DataFrame(cells), settings).iloc[0]
     assert row["cells"] == 5 and row["learned - heuristic alloc (no recon)"] == 5.0
     assert row["layer - none (best alloc)"] == 20.0 and row["block - none (mean over allocs)"] == 10.0
     assert row["block - layer (mean over allocs)"] == -10.0 and row["largest effect"] == "layer - none (mean over allocs)"

@@ -1,4 +1,4 @@
-"""The technique matrix driver and the mask comparison, on tiny real jobs."""
+"""The technique matrix driver and the mask comparison, on synthetic studies and tiny real jobs."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from ptsbench.errors import PtsbenchError
-from ptsbench.analysis.overlap import jobs_by_model, mask_overlap, write_mask_report
-from ptsbench.analysis.matrix import is_method, job_identity, learned_allocation, matrix_jobs
+from ptsbench.analysis.matrix import MatrixSettings, ModelInfo, matrix_cells, model_info, pivot
 from ptsbench.analysis.matrix import main as matrix_main
+from ptsbench.analysis.overlap import jobs_by_model, mask_overlap, write_mask_report
+from ptsbench.analysis.study import collect, job_allocation, study_allocations, study_records, write_study
+from ptsbench.errors import PtsbenchError
 from ptsbench.results import load_records
 from ptsbench.runner import run_job
 from tests.conftest import TINY
@@ -27,12 +28,10 @@ def test_mask_overlap_counts():
 
 @pytest.mark.slow
 def test_masks_report_from_two_jobs(tiny_cfg, tmp_path):
-    jobs = []
     for allocation in ("erk", "global"):
-        job = tmp_path / allocation
-        run_job(tiny_cfg("sparsity=0.8", f"algorithm.allocation={allocation}", "save_sparse=true"), job)
-        jobs.append(job)
-    table = write_mask_report(jobs, tmp_path / "report")
+        run_job(tiny_cfg("sparsity=0.8", f"algorithm.allocation={allocation}", "save_sparse=true"),
+                tmp_path / "runs" / allocation)
+    table = write_mask_report([tmp_path / "runs"], tmp_path / "report")
     overall = table[table["layer"] == "all"].iloc[0]
     assert len(table) == 21 + 1
     assert 0.0 < overall["iou"] < 1.0  # different allocations keep different weights
@@ -40,6 +39,7 @@ def test_masks_report_from_two_jobs(tiny_cfg, tmp_path):
     assert (table["model"] == "resnet18").all()
     assert (tmp_path / "report" / "layer_sparsity_resnet18.png").stat().st_size > 10_000
     assert "## resnet18" in (tmp_path / "report" / "mask_overlap.md").read_text()
+    assert len(load_records([tmp_path / "report"])) == 2  # the study beside its tables
 
 
 def test_masks_never_pair_jobs_of_different_models(tmp_path):
@@ -52,48 +52,91 @@ def test_masks_never_pair_jobs_of_different_models(tmp_path):
         "resnet18": ["0", "2"], "vit_tiny_patch16_224": ["1"]}
     with pytest.raises(PtsbenchError, match="No two jobs on the same model"):
         write_mask_report(jobs[:2], tmp_path / "report")
+    assert not (tmp_path / "report").exists()  # nothing written before the check
+
+
+def synthetic_source(tmp_path, seed: int = 0):
+    """A source study holding one fcpts_quick job of resnet18 at 0.7 with a two-layer allocation."""
+    record = {"model": "resnet18", "method": "fcpts-ste-kde-64it", "target_sparsity": 0.7, "seed": seed,
+              "status": "ok", "top1": 81.234, "config_hash": "abc123", "finished_at": "2026-01-01T00:00:00"}
+    allocation = pd.DataFrame({"config_hash": "abc123", "name": ["conv1", "fc"], "params": [100, 300],
+                               "achieved_sparsity": [0.1, 0.9]})
+    write_study(tmp_path / "source", [record], allocation)
+    return study_records(tmp_path / "source"), study_allocations(tmp_path / "source")
+
+
+def test_matrix_cells_replay_the_source_study_allocation(tmp_path):
+    settings = MatrixSettings("pts_methods", "magnitude_recon_quick", ("uniform", "erk"), ("fcpts_quick", "unipts_quick"))
+    labels = {"fcpts_quick": "fcpts-ste-kde-64it", "unipts_quick": "unipts"}
+    records, allocations = synthetic_source(tmp_path)
+    model = ModelInfo("resnet18", "resnet18", 0, (0.7,))
+    cells = matrix_cells(settings, records, allocations, model, 0.7, tmp_path / "runs", labels,
+                         reconstructions=["none", "block"])
+    # no unipts job in the source: its rows are skipped
+    assert [(c.allocation, c.reconstruction) for c in cells] == [
+        (a, r) for a in ("uniform", "erk", "fcpts_quick") for r in ("none", "block")]
+    learned = cells[-1]
+    assert learned.job_dir == tmp_path / "runs" / "resnet18" / "0.7" / "fcpts_quick-block"
+    assert learned.allocation_file.name == "allocation_from_abc123.csv"
+    assert learned.source_allocation["achieved_sparsity"].tolist() == [0.1, 0.9]
+    assert f"algorithm.allocation_file={learned.allocation_file.resolve()}" in learned.overrides
+    assert "algorithm.allocation_label=fcpts_quick" in learned.overrides
+    other_seed = ModelInfo("resnet18", "resnet18", 1, (0.7,))  # seed 1 learns another allocation
+    assert [c.allocation for c in matrix_cells(settings, records, allocations, other_seed, 0.7, tmp_path, labels)
+            ].count("fcpts_quick") == 0
+    with pytest.raises(PtsbenchError, match="lamp"):
+        matrix_cells(settings, records, allocations, model, 0.7, tmp_path, labels, wanted=["lamp"])
+
+
+def test_matrix_table_names_learned_rows_and_their_methods_own_top1(tmp_path):
+    source, _ = synthetic_source(tmp_path)
+
+    def cell(allocation: str, recon: str, top1: float) -> dict:
+        learned = allocation == "fcpts_quick"
+        options = {"allocation": "from_file" if learned else allocation, "reconstruction": recon}
+        if learned:
+            options["allocation_label"] = allocation
+        return {"model": "resnet18", "target_sparsity": 0.7, "seed": 0, "status": "ok", "top1": top1,
+                "prune_seconds": 1.0, "dense_top1": 90.0, "algorithm_options": options}
+
+    write_study(tmp_path / "matrix", [cell("erk", "none", 70.0), cell("fcpts_quick", "none", 75.0),
+                                      cell("fcpts_quick", "block", 79.0)], pd.DataFrame(columns=["config_hash"]))
+    text = pivot(study_records(tmp_path / "matrix"), source, {"fcpts_quick": "fcpts-ste-kde-64it"})
+    header = next(line for line in text.splitlines() if line.startswith("| model"))
+    assert [c.strip() for c in header.strip("|").split("|")][3:6] == ["top-1 none", "top-1 block", "s none"]
+    row = next(line for line in text.splitlines() if "| fcpts_quick" in line)
+    assert "81.23" in row and "79" in row  # the method's own top-1 beside its allocation's cells
 
 
 @pytest.mark.slow
 def test_matrix_cross_applies_a_learned_allocation(tiny_cfg, tmp_path, cache_dir):
-    source = tmp_path / "source" / "0"
-    run_job(tiny_cfg("algorithm=fcpts_quick_ste", "sparsity=0.7", "algorithm.iterations=3", "algorithm.batch_size=32"),
+    source = tmp_path / "runs" / "fcpts"
+    run_job(tiny_cfg("algorithm=fcpts_quick", "sparsity=0.7", "algorithm.iterations=3", "algorithm.batch_size=32"),
             source)
-    records = load_records([tmp_path / "source"])
-    assert learned_allocation(records, "resnet18", 0.7, "fcpts-ste-kde") == source / "allocation.csv"
-    assert learned_allocation(records, "resnet18", 0.8, "fcpts-ste-kde") is None
-    assert learned_allocation(records, "resnet18", 0.7, "fcpts-ste-kde", seed=0) == source / "allocation.csv"
-    assert learned_allocation(records, "resnet18", 0.7, "fcpts-ste-kde", seed=1) is None  # another seed's run
-    labels = pd.Series(["unipts", "unipts-kl", "unipts-nodst", "fcpts-ste-kde-64it", "fcpts-ste-kde-hist"])
-    assert is_method(labels, "unipts").tolist() == [True, False, False, False, False]
-    assert is_method(labels, "fcpts-ste-kde").tolist() == [False, False, False, True, False]
-    cells = matrix_jobs(records, "resnet18", 0.7)
-    assert {(name, recon) for name, recon, _ in cells} == {
-        (a, r) for a in ("uniform", "erk", "global", "fcpts") for r in ("none", "layer", "block")}
-
-    assert matrix_main(["--out", str(out := tmp_path / "matrix"), "--allocations", "erk", "fcpts", "lamp"]) == 2
-    code = matrix_main(["--source", str(tmp_path / "source"), "--out", str(out), "--models", "resnet18",
-                        "--sparsities", "0.7", "--allocations", "erk", "fcpts", "--reconstructions", "none", "block",
+    collect([tmp_path / "runs"], tmp_path / "source")
+    code = matrix_main(["--source", str(tmp_path / "source"), "--runs", str(tmp_path / "matrix_runs"),
+                        "--out", str(out := tmp_path / "matrix"), "--models", "resnet18", "--sparsities", "0.7",
+                        "--allocations", "erk", "fcpts_quick", "--reconstructions", "none", "block",
                         "--", *TINY, f"cache_dir={cache_dir}", "algorithm.recon_iterations=2"])
     assert code == 0
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 4 and (table["status"] == "ok").all()
     assert (table["achieved_sparsity"] - 0.7).abs().max() < 1e-6
-    fcpts_cells = table[table["method"].str.startswith("magnitude-from_fcpts")]
+    fcpts_cells = table[table["method"].str.startswith("magnitude-from_fcpts_quick")]
     assert len(fcpts_cells) == 2
-    source_alloc = pd.read_csv(source / "allocation.csv").set_index("name")["zeros"]
-    for job in fcpts_cells["job_dir"]:
-        assert pd.read_csv(f"{job}/allocation.csv").set_index("name")["zeros"].equals(source_alloc)
+    source_zeros = pd.read_csv(source / "allocation.csv").set_index("name")["zeros"]
+    allocations = study_allocations(out)
+    for config_hash in fcpts_cells["config_hash"]:
+        assert job_allocation(allocations, config_hash).set_index("name")["zeros"].equals(source_zeros)
+    assert str(tmp_path) not in (out / "records.jsonl").read_text()  # paths inside the runs are relative
     text = (out / "technique_matrix.md").read_text()
-    header = next(line for line in text.splitlines() if line.startswith("| model"))
-    assert [c.strip() for c in header.strip("|").split("|")][3:6] == ["top-1 none", "top-1 block", "s none"]
-    assert "| fcpts" in text
+    assert "| fcpts_quick" in text
     record = json.loads((source / "result.json").read_text())
     assert f"{record['top1']:.2f}"[:4] in text  # the method's own top-1 sits beside its allocation's rows
 
 
 def test_matrix_looks_learned_jobs_up_under_the_recorded_model_name():
     # records say "mobilenetv2_100" and "vit_tiny_patch16_224"; a lookup by config group name found nothing
-    assert job_identity("mobilenetv2") == ("mobilenetv2_100", 0)
-    assert job_identity("vit_tiny", ["seed=3"]) == ("vit_tiny_patch16_224", 3)
-    assert job_identity("resnet18") == ("resnet18", 0)
+    assert model_info("mobilenetv2").name == "mobilenetv2_100"
+    info = model_info("vit_tiny", ["seed=3"])
+    assert (info.name, info.seed) == ("vit_tiny_patch16_224", 3) and 0.9 in info.sweep_sparsities

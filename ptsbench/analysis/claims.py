@@ -1,18 +1,20 @@
-"""The papers' headline claims, tested on the committed embedded-benchmark results.
+"""The papers' headline claims, tested on the committed studies.
 
-    python -m ptsbench.claims [--results results] [--out results/claims.md]
+    python -m ptsbench.analysis.claims [--results results] [--out results/claims/claims.md]
 
-Reads the result files under results/pts_methods and results/technique_matrix (whatever has been run)
-and writes a table per claim with the measured numbers and a plain verdict:
+Reads the studies results/pts_methods and results/technique_matrix (records.jsonl, whatever has been
+run) and writes a table per claim with the measured numbers and a plain verdict:
 
 * **holds**: the effect is there and at least as large as the paper's;
 * **holds in direction only**: the method wins, by less than the paper reports;
-* **does not hold here**: no gain (within `TIE` points) or a loss.
+* **does not hold here**: no gain (within `tie` points) or a loss.
 
 Each cell is the mean over the seeds that were run (calibration draw and algorithm randomness; the
 dense model is shared), and a gain is taken seed by seed, so its standard deviation is the seed band. A
-gain whose band reaches zero (mean - std <= TIE) does not count as a gain. The column `seeds` says how
-many seeds went in; with one seed a verdict is provisional.
+gain whose band reaches zero (mean - std <= tie) does not count as a gain. The column `seeds` says how
+many seeds went in; with one seed a verdict is provisional. Which algorithms each claim compares, the
+paper's numbers and `tie` are in conf/study/claims.yaml (learned and heuristic allocations:
+conf/study/technique_matrix.yaml); method labels come from the algorithm classes.
 """
 
 from __future__ import annotations
@@ -20,22 +22,67 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from ptsbench.results import load_records, write_atomic
+from ptsbench.analysis.matrix import MatrixSettings, cell_allocation, cell_reconstruction
+from ptsbench.analysis.matrix import load_settings as matrix_settings
+from ptsbench.analysis.study import check_names, method_label, study_config, study_records
+from ptsbench.errors import ConfigError, PtsbenchError
+from ptsbench.reconstruct import RECONSTRUCTIONS
+from ptsbench.results import RECORDS_FILE, write_atomic
 
-TIE = 0.5  # top-1 points within which two methods count as equal on this benchmark
-BASELINES = ("magnitude-uniform+bn", "magnitude-erk+bn", "magnitude-global+bn", "pot")
-FCPTS = "fcpts-ste-kde-64it"  # the quick preset in the paper's (STE) mode
+STUDY = "claims"
 
 
-def verdict(gain: float, paper_gain: float, spread: float = 0.0) -> str:
+@dataclass(frozen=True)
+class FcptsClaim:
+    method: str  # method labels, from the algorithm configs conf/study/claims.yaml names
+    baselines: tuple[str, ...]
+    sparsities: tuple[float, ...]
+    paper_gain: float
+
+
+@dataclass(frozen=True)
+class UniptsClaim:
+    method: str
+    against: str
+    plain_kd: str
+    sparsity: float
+    paper_gain: float
+
+
+@dataclass(frozen=True)
+class ClaimSettings:
+    tie: float
+    fcpts: FcptsClaim
+    unipts: UniptsClaim
+
+
+def load_settings() -> ClaimSettings:
+    """conf/study/claims.yaml with every algorithm config checked and turned into its method label."""
+    cfg = study_config(STUDY)
+    where = f"conf/study/{STUDY}.yaml"
+    try:
+        f, u = cfg.fcpts, cfg.unipts
+        label = {name: method_label(name) for name in check_names(where, [
+            f.method, *f.baselines, u.method, u.against, u.plain_kd])}
+        return ClaimSettings(
+            float(cfg.tie),
+            FcptsClaim(label[f.method], tuple(label[b] for b in f.baselines), tuple(float(s) for s in f.sparsities),
+                       float(f.paper_gain)),
+            UniptsClaim(label[u.method], label[u.against], label[u.plain_kd], float(u.sparsity), float(u.paper_gain)))
+    except AttributeError as exc:  # OmegaConf's missing-key error on a plain loaded file
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def verdict(gain: float, paper_gain: float, spread: float = 0.0, tie: float = 0.5) -> str:
     """`gain` is the mean over seeds, `spread` its standard deviation over seeds (0 with one seed)."""
     if pd.isna(gain):
         return "not measured"
-    if gain - (0.0 if pd.isna(spread) else spread) <= TIE:
+    if gain - (0.0 if pd.isna(spread) else spread) <= tie:
         return "does not hold here"
     return "holds" if gain >= paper_gain else "holds in direction only"
 
@@ -66,75 +113,74 @@ def band(mean: float, std: float, n: int) -> str:
     return "" if pd.isna(mean) else (f"{mean:+.2f}" if n < 2 else f"{mean:+.2f} ± {std:.2f}")
 
 
-def fcpts_claim(records: pd.DataFrame) -> pd.DataFrame:
+def fcpts_claim(records: pd.DataFrame, claim: FcptsClaim, tie: float = 0.5) -> pd.DataFrame:
     """FCPTS: '>30 points over post-training baselines at 80%' (ResNet-50/ImageNet). Measured as FCPTS
-    (quick preset, paper's STE mode) minus the best and the worst post-training baseline at 0.8 and 0.9."""
+    minus the best and the worst post-training baseline at each of the claim's sparsities."""
     rows = []
     for model in sorted(records["model"].unique()):
-        for sparsity in (0.8, 0.9):
-            f, n = mean_top1(records, model, FCPTS, sparsity)
-            base = {b: mean_top1(records, model, b, sparsity)[0] for b in BASELINES}
+        for sparsity in claim.sparsities:
+            f, n = mean_top1(records, model, claim.method, sparsity)
+            base = {b: mean_top1(records, model, b, sparsity)[0] for b in claim.baselines}
             base = {k: v for k, v in base.items() if not pd.isna(v)}
             if pd.isna(f) or not base:
                 continue
             best = max(base, key=base.get)
             worst = min(base, key=base.get)
-            g_best = seed_gain(records, model, FCPTS, best, sparsity)
-            g_worst = seed_gain(records, model, FCPTS, worst, sparsity)
+            g_best = seed_gain(records, model, claim.method, best, sparsity)
+            g_worst = seed_gain(records, model, claim.method, worst, sparsity)
             rows.append({"model": model, "sparsity": sparsity, "FCPTS top-1": f, "seeds": n,
                          "best baseline": f"{best} {base[best]:.2f}", "gain over best": g_best[0],
                          "± (seeds)": band(*g_best),
                          "worst baseline": f"{worst} {base[worst]:.2f}", "gain over worst": g_worst[0],
-                         "verdict (vs best)": verdict(g_best[0], 30.0, g_best[1])})
+                         "verdict (vs best)": verdict(g_best[0], claim.paper_gain, g_best[1], tie)})
     return pd.DataFrame(rows)
 
 
-def unipts_claim(records: pd.DataFrame) -> pd.DataFrame:
+def unipts_claim(records: pd.DataFrame, claim: UniptsClaim, tie: float = 0.5) -> pd.DataFrame:
     """UniPTS: 68.6% against POT's 3.9% at 90% (ResNet-50/ImageNet), a 64.7-point lead."""
     rows = []
     for model in sorted(records["model"].unique()):
-        u, n = mean_top1(records, model, "unipts", 0.9)
-        p, _ = mean_top1(records, model, "pot", 0.9)
+        u, n = mean_top1(records, model, claim.method, claim.sparsity)
+        p, _ = mean_top1(records, model, claim.against, claim.sparsity)
         if pd.isna(u) or pd.isna(p):
             continue
-        kl, _ = mean_top1(records, model, "unipts-kl", 0.9)
-        gain, spread, paired = seed_gain(records, model, "unipts", "pot", 0.9)
+        kl, _ = mean_top1(records, model, claim.plain_kd, claim.sparsity)
+        gain, spread, paired = seed_gain(records, model, claim.method, claim.against, claim.sparsity)
         rows.append({"model": model, "UniPTS top-1": u, "POT top-1": p, "seeds": min(n, paired),
                      "UniPTS - POT": gain, "± (seeds)": band(gain, spread, paired),
                      "UniPTS with plain KD (kl)": kl, "POT collapses (< 20%)": p < 20.0,
-                     "verdict": verdict(gain, 64.7, spread)})
+                     "verdict": verdict(gain, claim.paper_gain, spread, tie)})
     return pd.DataFrame(rows)
 
 
-def matrix_claim(matrix: pd.DataFrame) -> pd.DataFrame:
+def matrix_claim(matrix: pd.DataFrame, settings: MatrixSettings) -> pd.DataFrame:
     """PTSBench: learned allocation and block-wise reconstruction help most. For each model and sparsity
     of the matrix: the gain of the best learned allocation over the best heuristic one (no
     reconstruction), and of block-wise over no and over layer-wise reconstruction (best allocation)."""
     if matrix.empty:
         return pd.DataFrame()
     ok = matrix[matrix["status"] == "ok"].copy()
-    label = ok.get("algorithm_options.allocation_label")
-    alloc = ok["algorithm_options.allocation"]
-    ok["allocation"] = label.fillna(alloc) if label is not None else alloc
-    ok["reconstruction"] = ok["algorithm_options.reconstruction"].fillna("none")
+    ok["allocation"] = cell_allocation(ok)
+    ok["reconstruction"] = cell_reconstruction(ok)
+    base, *repairs = RECONSTRUCTIONS  # "none", then the modes that repair
     rows = []
     learned_gain = "learned - heuristic alloc (no recon)"
     columns = ["model", "sparsity", "cells", learned_gain,
-               *(f"{recon} - none ({over})" for recon in ("layer", "block") for over in ("best alloc", "mean over allocs")),
+               *(f"{recon} - {base} ({over})" for recon in repairs for over in ("best alloc", "mean over allocs")),
                "block - layer (mean over allocs)", "largest effect"]
     for (model, sparsity), g in ok.groupby(["model", "target_sparsity"]):
         t = g.pivot_table(index="allocation", columns="reconstruction", values="top1")
         row = {"model": model, "sparsity": sparsity, "cells": int(t.notna().sum().sum())}
-        if "none" in t:  # a difference is taken only over the allocations that have both of its columns
-            none = t["none"].dropna()
-            learned = [a for a in ("fcpts", "unipts") if a in none.index]
-            heuristic = [a for a in ("uniform", "erk", "global") if a in none.index]
+        if base in t:  # a difference is taken only over the allocations that have both of its columns
+            none = t[base].dropna()
+            learned = [a for a in settings.learned if a in none.index]
+            heuristic = [a for a in settings.heuristic if a in none.index]
             if learned and heuristic:
                 row[learned_gain] = none[learned].max() - none[heuristic].max()
-            for recon in ("layer", "block"):
-                if recon in t and len(pair := t[[recon, "none"]].dropna()):
-                    row[f"{recon} - none (best alloc)"] = pair[recon].max() - pair["none"].max()
-                    row[f"{recon} - none (mean over allocs)"] = (pair[recon] - pair["none"]).mean()
+            for recon in repairs:
+                if recon in t and len(pair := t[[recon, base]].dropna()):
+                    row[f"{recon} - {base} (best alloc)"] = pair[recon].max() - pair[base].max()
+                    row[f"{recon} - {base} (mean over allocs)"] = (pair[recon] - pair[base]).mean()
         if "block" in t and "layer" in t and len(pair := t[["block", "layer"]].dropna()):
             row["block - layer (mean over allocs)"] = (pair["block"] - pair["layer"]).mean()
         gains = {k: v for k, v in row.items() if k.endswith("(mean over allocs)") or k.startswith("learned")}
@@ -144,31 +190,36 @@ def matrix_claim(matrix: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_claims(results: Path, out: Path) -> str:
-    records = load_records([results / "pts_methods"])
-    matrix = load_records([results / "technique_matrix"])
+    """claims.md from the studies results/pts_methods and results/technique_matrix."""
+    claims, matrix_roles = load_settings(), matrix_settings()
+    records = study_records(results / "pts_methods")
+    matrix = study_records(results / "technique_matrix")
     seeds = sorted(records["seed"].unique().tolist()) if not records.empty else []
     parts = [
         "# The papers' headline claims on the embedded benchmark",
         "",
-        f"Rebuilt by `python -m ptsbench.claims` from the result files in `{results}/pts_methods` and "
-        f"`{results}/technique_matrix`. Fashion-MNIST models trained by the harness, quick budgets (see "
-        f"results/README.md), seeds present: {seeds}. Verdicts: *holds* (effect at least the paper's size), "
-        f"*holds in direction only*, *does not hold here* (mean gain minus its seed standard deviation <= {TIE} "
-        f"points). Gains are taken seed by seed; `±` is their standard deviation over the `seeds` column's "
-        f"count (empty with one seed: that verdict is provisional).",
+        f"Rebuilt by `python -m ptsbench.analysis.claims` from the studies `{results}/pts_methods` and "
+        f"`{results}/technique_matrix` (what each claim compares: conf/study/claims.yaml). Fashion-MNIST models "
+        f"trained by the harness, quick budgets (see results/README.md), seeds present: {seeds}. Verdicts: "
+        f"*holds* (effect at least the paper's size), *holds in direction only*, *does not hold here* (mean gain "
+        f"minus its seed standard deviation <= {claims.tie:g} points). Gains are taken seed by seed; `±` is their "
+        f"standard deviation over the `seeds` column's count (empty with one seed: that verdict is provisional).",
         "",
-        "## FCPTS: a large gain over post-training baselines at 80% (paper: > 30 points, ResNet-50/ImageNet)",
+        f"## FCPTS: a large gain over post-training baselines at 80% (paper: > {claims.fcpts.paper_gain:g} points, "
+        f"ResNet-50/ImageNet)",
         "",
     ]
-    f = fcpts_claim(records) if not records.empty else pd.DataFrame()
-    parts += [f.to_markdown(index=False, floatfmt=".2f") if len(f) else "(no FCPTS rows)", ""]
+    f = fcpts_claim(records, claims.fcpts, claims.tie) if not records.empty else pd.DataFrame()
+    parts += [f.to_markdown(index=False, floatfmt=".2f") if len(f) else f"(no {claims.fcpts.method} rows)", ""]
     parts += ["## UniPTS: 68.6% against POT's 3.9% at 90% (ResNet-50/ImageNet)", ""]
-    u = unipts_claim(records) if not records.empty else pd.DataFrame()
-    parts += [u.to_markdown(index=False, floatfmt=".2f") if len(u) else "(no UniPTS and POT rows at 0.9)", ""]
+    u = unipts_claim(records, claims.unipts, claims.tie) if not records.empty else pd.DataFrame()
+    parts += [u.to_markdown(index=False, floatfmt=".2f") if len(u)
+              else f"(no {claims.unipts.method} and {claims.unipts.against} rows at {claims.unipts.sparsity:g})", ""]
     parts += ["## PTSBench: learned allocation and block-wise reconstruction help most", "",
               "Top-1 differences in points from the technique matrix (magnitude masks + BN re-estimation; see "
-              "technique_matrix/*/technique_matrix.md).", ""]
-    m = matrix_claim(matrix)
+              "technique_matrix/technique_matrix.md). Learned allocations: "
+              f"{', '.join(matrix_roles.learned)}; heuristic: {', '.join(matrix_roles.heuristic)}.", ""]
+    m = matrix_claim(matrix, matrix_roles)
     parts += [m.to_markdown(index=False, floatfmt=".2f") if len(m) else "(technique matrix not run)", ""]
     text = "\n".join(parts)
     write_atomic(out, text)
@@ -176,17 +227,21 @@ def write_claims(results: Path, out: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ptsbench.claims", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.claims", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="results", help="the results root (default: results)")
-    parser.add_argument("--out", default=None, help="default: RESULTS/claims.md")
+    parser.add_argument("--out", default=None, help="default: RESULTS/claims/claims.md")
     args = parser.parse_args(argv)
     results = Path(args.results)
-    if not (results / "pts_methods").is_dir():
-        print(f"ptsbench.claims: {results / 'pts_methods'} does not exist; run scripts/results.sh first.",
-              file=sys.stderr)
+    if not (results / "pts_methods" / RECORDS_FILE).is_file():
+        print(f"ptsbench.analysis.claims: {results / 'pts_methods' / RECORDS_FILE} does not exist; run "
+              "scripts/results.sh first.", file=sys.stderr)
         return 2
-    write_claims(results, Path(args.out) if args.out else results / "claims.md")
+    try:
+        write_claims(results, Path(args.out) if args.out else results / STUDY / "claims.md")
+    except PtsbenchError as exc:
+        print(f"ptsbench.analysis.claims: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,18 +1,21 @@
 """The PTSBench technique matrix: allocation x reconstruction, with learned allocations cross-applied.
 
-For each model and sparsity, magnitude masks are built from five allocations, uniform, ERK, global,
-FCPTS's learned one and UniPTS's searched one (read from those jobs' allocation.csv, found in the
-source result directories), each with BatchNorm re-estimation and then no reconstruction, layer-wise or
-block-wise reconstruction. Comparing a learned method's own row with "its allocation + magnitude
-masks" and "+ reconstruction" says whether its gain comes from where it prunes or from how it repairs.
+For each model and sparsity, magnitude masks are built from the heuristic allocations and from the
+learned methods' own per-layer sparsities (read from the source study's allocations.csv), each with
+BatchNorm re-estimation and then each reconstruction mode. Comparing a learned method's own row with
+"its allocation + magnitude masks" and "+ reconstruction" says whether its gain comes from where it
+prunes or from how it repairs. Which allocations, which algorithm and which source study: conf/study/
+technique_matrix.yaml.
 
-    python -m ptsbench.matrix --source results/pts_methods --out results/technique_matrix \\
-        --models resnet18 --sparsities 0.8 0.9 [--cache-dir DIR] [overrides ...]
+    python -m ptsbench.analysis.matrix --source results/pts_methods --runs runs/technique_matrix \\
+        --out results/technique_matrix [--models resnet18] [--sparsities 0.8 0.9] [-- overrides ...]
 
-Every job runs through the harness runner (audited, timed, resumable: finished jobs are skipped), into
-OUT/<model>/<sparsity>/<allocation>-<reconstruction>/. The tables are rebuilt from the result files:
-results.csv/md as for any sweep, and technique_matrix.md with one row per (model, sparsity, allocation)
-and one top-1 column per reconstruction, next to the learned methods' own top-1.
+Every job runs through the harness runner (audited, timed, resumable: finished jobs are skipped) into
+RUNS/<model>/<sparsity>/<allocation>-<reconstruction>/; a learned allocation is first written there as a
+per-layer csv named after its source job. The runs are then collected into the study OUT
+(records.jsonl, allocations.csv), whose tables are rebuilt from it alone: results.csv/md as for any
+study, and technique_matrix.md with one row per (model, sparsity, allocation), one top-1 column per
+reconstruction, next to the learned methods' own top-1.
 """
 
 from __future__ import annotations
@@ -20,173 +23,257 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import DictConfig
 
-from ptsbench.errors import PtsbenchError
+from ptsbench.analysis.study import (
+    JOB_KEY,
+    check_names,
+    collect,
+    experiment_grid,
+    job_allocation,
+    method_labels,
+    study_allocations,
+    study_config,
+    study_records,
+)
+from ptsbench.errors import ConfigError, PtsbenchError, unknown_choice
+from ptsbench.reconstruct import RECONSTRUCTIONS
 from ptsbench.report import write_report
-from ptsbench.results import ALLOCATION_FILE, load_records, write_atomic
-from ptsbench.runner import JobFailed, run_job
+from ptsbench.results import write_atomic, write_csv
+from ptsbench.sparsity import ALLOCATIONS
 
 log = logging.getLogger(__name__)
 
-HEURISTIC = ("uniform", "erk", "global")
-LEARNED = {"fcpts": "fcpts-ste-kde", "unipts": "unipts"}  # allocation name -> method label of its source job
-RECONSTRUCTIONS = ("none", "layer", "block")
+STUDY = "technique_matrix"
 
 
-def is_method(labels: pd.Series, base: str) -> pd.Series:
-    """Labels equal to `base`, or `base` plus only an iteration-count suffix ("fcpts-ste-kde-64it"):
-    ablations ("unipts-kl", "unipts-nodst") are other methods."""
-    labels = labels.astype(str)
-    suffix = labels.str.slice(len(base) + 1)
-    return (labels == base) | (labels.str.startswith(base + "-") & suffix.str.fullmatch(r"\d+it"))
+@dataclass(frozen=True)
+class MatrixSettings:
+    """conf/study/technique_matrix.yaml, checked: the one place the matrix's lists are written."""
+
+    source: str
+    algorithm: str
+    heuristic: tuple[str, ...]
+    learned: tuple[str, ...]  # algorithm configs whose allocations are replayed
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> MatrixSettings:
+        where = f"conf/study/{STUDY}.yaml"
+        for key in ("source", "algorithm", "heuristic", "learned"):
+            if cfg.get(key) is None:
+                raise ConfigError(f"{where} lacks the key {key!r}.")
+        heuristic = tuple(str(a) for a in cfg.heuristic)
+        for name in heuristic:
+            if name not in ALLOCATIONS:
+                raise unknown_choice(f"allocation in {where} heuristic:", name, ALLOCATIONS)
+        return cls(str(cfg.source), check_names(f"{where} algorithm", [cfg.algorithm])[0], heuristic,
+                   tuple(check_names(f"{where} learned", cfg.learned)))
+
+    @property
+    def allocations(self) -> tuple[str, ...]:
+        return (*self.heuristic, *self.learned)
 
 
-def source_job(records: pd.DataFrame, model: str, sparsity: float, prefix: str,
+def load_settings() -> MatrixSettings:
+    return MatrixSettings.from_config(study_config(STUDY))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model config as the records name it (`mobilenetv2` records `mobilenetv2_100`), its seed and
+    sweep sparsities under the given overrides."""
+
+    group: str
+    name: str
+    seed: int
+    sweep_sparsities: tuple[float, ...]
+
+
+def model_info(group: str, overrides: Sequence[str] = ()) -> ModelInfo:
+    from ptsbench.cli import compose_job_config
+
+    cfg = compose_job_config([f"model={group}", *overrides])
+    return ModelInfo(group, str(cfg.model.name), int(cfg.seed),
+                     tuple(float(s) for s in (cfg.model.get("sweep_sparsities") or ())))
+
+
+def source_job(records: pd.DataFrame, model: str, sparsity: float, method: str,
                seeds: Iterable[int] | None = None) -> pd.Series | None:
-    """The finished source job of `model` at `sparsity` whose method is `prefix` (plus at most an
-    iteration-count suffix), of one of `seeds` if given (other seeds' runs learn other allocations); the
-    most recent if several, None if none."""
+    """The finished job of `model` at `sparsity` with method label `method`, of one of `seeds` if given
+    (other seeds' runs learn other allocations); the most recent if several, None if none."""
     if records.empty:
         return None
-    rows = records[(records["model"] == model) & (records["status"] == "ok")
-                   & ((records["target_sparsity"] - sparsity).abs() < 1e-9) & is_method(records["method"], prefix)]
+    rows = records[(records["model"] == model) & (records["status"] == "ok") & (records["method"] == method)
+                   & ((records["target_sparsity"] - sparsity).abs() < 1e-9)]
     if seeds is not None:
         rows = rows[rows["seed"].isin(list(seeds))]
     return None if rows.empty else rows.sort_values("finished_at").iloc[-1]
 
 
-def learned_allocation(records: pd.DataFrame, model: str, sparsity: float, prefix: str,
-                       seed: int | None = None) -> Path | None:
-    """allocation.csv of `source_job(...)` for seed `seed` (any seed if None)."""
-    job = source_job(records, model, sparsity, prefix, None if seed is None else [seed])
-    if job is None:
-        return None
-    path = Path(job["job_dir"]) / ALLOCATION_FILE
-    return path if path.is_file() else None
+@dataclass(frozen=True)
+class Cell:
+    allocation: str
+    reconstruction: str
+    model_group: str
+    job_dir: Path
+    overrides: tuple[str, ...]
+    source_allocation: pd.DataFrame | None = None  # a learned allocation, written to allocation_file first
+    allocation_file: Path | None = None
 
 
-def matrix_jobs(records: pd.DataFrame, model: str, sparsity: float, allocations: Sequence[str] | None = None,
-                reconstructions: Sequence[str] = RECONSTRUCTIONS, seed: int | None = None
-                ) -> list[tuple[str, str, list[str]]]:
-    """(allocation name, reconstruction, overrides) for every cell of one model (named as the records name
-    it, see `job_identity`) and sparsity; the learned allocations come from the source jobs of `seed`
-    (any seed if None)."""
-    wanted = set(allocations or (*HEURISTIC, *LEARNED))
-    unknown = wanted - {*HEURISTIC, *LEARNED}
-    if unknown:
-        raise PtsbenchError(f"Unknown matrix allocation(s) {sorted(unknown)}; allowed: {[*HEURISTIC, *LEARNED]}.")
-    bad = set(reconstructions) - set(RECONSTRUCTIONS)
-    if bad:
-        raise PtsbenchError(f"Unknown reconstruction(s) {sorted(bad)}; allowed: {list(RECONSTRUCTIONS)}.")
-    allocations = [(a, [f"algorithm.allocation={a}"]) for a in HEURISTIC if a in wanted]
-    for name, prefix in LEARNED.items():
-        if name not in wanted:
-            continue
-        path = learned_allocation(records, model, sparsity, prefix, seed)
-        if path is None:
-            log.warning("no %s job for %s at %g in the source results: its allocation row is skipped", name, model,
-                        sparsity)
-            continue
-        allocations.append((name, ["algorithm.allocation=from_file", f"algorithm.allocation_file={path.resolve()}",
-                                   f"algorithm.allocation_label={name}"]))
-    return [(name, recon, ["algorithm=magnitude_recon_quick", f"algorithm.reconstruction={recon}", *alloc])
-            for name, alloc in allocations for recon in reconstructions]
+def matrix_cells(settings: MatrixSettings, records: pd.DataFrame, allocations: pd.DataFrame, model: ModelInfo,
+                 sparsity: float, runs: Path, labels: Mapping[str, str], wanted: Sequence[str] | None = None,
+                 reconstructions: Sequence[str] = RECONSTRUCTIONS) -> list[Cell]:
+    """Every cell of one model and sparsity; a learned allocation without a source job of the model's
+    seed is skipped with a warning. `labels`: learned algorithm config -> its method label."""
+    wanted = list(wanted or settings.allocations)
+    for name in wanted:
+        if name not in settings.allocations:
+            raise unknown_choice("matrix allocation", name, settings.allocations)
+    for recon in reconstructions:
+        if recon not in RECONSTRUCTIONS:
+            raise unknown_choice("reconstruction", recon, RECONSTRUCTIONS)
+    cells = []
+    for name in wanted:
+        source = None
+        if name in settings.learned:
+            source = source_job(records, model.name, sparsity, labels[name], [model.seed])
+            if source is None:
+                log.warning("no %s job for %s at %g (seed %d) in the source study: its allocation row is skipped",
+                            name, model.name, sparsity, model.seed)
+                continue
+        for recon in reconstructions:
+            job_dir = runs / model.group / f"{sparsity:g}" / f"{name}-{recon}"
+            base = (f"algorithm={settings.algorithm}", f"sparsity={sparsity}", f"algorithm.reconstruction={recon}")
+            if source is None:
+                cells.append(Cell(name, recon, model.group, job_dir, (*base, f"algorithm.allocation={name}")))
+                continue
+            # named after the source job, so a changed source gives another path, hence another config hash
+            path = job_dir / f"allocation_from_{source[JOB_KEY]}.csv"
+            cells.append(Cell(name, recon, model.group, job_dir, (
+                *base, "algorithm.allocation=from_file", f"algorithm.allocation_file={path.resolve()}",
+                f"algorithm.allocation_label={name}"), job_allocation(allocations, source[JOB_KEY]), path))
+    return cells
 
 
-def job_identity(model: str, overrides: Sequence[str] = ()) -> tuple[str, int]:
-    """(model name as the result records hold it, seed) of the jobs `model=<model> *overrides` compose
-    to: the config group `mobilenetv2` records its timm name `mobilenetv2_100`."""
-    from ptsbench.cli import compose_job_config
+def cell_allocation(table: pd.DataFrame) -> pd.Series:
+    """Each matrix record's allocation: the learned config it replays, else the heuristic strategy."""
+    def column(name: str, default: str) -> pd.Series:
+        key = f"algorithm_options.{name}"  # load_records flattens the nested options
+        return table[key].fillna(default) if key in table else pd.Series(default, index=table.index)
 
-    cfg = compose_job_config([f"model={model}", *overrides])
-    return str(cfg.model.name), int(cfg.seed)
+    label = column("allocation_label", "")
+    return label.where(label != "", column("allocation", ""))
 
 
-def pivot(table: pd.DataFrame, source: pd.DataFrame) -> str:
+def cell_reconstruction(table: pd.DataFrame) -> pd.Series:
+    key = "algorithm_options.reconstruction"
+    return table[key].fillna("none") if key in table else pd.Series("none", index=table.index)
+
+
+def pivot(table: pd.DataFrame, source: pd.DataFrame, labels: Mapping[str, str]) -> str:
     """technique_matrix.md: top-1 per (model, sparsity, allocation) x reconstruction, plus wall time and
-    the learned methods' own top-1 for comparison."""
+    the learned methods' own top-1 (`labels`: learned config -> method label) for comparison."""
     if table.empty:
         return "# Technique matrix\n\n(no result files)\n"
     ok = table[table["status"] == "ok"].copy()
     if ok.empty:
         return "# Technique matrix\n\n(no finished jobs)\n"
-    def column(name: str, default: str) -> pd.Series:
-        key = f"algorithm_options.{name}"  # load_records flattens the nested options
-        return ok[key].fillna(default) if key in ok else pd.Series(default, index=ok.index)
-
-    label = column("allocation_label", "")
-    ok["allocation"] = label.where(label != "", column("allocation", ""))
-    ok["reconstruction"] = column("reconstruction", "none")
-    top1 = ok.pivot_table(index=["model", "target_sparsity", "allocation"], columns="reconstruction", values="top1")
-    secs = ok.pivot_table(index=["model", "target_sparsity", "allocation"], columns="reconstruction",
-                          values="prune_seconds")
+    ok["allocation"] = cell_allocation(ok)
+    ok["reconstruction"] = cell_reconstruction(ok)
+    keys = ["model", "target_sparsity", "allocation"]
+    top1 = ok.pivot_table(index=keys, columns="reconstruction", values="top1")
+    secs = ok.pivot_table(index=keys, columns="reconstruction", values="prune_seconds")
     out = top1.reindex(columns=[r for r in RECONSTRUCTIONS if r in top1.columns]).round(2)
     out.columns = [f"top-1 {c}" for c in out.columns]
     for c in [r for r in RECONSTRUCTIONS if r in secs.columns]:
         out[f"s {c}"] = secs[c].round(1)
     own = []
     for model, sparsity, allocation in out.index:  # the job whose allocation the row replays
-        job = source_job(source, model, sparsity, LEARNED[allocation], ok["seed"].unique()) \
-            if allocation in LEARNED else None
+        job = source_job(source, model, sparsity, labels[allocation], ok["seed"].unique()) \
+            if allocation in labels else None
         own.append(None if job is None else round(float(job["top1"]), 2))
     out["method's own top-1"] = own
     dense = ok.groupby("model")["dense_top1"].first().round(2)
     lines = ["# Technique matrix: allocation x reconstruction", "",
-             "Magnitude masks from each allocation, BatchNorm re-estimated, then no / layer-wise / block-wise "
-             "reconstruction (200 Adam steps per unit, lr 1e-4 weights, 1e-3 biases; dense inputs). "
-             "`fcpts` and `unipts` rows use those methods' own per-layer sparsities (allocation.csv of their "
-             "jobs); the last column is the method itself (its own masks and training). `s` = pruning wall "
-             "seconds on the machine that ran it.", "",
+             "Magnitude masks from each allocation, BatchNorm re-estimated, then each reconstruction mode "
+             "(the settings of the matrix's algorithm config). Rows named after a learned method's config use "
+             f"that method's own per-layer sparsities ({', '.join(f'`{a}`' for a in labels)}: their jobs' "
+             "allocation in the source study); the last column is the method itself (its own masks and "
+             "training). `s` = pruning wall seconds on the machine that ran it.", "",
              "Dense top-1: " + ", ".join(f"{m} {v}" for m, v in dense.items()), "",
              out.reset_index().to_markdown(index=False, floatfmt=".4g"), ""]
     return "\n".join(lines)
 
 
+def write_tables(out: Path, source: Path, settings: MatrixSettings) -> pd.DataFrame:
+    """results.{csv,md}, the plot and technique_matrix.md, from the study `out` and the source study."""
+    table = write_report([out], out)
+    labels = method_labels(settings.learned)
+    write_atomic(out / "technique_matrix.md", pivot(study_records(out), study_records(source), labels))
+    return table
+
+
+def run_cells(cells: Sequence[Cell], extra: Sequence[str]) -> int:
+    """Compose every cell first (a bad override fails before any job runs), then run them; the number
+    that failed."""
+    from ptsbench.cli import compose_job_config
+    from ptsbench.runner import JobFailed, run_job
+
+    configs = [compose_job_config([f"model={cell.model_group}", "resume=true", f"experiment_name={STUDY}",
+                                   *cell.overrides, *extra]) for cell in cells]
+    failed = 0
+    for cell, cfg in zip(cells, configs, strict=True):
+        if cell.allocation_file is not None:
+            write_csv(cell.allocation_file, cell.source_allocation)
+        try:
+            run_job(cfg, cell.job_dir, sweep=STUDY)
+        except JobFailed as exc:
+            failed += 1
+            log.error("%s failed: %s", cell.job_dir, exc)
+    return failed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ptsbench.matrix", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.matrix", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", nargs="*", default=[], help="result dirs holding the FCPTS / UniPTS jobs")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--models", nargs="+", default=["resnet18"])
-    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.8, 0.9])
-    parser.add_argument("--allocations", nargs="+", help=f"subset of {[*HEURISTIC, *LEARNED]} (default: all)")
-    parser.add_argument("--reconstructions", nargs="+", default=list(RECONSTRUCTIONS), help="subset of none layer block")
-    parser.add_argument("--report-only", action="store_true", help="only rebuild the tables from OUT")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (e.g. cache_dir=...)")
+    parser.add_argument("--source", required=True, help="the study holding the learned jobs (results/<source>)")
+    parser.add_argument("--runs", default=f"runs/{STUDY}", help="where the jobs run (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="the study folder to collect the runs into")
+    parser.add_argument("--models", nargs="+", help="model configs (default: the source experiment's)")
+    parser.add_argument("--sparsities", nargs="+", type=float, help="default: each model's sweep_sparsities")
+    parser.add_argument("--allocations", nargs="+", help="a subset of the study config's allocations")
+    parser.add_argument("--reconstructions", nargs="+", default=list(RECONSTRUCTIONS), help="a subset of %(default)s")
+    parser.add_argument("--report-only", action="store_true", help="only collect RUNS and rebuild the tables")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (e.g. threads=1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = Path(args.out)
-    source = load_records([Path(s) for s in args.source]) if args.source else pd.DataFrame()
-    failed = 0
-    if not args.report_only:
-        from ptsbench.cli import compose_job_config  # Hydra's compose API with the harness's config dir
-
-        for model in args.models:
-            name, seed = job_identity(model, args.overrides)
-            for sparsity in args.sparsities:
-                try:
-                    cells = matrix_jobs(source, name, sparsity, args.allocations, args.reconstructions, seed)
-                except PtsbenchError as exc:
-                    print(f"ptsbench.matrix: {exc}", file=sys.stderr)
-                    return 2
-                for name, recon, overrides in cells:
-                    job_dir = out / model / f"{sparsity:g}" / f"{name}-{recon}"
-                    cfg = compose_job_config([f"model={model}", f"sparsity={sparsity}", "resume=true",
-                                              "experiment_name=technique_matrix", *overrides, *args.overrides])
-                    try:
-                        run_job(cfg, job_dir, sweep="technique_matrix")
-                    except JobFailed as exc:
-                        failed += 1
-                        log.error("%s %g %s-%s failed: %s", model, sparsity, name, recon, exc)
-                    except PtsbenchError as exc:
-                        print(f"ptsbench.matrix: {exc}", file=sys.stderr)
-                        return 2
-    write_report([out], out)
-    write_atomic(out / "technique_matrix.md", pivot(load_records([out]), source))
+    source, runs, out = Path(args.source), Path(args.runs), Path(args.out)
+    try:
+        settings = load_settings()
+        failed = 0
+        if not args.report_only:
+            records, allocations = study_records(source), study_allocations(source)
+            labels = method_labels(settings.learned)
+            cells = []
+            for group in args.models or experiment_grid(settings.source)["model"]:
+                model = model_info(group, args.overrides)
+                if not (args.sparsities or model.sweep_sparsities):
+                    raise ConfigError(f"model={group} lists no sweep_sparsities: give --sparsities.")
+                for sparsity in args.sparsities or model.sweep_sparsities:
+                    cells += matrix_cells(settings, records, allocations, model, sparsity, runs, labels,
+                                          args.allocations, args.reconstructions)
+            failed = run_cells(cells, args.overrides)
+        collect([runs], out)
+        write_tables(out, source, settings)
+    except PtsbenchError as exc:
+        print(f"ptsbench.analysis.matrix: {exc}", file=sys.stderr)
+        return 2
     return 1 if failed else 0
 
 

@@ -1,10 +1,17 @@
-"""Comparing what different methods pruned: mask overlap between jobs and per-layer sparsity plots.
+"""Which weights do methods keep? Mask overlap between jobs, and per-layer sparsity charts.
 
-`python -m ptsbench.masks JOB_DIR JOB_DIR [...] --out DIR` writes, for every pair of jobs on the same
-model, the overlap (IoU) of their kept weights per layer and overall (`mask_overlap.csv`, `.md`), and per
-model one chart with each job's per-layer sparsity (`layer_sparsity_<model>.png`). Jobs of several models
-can be passed at once; pairs never cross models. Masks are read from the jobs' compact checkpoints
-(`save_sparse=true`): a weight is kept where it is non-zero, which is what the audit counts.
+    python -m ptsbench.analysis.overlap RUN_DIR [RUN_DIR ...] --out results/mask_overlap
+    python -m ptsbench.analysis.overlap --charts results/pts_methods --sparsity 0.9
+
+The first form collects the jobs under the RUN_DIRs into the study OUT (records.jsonl, allocations.csv)
+and writes, for every pair of jobs on the same model, the overlap (IoU) of their kept weights per layer
+and overall (`mask_overlap.csv`, `.md`), and per model one chart with each job's per-layer sparsity
+(`layer_sparsity_<model>.png`). Pairs never cross models. Masks are read from the jobs' compact
+checkpoints (`save_sparse=true`, conf/experiment/mask_overlap.yaml), so this form needs the run folders:
+a weight is kept where it is non-zero, which is what the audit counts.
+
+The second form needs only a study: the per-layer sparsity charts at one sparsity
+(`layer_sparsity_<model>_<sparsity>.png`) of the methods the mask_overlap experiment compares.
 """
 
 from __future__ import annotations
@@ -24,21 +31,42 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from ptsbench.analysis.study import (  # noqa: E402
+    JOB_KEY,
+    collect,
+    experiment_algorithms,
+    job_allocation,
+    method_labels,
+    study_allocations,
+    study_records,
+)
 from ptsbench.checkpoint import read_compact_form  # noqa: E402
 from ptsbench.errors import PtsbenchError  # noqa: E402
-from ptsbench.results import ALLOCATION_FILE, RESULT_FILE, save_figure, write_atomic, write_csv  # noqa: E402
+from ptsbench.results import (  # noqa: E402
+    ALLOCATION_FILE,
+    RESULT_FILE,
+    find_result_files,
+    save_figure,
+    write_atomic,
+    write_csv,
+)
 from ptsbench.runner import COMPACT_MODEL_FILE  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+EXPERIMENT = "mask_overlap"  # its algorithm list also picks the methods of the per-layer charts
 
 
 def job_record(job: Path) -> dict:
     return json.loads((job / RESULT_FILE).read_text())
 
 
-def job_label(job: Path) -> str:
-    record = job_record(job)
+def record_label(record: Mapping) -> str:
     return f"{record.get('model')} {record.get('method')} @{record.get('target_sparsity')}"
+
+
+def job_label(job: Path) -> str:
+    return record_label(job_record(job))
 
 
 def jobs_by_model(jobs: Sequence[Path]) -> dict[str, list[Path]]:
@@ -98,16 +126,16 @@ def pairwise_overlap(groups: Mapping[str, Sequence[Path]]) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True)
 
 
-def plot_layer_sparsity(jobs: Sequence[Path], path: Path) -> None:
-    """One line per job: achieved sparsity of each prunable layer, in model order."""
+def plot_layer_sparsity(tables: Mapping[str, pd.DataFrame], title: str, path: Path) -> None:
+    """One line per job (label -> its allocation table): achieved sparsity of each prunable layer, in model
+    order."""
     fig, ax = plt.subplots(figsize=(max(8, 0.25 * 60), 4.5))
     names: list[str] = []
-    for job in jobs:
-        table = pd.read_csv(job / ALLOCATION_FILE)
+    for label, table in tables.items():
         names = names or table["name"].tolist()
-        ax.plot(range(len(table)), table["achieved_sparsity"], marker=".", label=job_label(job))
+        ax.plot(range(len(table)), table["achieved_sparsity"], marker=".", label=label)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax.set(ylabel="layer sparsity", ylim=(0, 1.02), title=f"per-layer sparsity, {job_record(jobs[0]).get('model')}")
+    ax.set(ylabel="layer sparsity", ylim=(0, 1.02), title=f"per-layer sparsity, {title}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -115,10 +143,37 @@ def plot_layer_sparsity(jobs: Sequence[Path], path: Path) -> None:
     plt.close(fig)
 
 
-def write_mask_report(jobs: Sequence[Path], out: Path) -> pd.DataFrame:
-    """mask_overlap.csv (per layer), mask_overlap.md (overall, one table per model), layer_sparsity_<model>.png."""
-    groups = jobs_by_model(jobs)
-    table = pairwise_overlap(groups)
+def layer_tables(study: Path, records: pd.DataFrame) -> dict[str, dict[str, pd.DataFrame]]:
+    """model -> {job label -> allocation table} for `records` (rows of the study's records), in their order."""
+    allocations = study_allocations(study)
+    tables: dict[str, dict[str, pd.DataFrame]] = {}
+    for _, record in records.iterrows():
+        tables.setdefault(str(record["model"]), {})[record_label(record)] = job_allocation(allocations, record[JOB_KEY])
+    return tables
+
+
+def write_layer_charts(study: Path, sparsity: float, methods: Sequence[str], out: Path, seed: int = 0) -> list[Path]:
+    """layer_sparsity_<model>_<sparsity>.png per model of the study: the finished jobs of `methods` (labels)
+    at `sparsity` and `seed`, one line each."""
+    records = study_records(study)
+    if records.empty:
+        raise PtsbenchError(f"{study} holds no records: collect the study first.")
+    rows = records[(records["status"] == "ok") & ((records["target_sparsity"] - sparsity).abs() < 1e-9)
+                   & (records["seed"] == seed) & records["method"].isin(list(methods))]
+    if rows.empty:
+        raise PtsbenchError(f"{study} has no finished job of {list(methods)} at sparsity {sparsity:g}, seed {seed}.")
+    paths = []
+    for model, tables in layer_tables(study, rows.sort_values("method").drop_duplicates("method")).items():
+        paths.append(out / f"layer_sparsity_{model}_{sparsity:g}.png")
+        plot_layer_sparsity(tables, f"{model} at {sparsity:g}", paths[-1])
+    return paths
+
+
+def write_mask_report(runs: Sequence[Path], out: Path) -> pd.DataFrame:
+    """The study `out` collected from the jobs under `runs`, with mask_overlap.csv (per layer),
+    mask_overlap.md (overall, one table per model) and layer_sparsity_<model>.png."""
+    table = pairwise_overlap(jobs_by_model([path.parent for path in find_result_files(runs)]))
+    collect(runs, out)
     write_csv(out / "mask_overlap.csv", table)
     sections = ["# Mask overlap\n\nIoU of the kept weights, |A ∩ B| / |A ∪ B|, over all prunable weights; "
                 "per-layer values in mask_overlap.csv, per-layer sparsity in layer_sparsity_<model>.png."]
@@ -126,32 +181,32 @@ def write_mask_report(jobs: Sequence[Path], out: Path) -> pd.DataFrame:
         overall = rows[["job_a", "job_b", "kept_a", "kept_b", "iou"]]
         sections.append(f"## {model}\n\n" + overall.to_markdown(index=False, floatfmt=".4f"))
     write_atomic(out / "mask_overlap.md", "\n\n".join(sections) + "\n")
-    for model, group in groups.items():
-        plot_layer_sparsity(group, out / f"layer_sparsity_{model}.png")
+    for model, tables in layer_tables(out, study_records(out)).items():
+        plot_layer_sparsity(tables, model, out / f"layer_sparsity_{model}.png")
     return table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ptsbench.masks", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.overlap", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("jobs", nargs="+", metavar="JOB_DIR", help="job directories (result.json + checkpoints)")
-    parser.add_argument("--out", required=True, help="where to write mask_overlap.{csv,md} and layer_sparsity.png")
-    parser.add_argument("--plot-only", metavar="PNG", help="only the per-layer sparsity chart, written to OUT/PNG "
-                        "(needs just each job's allocation.csv, no checkpoints)")
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="folders of jobs run with save_sparse=true")
+    parser.add_argument("--out", help="the study folder (default with --charts: the study itself)")
+    parser.add_argument("--charts", metavar="STUDY", help="only the per-layer sparsity charts, from this study")
+    parser.add_argument("--sparsity", type=float, help="with --charts: the target sparsity to chart")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    jobs = [Path(j) for j in args.jobs]
-    missing = [str(j) for j in jobs if not (j / RESULT_FILE).is_file()]
-    if missing:
-        print(f"ptsbench.masks: not a job directory (no {RESULT_FILE}): {', '.join(missing)}", file=sys.stderr)
-        return 2
-    if args.plot_only:
-        plot_layer_sparsity(jobs, Path(args.out) / args.plot_only)
-        return 0
     try:
-        write_mask_report(jobs, Path(args.out))
+        if args.charts:
+            if args.sparsity is None or args.runs:
+                parser.error("--charts STUDY takes --sparsity and no RUN_DIR")
+            methods = method_labels(experiment_algorithms(EXPERIMENT)).values()
+            write_layer_charts(Path(args.charts), args.sparsity, list(methods), Path(args.out or args.charts))
+            return 0
+        if not args.runs or not args.out:
+            parser.error("give RUN_DIR ... and --out (or --charts STUDY --sparsity S)")
+        write_mask_report([Path(r) for r in args.runs], Path(args.out))
     except PtsbenchError as exc:
-        print(f"ptsbench.masks: {exc}", file=sys.stderr)
+        print(f"ptsbench.analysis.overlap: {exc}", file=sys.stderr)
         return 2
     return 0
 
