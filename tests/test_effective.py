@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ptsbench.audit import audit_model
-from ptsbench.effective import EffectiveSparsityError, layer_reach, reachable_weights
+from ptsbench.effective import EffectiveSparsityError, reachable_weights
 from ptsbench.sparsity import find_prunable_layers
 
 # ------------------------------------------------------------------------------------ counted by hand
@@ -85,14 +85,21 @@ def test_an_op_without_a_surrogate_fails_loudly():
 def test_resnet18_at_28px_matches_the_shapes():
     """layer4 runs on 1x1 maps: 8 of 9 taps dead, 5 of 9 for its strided first conv (2x2 -> 1x1)."""
     model = timm.create_model("resnet18", num_classes=10, in_chans=1)
-    layers = find_prunable_layers(model)
-    reach = layer_reach(model, [ly.name for ly in layers], (1, 1, 28, 28))
+    sizes = {ly.name: ly.numel for ly in find_prunable_layers(model)}
+    at28 = dead(model, (1, 1, 28, 28))
     expected = {"layer4.0.conv1": 5 / 9, "layer4.0.conv2": 8 / 9, "layer4.1.conv1": 8 / 9, "layer4.1.conv2": 8 / 9}
-    for ly in layers:
-        assert reach[ly.name].dense_dead_fraction == pytest.approx(expected.get(ly.name, 0.0), abs=1e-12), ly.name
-    dead_total = sum(r.dense_dead for r in reach.values())
-    assert dead_total == 512 * 256 * 5 + 3 * 512 * 512 * 8  # 6,946,816 of 11,165,760
-    assert dead(model, (1, 1, 56, 56)) == dict.fromkeys(dead(model, (1, 1, 56, 56)), 0)
+    assert {n: at28[n] / p for n, p in sizes.items()} == pytest.approx({n: expected.get(n, 0.0) for n in sizes})
+    assert sum(at28.values()) == 512 * 256 * 5 + 3 * 512 * 512 * 8  # 6,946,816 of 11,165,760
+    assert sum(dead(model, (1, 1, 56, 56)).values()) == 0  # layer4 on 2x2 maps: every tap sees a pixel
+
+
+def test_command_prints_the_dense_dead_fraction(require_fmnist, tmp_path, monkeypatch, capsys):
+    from ptsbench.effective import main
+    monkeypatch.setenv("PTSBENCH_CACHE", str(tmp_path))
+    main(["model=resnet18", "model.img_size=28"])
+    out = capsys.readouterr().out
+    assert "resnet18 at 1x28x28" in out
+    assert "| total " in out and "6946816" in out and "0.6222" in out
 
 
 # ------------------------------------------------------------------------------------ equivalence on real models
@@ -169,12 +176,12 @@ def test_ineffective_weights_do_not_change_the_output(case):
         reference = model(x)
         assert torch.allclose(cleared(x), reference, rtol=0, atol=1e-5)
         assert reference.abs().max() > 1e-3  # the network still computes something
-    matters = _matters(lively, alive, x)
-    assert sum(matters) >= 0.9 * len(matters), matters
+    matters = _matters(lively, alive, x[:2])
+    assert sum(matters) >= len(matters) - 1, matters
 
 
 def _sampled(alive: dict[str, torch.Tensor]) -> list[str]:
-    return list(alive)[:: max(1, len(alive) // 12)]
+    return list(alive)[:: max(1, len(alive) // 8)][:8]
 
 
 def _lively_copy(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -195,7 +202,7 @@ def _lively_copy(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 def _matters(model: nn.Module, alive: dict[str, torch.Tensor], x: torch.Tensor) -> list[bool]:
-    """For one effective weight in each of about twelve layers: does zeroing it change the output?"""
+    """For one effective weight in each of eight layers: does zeroing it change the output?"""
     layers = weight_layers(model)
     g = torch.Generator().manual_seed(4)
     matters = []
@@ -242,3 +249,16 @@ def test_audit_reports_dense_dead_and_effective_sparsity(caplog):
     plain = audit_model(model, layers, 0.0)
     assert plain.summary()["dense_dead_fraction"] is None and plain.summary()["effective_sparsity"] is None
     assert plain.layers["effective_sparsity"].isna().all()
+
+
+def test_report_shows_effective_sparsity_when_recorded():
+    import pandas as pd
+
+    from ptsbench.report import markdown_table, results_table
+    old = {"model": "resnet18", "method": "magnitude", "target_sparsity": 0.5, "seed": 0, "status": "ok",
+           "achieved_sparsity": 0.5, "top1": 80.0, "dense_top1": 90.0}
+    new = dict(old, seed=1, effective_sparsity=0.8, dense_dead_fraction=0.62)
+    assert "effective" not in markdown_table(results_table(pd.DataFrame([old])))
+    table = results_table(pd.DataFrame([old, new]))
+    assert "effective" in markdown_table(table)
+    assert table["effective_sparsity"].tolist()[1] == 0.8 and "dense_dead_fraction" in table
