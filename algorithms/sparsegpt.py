@@ -96,12 +96,26 @@ def block_zero_counts(zeros: torch.Tensor, cols: int, starts: list[int]) -> torc
 
 
 def lowest_per_group(saliency: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Boolean (G, R, B): the `counts[g]` lowest saliencies of group g over its whole block, ties by position."""
+    """Boolean (G, R, B): the `counts[g]` lowest saliencies of group g over its whole block, ties by position.
+
+    Linear time (a k-th value, then the tied entries in position order): a stable sort of every block
+    would cost more than the block's updates.
+    """
     flat = saliency.reshape(saliency.shape[0], -1)
-    order = torch.sort(flat, dim=1, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
-    return (ranks < counts.to(flat.device)[:, None]).view_as(saliency)
+    counts = counts.to(flat.device)
+    if int(counts.max()) == 0:
+        return torch.zeros_like(saliency, dtype=torch.bool)
+    sorted_values = None if bool((counts == counts[0]).all()) else torch.sort(flat, dim=1).values
+    if sorted_values is None:
+        threshold = torch.kthvalue(flat, int(counts[0]), dim=1).values
+    else:
+        threshold = sorted_values.gather(1, (counts - 1).clamp_min(0)[:, None]).squeeze(1)
+    below = flat < threshold[:, None]
+    tied = flat == threshold[:, None]
+    missing = counts - below.sum(dim=1)
+    drop = below | (tied & (tied.cumsum(dim=1) <= missing[:, None]))
+    drop[counts == 0] = False
+    return drop.view_as(saliency)
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, zeros: torch.Tensor | None = None,
@@ -134,9 +148,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, zeros: torch.Te
         for i in range(i2 - i1):
             if nm and i % pattern.m == 0:
                 span = slice(i, i + pattern.m)
-                saliency = (w1[:, :, span].pow(2) / denom[:, :, span]).masked_fill(dead[:, None, i1 + i:i1 + i + pattern.m], 0.0)
-                keep = torch.sort(saliency, dim=-1, descending=True, stable=True).indices[..., :pattern.n]
-                mask1[:, :, span] = ~torch.zeros_like(saliency, dtype=torch.bool).scatter_(-1, keep, True)
+                saliency = (w1[:, :, span].pow(2) / denom[:, :, span]).masked_fill(dead[:, None, i1:i2][..., span], 0.0)
+                lowest = torch.topk(saliency, pattern.m - pattern.n, dim=-1, largest=False).indices
+                mask1[:, :, span] = torch.zeros_like(saliency, dtype=torch.bool).scatter_(-1, lowest, True)
             col = w1[:, :, i]
             q = col.masked_fill(mask1[:, :, i], 0.0)
             err = (col - q) / u1[:, i, i][:, None]

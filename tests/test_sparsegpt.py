@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.base import PruneContext
-from algorithms.sparsegpt import Hessian, SparseGPT, prune_layer, sparsegpt_prune
+from algorithms.sparsegpt import Hessian, SparseGPT, lowest_per_group, prune_layer, sparsegpt_prune
 from ptsbench.data import CalibrationSet, InMemoryImages
 from ptsbench.errors import ConfigError
 from ptsbench.layerwise import unfold_input
@@ -166,3 +166,11 @@ def test_options_are_checked():
     with pytest.raises(ConfigError, match="Unknown allocation 'erkk'"):
         SparseGPT(allocation="erkk")
     assert SparseGPT(allocation="erk").label == "sparsegpt-erk"
+
+
+def test_block_mask_takes_exact_counts_per_group_ties_by_position():
+    saliency = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 5.0, 2.0]], [[3.0, 1.0, 2.0], [1.0, 1.0, 9.0]]])
+    drop = lowest_per_group(saliency, torch.tensor([4, 2]))
+    assert drop.tolist() == [[[True, True, True], [True, False, False]], [[False, True, False], [True, False, False]]]
+    same = lowest_per_group(saliency, torch.tensor([3, 3]))  # equal counts: the k-th value path
+    assert same.sum(dim=(1, 2)).tolist() == [3, 3] and same[0, 0, 1] and not same[0, 0, 0]
