@@ -361,8 +361,8 @@ def reachable_weights(model: nn.Module, input_shape: Sequence[int], dense: bool 
 
     `dense=True` treats every weight as non-zero (what the input size alone leaves alive).
     """
-    surrogate, indicators = _surrogate_model(model, dense)
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():  # callers may evaluate under inference mode
+        surrogate, indicators = _surrogate_model(model, dense)
         x = torch.ones(tuple(int(s) for s in input_shape), dtype=DTYPE, requires_grad=True)
         with _SurrogateMode(_Surrogate(indicators.values())):
             out = surrogate(x)

@@ -262,3 +262,25 @@ def test_report_shows_effective_sparsity_when_recorded():
     table = results_table(pd.DataFrame([old, new]))
     assert "effective" in markdown_table(table)
     assert table["effective_sparsity"].tolist()[1] == 0.8 and "dense_dead_fraction" in table
+
+
+class Mask(nn.Module):
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def test_masks_under_parametrize_and_inference_mode():
+    """Masks still attached (parametrize) count, and an audit called under inference mode still differentiates."""
+    from torch.nn.utils import parametrize
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    mask = torch.ones(4, 3)
+    mask[0] = 0
+    parametrize.register_parametrization(net[0], "weight", Mask(mask))
+    with torch.inference_mode():
+        alive = reachable_weights(net, (1, 3))
+    assert alive["0"].sum() == 9 and not alive["2"][:, 0].any() and alive["2"].sum() == 6
+    assert parametrize.is_parametrized(net[0])  # the model itself is untouched
