@@ -1,0 +1,175 @@
+"""Dynamic sparse training: distillation of the masked student with masks that move.
+
+At every forward each layer keeps its largest |W| (a fixed count per layer: the searched sparsity), the
+gradient reaches every weight straight through, and pruned weights get an extra decay (SR-STE), so weights
+can leave and re-enter the mask (the reference's `utils/conv_type.py: GetWeightSubnet`). The loop is the
+reference's schedule: SGD with momentum, timm cosine stepped per iteration after one warmup epoch from 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from algorithms.base import PruneContext
+from algorithms.unipts.objective import distillation_loss
+from ptsbench.data import CalibrationSet
+from ptsbench.distill import tau_schedule
+from ptsbench.errors import ensure_finite
+from ptsbench.sparsity import PrunableLayer, magnitude_mask, topk_magnitude_mask
+from ptsbench.train import random_translate_flip
+
+log = logging.getLogger(__name__)
+
+AUGMENT_MAX_SHIFT = 2  # pixels; the harness's in-memory stand-in for the reference's RandomResizedCrop
+
+
+# ================================================================================= masks that move
+
+
+class _MaskedStraightThrough(torch.autograd.Function):
+    """W_eff = W * M; dL/dW = dL/dW_eff + decay * (1 - M) * W (dense STE with SR-STE decay)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
+        ctx.save_for_backward(weight, mask)
+        ctx.decay = decay
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        weight, mask = ctx.saved_tensors
+        return grad_output + ctx.decay * (1.0 - mask) * weight, None, None
+
+
+class DynamicMagnitudeMask(nn.Module):
+    """Parametrization for dynamic sparse training: at every forward, keep the largest |W| (a fixed count
+    per layer), pass gradients to all weights, and decay the pruned ones so the mask can move both ways."""
+
+    def __init__(self, n_zero: int, decay: float, mask: torch.Tensor):
+        super().__init__()
+        self.n_zero, self.decay = int(n_zero), float(decay)
+        self.register_buffer("mask", mask.detach().clone())
+        self.threshold: torch.Tensor | None = None
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        # A new tensor, not an in-place update: the previous step's autograd graph saved the old mask.
+        self.mask, self.threshold = topk_magnitude_mask(weight, self.n_zero, self.threshold)
+        return _MaskedStraightThrough.apply(weight, self.mask, self.decay)
+
+
+def attach_dynamic_masks(layers: list[PrunableLayer], counts: dict[str, int], decay: float) -> None:
+    for ly in layers:
+        mask = magnitude_mask(ly.weight, counts[ly.name])
+        parametrize.register_parametrization(ly.module, "weight", DynamicMagnitudeMask(counts[ly.name], decay, mask))
+
+
+@torch.no_grad()
+def current_masks(layers: list[PrunableLayer]) -> dict[str, torch.Tensor]:
+    """Each layer's mask for its current weights (reading the weight runs the parametrization)."""
+    masks = {}
+    for ly in layers:
+        ly.module.weight  # noqa: B018 - recomputes a dynamic mask from the current weights
+        masks[ly.name] = ly.module.parametrizations.weight[0].mask.clone()
+    return masks
+
+
+# ==================================================================================== training loop
+
+
+def reference_optimizer_defaults(model: nn.Module) -> tuple[float, float]:
+    """(lr, weight decay) of the reference configs: 0.05 / 4e-5 for MobileNetV2, 0.01 / 1e-4 otherwise
+    (the ResNet setting, also used for architectures the paper did not train)."""
+    architecture = str(getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__)
+    if "mobilenetv2" in architecture.lower():
+        return 0.05, 4e-5
+    return 0.01, 1e-4
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Distillation and optimiser settings (reference: 100 epochs of batch 64, SGD m0.9, cosine, T = 4)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    momentum: float
+    warmup_epochs: float
+    min_lr: float
+    objective: str
+    temperature: float
+    tau_start: float
+    tau_decay: float
+    augment: bool
+
+
+def shuffled_epoch(calib: CalibrationSet, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The images of one shuffled epoch in full batches (a batch of one would break BatchNorm in train mode)."""
+    for images, _ in calib.batches(batch_size, shuffle=True, generator=generator, drop_last=True):
+        yield images
+
+
+def distill_sparse(model: nn.Module, teacher: nn.Module, layers: list[PrunableLayer], calib: CalibrationSet,
+                   settings: TrainSettings, ctx: PruneContext, shuffle: torch.Generator,
+                   augment: torch.Generator) -> list[dict[str, float]]:
+    """Train the masked student to match the dense teacher; returns one history row per epoch.
+
+    The teacher is the frozen dense model in train mode (its BN uses batch statistics, as in the
+    reference); there is no label loss. The learning rate follows timm's per-iteration cosine with one
+    warmup epoch from 0.
+    """
+    batch_size = min(settings.batch_size, len(calib))
+    steps_per_epoch = len(calib) // batch_size
+    total = settings.epochs * steps_per_epoch
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=settings.min_lr,
+                                  warmup_t=round(settings.warmup_epochs * steps_per_epoch), warmup_lr_init=0.0,
+                                  t_in_epochs=False)
+    device = calib.data.images.device
+    model.train()
+    teacher.train()
+    history: list[dict[str, float]] = []
+    before = current_masks(layers)
+    mask_entries = sum(m.numel() for m in before.values())
+    step = 0
+    bar = tqdm(total=total, desc="UniPTS distillation", disable=not ctx.progress, leave=False, mininterval=1.0)
+    for epoch in range(settings.epochs):
+        tau = tau_schedule(epoch, settings.tau_start, settings.tau_decay)
+        epoch_start, running = time.perf_counter(), 0.0
+        for images in shuffled_epoch(calib, batch_size, shuffle):
+            if settings.augment:
+                images = random_translate_flip(images.cpu(), AUGMENT_MAX_SHIFT, True, augment).to(device)
+            with torch.no_grad():
+                teacher_logits = teacher(images)
+            loss = distillation_loss(settings.objective, model(images), teacher_logits, settings.temperature, tau)
+            running += ensure_finite(loss.item(), "UniPTS distillation loss", step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        after = current_masks(layers)
+        changed = sum(int((after[k] != before[k]).sum()) for k in after) / mask_entries
+        before = after
+        row = {"epoch": epoch, "tau": tau, "loss": running / steps_per_epoch, "mask_change": changed,
+               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - epoch_start}
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", mask_change=f"{changed:.4f}", refresh=False)
+        ctx.log_metrics({"unipts/epoch": epoch, "unipts/loss": row["loss"], "unipts/mask_change": changed,
+                         "unipts/tau": tau, "unipts/lr": row["lr"]}, None)
+        log.debug("UniPTS epoch %d: loss %.4f, mask change %.5f, tau %.3f", epoch, row["loss"], changed, tau)
+    bar.close()
+    return history
