@@ -1,4 +1,5 @@
-"""FCPTS: the bridge's slope, what drives the thresholds, exact final sparsity, determinism, one job.
+"""FCPTS: the bridge's slope, what drives the thresholds, exact final sparsity, the augmented calibration
+stream, BatchNorm after the correction, determinism, the presets, one job.
 
 The model is the tiny dense ResNet-18 the harness trains on real Fashion-MNIST (shared with the runner
 tests through the session cache), so the bridge is checked on trained weights, not on synthetic ones.
@@ -12,27 +13,48 @@ import json
 import pandas as pd
 import pytest
 import torch
+from hydra.utils import instantiate
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
 
 from algorithms.base import PruneContext
-from algorithms.fcpts import (
-    FCPTS,
+from algorithms.fcpts import FCPTS
+from algorithms.fcpts.bridge import bridge_sparsity
+from algorithms.fcpts.calibration import (
+    CROP_RATIO,
+    CROP_SCALE,
+    calibration_stream,
+    random_crop_boxes,
+    random_resized_crop_flip,
+    resized_crop_flip,
+)
+from algorithms.fcpts.thresholds import (
     MaskSTE,
     attach_thresholds,
-    bridge_sparsity,
     count_masks,
     exact_counts,
     global_sparsity,
+    layer_magnitudes,
     layer_sparsities,
     original_weight,
-    sorted_magnitudes,
     sparsity_loss,
 )
 from ptsbench.audit import audit_model
+from ptsbench.bn import batchnorm_layers, recalibrate_batchnorm
 from ptsbench.data import CalibrationSet
 from ptsbench.distill import kd_kl
 from ptsbench.errors import ConfigError, NonFiniteLossError
 from ptsbench.runner import run_job
-from ptsbench.sparsity import PrunableLayer, counts_from_rates, erk_allocation, find_prunable_layers
+from ptsbench.sparsity import (
+    PrunableLayer,
+    counts_at_thresholds,
+    counts_from_rates,
+    erk_allocation,
+    find_prunable_layers,
+    masks_from_counts,
+    sorted_magnitudes,
+)
+from tests.conftest import compose_config
 
 CPU = torch.device("cpu")
 
@@ -139,7 +161,7 @@ def test_exact_counts_hit_every_total_and_keep_a_hit_allocation():
     layers = [PrunableLayer(f"l{i}", m, "linear") for i, m in enumerate(mods)]
     gates = attach_thresholds(layers, {"l0": 1000, "l1": 9000, "l2": 40000}, "ste")
     total = sum(ly.numel for ly in layers)
-    sorted_abs = sorted_magnitudes(layers)
+    sorted_abs = layer_magnitudes(layers)
     for target in (0.1, 0.5, 0.6, 0.77, 0.95):
         counts = exact_counts(layers, gates, sorted_abs, target).counts
         assert sum(counts.values()) == round(target * total)
@@ -157,7 +179,7 @@ def test_exact_counts_with_tied_magnitudes():
         lin.weight.copy_(lin.weight.sign() * (lin.weight.abs() * 20).ceil() / 20)  # |w| is 0.05 or 0.1
     layers = [PrunableLayer("tied", lin, "linear")]
     gates = attach_thresholds(layers, {"tied": 3000}, "ste")
-    sorted_abs = sorted_magnitudes(layers)
+    sorted_abs = layer_magnitudes(layers)
     for target in (0.05, 0.33, 0.5, 0.81):
         counts = exact_counts(layers, gates, sorted_abs, target).counts
         assert counts["tied"] == round(target * 10_000)
@@ -193,13 +215,101 @@ def test_nan_loss_stops_the_run(dense):
         FCPTS(iterations=2, batch_size=32).prune(model, layers, 0.5, context(dense))
 
 
+# ------------------------------------------------------------------- shared primitives (sparsity.py)
+
+
+def test_counts_at_thresholds_and_masks_from_counts_on_sorted_magnitudes():
+    w = torch.tensor([[0.3, -0.1, 0.05], [-0.4, 0.2, -0.05]])
+    sorted_abs = sorted_magnitudes([w])
+    assert counts_at_thresholds(sorted_abs, [0.0]) == [0]
+    assert counts_at_thresholds(sorted_abs, [0.1]) == [3]  # |w| <= t: 0.05, 0.05, 0.1
+    assert counts_at_thresholds(sorted_abs, [0.35]) == [5]
+    for k in range(7):
+        (mask,) = masks_from_counts([w], sorted_abs, [k])
+        assert int((mask == 0).sum()) == k
+        kept = w.abs()[mask.bool()]
+        assert k in (0, 6) or float(kept.min()) >= float(w.abs()[~mask.bool()].max())
+    (tied,) = masks_from_counts([w], sorted_abs, [1])  # 0.05 twice: position breaks the tie
+    assert tied.tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+# ---------------------------------------------------------------------------- calibration stream
+
+
+@pytest.mark.parametrize("box,flip", [((0, 0, 28, 28), False), ((3, 5, 11, 17), False), ((10, 0, 18, 9), True),
+                                      ((0, 20, 28, 8), True)])
+def test_resized_crop_flip_matches_torchvision_on_tensors(box, flip):
+    """The one-grid_sample crop equals torchvision's tensor resized_crop (+ horizontal flip)."""
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([box, box], dtype=torch.float64)
+    ours = resized_crop_flip(images, boxes, torch.tensor([flip, flip]))
+    top, left, h, w = box
+    theirs = TF.resized_crop(images, top, left, h, w, [28, 28], antialias=False)
+    theirs = TF.horizontal_flip(theirs) if flip else theirs
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_random_crop_boxes_follow_torchvision_get_params():
+    """Same distribution as torchvision's RandomResizedCrop.get_params (drawn per image, in a loop)."""
+    g = torch.Generator().manual_seed(3)
+    boxes = random_crop_boxes(4000, 28, 28, g)
+    top, left, h, w = boxes.unbind(1)
+    assert bool(((h >= 1) & (w >= 1) & (top >= 0) & (left >= 0) & (top + h <= 28) & (left + w <= 28)).all())
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tv = torch.tensor([RandomResizedCrop.get_params(torch.zeros(1, 28, 28), list(CROP_SCALE), list(CROP_RATIO))
+                           for _ in range(4000)], dtype=torch.float64)
+    for ours, theirs, tol in [(h * w / 784, tv[:, 2] * tv[:, 3] / 784, 0.02), (w / h, tv[:, 3] / tv[:, 2], 0.03),
+                              (top, tv[:, 0], 0.4), (left, tv[:, 1], 0.4)]:
+        assert float(ours.mean()) == pytest.approx(float(theirs.mean()), abs=tol)
+        assert float(ours.min()) >= float(theirs.min()) - tol and float(ours.max()) <= float(theirs.max()) + tol
+    assert torch.equal(boxes, random_crop_boxes(4000, 28, 28, torch.Generator().manual_seed(3)))
+    # a 1 x 40 strip admits no box of the allowed areas and ratios: torchvision's central fallback
+    assert random_crop_boxes(3, 1, 40, g).tolist() == [[0, 19, 1, 1]] * 3
+
+
+def test_augmented_stream_is_seeded_and_off_means_plain_batches(dense):
+    calib = dense[1]
+    plain = next(calibration_stream(calib, 32, CPU, torch.Generator().manual_seed(1)))
+    first = next(calibration_stream(calib, 32, CPU, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)))
+    again = next(calibration_stream(calib, 32, CPU, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)))
+    order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(1))[:32]
+    assert torch.equal(plain, calib.data.images[order])
+    assert torch.equal(first, again) and first.shape == plain.shape
+    assert not torch.allclose(first, plain)
+    flipped = random_resized_crop_flip(plain, torch.Generator().manual_seed(5))
+    assert flipped.shape == plain.shape and torch.isfinite(flipped).all()
+
+
+# ------------------------------------------------------------------- BatchNorm after the correction
+
+
+@pytest.mark.parametrize("bn_recalibration", [True, False])
+def test_bn_is_reestimated_when_the_correction_moves_weights(dense, bn_recalibration):
+    """lambda = 0 leaves the learned sparsity off target, so the correction prunes untrained weights."""
+    model, layers = fresh(dense)
+    algo = FCPTS(iterations=2, batch_size=32, sparsity_lambda=0.0, lr=0.05, bn_recalibration=bn_recalibration)
+    result = algo.prune(model, layers, 0.9, context(dense))
+    assert result.stats["correction_weights_moved"] > 0
+    expected = copy.deepcopy(result.model)
+    recalibrate_batchnorm(expected, dense[1], CPU, batch_size=32)
+    same = [torch.allclose(a.running_var, b.running_var, rtol=1e-5)
+            for a, b in zip(batchnorm_layers(result.model), batchnorm_layers(expected), strict=True)]
+    if bn_recalibration:
+        assert result.stats["bn_recalibrated_layers"] == len(same) > 0 and all(same)
+    else:
+        assert result.stats["bn_recalibrated_layers"] == 0 and not all(same)
+
+
 # ---------------------------------------------------------------------------------- options, a job
 
 
-def test_options_labels_and_bad_choices():
+def test_options_labels_budgets_and_bad_choices():
     assert FCPTS().label == "fcpts-ste-kde"
     assert FCPTS(threshold_grad="sparsity_only", bridge="histogram", iterations=120).label == \
         "fcpts-sparsity_only-hist-120it"
+    assert FCPTS(iterations=64, augment=False).label == "fcpts-ste-kde-noaug-64it"
+    assert [FCPTS(iterations=n).options()["budget"] for n in (1600, 64, 400)] == ["reference", "quick", "0.25x"]
     assert FCPTS(bridge="histogram").options()["bridge"] == "histogram"
     for option, value, match in [("bridge", "kdee", "Did you mean: kde"),
                                  ("threshold_grad", "st", "sparsity_only, ste"),
@@ -208,18 +318,32 @@ def test_options_labels_and_bad_choices():
             FCPTS(**{option: value})
 
 
+@pytest.mark.parametrize("preset,label,iterations", [
+    ("fcpts", "fcpts-ste-kde", 1600), ("fcpts_quick", "fcpts-ste-kde-64it", 64),
+    ("fcpts_code", "fcpts-sparsity_only-hist", 1600), ("fcpts_code_quick", "fcpts-sparsity_only-hist-64it", 64)])
+def test_presets_are_the_paper_and_the_released_code(preset, label, iterations):
+    algo = instantiate(compose_config([f"algorithm={preset}"]).algorithm)
+    assert isinstance(algo, FCPTS) and algo.label == label and algo.iterations == iterations
+    paper = not preset.startswith("fcpts_code")
+    assert (algo.bridge, algo.threshold_grad) == (("kde", "ste") if paper else ("histogram", "sparsity_only"))
+    assert algo.augment and algo.bn_recalibration and algo.lr == 0.01 and algo.batch_size == 64
+
+
 def test_fcpts_quick_job_records_ok_with_residual(tiny_cfg, tmp_path):
-    record = run_job(tiny_cfg("algorithm=fcpts_quick", "sparsity=0.7", "algorithm.iterations=6",
+    record = run_job(tiny_cfg("algorithm=fcpts_code_quick", "sparsity=0.7", "algorithm.iterations=6",
                               "algorithm.log_every=2"), tmp_path)
     saved = json.loads((tmp_path / "result.json").read_text())
-    assert saved["status"] == "ok" and record["method"] == "fcpts-sparsity_only-kde-6it"
+    assert saved["status"] == "ok" and record["method"] == "fcpts-sparsity_only-hist-6it"
+    assert saved["algorithm_options"]["budget"] == "0.00375x" and saved["algorithm_options"]["augment"] is True
     assert saved["achieved_sparsity"] == pytest.approx(0.7, abs=1e-6)
     assert saved["max_layer_count_error"] < 1.0
     stats = saved["stats"]
     assert {"residual_before_correction", "learned_global_sparsity", "seconds_teacher", "seconds_student",
-            "seconds_bridge"} <= set(stats)
+            "seconds_bridge", "seconds_data", "correction_weights_moved", "bn_recalibrated_layers"} <= set(stats)
+    assert stats["iterations"] == 6 and stats["budget"] == "0.00375x"
     assert stats["learned_global_sparsity"] - 0.7 == pytest.approx(stats["residual_before_correction"])
     assert abs(stats["residual_before_correction"]) < 0.01
+    assert (stats["bn_recalibrated_layers"] > 0) == (stats["correction_weights_moved"] > 0)
     traj = pd.read_csv(tmp_path / "allocation_trajectory.csv")
     assert sorted(set(traj["iteration"])) == [0, 2, 4, 5]
     assert traj["sparsity"].between(0, 1).all()
