@@ -14,17 +14,20 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ptsbench.data import DataBundle, build_data
+from ptsbench.errors import CheckpointError
 from ptsbench.evaluate import evaluate
 from ptsbench.models import (
     check_input_size,
     create_model,
     dense_key,
+    file_sha256,
     load_checkpoint,
     load_state_strict,
     plain,
     read_state_dict,
     save_state,
     stable_hash,
+    verify_checkpoint,
 )
 from ptsbench.paths import safe_child, safe_subdir
 from ptsbench.results import write_json
@@ -42,6 +45,7 @@ class Dense:
     top1: float
     top5: float
     info: dict  # training time, cache paths ...
+    sha256: str | None = None  # of the weights file the model was loaded from (None: hub weights)
 
 
 def training_recipe(cfg: DictConfig) -> dict:
@@ -78,8 +82,10 @@ def load_dense_weights(cfg: DictConfig, model: nn.Module, data: DataBundle, cach
     key = f"{cfg.model.name}-{data.spec.name}-{stable_hash(key_obj)}"
     dense_dir = safe_subdir(cache_dir, "dense")
     info: dict = {}
+    sha256 = None
     if cfg.model.get("checkpoint"):
         source = "checkpoint"
+        sha256 = verify_checkpoint(cfg.model)
         load_checkpoint(model, cfg.model)
     elif cfg.model.get("pretrained"):
         source = "pretrained"
@@ -88,8 +94,7 @@ def load_dense_weights(cfg: DictConfig, model: nn.Module, data: DataBundle, cach
         weights = safe_child(dense_dir, f"{key}.safetensors")
         meta_path = safe_child(dense_dir, f"{key}.train.json")
         with FileLock(str(safe_child(dense_dir, f"{key}.lock"))):
-            if weights.exists():
-                load_state_strict(model, read_state_dict(weights), str(weights))
+            if _load_cached(model, weights, dense_dir, key):
                 info = json.loads(meta_path.read_text()) if meta_path.exists() else {}
                 log.info("Dense %s: cached weights %s", cfg.model.name, weights)
             else:
@@ -100,9 +105,26 @@ def load_dense_weights(cfg: DictConfig, model: nn.Module, data: DataBundle, cach
                 write_json(meta_path, info)
                 log.info("Dense %s trained in %.0f s, cached at %s", cfg.model.name, info["train_seconds"], weights)
         info["weights"] = str(weights)
+        sha256 = file_sha256(weights)
     model.to(device).eval()
     top1, top5 = _dense_accuracy(model, data, key, cfg, dense_dir, device)
-    return Dense(source, key, top1, top5, info)
+    return Dense(source, key, top1, top5, info, sha256)
+
+
+def _load_cached(model: nn.Module, weights: Path, dense_dir: Path, key: str) -> bool:
+    """Load the cached dense weights; a truncated or foreign entry is dropped (with its cached accuracies)
+    and reported, so the caller retrains instead of failing every job of the sweep on a broken cache file."""
+    if not weights.exists():
+        return False
+    try:
+        load_state_strict(model, read_state_dict(weights), str(weights))
+        return True
+    except CheckpointError as exc:
+        log.warning("Dense cache entry %s is unreadable, retraining it: %s", weights, exc)
+        weights.unlink(missing_ok=True)
+        for stale in dense_dir.glob(f"{key}.eval-*.json"):
+            stale.unlink(missing_ok=True)
+        return False
 
 
 def _dense_accuracy(model: nn.Module, data: DataBundle, key: str, cfg: DictConfig, dense_dir: Path,

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 
 import timm
@@ -121,6 +122,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = resolve_checkpoint_path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {str(path)!r} does not exist (model.checkpoint).")
+    from ptsbench.checkpoint import is_compact_form, read_compact_form  # checkpoint imports this module
+
+    if path.suffix == ".safetensors" and is_compact_form(path):  # a job's sparse_model.compact.safetensors
+        return read_compact_form(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -222,13 +227,43 @@ def stable_hash(obj: object, length: int = 12) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
+@lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (memoised per path, size and modification time within a process)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return _sha256(str(p), st.st_size, st.st_mtime_ns)
+
+
 def file_fingerprint(path: str | Path) -> dict:
+    """A checkpoint's identity by content, so the same weights get the same dense key on every machine."""
     p = resolve_checkpoint_path(path).resolve()
     if not p.is_file():
         raise CheckpointError(f"model.checkpoint={str(path)!r} does not exist (give a safetensors file or a "
                               f"weights-only torch file).")
-    st = p.stat()
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"sha256": file_sha256(p), "size": p.stat().st_size}
+
+
+def verify_checkpoint(model_cfg: DictConfig) -> str:
+    """The checkpoint's sha256, checked against `model.checkpoint_sha256` when the config pins one."""
+    path = resolve_checkpoint_path(model_cfg.checkpoint)
+    actual = file_fingerprint(model_cfg.checkpoint)["sha256"]
+    expected = model_cfg.get("checkpoint_sha256")
+    if expected and str(expected).lower() != actual:
+        raise CheckpointError(
+            f"model.checkpoint={str(model_cfg.checkpoint)!r} ({path}) has sha256 {actual}, but the model config "
+            f"pins model.checkpoint_sha256={expected}: the file is not the one the config was written for. "
+            f"Restore it (git checkout) or set model.checkpoint_sha256=null to accept another file."
+        )
+    return actual
 
 
 def dense_key(model_cfg: DictConfig, data_cfg: DictConfig, spec: DataSpec, recipe: Mapping, seed: int) -> dict:

@@ -1,0 +1,52 @@
+"""The shipped dense weights of the embedded zoo: pinned by sha256, loaded strictly, rebuilt by one command."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ptsbench.errors import CheckpointError
+from ptsbench.models import file_sha256, resolve_checkpoint_path, verify_checkpoint
+from ptsbench.zoo import export_dense
+from tests.conftest import TINY, compose_config
+
+ZOO_MODELS = ("resnet18", "mobilenetv2", "vit_tiny")
+
+
+@pytest.mark.parametrize("name", ZOO_MODELS)
+def test_shipped_weights_match_their_pin_and_the_architecture(name):
+    cfg = compose_config([f"model={name}"])
+    if not cfg.model.checkpoint:
+        pytest.skip(f"{name} has no shipped weights yet")
+    path = resolve_checkpoint_path(cfg.model.checkpoint)
+    assert path.is_file() and cfg.model.checkpoint_sha256 == file_sha256(path)
+    from ptsbench.data import DataSpec
+    from ptsbench.models import create_model, load_checkpoint
+
+    spec = DataSpec("fashion_mnist", 10, 1, int(cfg.model.img_size or 28), (0.286,), (0.353,))
+    model = create_model(cfg.model, spec)
+    load_checkpoint(model, cfg.model)  # strict: every key and shape
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_changed_file_is_refused(tmp_path):
+    cfg = compose_config(["model=mobilenetv2"])
+    copy = tmp_path / "w.safetensors"
+    copy.write_bytes(resolve_checkpoint_path(cfg.model.checkpoint).read_bytes() + b"\0")
+    cfg.model.checkpoint = str(copy)
+    with pytest.raises(CheckpointError, match="checkpoint_sha256"):
+        verify_checkpoint(cfg.model)
+
+
+def test_export_writes_the_recipe_model_in_half_precision(tiny_dense, cache_dir, tmp_path):
+    model, _ = tiny_dense  # the session's tiny recipe model, already in the dense cache
+    path, sha, top1 = export_dense("resnet18", [*TINY, f"cache_dir={cache_dir}"], out_dir=tmp_path)
+    assert path.parent == tmp_path and sha == file_sha256(path) and 0 < top1 <= 100
+    state = load_file(str(path))
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            assert state[key].dtype == torch.float16
+            torch.testing.assert_close(state[key].float(), value.float(), rtol=1e-3, atol=1e-3)
+        else:
+            assert torch.equal(state[key], value)
