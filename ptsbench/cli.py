@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from ptsbench.config import register_configs
+from ptsbench.config import check_constructor_keys, register_configs
 from ptsbench.runner import JobFailed, run_job
 from ptsbench.tracking import Tracker, sweep_group
 
@@ -52,6 +52,8 @@ def sweep_name(hc) -> str:
 def app(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
+    if cfg.get("logger"):
+        check_constructor_keys(cfg.logger, "logger")  # before instantiate turns `+logger.foo=1` into a TypeError
     tracker = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else Tracker()
     threads = threads_per_job(cfg, hc)
     if threads:
@@ -67,6 +69,12 @@ def app(cfg: DictConfig) -> None:
             sys.exit(1)
         return
     if record.get("skipped"):
+        return
+    if record["status"] == "target_missed":  # numbers were measured but are not the asked-for sparsity
+        log.error("%s (recorded in %s)", record["error"], out_dir / "result.json")
+        if hc.mode != RunMode.MULTIRUN:
+            print(f"ptsbench: {record['error']}", file=sys.stderr)
+            sys.exit(1)
         return
     print(f"{record['method']} on {record['model']} at sparsity {record['target_sparsity']}: "
           f"dense top-1 {record['dense_top1']:.2f}%, sparse top-1 {record['top1']:.2f}% "

@@ -91,8 +91,11 @@ class CalibrationSet:
 
 def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool = False,
                     generator: torch.Generator | None = None, drop_last: bool = False,
-                    num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images, labels) batches; in-memory sets are sliced, others go through a DataLoader."""
+                    num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images, labels) batches; in-memory sets are sliced, others go through a DataLoader.
+
+    `pin_memory` (DataLoader only) page-locks the batches so that non_blocking copies to a GPU overlap.
+    """
     if isinstance(dataset, InMemoryImages):
         n = len(dataset)
         order = torch.randperm(n, generator=generator) if shuffle else None
@@ -105,7 +108,7 @@ def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool = False,
                 yield dataset.images[idx], dataset.labels[idx]
         return
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                        drop_last=drop_last, num_workers=num_workers)
+                        drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory)
     yield from loader
 
 

@@ -49,7 +49,8 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "c
     correct1 = correct5 = total = 0
     start = time.perf_counter()
     with torch.inference_mode():
-        for images, labels in iterate_batches(dataset, batch_size, num_workers=num_workers):
+        for images, labels in iterate_batches(dataset, batch_size, num_workers=num_workers,
+                                              pin_memory=torch.device(device).type == "cuda"):
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
             logits = model(images)

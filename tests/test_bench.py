@@ -1,6 +1,6 @@
 """Benchmarks that print figures (`bash scripts/test.sh -m bench -s`); excluded from the default run.
 
-Evaluation throughput of the harness against a plain `model(x)` loop over the same tensors.
+Evaluation and dense-training throughput of the harness against plain loops over the same tensors.
 """
 
 from __future__ import annotations
@@ -47,6 +47,44 @@ def test_eval_throughput_against_plain_loop(require_fmnist, tmp_path, name, kwar
           f"harness channels_last {harness_cl:.0f} img/s (ratio {harness_cl / plain:.3f})")
     assert harness / plain > 0.8
     assert sum(1 for _ in iterate_batches(data.test, batch)) == 20
+
+
+def plain_training(model, images, labels, batch_size):
+    """A bare AdamW loop over the same batches in the same layout: images per second."""
+    model.to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    start = time.perf_counter()
+    for i in range(0, len(images) - batch_size + 1, batch_size):
+        x = images[i:i + batch_size].contiguous(memory_format=torch.channels_last)
+        loss = torch.nn.functional.cross_entropy(model(x), labels[i:i + batch_size])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return len(images) // batch_size * batch_size / (time.perf_counter() - start)
+
+
+@pytest.mark.bench
+def test_dense_training_throughput_against_plain_loop(require_fmnist, tmp_path):
+    """The harness's dense recipe (shuffling, schedule, loss checks, progress bar) against a bare loop."""
+    from ptsbench.train import train_dense
+
+    data = build_data(OmegaConf.create({"name": "fashion_mnist", "root": str(require_fmnist),
+                                        "limit_train": 2048}), tmp_path)
+    train = data.train
+    assert len(train) == 2048
+    recipe = {"epochs": 1, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.05, "warmup_epochs": 0.1,
+              "channels_last": True}
+    plain, harness = [], []
+    for _ in range(2):  # interleaved, best of two: clock drift hits both alike
+        model = timm.create_model("resnet18", num_classes=10, in_chans=1)
+        plain.append(plain_training(model, train.images, train.labels, 64))
+        model = timm.create_model("resnet18", num_classes=10, in_chans=1)
+        info = train_dense(model, train, recipe, seed=0, progress=False)
+        harness.append(info["train_steps"] * 64 / info["train_seconds"])
+    plain, harness = max(plain), max(harness)
+    print(f"\nresnet18@28 dense training, batch 64, {torch.get_num_threads()} threads: plain loop {plain:.0f} img/s; "
+          f"harness {harness:.0f} img/s (ratio {harness / plain:.3f})")
+    assert harness / plain > 0.8
 
 
 def random_calibration(n: int, size: int = 28):
