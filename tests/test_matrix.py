@@ -111,8 +111,8 @@ def test_matrix_table_names_learned_rows_and_their_methods_own_top1(tmp_path):
 @pytest.mark.slow
 def test_matrix_cross_applies_a_learned_allocation(tiny_cfg, tmp_path, cache_dir):
     source = tmp_path / "runs" / "fcpts"
-    run_job(tiny_cfg("algorithm=fcpts_quick", "sparsity=0.7", "algorithm.iterations=3", "algorithm.batch_size=32"),
-            source)
+    # the configured budget (64 iterations): the source job is found by the label fcpts_quick gives
+    run_job(tiny_cfg("algorithm=fcpts_quick", "sparsity=0.7", "algorithm.batch_size=32"), source)
     collect([tmp_path / "runs"], tmp_path / "source")
     code = matrix_main(["--source", str(tmp_path / "source"), "--runs", str(tmp_path / "matrix_runs"),
                         "--out", str(out := tmp_path / "matrix"), "--models", "resnet18", "--sparsities", "0.7",
