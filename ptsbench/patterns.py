@@ -71,8 +71,11 @@ def parse_pattern(value: object) -> Pattern:
         return UNSTRUCTURED
     match = re.fullmatch(r"(\d+):(\d+)", text)
     if match is None:
+        # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124.
+        hint = " In a YAML file quote it (pattern: '2:4'): unquoted, YAML reads 2:4 as 124." if text.isdigit() else ""
         raise ConfigError(f"pattern={value!r} is not a sparsity pattern. Allowed: unstructured, or N:M with "
-                          f"0 < N < M (N weights kept in every M consecutive ones), e.g. {', '.join(PRESETS[1:])}.")
+                          f"0 < N < M (N weights kept in every M consecutive ones), e.g. {', '.join(PRESETS[1:])}."
+                          + hint)
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
         raise ConfigError(f"pattern={value!r}: N:M needs 0 < N < M (N = weights kept of every M); got N={n}, M={m}.")

@@ -32,6 +32,8 @@ def test_parse_presets_and_any_n_below_m():
     for bad in ("4:2", "2:2", "0:4", "2-4", "dense"):
         with pytest.raises(ConfigError, match="pattern="):
             parse_pattern(bad)
+    with pytest.raises(ConfigError, match="quote it"):
+        parse_pattern(124)  # what YAML makes of an unquoted 2:4
 
 
 def test_sparsity_must_be_the_patterns():
