@@ -179,8 +179,8 @@ class FCPTS(PTSAlgorithm):
     @property
     def label(self) -> str:
         """e.g. 'fcpts-ste-kde-64it' (the paper's mode, quick budget) or 'fcpts-sparsity_only-hist' (the
-        released code's, reference budget); departures from the recipe are named, the budget always is
-        unless it is the reference one."""
+        released code's, reference budget): the two modes, any departure from the recipe (loss, block
+        loss, no augmentation) and the iteration count unless it is the reference 1,600."""
         parts = ["fcpts", self.threshold_grad, "kde" if self.bridge == "kde" else "hist"]
         if self.sparsity_loss != "abs":
             parts.append(self.sparsity_loss)
