@@ -7,8 +7,9 @@ msbench reproduces it (configs/pst_res18_sp50_pot.yaml):
    network effectively uses (`ptsbench.bnfold`).
 2. **Allocate** with one global threshold on |w| / ||W_l||_2 (global L2-normalised magnitude): per-layer
    rates emerge instead of being set by a rule.
-3. **Weight correction**: per output channel, the kept weights are rescaled and shifted so the pruned
-   channel keeps the dense channel's mean and standard deviation.
+3. **Weight correction**: per output channel, the kept weights are rescaled by std(W) / std(W * M) and
+   shifted by the mean difference, as msbench does (`weight_correction=msbench`, the default);
+   `exact_moments` solves for the dense channel's exact mean and second moment instead, `none` skips it.
 4. **Bias correction**: each layer's mean output error on calibration data is folded into its bias.
 5. **Layer-wise calibration**: each pruned layer (conv + bias) is tuned with Adam (1e-5 weights, 1e-4
    biases) so its output matches the dense layer's on the dense model's inputs; pruned weights stay zero.
@@ -30,7 +31,14 @@ from torch import nn
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from ptsbench.bnfold import find_conv_bn_pairs, fold_batchnorm
 from ptsbench.errors import ConfigError, unknown_choice
-from ptsbench.reconstruct import ReconstructionSettings, correct_weights, make_units, process_units, summarise
+from ptsbench.reconstruct import (
+    WEIGHT_CORRECTIONS,
+    ReconstructionSettings,
+    correct_weights,
+    make_units,
+    process_units,
+    summarise,
+)
 from ptsbench.sparsity import (
     ALLOCATIONS,
     PrunableLayer,
@@ -47,25 +55,35 @@ RNG_STREAM = 31  # ctx.generator offset for the reconstruction batches
 class POT(PTSAlgorithm):
     name = "pot"
 
-    def __init__(self, fold_bn: bool = True, allocation: str = "global_l2norm", weight_correction: bool = True,
+    def __init__(self, fold_bn: bool = True, allocation: str = "global_l2norm", weight_correction: str | bool = "msbench",
                  bias_correction: bool = True, reconstruction: str = "layer", recon_inputs: str = "dense",
                  recon_iterations: int = 20_000, recon_lr: float = 1e-5, recon_bias_lr: float = 1e-4,
                  recon_batch_size: int = 64, early_stop_loss: float = 1e-5):
         if allocation not in ALLOCATIONS:
             raise unknown_choice("algorithm.allocation", allocation, ALLOCATIONS)
+        if isinstance(weight_correction, bool):  # older configs: true meant "corrected", i.e. msbench's
+            weight_correction = "msbench" if weight_correction else "none"
+        if weight_correction not in WEIGHT_CORRECTIONS:
+            raise unknown_choice("algorithm.weight_correction", weight_correction, WEIGHT_CORRECTIONS)
         self.fold_bn = bool(fold_bn)
         self.allocation = allocation
-        self.weight_correction = bool(weight_correction)
+        self.weight_correction = str(weight_correction)
         self.bias_correction = bool(bias_correction)
         self.recon = ReconstructionSettings(reconstruction, recon_inputs, int(recon_iterations), float(recon_lr),
                                             float(recon_bias_lr), int(recon_batch_size),
                                             float(early_stop_loss)).check()
 
     def options(self) -> dict[str, Any]:
-        return {"fold_bn": self.fold_bn, "allocation": self.allocation, "weight_correction": self.weight_correction,
+        return {"budget": self.budget, "fold_bn": self.fold_bn, "allocation": self.allocation,
+                "weight_correction": self.weight_correction,
                 "bias_correction": self.bias_correction, "reconstruction": self.recon.mode,
                 "recon_inputs": self.recon.inputs, "recon_iterations": self.recon.iterations,
                 "recon_lr": self.recon.lr, "recon_bias_lr": self.recon.bias_lr}
+
+    @property
+    def budget(self) -> str:
+        """'reference' (msbench's 20,000 Adam steps per layer), 'quick' (pot_quick's 200) or 'custom'."""
+        return {20_000: "reference", 200: "quick"}.get(self.recon.iterations, "custom")
 
     @property
     def label(self) -> str:
@@ -76,9 +94,11 @@ class POT(PTSAlgorithm):
             parts.append(f"{self.recon.mode}recon")
         if self.recon.inputs != "dense" and self.recon.mode != "none":
             parts.append("sparseinp")
-        if not (self.weight_correction and self.bias_correction):
-            parts.append("nocorr" if not (self.weight_correction or self.bias_correction) else
-                         ("nowc" if not self.weight_correction else "nobc"))
+        corrected = self.weight_correction != "none"
+        if not (corrected and self.bias_correction):
+            parts.append("nocorr" if not (corrected or self.bias_correction) else ("nowc" if not corrected else "nobc"))
+        if self.weight_correction == "exact_moments":
+            parts.append("exactwc")
         return "-".join(parts)
 
     def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
@@ -103,8 +123,8 @@ class POT(PTSAlgorithm):
         # 3. Weight correction, then the masks as parametrizations (zeros stay zero from here on).
         with torch.no_grad():
             for ly in layers:
-                if self.weight_correction:
-                    ly.weight.copy_(correct_weights(ly.weight, masks[ly.name]))
+                if self.weight_correction != "none":
+                    ly.weight.copy_(correct_weights(ly.weight, masks[ly.name], self.weight_correction))
         apply_masks(layers, masks)
 
         # 4 + 5. Bias correction and layer-wise (or block-wise) calibration, unit by unit. Bias correction

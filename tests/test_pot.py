@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 
 import pandas as pd
 import pytest
@@ -62,14 +63,14 @@ def test_bn_folding_keeps_the_dense_outputs(arch, convs):
     assert torch.all(bn.running_mean == 0) and torch.all(bn.weight == 1)  # now a pure bias carrier
 
 
-def test_weight_correction_matches_channel_mean_and_std():
+def test_exact_moment_correction_matches_channel_mean_and_std():
     torch.manual_seed(0)
     w = torch.randn(16, 8, 3, 3) * 0.1 + 0.01
     for sparsity in (0.5, 0.8, 0.9):
         mask = torch.ones_like(w).reshape(-1)
         mask[torch.argsort(w.abs().reshape(-1))[: round(sparsity * w.numel())]] = 0
         mask = mask.view_as(w)
-        corrected = correct_weights(w, mask)
+        corrected = correct_weights(w, mask, "exact_moments")
         assert torch.all(corrected[mask == 0] == 0)  # zeros stay zeros
         assert torch.all(corrected[mask == 1] != 0)
         flat, dense = corrected.reshape(16, -1), w.reshape(16, -1)
@@ -79,6 +80,38 @@ def test_weight_correction_matches_channel_mean_and_std():
         torch.testing.assert_close(flat.std(1)[ok], dense.std(1)[ok], rtol=1e-4, atol=1e-6)
         # without the correction, pruning shrinks each channel's spread
         assert torch.all((w * mask).reshape(16, -1).std(1)[ok] < dense.std(1)[ok])
+
+
+def test_exact_moments_leave_a_channel_with_one_kept_weight_alone():
+    w = torch.tensor([[0.3, -0.2, 0.1, -0.25], [0.5, 0.4, -0.3, 0.2]])
+    mask = torch.tensor([[1.0, 0, 0, 0], [1, 1, 0, 0]])
+    corrected = correct_weights(w, mask, "exact_moments")
+    assert corrected[0].tolist() == pytest.approx([0.3, 0, 0, 0])  # not the channel sum (-0.05)
+    assert corrected[1].mean().item() == pytest.approx(w[1].mean().item())
+
+
+def test_msbench_weight_correction_by_hand():
+    """msbench (DefaultFakeSparse.before_run): scale = std(W) / std(W * M), unbiased, over all entries;
+    shift = mean(W) - mean(W * M * scale); the kept weights become w * scale + shift."""
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    scale = statistics.stdev([1, 2, 3, 4]) / (statistics.stdev([0, 0, 3, 4]) + 1e-9)
+    shift = 2.5 - statistics.mean([0, 0, 3 * scale, 4 * scale])
+    corrected = correct_weights(w, mask)  # msbench is the default
+    assert corrected[0].tolist() == pytest.approx([0, 0, 3 * scale + shift, 4 * scale + shift], rel=1e-6)
+
+
+def test_msbench_correction_keeps_single_weight_depthwise_channels_alive():
+    torch.manual_seed(0)
+    w = torch.randn(32, 1, 3, 3) * 0.1
+    mask = torch.zeros_like(w)
+    mask.view(32, 9)[:, 4] = 1  # each depthwise channel keeps one tap
+    corrected = correct_weights(w, mask, "msbench").view(32, 9)
+    spread = w.view(32, 9).std(1)
+    assert torch.all(corrected[:, 4].abs() > 0.5 * spread)  # about the channel's spread, not ~0
+    assert torch.all(corrected[mask.view(32, 9) == 0] == 0)
+    with pytest.raises(ConfigError, match="weight_correction 'exact'.*exact_moments"):
+        correct_weights(w, mask.view_as(w), "exact")
 
 
 @pytest.fixture
@@ -163,6 +196,12 @@ def test_bad_reconstruction_choices_are_named():
         POT(recon_inputs="teacher")
     assert POT().label == "pot" and POT(reconstruction="block", recon_inputs="sparse").label == \
         "pot-blockrecon-sparseinp"
+    with pytest.raises(ConfigError, match="Unknown algorithm.weight_correction 'std'"):
+        POT(weight_correction="std")
+    assert POT(weight_correction=True).weight_correction == "msbench"  # older configs' boolean
+    assert POT(weight_correction=False).label == "pot-nowc"
+    assert POT(weight_correction="exact_moments").label == "pot-exactwc"
+    assert POT().options()["budget"] == "reference" and POT(recon_iterations=200).options()["budget"] == "quick"
 
 
 def test_pot_quick_job_and_reload(tiny_cfg, tmp_path):

@@ -14,13 +14,19 @@ from torch import nn
 
 from algorithms.base import PruneContext
 from algorithms.unipts import (
+    SearchSettings,
     UniPTS,
     attach_dynamic_masks,
     decode_genome,
+    distill_sparse,
     distillation_loss,
     draw_fitness_set,
+    genetic_search,
     regrow_rates,
 )
+from algorithms.unipts.dst import TrainSettings
+from algorithms.unipts.search import crossover
+from ptsbench.data import CalibrationSet, InMemoryImages
 from ptsbench.distill import tau_schedule
 from ptsbench.errors import ConfigError
 from ptsbench.runner import build_algorithm, run_job
@@ -111,7 +117,7 @@ def searched(tiny_dense):
 def test_search_keeps_the_best_and_restores_the_model(searched):
     outcome, restored = searched
     best = [row["best_fitness"] for row in outcome.history]
-    assert len(best) == SMALL_SEARCH["generations"]
+    assert len(best) == SMALL_SEARCH["generations"] + 1  # the population bred by the last generation is scored too
     assert all(b >= a for a, b in zip(best, best[1:], strict=False)), f"best fitness fell: {best}"
     assert outcome.fitness == best[-1] >= outcome.constant_fitness
     assert 10.0 < outcome.fitness <= 100.0
@@ -206,8 +212,17 @@ def test_labels_tell_the_ablations_apart():
                       ["algorithm.search=false", "algorithm.fallback_allocation=uniform"], ["algorithm.epochs=0"])
     }
     assert labels == {"unipts", "unipts-nosearch-erk", "unipts-nodst", "unipts-kl", "unipts-nosearch-uniform",
-                      "unipts-notrain"}
-    assert build_algorithm(compose_config(["algorithm=unipts_quick"])).label == "unipts"
+                      "unipts-notrain-25x25"}
+
+
+def test_records_name_the_budget():
+    quick = build_algorithm(compose_config(["algorithm=unipts_quick"]))
+    assert quick.label == "unipts-quick-8x5-5ep" and quick.options()["budget"] == "quick"
+    assert build_algorithm(compose_config(["algorithm=unipts_quick_kl"])).label == "unipts-kl-quick-8x5-5ep"
+    assert build_algorithm(compose_config(["algorithm=unipts_quick_nosearch"])).label == "unipts-nosearch-erk-quick-5ep"
+    custom = build_algorithm(compose_config(["algorithm=unipts_quick", "algorithm.generations=2"]))
+    assert custom.label == "unipts-8x2-5ep" and custom.options()["budget"] == "custom"
+    assert build_algorithm(compose_config(["algorithm=unipts"])).options()["budget"] == "reference"
 
 
 def assert_exact_sparsity(job_dir, target: float) -> pd.DataFrame:
@@ -221,17 +236,18 @@ def test_unipts_quick_job_end_to_end(tiny_cfg, tmp_path):
     cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0.8", "algorithm.population_size=4", "algorithm.generations=2",
                    "algorithm.num_parents=2", "algorithm.fitness_set_size=128", "algorithm.epochs=2")
     record = run_job(cfg, tmp_path)
-    assert record["status"] == "ok" and record["method"] == "unipts"
+    assert record["status"] == "ok" and record["method"] == "unipts-4x2-2ep"
     assert abs(record["achieved_sparsity"] - 0.8) < 1e-6
     assert_exact_sparsity(tmp_path, 0.8)
     history = pd.read_csv(tmp_path / "search_history.csv")
-    assert list(history["generation"]) == [0, 1]
+    assert list(history["generation"]) == [0, 1, 2]
     searched = pd.read_csv(tmp_path / "searched_allocation.csv")
     assert len(searched) == 21
     training = pd.read_csv(tmp_path / "training_history.csv")
     assert len(training) == 2 and training["loss"].notna().all()
     stats = json.loads((tmp_path / "result.json").read_text())["stats"]
     assert stats["search_seconds_per_candidate"] > 0 and stats["train_lr"] == 0.01
+    assert (stats["budget"], stats["search_generations"], stats["search_populations_scored"]) == ("custom", 2, 3)
     assert record["top1"] > 60.0, "distilled resnet18 at 80% keeps most of its dense accuracy"
 
 
@@ -239,6 +255,65 @@ def test_ablation_without_search_and_dst_runs(tiny_cfg, tmp_path):
     cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0.7", "algorithm.search=false", "algorithm.dst=false",
                    "algorithm.epochs=1")
     record = run_job(cfg, tmp_path)
-    assert record["status"] == "ok" and record["method"] == "unipts-nosearch-erk-nodst"
+    assert record["status"] == "ok" and record["method"] == "unipts-nosearch-erk-nodst-1ep"
     assert_exact_sparsity(tmp_path, 0.7)
     assert not (tmp_path / "search_history.csv").exists()
+
+
+def test_unipts_at_sparsity_zero_is_distillation_alone(tiny_cfg, tmp_path):
+    """The control for the objective: no search, no pruning, only base-decayed distillation with DST."""
+    cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0", "algorithm.epochs=1")
+    record = run_job(cfg, tmp_path)
+    assert record["status"] == "ok", record["error"]
+    assert record["achieved_sparsity"] == 0.0
+    stats = json.loads((tmp_path / "result.json").read_text())["stats"]
+    assert stats["search_skipped"].startswith("sparsity 0") and "search_best_fitness" not in stats
+    assert not (tmp_path / "search_history.csv").exists()
+    assert len(pd.read_csv(tmp_path / "training_history.csv")) == 1
+    assert record["top1"] > 50.0  # one epoch of distillation from the dense model keeps it a classifier
+
+
+# ------------------------------------------------------------------------------- faithful to the code
+
+
+def test_crossover_pairs_two_different_parents():
+    parents = torch.arange(5, dtype=torch.float64)[:, None].expand(5, 64)  # parent i: every gene equals i
+    children = crossover(parents, 300, torch.Generator().manual_seed(0))
+    assert all(len(set(child.tolist())) == 2 for child in children)  # 2**-63 odds of a one-sided mask
+    assert torch.equal(crossover(parents[:1], 3, torch.Generator()), parents[:1].expand(3, 64))
+
+
+def test_search_scores_the_population_bred_by_the_last_generation():
+    scored: list[tuple[int, ...]] = []
+
+    def score(counts: dict[str, int]) -> float:
+        scored.append(tuple(counts.values()))
+        return float(counts["a"])
+
+    settings = SearchSettings(population=5, generations=3, parents=2, immigrants=0, elites=0)
+    outcome = genetic_search(lambda g: {"a": int(g[0] * 1000)}, score, genes=2, target=0.5, settings=settings,
+                             generator=torch.Generator().manual_seed(0))
+    assert [row["generation"] for row in outcome.history] == [0, 1, 2, 3]
+    assert outcome.evaluations == len(scored) == len(set(scored))
+    assert outcome.fitness == outcome.history[-1]["best_fitness"]
+
+
+def test_learning_rate_runs_one_step_behind_as_in_the_code():
+    """The reference calls step_update(i) after step i: after the first epoch (the warmup) the rate is
+    lr * (S - 1) / S, not lr; training at lr(S) would be one step ahead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    layers = find_prunable_layers(model)
+    images = torch.randn(32, 1, 8, 8)
+    calib = CalibrationSet(InMemoryImages(images, torch.zeros(32, dtype=torch.long)), list(range(32)), 0)
+    ctx = PruneContext(calib=calib, device=torch.device("cpu"), seed=0, progress=False)
+    counts = {ly.name: ly.numel // 2 for ly in layers}
+    attach_dynamic_masks(layers, counts, 5e-5)
+    settings = TrainSettings(epochs=2, batch_size=8, lr=0.1, weight_decay=0.0, momentum=0.9, warmup_epochs=1.0,
+                             min_lr=0.0, objective="base_decayed", temperature=4.0, tau_start=8.0, tau_decay=0.99,
+                             augment=False)
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    history = distill_sparse(model, teacher, layers, calib, settings, ctx, torch.Generator(), torch.Generator())
+    assert history[0]["lr"] == pytest.approx(0.1 * 3 / 4)  # 4 steps per epoch, warmup_t = 4
+    half = 0.5 * (1 + math.cos(math.pi * 7 / 8))  # timm's cosine after warmup: t over t_initial, t = 7 of 8
+    assert history[1]["lr"] == pytest.approx(0.1 * half)

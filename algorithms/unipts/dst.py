@@ -134,7 +134,7 @@ def distill_sparse(model: nn.Module, teacher: nn.Module, layers: list[PrunableLa
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=settings.min_lr,
-                                  warmup_t=round(settings.warmup_epochs * steps_per_epoch), warmup_lr_init=0.0,
+                                  warmup_t=int(settings.warmup_epochs * steps_per_epoch), warmup_lr_init=0.0,
                                   t_in_epochs=False)
     device = calib.data.images.device
     model.train()
@@ -157,8 +157,10 @@ def distill_sparse(model: nn.Module, teacher: nn.Module, layers: list[PrunableLa
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
+            # After step i the reference sets the rate of t = i (`trainer.py: train`,
+            # step_update(epoch * num_batches + i)): step i + 1 runs at lr(i), the first two at lr(0) = 0.
             scheduler.step_update(step)
+            step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         after = current_masks(layers)

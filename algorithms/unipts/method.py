@@ -15,9 +15,9 @@
 
 The package follows those parts: `decoding` (genome -> layer sparsities), `search` (the genetic
 algorithm and its fitness), `objective` (base-decayed distillation), `dst` (dynamic sparse training) and
-this module, the method itself. Each stage can be switched off for the paper's ablation (`search=false` uses `fallback_allocation`,
-`objective=kl` uses plain Hinton KD, `dst=false` keeps the masks fixed, `epochs=0` stops after the
-search). Where the released code (xjjxmu/UniPTS) differs from what we do, the docstrings say so; see
+this module, the method itself. Each stage can be switched off for the paper's ablation
+(`search=false` uses `fallback_allocation`, `objective=kl` uses plain Hinton KD, `dst=false` keeps the
+masks fixed, `epochs=0` stops after the search). Where the released code (xjjxmu/UniPTS) differs from what we do, the docstrings say so; see
 shared/reference/pts-algorithms.md section 2.
 """
 
@@ -64,6 +64,8 @@ from ptsbench.sparsity import (
 log = logging.getLogger(__name__)
 
 FALLBACK_ALLOCATIONS = ("erk", "uniform")
+# (population, generations, epochs) of the named budgets: the reference code's and conf/algorithm/unipts_quick.yaml's.
+BUDGETS = {"reference": (25, 25, 100), "quick": (8, 5, 5)}
 
 # Independent random streams, each from ctx.generator(offset).
 STREAM_GENOME, STREAM_FITNESS_SET, STREAM_BN_NOISE, STREAM_SHUFFLE, STREAM_AUGMENT = 101, 102, 103, 104, 105
@@ -86,6 +88,11 @@ class UniPTS(PTSAlgorithm):
     `bn_recalibration` (off in the reference) re-estimates BatchNorm statistics on the calibration set after
     training: after a short run the running statistics are a momentum average over a few batches (or, after
     a handful of steps, still mostly the dense model's), which do not fit the final pruned weights.
+
+    As in the reference: crossover pairs two different parents, the population bred by the last
+    generation is scored before the best is picked, and the learning rate of step i + 1 is the schedule's
+    value at i. At sparsity 0 the search is skipped and the run is the objective and training alone (a
+    control). Labels and records name the budget (`budget`: reference, quick or custom, and the counts).
     """
 
     name = "unipts"
@@ -132,7 +139,7 @@ class UniPTS(PTSAlgorithm):
 
     def options(self) -> dict[str, Any]:
         s = self.search_settings
-        opts: dict[str, Any] = {"search": self.search}
+        opts: dict[str, Any] = {"budget": self.budget, "search": self.search}
         if self.search:
             opts.update(delta=self.delta, population_size=s.population, generations=s.generations,
                         num_parents=s.parents, mutation_prob=s.mutation_prob, immigrants=s.immigrants,
@@ -163,7 +170,26 @@ class UniPTS(PTSAlgorithm):
                 parts.append(self.objective)
             if not self.dst:
                 parts.append("nodst")
-        return "-".join(parts)
+        return "-".join(parts + self.budget_tags())
+
+    @property
+    def budget(self) -> str:
+        """'reference' (the code's 25 x 25 search, 100 epochs), 'quick' (8 x 5, 5 epochs) or 'custom'."""
+        counts = (self.search_settings.population, self.search_settings.generations, self.epochs)
+        return next((name for name, preset in BUDGETS.items() if preset == counts), "custom")
+
+    def budget_tags(self) -> list[str]:
+        """What a label says of the budget: nothing for the reference one (as FCPTS's labels), else its
+        name and the population x generations and epochs, so a quick run and a reference run (or a preset
+        whose counts were overridden) never share a row in a table."""
+        if self.budget == "reference":
+            return []
+        tags = [self.budget] if self.budget != "custom" else []
+        if self.search:
+            tags.append(f"{self.search_settings.population}x{self.search_settings.generations}")
+        if self.epochs > 0:
+            tags.append(f"{self.epochs}ep")
+        return tags
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         target = check_sparsity(target)
@@ -181,11 +207,17 @@ class UniPTS(PTSAlgorithm):
         if self.channels_last:  # NHWC convolutions: markedly faster for CNNs on CPU, restored at the end
             model.to(memory_format=torch.channels_last)
         fitness_set = draw_fitness_set(ctx.calib, self.fitness_set_size, ctx.generator(STREAM_FITNESS_SET))
-        stats: dict[str, Any] = {"fitness_set_images": len(fitness_set), "calib_images": len(ctx.calib)}
+        stats: dict[str, Any] = {"budget": self.budget, "fitness_set_images": len(fitness_set),
+                                 "calib_images": len(ctx.calib)}
         tables: dict[str, pd.DataFrame] = {}
 
-        # 1. The sparsity distribution.
-        if self.search:
+        # 1. The sparsity distribution. At sparsity 0 there is nothing to distribute (every genome decodes
+        # to dense layers), so the search is skipped: the run is the objective and training alone, the
+        # control that separates what distillation does from what pruning costs.
+        if target == 0.0:
+            counts = {ly.name: 0 for ly in layers}
+            stats["search_skipped"] = "sparsity 0: every layer stays dense"
+        elif self.search:
             outcome = self.search_distribution(model, layers, target, fitness_set, ctx)
             counts = outcome.counts
             stats.update(self.search_stats(outcome))
@@ -269,6 +301,9 @@ class UniPTS(PTSAlgorithm):
 
     def search_stats(self, outcome: SearchOutcome) -> dict[str, Any]:
         return {
+            "search_population_size": self.search_settings.population,
+            "search_generations": self.search_settings.generations,
+            "search_populations_scored": len(outcome.history),
             "search_best_fitness": outcome.fitness,
             "search_constant_genome_fitness": outcome.constant_fitness,
             "search_candidates_scored": outcome.evaluations,

@@ -145,10 +145,16 @@ def initial_population(size: int, genes: int, target: float, generator: torch.Ge
 
 
 def crossover(parents: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """Uniform crossover: each gene from one of two randomly chosen parents."""
-    pick = torch.randint(len(parents), (n, 2), generator=generator)
+    """Uniform crossover: each gene from one of two different parents, the pair drawn without replacement
+    as the reference does (`main.py: crossover`, `np.random.choice(num_parents, 2, replace=False)`), so a
+    child is never a copy of one parent. With a single parent there is no pair: the children are copies."""
+    first = torch.randint(len(parents), (n,), generator=generator)
+    if len(parents) < 2:
+        return parents[first]
+    second = torch.randint(len(parents) - 1, (n,), generator=generator)
+    second += (second >= first).long()  # uniform over the other parents
     take_first = torch.rand(n, parents.shape[1], generator=generator) < 0.5
-    return torch.where(take_first, parents[pick[:, 0]], parents[pick[:, 1]])
+    return torch.where(take_first, parents[first], parents[second])
 
 
 def mutate(parents: torch.Tensor, n: int, prob: float, generator: torch.Generator) -> torch.Tensor:
@@ -187,8 +193,11 @@ def genetic_search(decode: Callable[[torch.Tensor], dict[str, int]], score: Call
                    log_metrics: Callable[[dict[str, float], int | None], None] | None = None) -> SearchOutcome:
     """Evolve genomes for `settings.generations` generations and return the fittest of the last one.
 
-    Identical decoded counts give identical masks, so each distinct allocation is scored once (the
-    constant genome, the elites and unmutated children recur every generation).
+    As in the reference (`main.py: genetic_algorithm`), each generation scores its population and breeds
+    the next, and the population bred by the last generation is scored too before its best is returned:
+    generations + 1 populations in all (history row `generations` is that final one). Identical decoded
+    counts give identical masks, so each distinct allocation is scored once (the constant genome, the
+    elites and unmutated children recur every generation).
     """
     settings.check()
     start = time.perf_counter()
@@ -196,7 +205,7 @@ def genetic_search(decode: Callable[[torch.Tensor], dict[str, int]], score: Call
     outcome = SearchOutcome(genome=torch.empty(0), counts={}, fitness=-math.inf)
     population = initial_population(settings.population, genes, target, generator)
     fitness = torch.empty(0)
-    bar = tqdm(range(settings.generations), desc="UniPTS search", disable=not progress, leave=False)
+    bar = tqdm(range(settings.generations + 1), desc="UniPTS search", disable=not progress, leave=False)
     for gen in bar:
         if gen > 0:
             population = next_generation(population, fitness, settings, target, generator)
