@@ -8,6 +8,7 @@ statistics. The harness, not the algorithm, times it, audits the zeros and evalu
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from ptsbench.data import CalibrationSet
+from ptsbench.errors import ConfigError
+from ptsbench.patterns import UNSTRUCTURED, Pattern
 from ptsbench.sparsity import PrunableLayer
 
 
@@ -35,9 +38,16 @@ class PruneContext:
     log_metrics: Callable[[dict[str, float], int | None], None] = _no_metrics
     workdir: Path | None = None
 
-    def generator(self, offset: int = 0) -> torch.Generator:
-        """A CPU generator seeded from the job seed; `offset` separates independent random streams."""
-        return torch.Generator().manual_seed(int(self.seed) * 1_000_003 + offset)
+    def generator(self, stream: str | int = 0) -> torch.Generator:
+        """A CPU generator seeded from the job seed, one independent stream per name ("reconstruction").
+
+        A name is hashed with the seed (sha256), so streams need no central numbering; an int is the older
+        offset form, kept so that existing methods draw exactly the same numbers.
+        """
+        if isinstance(stream, str):
+            digest = hashlib.sha256(f"{int(self.seed)}:{stream}".encode()).digest()
+            return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+        return torch.Generator().manual_seed(int(self.seed) * 1_000_003 + stream)
 
 
 @dataclass
@@ -53,6 +63,18 @@ class PTSAlgorithm(ABC):
     """Base class: hyperparameters are constructor arguments, built by `hydra.utils.instantiate`."""
 
     name: ClassVar[str]
+    # N:M fixes every layer's rate at 1 - N/M: a method that chooses its own per-layer rates (learned or
+    # global allocations) cannot honour it, so the harness refuses the combination (`set_pattern`).
+    supports_nm_pattern: ClassVar[bool] = False
+    pattern: Pattern = UNSTRUCTURED  # set by the harness from the top-level `pattern` key
+
+    def set_pattern(self, pattern: Pattern) -> None:
+        """Take the job's pattern, or refuse it before any work when the method cannot follow it."""
+        if pattern.is_nm and not self.supports_nm_pattern:
+            raise ConfigError(f"pattern={pattern} cannot be combined with algorithm {self.name}: it chooses its own "
+                              f"per-layer sparsities, which an N:M pattern fixes at 1 - N/M = {pattern.sparsity:.4g} "
+                              "in every layer. Use pattern=unstructured, or magnitude, wanda or sparsegpt for N:M.")
+        self.pattern = pattern
 
     @abstractmethod
     def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +44,13 @@ class PrunableLayer:
         return tuple(self.module.weight.shape)
 
 
-@dataclass(frozen=True)
+@dataclass
 class PrunePolicy:
-    """Which Conv2d/Linear weights may be pruned. The default prunes all of them, as FCPTS and UniPTS do."""
+    """Which Conv2d/Linear weights may be pruned. The default prunes all of them, as FCPTS and UniPTS do.
+
+    Also the structured-config schema of `prune_policy` (ptsbench.config), so it is not frozen: OmegaConf
+    makes a frozen dataclass read-only and Hydra could not merge the config files into it.
+    """
 
     first_conv: bool = True
     classifier: bool = True
@@ -212,18 +216,22 @@ def global_l2norm_counts(layers: list[PrunableLayer], target: float) -> dict[str
     return {ly.name: c for ly, c in zip(layers, counts, strict=True)}
 
 
+# The allocation axis: every strategy maps (layers, target, erk_power_scale) to per-layer zero counts.
+AllocationFn = Callable[[list[PrunableLayer], float, float], dict[str, int]]
+ALLOCATION_REGISTRY: dict[str, AllocationFn] = {
+    "uniform": lambda layers, target, _: counts_from_rates(layers, uniform_allocation(layers, target), target),
+    "erk": lambda layers, target, power: counts_from_rates(layers, erk_allocation(layers, target, power), target),
+    "global": lambda layers, target, _: global_magnitude_counts(layers, target),
+    "global_l2norm": lambda layers, target, _: global_l2norm_counts(layers, target),
+}
+
+
 def allocate(layers: list[PrunableLayer], target: float, method: str, erk_power_scale: float = 1.0) -> dict[str, int]:
     """Per-layer counts of weights to remove so that the global sparsity over `layers` is `target`."""
     target = check_sparsity(target)
-    if method == "uniform":
-        return counts_from_rates(layers, uniform_allocation(layers, target), target)
-    if method == "erk":
-        return counts_from_rates(layers, erk_allocation(layers, target, erk_power_scale), target)
-    if method == "global":
-        return global_magnitude_counts(layers, target)
-    if method == "global_l2norm":
-        return global_l2norm_counts(layers, target)
-    raise unknown_choice("allocation", method, ALLOCATIONS + ("from_file",))
+    if method not in ALLOCATION_REGISTRY:
+        raise unknown_choice("allocation", method, ALLOCATIONS + ("from_file",))
+    return ALLOCATION_REGISTRY[method](layers, target, erk_power_scale)
 
 
 def rates(layers: list[PrunableLayer], counts: Mapping[str, int]) -> dict[str, float]:
@@ -276,3 +284,74 @@ def bake_masks(model: nn.Module) -> None:
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
+# ------------------------------------------------------------------------ exact counts on sorted |w|
+
+
+def sorted_magnitudes(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each weight's |w| flattened in ascending order: the count at any threshold is one binary search,
+    the k-th smallest magnitude one index, so thresholds can be scanned many times at O(log n) each."""
+    return [torch.sort(w.detach().abs().reshape(-1)).values for w in weights]
+
+
+def counts_at_thresholds(sorted_abs: list[torch.Tensor], thresholds: list[float]) -> list[int]:
+    """Exact #{|w| <= t} per layer, from `sorted_magnitudes` and one threshold per layer."""
+    return [int(torch.searchsorted(a, torch.tensor([float(t)], dtype=a.dtype, device=a.device), right=True))
+            for a, t in zip(sorted_abs, thresholds, strict=True)]
+
+
+def masks_from_counts(weights: list[torch.Tensor], sorted_abs: list[torch.Tensor], counts: list[int]
+                      ) -> list[torch.Tensor]:
+    """{0,1} masks removing exactly counts[i] smallest |w| of weights[i]: one comparison with the k-th
+    magnitude, or `magnitude_mask` (position tie-break) where that magnitude is tied at the boundary."""
+    masks = []
+    for w, a, k in zip(weights, sorted_abs, counts, strict=True):
+        w = w.detach()
+        if k == 0:
+            masks.append(torch.ones_like(w))
+        elif k == a.numel() or a[k - 1] == a[k]:
+            masks.append(magnitude_mask(w, k))
+        else:
+            masks.append((w.abs() > a[k - 1]).to(w.dtype))
+    return masks
+
+
+# ------------------------------------------------------------------- masks recomputed at every step
+
+
+THRESHOLD_BAND = 0.02  # relative half-width of the band searched around last step's magnitude threshold
+
+
+def kth_smallest(scores: torch.Tensor, k: int, hint: torch.Tensor | None = None) -> torch.Tensor:
+    """The k-th smallest of a flat tensor (1-based). With `hint`, last step's value, the selection runs on
+    the narrow band of scores around it: weights move little per step, so the band nearly always holds it."""
+    if hint is not None:
+        lo, hi = hint * (1.0 - THRESHOLD_BAND), hint * (1.0 + THRESHOLD_BAND)
+        n_lo = int((scores < lo).sum())
+        if n_lo < k:
+            band = scores[(scores >= lo) & (scores <= hi)]
+            if n_lo + band.numel() >= k:
+                return band.kthvalue(k - n_lo).values
+    return scores.kthvalue(k).values
+
+
+def topk_magnitude_mask(weight: torch.Tensor, n_zero: int,
+                        hint: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The mask of `magnitude_mask` (exactly `n_zero` zeros, ties broken by position) and its threshold,
+    found by selection instead of a full sort, for masks recomputed from the weights at every step
+    (dynamic sparse training); pass the returned threshold back as `hint` on the next step."""
+    if n_zero <= 0 or n_zero >= weight.numel():
+        return magnitude_mask(weight, n_zero), None
+    scores = weight.detach().abs().reshape(-1)
+    if hint is not None:
+        pruned = scores <= hint
+        if int(pruned.sum()) == n_zero:  # still exactly the n_zero smallest: every kept score is above them
+            return (~pruned).to(weight.dtype).view_as(weight), hint
+    threshold = kth_smallest(scores, n_zero, hint)
+    pruned = scores <= threshold
+    excess = int(pruned.sum()) - n_zero
+    if excess > 0:  # ties at the threshold: the later positions stay, as in a stable sort
+        ties = (scores == threshold).nonzero().squeeze(1)
+        pruned[ties[-excess:]] = False
+    return (~pruned).to(weight.dtype).view_as(weight), threshold
