@@ -1,7 +1,8 @@
 """Error correction and local reconstruction after pruning: POT's and PTSBench's "reconstruction" axis.
 
-* `correct_weights`: per output channel, an affine map of the kept weights so that the pruned channel
-  (its zeros included) has the dense channel's mean and standard deviation.
+* `correct_weights`: per output channel, an affine map of the kept weights towards the dense channel's
+  statistics: msbench's std-ratio scale and mean shift (POT's default), or an exact mean and second
+  moment solve.
 * `correct_bias`: per output channel, the mean output error of a unit on calibration data is added to
   its bias, so the pruned unit is unbiased on that data.
 * `reconstruct_units`: each unit (a single conv/linear layer, or a residual / transformer block) is
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 RECONSTRUCTIONS = ("none", "layer", "block")
 RECON_INPUTS = ("dense", "sparse")
+WEIGHT_CORRECTIONS = ("msbench", "exact_moments", "none")
 
 
 @dataclass(frozen=True)
@@ -176,14 +178,46 @@ def output_error(model: nn.Module, unit: Unit, inputs: torch.Tensor, targets: to
 
 
 @torch.no_grad()
-def correct_weights(dense_weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def correct_weights(dense_weight: torch.Tensor, mask: torch.Tensor, method: str = "msbench") -> torch.Tensor:
+    """The masked weight after per-output-channel weight correction (`WEIGHT_CORRECTIONS`); zeros stay zero."""
+    if method == "msbench":
+        return msbench_weight_correction(dense_weight, mask)
+    if method == "exact_moments":
+        return exact_moment_correction(dense_weight, mask)
+    if method == "none":
+        return dense_weight.detach() * mask
+    raise unknown_choice("algorithm.weight_correction", method, WEIGHT_CORRECTIONS)
+
+
+@torch.no_grad()
+def msbench_weight_correction(dense_weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """msbench's correction (`fake_sparse/sparse_base.py: DefaultFakeSparse.before_run`), in its arithmetic.
+
+    Per output channel, over all its entries (zeros included), with torch's default unbiased std:
+    scale = std(W) / (std(W * M) + 1e-9), shift = mean(W) - mean(W * M * scale); the weight becomes
+    (W * scale + shift) * M, so the shift reaches the kept weights only. That makes it approximate (the
+    channel's mean is not exactly the dense one), but a channel keeping a single weight keeps a weight of
+    about the channel's spread instead of dying.
+    """
+    w = dense_weight.detach()
+    axes = tuple(range(1, w.dim()))
+    per_channel = (Ellipsis,) + (None,) * (w.dim() - 1)
+    sparse = w * mask
+    scale = (torch.std(w, dim=axes) / (torch.std(sparse, dim=axes) + 1e-9))[per_channel]
+    shift = (torch.mean(w, dim=axes) - torch.mean(sparse * scale, dim=axes))[per_channel]
+    return (w * scale + shift) * mask
+
+
+@torch.no_grad()
+def exact_moment_correction(dense_weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Kept weights mapped to a * w + b per output channel so that the pruned channel, zeros included,
     has the dense channel's mean and standard deviation (zeros stay zero).
 
     With n weights per channel, k kept, kept mean m and variance v, and dense mean mu and second moment
     s2: a * m + b = mu * n / k fixes the mean and a^2 * v = (n / k) * s2 - (mu * n / k)^2 the second
     moment. Where that has no positive solution (a channel whose mean is large against its spread at
-    high sparsity) or a channel keeps a single weight, only the mean is matched (a = 1).
+    high sparsity) only the mean is matched (a = 1). A channel keeping fewer than two weights is left as
+    it is: with one weight the mean alone would turn it into the channel's sum, often about zero.
     """
     shape = dense_weight.shape
     w = dense_weight.detach().reshape(shape[0], -1).double()
@@ -199,8 +233,7 @@ def correct_weights(dense_weight: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     ok = (a2 > 0) & (kept_var > 0) & (k > 1)
     a = torch.where(ok, a2.clamp_min(0).sqrt(), torch.ones_like(a2))
     b = mean_target - a * kept_mean
-    corrected = (a[:, None] * w + b[:, None]) * m
-    corrected = torch.where(k[:, None] > 0, corrected, torch.zeros_like(corrected))
+    corrected = torch.where((k > 1)[:, None], a[:, None] * w + b[:, None], w) * m
     return corrected.to(dense_weight.dtype).reshape(shape)
 
 
