@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ptsbench.analysis import matrix
 from ptsbench.analysis.matrix import MatrixSettings, ModelInfo, matrix_cells, model_info, pivot
 from ptsbench.analysis.matrix import main as matrix_main
 from ptsbench.analysis.overlap import jobs_by_model, mask_overlap, write_mask_report
@@ -109,10 +110,13 @@ def test_matrix_table_names_learned_rows_and_their_methods_own_top1(tmp_path):
 
 
 @pytest.mark.slow
-def test_matrix_cross_applies_a_learned_allocation(tiny_cfg, tmp_path, cache_dir):
+def test_matrix_cross_applies_a_learned_allocation(tiny_cfg, tmp_path, cache_dir, monkeypatch):
     source = tmp_path / "runs" / "fcpts"
-    # the configured budget (64 iterations): the source job is found by the label fcpts_quick gives
-    run_job(tiny_cfg("algorithm=fcpts_quick", "sparsity=0.7", "algorithm.batch_size=32"), source)
+    run_job(tiny_cfg("algorithm=fcpts_quick", "sparsity=0.7", "algorithm.iterations=3", "algorithm.batch_size=32"),
+            source)
+    # a 3-iteration budget labels the source job -3it; the configured fcpts_quick would say -64it
+    monkeypatch.setattr(matrix, "method_labels", lambda names: {n: {"fcpts_quick": "fcpts-ste-kde-3it"}.get(n, n)
+                                                                for n in names})
     collect([tmp_path / "runs"], tmp_path / "source")
     code = matrix_main(["--source", str(tmp_path / "source"), "--runs", str(tmp_path / "matrix_runs"),
                         "--out", str(out := tmp_path / "matrix"), "--models", "resnet18", "--sparsities", "0.7",
