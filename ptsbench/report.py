@@ -1,5 +1,5 @@
 """Tables and plots from result files: `ptsbench-report DIR [DIR ...]` rebuilds what a sweep leaves;
-`--reference` adds the comparison with the published numbers (ptsbench/reference.py)."""
+`--reference` adds the comparison with the published numbers (ptsbench/analysis/reference.py)."""
 
 from __future__ import annotations
 
@@ -16,25 +16,32 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ptsbench.analysis.reference import REFERENCE_CSV, write_reference_comparison  # noqa: E402
 from ptsbench.errors import PtsbenchError  # noqa: E402
-from ptsbench.reference import REFERENCE_CSV, write_reference_comparison  # noqa: E402
 from ptsbench.results import load_records, save_figure, write_atomic, write_csv  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = [
     "model", "dataset", "method", "target_sparsity", "achieved_sparsity", "achieved_sparsity_all",
-    "dense_top1", "top1", "top5", "top1_drop", "prune_seconds", "calib_images", "calib_seed", "seed",
+    "effective_sparsity", "dense_dead_fraction", "dense_top1", "top1", "top5", "top1_drop", "prune_seconds",
+    "forward_passes", "backward_passes",
+    "peak_memory_mb", "macs_dense", "macs_sparse", "speed", "calib_images", "calib_seed", "seed",
     "status", "error", "job_dir",
 ]
 MD_COLUMNS = {
     "model": "model", "method": "method", "target_sparsity": "target", "achieved_sparsity": "achieved",
-    "achieved_sparsity_all": "achieved (all params)", "dense_top1": "dense top-1", "top1": "top-1",
+    "achieved_sparsity_all": "achieved (all params)", "effective_sparsity": "effective",
+    "dense_top1": "dense top-1", "top1": "top-1",
     "top5": "top-5", "prune_seconds": "prune s", "seed": "seed", "status": "status",
 }
 SORT_KEYS = ["model", "method", "target_sparsity", "seed"]
 # Recorded only on probe data sets (data.probe): shown after top-5 when any job has them.
 PROBE_COLUMNS = {"agreement_top1": "agrees w/ dense %", "kl_dense_sparse": "KL(dense‖sparse)"}
+# Measured by the harness since the cost accounting (ptsbench/cost.py): shown after the pruning time when
+# any job has them, so tables of older records keep their shape.
+COST_COLUMNS = {"forward_passes": "fwd images", "backward_passes": "bwd images", "peak_memory_mb": "peak MiB",
+                "speed": "speed"}
 
 
 def results_table(records: pd.DataFrame) -> pd.DataFrame:
@@ -62,10 +69,16 @@ def probe_rows(table: pd.DataFrame) -> pd.Series:
 
 def markdown_table(table: pd.DataFrame) -> str:
     columns = dict(MD_COLUMNS)
+    if pd.to_numeric(table["effective_sparsity"], errors="coerce").isna().all():  # records older than the audit's
+        columns.pop("effective_sparsity")
     if probe_rows(table).any():
         at = list(columns).index("top5") + 1
         items = list(columns.items())
         columns = dict(items[:at] + [(c, n) for c, n in PROBE_COLUMNS.items() if c in table] + items[at:])
+    if table["forward_passes"].notna().any():
+        at = list(columns).index("prune_seconds") + 1
+        items = list(columns.items())
+        columns = dict(items[:at] + list(COST_COLUMNS.items()) + items[at:])
     shown = table[list(columns)].rename(columns=columns)
     failed = table["status"] != "ok"
     if failed.any():
@@ -182,7 +195,11 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path, methods: Seque
     table = select_methods(results_table(load_records(dirs)), methods)
     write_csv(out / "results.csv", table)
     n_failed = int((table["status"] != "ok").sum()) if len(table) else 0
-    header = f"# Results\n\n{len(table)} jobs from {', '.join(map(str, dirs))}; {n_failed} failed.\n\n"
+    n_missed = int((table["status"] == "target_missed").sum()) if len(table) else 0
+    header = f"# Results\n\n{len(table)} jobs from {', '.join(map(str, dirs))}; {n_failed - n_missed} failed.\n\n"
+    if n_missed:  # measured, but at another sparsity than asked: kept out of the by-sparsity summary
+        header += (f"**{n_missed} jobs missed their sparsity target** (status `target_missed`, reason in the "
+                   f"status column): their rows are listed below but left out of the summaries.\n\n")
     if methods:
         header += f"Methods matching: {', '.join(f'`{m}`' for m in methods)}.\n\n"
     probe = probe_rows(table)

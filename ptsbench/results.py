@@ -15,6 +15,7 @@ import pandas as pd
 RESULT_FILE = "result.json"
 ALLOCATION_FILE = "allocation.csv"
 CALIB_FILE = "calib_indices.json"
+RECORDS_FILE = "records.jsonl"  # a study's records, one per line (ptsbench.analysis.study)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -72,10 +73,24 @@ def find_result_files(dirs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def read_records_file(path: Path) -> list[dict[str, Any]]:
+    """The records of a study's records.jsonl, in file order."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def load_records(dirs: Iterable[str | Path]) -> pd.DataFrame:
-    """All result records under `dirs` as one row each (nested `stats` and `options` flattened)."""
+    """All result records under `dirs` as one row each (nested `stats` and `options` flattened). A study
+    folder (or its records.jsonl) gives its collected records; any other folder, the result.json files
+    of the job folders below it."""
     rows = []
-    for path in find_result_files(dirs):
+    job_dirs = []
+    for d in map(Path, dirs):
+        study = d if d.name == RECORDS_FILE else d / RECORDS_FILE
+        if study.is_file():  # the calibration indices (1,024 ints a job) are for reproducing, not for tables
+            rows.extend({k: v for k, v in r.items() if k != "calib_indices"} for r in read_records_file(study))
+        else:
+            job_dirs.append(d)
+    for path in find_result_files(job_dirs):
         try:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:

@@ -87,7 +87,7 @@ def test_paper_preset_pins_its_setting(experiment):
 
 
 def test_msbench_reconstruction_labels_match_the_reference_families():
-    from ptsbench.reference import method_family
+    from ptsbench.analysis.reference import method_family
 
     families = {
         mode: method_family(build_algorithm(compose_with_hydra(
