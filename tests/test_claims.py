@@ -34,7 +34,7 @@ def test_claims_compare_the_labels_of_the_configured_algorithms():
     claims = load_settings()
     assert claims.fcpts.method == "fcpts-ste-kde-64it" and claims.fcpts.paper_gain == 30.0
     assert claims.fcpts.baselines == ("magnitude-uniform+bn", "magnitude-erk+bn", "magnitude-global+bn", "pot")
-    assert (claims.unipts.method, claims.unipts.against, claims.unipts.plain_kd) == ("unipts", "pot", "unipts-kl")
+    assert (claims.unipts.method, claims.unipts.against, claims.unipts.plain_kd) == ("unipts-quick-8x5-5ep", "pot", "unipts-kl-quick-8x5-5ep")
 
 
 def test_gains_are_paired_by_seed_and_carry_the_seed_band():
