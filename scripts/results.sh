@@ -3,6 +3,7 @@
 # is results/<study>/: records.jsonl (one record per job), allocations.csv (every job's per-layer
 # allocation), and the tables and plots rebuilt from those two files alone.
 #
+#   fmnist_benchmark  the default benchmark (what scripts/bench.sh runs)       conf/experiment/fmnist_benchmark.yaml
 #   pts_methods       every method x model at the model's sweep_sparsities     conf/experiment/pts_methods.yaml
 #   unipts            UniPTS and its ablations beside the others (pts_methods) conf/study/unipts.yaml
 #   technique_matrix  allocation x reconstruction, learned allocations replayed conf/study/technique_matrix.yaml
@@ -23,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
-STUDIES=(pts_methods unipts technique_matrix mask_overlap oneshot claims)
+STUDIES=(fmnist_benchmark pts_methods unipts technique_matrix mask_overlap oneshot claims)
 common=()  # overrides for every sweep
 [ -n "${MODELS:-}" ] && common+=("model=$MODELS")
 [ -n "${THREADS:-}" ] && common+=("threads=$THREADS")
@@ -31,6 +32,12 @@ status=0
 
 sweep() {  # sweep EXPERIMENT [OVERRIDES...]: a failed job is recorded and the study is still collected
   .venv/bin/ptsbench "experiment=$1" ${common[@]+"${common[@]}"} "${@:2}" || status=1
+}
+
+fmnist_benchmark() {
+  sweep fmnist_benchmark
+  $PY -m ptsbench.analysis.study runs/fmnist_benchmark --out results/fmnist_benchmark || status=1
+  .venv/bin/ptsbench-report results/fmnist_benchmark || status=1
 }
 
 pts_methods() {

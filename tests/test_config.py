@@ -84,9 +84,9 @@ def test_threads_shared_among_parallel_jobs(monkeypatch):
 
 
 def test_default_benchmark_grid_runs_learned_methods_at_0_9_only():
-    """The default benchmark's filter, instantiated and applied the way hydra-filter-sweeper does it (the
-    resolved job config, converted to plain containers), keeps every magnitude cell and the learned quick
-    presets at 0.9 only."""
+    """The default benchmark's filters, instantiated and applied the way hydra-filter-sweeper does it (the
+    resolved job config, converted to plain containers), keep each model's own sweep_sparsities for the
+    cheap methods and the learned quick presets at 0.9 only."""
     import itertools
 
     from hydra import compose, initialize_config_dir
@@ -111,10 +111,16 @@ def test_default_benchmark_grid_runs_learned_methods_at_0_9_only():
                     reasons.add(flt.reason(**kwargs))
             if not skipped:
                 kept.append((model, algorithm, float(sparsity)))
-    learned = sorted((m, a, s) for m, a, s in kept if not a.startswith("magnitude"))
-    assert learned == [(m, a, 0.9) for m in ("mobilenetv2", "resnet18") for a in ("fcpts_quick", "unipts_quick")]
-    assert len(kept) == 2 * 3 * 5 + 4
-    assert reasons == {"fcpts runs only at sparsity 0.9 in this sweep", "unipts runs only at sparsity 0.9 in this sweep"}
+        ranges = {m: {float(x) for x in compose("config", overrides=[f"model={m}"]).model.sweep_sparsities}
+                  for m in sorted(set(grid[0]))}
+    learned_configs = ("fcpts_quick", "fcpts_code_quick", "unipts_quick", "pot_quick")
+    learned = sorted((m, a, s) for m, a, s in kept if a in learned_configs)
+    models = ("mobilenetv2", "resnet18", "vit_tiny")
+    assert learned == sorted((m, a, 0.9) for m in models for a in learned_configs)
+    cheap = [(m, a, s) for m, a, s in kept if a not in learned_configs]
+    assert {(m, s) for m, _, s in cheap} == {(m, s) for m in models for s in ranges[m]}
+    assert len(cheap) == 5 * sum(len(r) for r in ranges.values())
+    assert "fcpts runs only at sparsity 0.9 in this sweep" in reasons
 
 
 def test_sparsity_filter_keeps_unnamed_algorithms_and_bad_values():

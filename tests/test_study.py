@@ -99,7 +99,7 @@ def test_method_labels_come_from_the_algorithm_classes():
 
 
 def test_each_sweep_covers_exactly_its_models_sweep_sparsities():
-    for experiment in ("pts_methods", "oneshot"):
+    for experiment in ("fmnist_benchmark", "pts_methods", "oneshot"):
         grid = experiment_grid(experiment)
         wanted = set()
         for model in grid["model"]:
@@ -127,7 +127,8 @@ def test_results_script_keeps_no_list_of_its_own():
     assert "<<" not in script  # no embedded program
     assert not re.search(r"algorithm=[a-z_]+,", script)  # algorithm lists live in conf/experiment
     assert "sparsity=0." not in script and "SPARSITIES" not in script  # sparsities live in the model configs
-    for study in ("pts_methods", "unipts", "technique_matrix", "mask_overlap", "oneshot", "claims"):
+    for study in ("fmnist_benchmark", "pts_methods", "unipts", "technique_matrix", "mask_overlap", "oneshot",
+                  "claims"):
         assert f"{study}()" in script
 
 
