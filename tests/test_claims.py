@@ -34,15 +34,16 @@ def test_claims_compare_the_labels_of_the_configured_algorithms():
     claims = load_settings()
     assert claims.fcpts.method == "fcpts-ste-kde-64it" and claims.fcpts.paper_gain == 30.0
     assert claims.fcpts.baselines == ("magnitude-uniform+bn", "magnitude-erk+bn", "magnitude-global+bn", "pot")
-    assert (claims.unipts.method, claims.unipts.against, claims.unipts.plain_kd) == ("unipts-quick-8x5-5ep", "pot", "unipts-kl-quick-8x5-5ep")
+    unipts_labels = (claims.unipts.method, claims.unipts.against, claims.unipts.plain_kd)
+    assert unipts_labels == ("unipts-quick-8x5-5ep", "pot", "unipts-kl-quick-8x5-5ep")
 
 
 def test_gains_are_paired_by_seed_and_carry_the_seed_band():
     rows = [record("fcpts-ste-kde-64it", 0.8, 80.0, seed=0), record("fcpts-ste-kde-64it", 0.8, 70.0, seed=1),
             record("magnitude-erk+bn", 0.8, 78.0, seed=0), record("magnitude-erk+bn", 0.8, 64.0, seed=1),
             record("magnitude-erk+bn", 0.8, 50.0, seed=2),  # no FCPTS run with seed 2: not paired
-            record("unipts", 0.9, 60.0, seed=0), record("pot", 0.9, 59.0, seed=0),
-            record("unipts", 0.9, 62.0, seed=1), record("pot", 0.9, 50.0, seed=1)]
+            record("unipts-quick-8x5-5ep", 0.9, 60.0, seed=0), record("pot", 0.9, 59.0, seed=0),
+            record("unipts-quick-8x5-5ep", 0.9, 62.0, seed=1), record("pot", 0.9, 50.0, seed=1)]
     claims = load_settings()
     f = fcpts_claim(pd.DataFrame(rows), claims.fcpts).iloc[0]
     assert f["seeds"] == 2 and f["gain over best"] == 4.0  # (80-78 + 70-64) / 2, seed 2 left out
@@ -56,7 +57,7 @@ def test_gains_are_paired_by_seed_and_carry_the_seed_band():
 def test_claim_tables_compare_against_the_right_rows(tmp_path):
     rows = [record("fcpts-ste-kde-64it", 0.8, 80.0), record("magnitude-uniform+bn", 0.8, 40.0),
             record("magnitude-erk+bn", 0.8, 70.0), record("pot", 0.8, 75.0),
-            record("unipts", 0.9, 60.0), record("pot", 0.9, 10.0), record("unipts-kl", 0.9, 65.0)]
+            record("unipts-quick-8x5-5ep", 0.9, 60.0), record("pot", 0.9, 10.0), record("unipts-kl-quick-8x5-5ep", 0.9, 65.0)]
     claims = load_settings()
     f = fcpts_claim(pd.DataFrame(rows), claims.fcpts).set_index("sparsity").loc[0.8]
     assert f["gain over best"] == 5.0 and f["best baseline"] == "pot 75.00"
