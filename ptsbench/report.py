@@ -11,14 +11,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure  # no pyplot: no backend, no global figure state
+from matplotlib.lines import Line2D
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from ptsbench.analysis.reference import REFERENCE_CSV, write_reference_comparison  # noqa: E402
-from ptsbench.errors import PtsbenchError  # noqa: E402
-from ptsbench.results import load_records, save_figure, write_atomic, write_csv  # noqa: E402
+from ptsbench.analysis.reference import REFERENCE_CSV, write_reference_comparison
+from ptsbench.errors import PtsbenchError
+from ptsbench.results import load_records, save_figure, write_atomic, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +136,7 @@ MARKERS = "osD^vP*Xph<>"
 def method_styles(methods: Iterable[str]) -> dict[str, dict[str, object]]:
     """One colour and marker per method, the same in every panel (tab10, or tab20 beyond ten methods)."""
     methods = sorted(set(methods))
-    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    cmap = matplotlib.colormaps.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     return {m: {"color": cmap(i % cmap.N), "marker": MARKERS[i % len(MARKERS)]} for i, m in enumerate(methods)}
 
 
@@ -155,7 +154,8 @@ def plot_accuracy_vs_sparsity(table: pd.DataFrame, path: Path) -> None:
     summary = seed_summary(table)
     models = sorted(table["model"].dropna().unique()) or ["(none)"]
     styles = method_styles(summary["method"].astype(str)) if not summary.empty else {}
-    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(models), 4.2))
+    axes = fig.subplots(1, len(models), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         part = summary[summary["model"] == model] if not summary.empty else summary
         for method, rows in part.groupby("method") if not part.empty else []:
@@ -175,7 +175,7 @@ def plot_accuracy_vs_sparsity(table: pd.DataFrame, path: Path) -> None:
         ax.set(title=title, xlabel="target sparsity", ylabel="top-1 (%)")
         ax.grid(alpha=0.3)
     if styles:
-        handles = [plt.Line2D([], [], label=m, **st) for m, st in styles.items()]
+        handles = [Line2D([], [], label=m, **st) for m, st in styles.items()]
         ncol = legend_columns([h.get_label() for h in handles], fig.get_figwidth(), fontsize=8)
         fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
         rows = -(-len(handles) // ncol)
@@ -183,7 +183,6 @@ def plot_accuracy_vs_sparsity(table: pd.DataFrame, path: Path) -> None:
     else:
         fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def write_report(dirs: Iterable[str | Path], out_dir: str | Path, methods: Sequence[str] | None = None

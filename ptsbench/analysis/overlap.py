@@ -24,14 +24,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+import torch
+from matplotlib.figure import Figure  # no pyplot: no backend, no global figure state
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from ptsbench.analysis.study import (  # noqa: E402
+from ptsbench.analysis.study import (
     JOB_KEY,
     collect,
     experiment_algorithms,
@@ -40,9 +37,9 @@ from ptsbench.analysis.study import (  # noqa: E402
     study_allocations,
     study_records,
 )
-from ptsbench.checkpoint import read_compact_form  # noqa: E402
-from ptsbench.errors import PtsbenchError  # noqa: E402
-from ptsbench.results import (  # noqa: E402
+from ptsbench.checkpoint import read_compact_form
+from ptsbench.errors import PtsbenchError
+from ptsbench.results import (
     ALLOCATION_FILE,
     RESULT_FILE,
     find_result_files,
@@ -50,7 +47,7 @@ from ptsbench.results import (  # noqa: E402
     write_atomic,
     write_csv,
 )
-from ptsbench.runner import COMPACT_MODEL_FILE  # noqa: E402
+from ptsbench.runner import COMPACT_MODEL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +126,8 @@ def pairwise_overlap(groups: Mapping[str, Sequence[Path]]) -> pd.DataFrame:
 def plot_layer_sparsity(tables: Mapping[str, pd.DataFrame], title: str, path: Path) -> None:
     """One line per job (label -> its allocation table): achieved sparsity of each prunable layer, in model
     order."""
-    fig, ax = plt.subplots(figsize=(max(8, 0.25 * 60), 4.5))
+    fig = Figure(figsize=(max(8, 0.25 * 60), 4.5))
+    ax = fig.subplots()
     names: list[str] = []
     for label, table in tables.items():
         names = names or table["name"].tolist()
@@ -140,7 +138,6 @@ def plot_layer_sparsity(tables: Mapping[str, pd.DataFrame], title: str, path: Pa
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def layer_tables(study: Path, records: pd.DataFrame) -> dict[str, dict[str, pd.DataFrame]]:
