@@ -106,11 +106,14 @@ class PassCounter:
         if not self._matches(module):
             return
         self._depth -= 1
-        if self._depth > 0 or output is None:  # a nested call, or the forward raised
+        if self._depth > 0:  # a nested call
             return
+        # A forward stopped by an exception (output None) still ran its images into the network: the
+        # layer-wise methods (Wanda, SparseGPT) stop each calibration pass after the block they prune.
         batch = _first_tensor(args)
-        out = _first_tensor(output)
-        images = int((batch if batch is not None and batch.ndim > 0 else out).shape[0]) if out is not None else 0
+        out = _first_tensor(output) if output is not None else None
+        shaped = batch if batch is not None and batch.ndim > 0 else out
+        images = int(shaped.shape[0]) if shaped is not None else 0
         self.forward_calls += 1
         self.forward_images += images
         if out is not None and out.requires_grad:

@@ -59,6 +59,22 @@ def test_fcpts_teacher_copy_is_counted_and_backward_only_through_the_student(tin
         assert cost["backward_calls"] == iterations
 
 
+def test_wanda_partial_passes_are_counted_once_per_block(tiny_dense):
+    """Wanda stops each calibration pass after the block it prunes (an exception inside the forward): every
+    such pass still runs the calibration images into the network and is counted."""
+    from algorithms.wanda import Wanda
+
+    dense, calib = tiny_dense
+    result, _, cost = prune_with_cost(Wanda(), copy.deepcopy(dense), calib, target=0.5)
+    assert result.stats["calib_passes"] > 1
+    assert cost["forward_passes"] == result.stats["calib_passes"] * len(calib)
+    assert cost["backward_passes"] == 0
+    # the counter's nesting depth is balanced after the interrupted forwards: a later full pass counts
+    with PassCounter(dense) as counter:
+        dense(calib.data.images[:3])
+    assert counter.record()["forward_passes"] == 3
+
+
 def test_blocks_alone_and_nested_modules_of_the_same_class_are_not_passes():
     inner = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
     model = nn.Sequential(inner, nn.Flatten(), nn.Sequential(nn.LazyLinear(3)))
