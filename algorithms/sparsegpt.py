@@ -43,6 +43,7 @@ from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from algorithms.magnitude import AllocationChoice
+from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.errors import ConfigError, PtsbenchError
 from ptsbench.layerwise import check_supported, grouped_weight, layer_groups, sequential_prune
 from ptsbench.patterns import Pattern
@@ -186,7 +187,7 @@ class SparseGPT(PTSAlgorithm):
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
                  allocation_label: str | None = None, blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
-                 batch_size: int = 64):
+                 batch_size: int = 64, bn_recalibration: bool = False):
         self.alloc = AllocationChoice(allocation, float(erk_power_scale), allocation_file, allocation_label).check()
         if int(blocksize) < 1:
             raise ConfigError(f"algorithm.blocksize={blocksize} must be a positive number of columns (default 128).")
@@ -195,13 +196,17 @@ class SparseGPT(PTSAlgorithm):
         self.blocksize = int(blocksize)
         self.percdamp = float(percdamp)
         self.batch_size = int(batch_size)  # calibration images per forward pass (memory, not results)
+        # Not in the paper (language models have no BatchNorm): on a BN network the pruned layers shift the
+        # batch statistics, and re-estimating them on the calibration images is what magnitude+bn does too.
+        self.bn_recalibration = bool(bn_recalibration)
 
     def options(self) -> dict[str, Any]:
-        return {**self.alloc.options(), "blocksize": self.blocksize, "percdamp": self.percdamp}
+        return {**self.alloc.options(), "blocksize": self.blocksize, "percdamp": self.percdamp,
+                "bn_recalibration": self.bn_recalibration}
 
     @property
     def label(self) -> str:
-        return f"sparsegpt-{self.alloc.describe(self.pattern)}"
+        return f"sparsegpt-{self.alloc.describe(self.pattern)}" + ("+bn" if self.bn_recalibration else "")
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         check_supported(layers)
@@ -218,5 +223,7 @@ class SparseGPT(PTSAlgorithm):
         todo = [ly for ly in layers if counts[ly.name] > 0]  # dense layers keep their weights untouched
         passes = sequential_prune(model, todo, ctx.calib, self.batch_size, Hessian, finish,
                                   progress=ctx.progress, desc="sparsegpt") if todo else 0
+        bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.batch_size) if self.bn_recalibration else 0
         return PruneResult(model=model, allocation=rates(layers, counts), masks=masks,
-                           stats={"calib_passes": passes, "layers_pruned": len(todo)})
+                           stats={"calib_passes": passes + int(self.bn_recalibration), "layers_pruned": len(todo),
+                                  "bn_layers_recalibrated": bn_layers})

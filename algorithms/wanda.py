@@ -28,6 +28,7 @@ from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from algorithms.magnitude import AllocationChoice, pattern_masks
+from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.layerwise import check_supported, layer_groups, sequential_prune
 from ptsbench.patterns import Pattern
 from ptsbench.sparsity import PrunableLayer, magnitude_mask, rates
@@ -82,16 +83,19 @@ class Wanda(PTSAlgorithm):
     supports_nm_pattern = True
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
-                 allocation_label: str | None = None, batch_size: int = 64):
+                 allocation_label: str | None = None, batch_size: int = 64, bn_recalibration: bool = False):
         self.alloc = AllocationChoice(allocation, float(erk_power_scale), allocation_file, allocation_label).check()
         self.batch_size = int(batch_size)  # calibration images per forward pass (memory, not results)
+        # Not in the paper (language models have no BatchNorm): on a BN network the pruned layers shift the
+        # batch statistics, and re-estimating them on the calibration images is what magnitude+bn does too.
+        self.bn_recalibration = bool(bn_recalibration)
 
     def options(self) -> dict[str, Any]:
-        return self.alloc.options()
+        return {**self.alloc.options(), "bn_recalibration": self.bn_recalibration}
 
     @property
     def label(self) -> str:
-        return f"wanda-{self.alloc.describe(self.pattern)}"
+        return f"wanda-{self.alloc.describe(self.pattern)}" + ("+bn" if self.bn_recalibration else "")
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         check_supported(layers)
@@ -109,5 +113,7 @@ class Wanda(PTSAlgorithm):
         todo = [ly for ly in layers if counts[ly.name] > 0]  # dense layers need no statistics
         passes = sequential_prune(model, todo, ctx.calib, self.batch_size, InputNorms, finish,
                                   progress=ctx.progress, desc="wanda") if todo else 0
+        bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.batch_size) if self.bn_recalibration else 0
         return PruneResult(model=model, allocation=rates(layers, counts), masks=masks,
-                           stats={"calib_passes": passes, "layers_pruned": len(todo)})
+                           stats={"calib_passes": passes + int(self.bn_recalibration), "layers_pruned": len(todo),
+                                  "bn_layers_recalibrated": bn_layers})
