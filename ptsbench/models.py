@@ -253,11 +253,16 @@ def file_fingerprint(path: str | Path) -> dict:
 
 
 def verify_checkpoint(model_cfg: DictConfig) -> str:
-    """The checkpoint's sha256, checked against `model.checkpoint_sha256` when the config pins one."""
+    """The checkpoint's sha256, checked against `model.checkpoint_sha256` for a file shipped inside a package.
+
+    The pin belongs to the file the config names (the zoo's `pkg:ptsbench/zoo/...`); a user's own
+    `model.checkpoint=PATH` is not held to it.
+    """
     path = resolve_checkpoint_path(model_cfg.checkpoint)
     actual = file_fingerprint(model_cfg.checkpoint)["sha256"]
     expected = model_cfg.get("checkpoint_sha256")
-    if expected and str(expected).lower() != actual:
+    shipped = str(model_cfg.checkpoint).startswith(PACKAGE_PREFIX)
+    if shipped and expected and str(expected).lower() != actual:
         raise CheckpointError(
             f"model.checkpoint={str(model_cfg.checkpoint)!r} ({path}) has sha256 {actual}, but the model config "
             f"pins model.checkpoint_sha256={expected}: the file is not the one the config was written for. "

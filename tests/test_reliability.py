@@ -145,8 +145,8 @@ def test_corrupt_dense_cache_entry_is_retrained(tmp_path, require_fmnist, caplog
     from ptsbench.dense import build_model, load_data, load_dense_weights
     from tests.conftest import compose_config
 
-    cfg = compose_config(["data.limit_train=128", "data.limit_test=64", "train.epochs=1", "progress=false",
-                          "model.train_overrides={}"], cache_dir=tmp_path)
+    cfg = compose_config(["model.checkpoint=null", "data.limit_train=128", "data.limit_test=64", "train.epochs=1",
+                          "progress=false", "model.train_overrides={}"], cache_dir=tmp_path)
     data = load_data(cfg, tmp_path)
     first = load_dense_weights(cfg, build_model(cfg, data), data, tmp_path, torch.device("cpu"), progress=False)
     weights = tmp_path / "dense" / f"{first.key}.safetensors"

@@ -30,11 +30,16 @@ def test_shipped_weights_match_their_pin_and_the_architecture(name):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_changed_file_is_refused(tmp_path):
+def test_a_changed_shipped_file_is_refused_and_a_users_own_file_is_not(tmp_path, monkeypatch):
     cfg = compose_config(["model=mobilenetv2"])
     copy = tmp_path / "w.safetensors"
     copy.write_bytes(resolve_checkpoint_path(cfg.model.checkpoint).read_bytes() + b"\0")
-    cfg.model.checkpoint = str(copy)
+    cfg.model.checkpoint = str(copy)  # the user's own file: the config's pin is not about it
+    assert verify_checkpoint(cfg.model) == file_sha256(copy)
+    import ptsbench.models as models
+
+    monkeypatch.setattr(models, "resolve_checkpoint_path", lambda spec: copy)  # the shipped file, changed
+    cfg.model.checkpoint = "pkg:ptsbench/zoo/mobilenetv2-fashion_mnist.safetensors"
     with pytest.raises(CheckpointError, match="checkpoint_sha256"):
         verify_checkpoint(cfg.model)
 
