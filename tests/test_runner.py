@@ -44,12 +44,13 @@ def test_same_seed_same_result(tiny_cfg, tmp_path):
 
 
 def test_dense_model_is_trained_once_and_cached(tiny_cfg, tmp_path, cache_dir):
-    run_job(tiny_cfg("sparsity=0.5"), tmp_path / "a")
-    weights = sorted((cache_dir / "dense").glob("resnet18-*.safetensors"))
-    assert len(weights) == 1
-    mtime = weights[0].stat().st_mtime_ns
+    first = run_job(tiny_cfg("sparsity=0.5"), tmp_path / "a")
+    weights = cache_dir / "dense" / f"{first['dense_key']}.safetensors"  # the session cache holds other models too
+    mtime = weights.stat().st_mtime_ns
+    cached = set((cache_dir / "dense").glob("*.safetensors"))
     record = run_job(tiny_cfg("sparsity=0.6"), tmp_path / "b")
-    assert weights[0].stat().st_mtime_ns == mtime
+    assert record["dense_key"] == first["dense_key"] and weights.stat().st_mtime_ns == mtime
+    assert set((cache_dir / "dense").glob("*.safetensors")) == cached  # nothing trained again
     assert record["dense_source"] == "recipe" and record["dense_train_seconds"] > 0
 
 
