@@ -39,15 +39,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
-from algorithms.magnitude import AllocationChoice
-from ptsbench.bn import recalibrate_batchnorm
+from algorithms.oneshot import LayerwiseOneShot
 from ptsbench.errors import ConfigError, PtsbenchError
-from ptsbench.layerwise import check_supported, grouped_weight, layer_groups, sequential_prune
+from ptsbench.layerwise import grouped_weight, layer_groups
 from ptsbench.patterns import Pattern
-from ptsbench.sparsity import PrunableLayer, magnitude_mask, rates
+from ptsbench.sparsity import PrunableLayer
 
 BLOCKSIZE = 128
 PERCDAMP = 0.01
@@ -181,49 +178,23 @@ def prune_layer(layer: PrunableLayer, hessian: torch.Tensor, n_zero: int, patter
     return (~pruned).reshape(weight.shape).to(weight.dtype)
 
 
-class SparseGPT(PTSAlgorithm):
+class SparseGPT(LayerwiseOneShot):
     name = "sparsegpt"
-    supports_nm_pattern = True
+    statistic = Hessian
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
                  allocation_label: str | None = None, blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
                  batch_size: int = 64, bn_recalibration: bool = False):
-        self.alloc = AllocationChoice(allocation, float(erk_power_scale), allocation_file, allocation_label).check()
+        super().__init__(allocation, erk_power_scale, allocation_file, allocation_label, batch_size, bn_recalibration)
         if int(blocksize) < 1:
             raise ConfigError(f"algorithm.blocksize={blocksize} must be a positive number of columns (default 128).")
         if not float(percdamp) > 0:
             raise ConfigError(f"algorithm.percdamp={percdamp} must be > 0 (a fraction of the mean Hessian diagonal).")
         self.blocksize = int(blocksize)
         self.percdamp = float(percdamp)
-        self.batch_size = int(batch_size)  # calibration images per forward pass (memory, not results)
-        # Not in the paper (language models have no BatchNorm): on a BN network the pruned layers shift the
-        # batch statistics, and re-estimating them on the calibration images is what magnitude+bn does too.
-        self.bn_recalibration = bool(bn_recalibration)
 
     def options(self) -> dict[str, Any]:
-        return {**self.alloc.options(), "blocksize": self.blocksize, "percdamp": self.percdamp,
-                "bn_recalibration": self.bn_recalibration}
+        return {**super().options(), "blocksize": self.blocksize, "percdamp": self.percdamp}
 
-    @property
-    def label(self) -> str:
-        return f"sparsegpt-{self.alloc.describe(self.pattern)}" + ("+bn" if self.bn_recalibration else "")
-
-    def validate(self, layers: list[PrunableLayer], target: float) -> None:
-        check_supported(layers)
-        self.alloc.validate(layers, target, self.pattern)
-
-    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
-        counts = self.alloc.counts(layers, target, self.pattern)
-        masks = {ly.name: magnitude_mask(ly.weight, 0) for ly in layers}
-
-        def finish(layer: PrunableLayer, stat: Hessian) -> None:
-            masks[layer.name] = prune_layer(layer, stat.matrix(), counts[layer.name], self.pattern,
-                                            self.blocksize, self.percdamp)
-
-        todo = [ly for ly in layers if counts[ly.name] > 0]  # dense layers keep their weights untouched
-        passes = sequential_prune(model, todo, ctx.calib, self.batch_size, Hessian, finish,
-                                  progress=ctx.progress, desc="sparsegpt") if todo else 0
-        bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.batch_size) if self.bn_recalibration else 0
-        return PruneResult(model=model, allocation=rates(layers, counts), masks=masks,
-                           stats={"calib_passes": passes + int(self.bn_recalibration), "layers_pruned": len(todo),
-                                  "bn_layers_recalibrated": bn_layers})
+    def prune_layer(self, layer: PrunableLayer, stat: Hessian, n_zero: int) -> torch.Tensor:
+        return prune_layer(layer, stat.matrix(), n_zero, self.pattern, self.blocksize, self.percdamp)

@@ -21,17 +21,13 @@ Vision adaptation (our choices; the reference prunes only the Linear layers of V
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import nn
 
-from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
-from algorithms.magnitude import AllocationChoice, pattern_masks
-from ptsbench.bn import recalibrate_batchnorm
-from ptsbench.layerwise import check_supported, layer_groups, sequential_prune
+from algorithms.magnitude import pattern_masks
+from algorithms.oneshot import LayerwiseOneShot
+from ptsbench.layerwise import layer_groups
 from ptsbench.patterns import Pattern
-from ptsbench.sparsity import PrunableLayer, magnitude_mask, rates
+from ptsbench.sparsity import PrunableLayer
 
 
 class InputNorms:
@@ -78,42 +74,11 @@ def wanda_mask(layer: PrunableLayer, squares: torch.Tensor, n_zero: int, pattern
     return row_mask(scores, n_zero)
 
 
-class Wanda(PTSAlgorithm):
+class Wanda(LayerwiseOneShot):
     name = "wanda"
-    supports_nm_pattern = True
+    statistic = InputNorms
 
-    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
-                 allocation_label: str | None = None, batch_size: int = 64, bn_recalibration: bool = False):
-        self.alloc = AllocationChoice(allocation, float(erk_power_scale), allocation_file, allocation_label).check()
-        self.batch_size = int(batch_size)  # calibration images per forward pass (memory, not results)
-        # Not in the paper (language models have no BatchNorm): on a BN network the pruned layers shift the
-        # batch statistics, and re-estimating them on the calibration images is what magnitude+bn does too.
-        self.bn_recalibration = bool(bn_recalibration)
-
-    def options(self) -> dict[str, Any]:
-        return {**self.alloc.options(), "bn_recalibration": self.bn_recalibration}
-
-    @property
-    def label(self) -> str:
-        return f"wanda-{self.alloc.describe(self.pattern)}" + ("+bn" if self.bn_recalibration else "")
-
-    def validate(self, layers: list[PrunableLayer], target: float) -> None:
-        check_supported(layers)
-        self.alloc.validate(layers, target, self.pattern)
-
-    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
-        counts = self.alloc.counts(layers, target, self.pattern)
-        masks = {ly.name: magnitude_mask(ly.weight, 0) for ly in layers}
-
-        def finish(layer: PrunableLayer, stat: InputNorms) -> None:
-            mask = wanda_mask(layer, stat.squares, counts[layer.name], self.pattern).to(layer.module.weight.dtype)
-            layer.module.weight.data.mul_(mask)
-            masks[layer.name] = mask
-
-        todo = [ly for ly in layers if counts[ly.name] > 0]  # dense layers need no statistics
-        passes = sequential_prune(model, todo, ctx.calib, self.batch_size, InputNorms, finish,
-                                  progress=ctx.progress, desc="wanda") if todo else 0
-        bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.batch_size) if self.bn_recalibration else 0
-        return PruneResult(model=model, allocation=rates(layers, counts), masks=masks,
-                           stats={"calib_passes": passes + int(self.bn_recalibration), "layers_pruned": len(todo),
-                                  "bn_layers_recalibrated": bn_layers})
+    def prune_layer(self, layer: PrunableLayer, stat: InputNorms, n_zero: int) -> torch.Tensor:
+        mask = wanda_mask(layer, stat.squares, n_zero, self.pattern).to(layer.module.weight.dtype)
+        layer.module.weight.data.mul_(mask)  # no weight update: the mask is the method
+        return mask
