@@ -86,8 +86,23 @@ class PTSAlgorithm(ABC):
 
     @property
     def label(self) -> str:
-        """A short method name for tables and plot legends, e.g. 'magnitude-erk+bn'."""
+        """A short method name for tables and plot legends, e.g. 'magnitude-erk+bn' or 'fcpts-ste-kde-quick-64it':
+        the family and what differs from the reference budget."""
+        return "-".join([self.family, *self.budget_tags()])
+
+    @property
+    def family(self) -> str:
+        """The label without its budget tags: the points of one method's budget curve share it."""
         return self.name
+
+    def budget_tags(self) -> list[str]:
+        """The label's words for a budget other than the reference (none for methods without a budget knob)."""
+        return []
+
+    @property
+    def budget_fraction(self) -> float | None:
+        """The work this run's budget buys, as a share of the method's reference budget (None: no knob)."""
+        return None
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         """Check options against the model before any expensive work; raise ConfigError on bad input."""

@@ -11,6 +11,7 @@ allocation (including another job's, `allocation=from_file`) can be combined wit
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,16 @@ from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.errors import ConfigError, unknown_choice
 from ptsbench.patterns import Pattern, nm_mask, nm_zero_counts
-from ptsbench.reconstruct import ReconstructionSettings, make_units, process_units, summarise
+from ptsbench.reconstruct import (
+    RECONSTRUCTION_STREAM,
+    REFERENCE_STEPS,
+    ReconstructionSettings,
+    make_units,
+    process_units,
+    reconstruction_budget,
+    summarise,
+)
+from ptsbench.settings import COUNT, read_budget, scaled
 from ptsbench.sparsity import (
     ALLOCATIONS,
     PrunableLayer,
@@ -36,7 +46,6 @@ from ptsbench.sparsity import (
 )
 
 ALLOCATION_CHOICES = ALLOCATIONS + ("from_file",)
-RNG_STREAM = 31  # ctx.generator offset for the reconstruction batches
 
 
 def read_allocation_file(path: str | Path, layers: list[PrunableLayer], target: float,
@@ -140,27 +149,31 @@ class MagnitudePruning(PTSAlgorithm):
     supports_nm_pattern = True
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
-                 allocation_label: str | None = None,
-                 bn_recalibration: bool = False, bn_batch_size: int = 64, reconstruction: str = "none",
-                 recon_inputs: str = "dense", recon_iterations: int = 20_000, recon_lr: float = 1e-5,
-                 recon_bias_lr: float = 1e-4, recon_batch_size: int = 64, early_stop_loss: float = 1e-5):
+                 allocation_label: str | None = None, bn_recalibration: bool = False, bn_batch_size: int = 64,
+                 reconstruction: ReconstructionSettings | Mapping[str, Any] | None = None, budget: float | str = 1.0):
         self.alloc = AllocationChoice(allocation, float(erk_power_scale), allocation_file, allocation_label).check()
         self.bn_recalibration = bool(bn_recalibration)
         self.bn_batch_size = int(bn_batch_size)
-        self.recon = ReconstructionSettings(reconstruction, recon_inputs, int(recon_iterations), float(recon_lr),
-                                            float(recon_bias_lr), int(recon_batch_size),
-                                            float(early_stop_loss)).check()
+        COUNT.check("algorithm.bn_batch_size", self.bn_batch_size)
+        self.budget_scale = read_budget(budget)
+        recon = ReconstructionSettings.read(reconstruction, "algorithm.reconstruction")
+        self.recon = recon.replace(iterations=scaled(recon.iterations, self.budget_scale, minimum=0))
 
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {**self.alloc.options(), "bn_recalibration": self.bn_recalibration}
         if self.recon.mode != "none":
-            opts.update(reconstruction=self.recon.mode, recon_inputs=self.recon.inputs,
-                        recon_iterations=self.recon.iterations, recon_lr=self.recon.lr,
-                        recon_bias_lr=self.recon.bias_lr)
+            opts.update(self.recon.options(), budget=reconstruction_budget(self.recon))
         return opts
 
     @property
-    def label(self) -> str:
+    def budget_fraction(self) -> float | None:
+        return self.recon.iterations / REFERENCE_STEPS if self.recon.mode != "none" else None
+
+    def budget_tags(self) -> list[str]:
+        return [f"x{self.budget_scale:g}"] if self.recon.mode != "none" and self.budget_scale != 1.0 else []
+
+    @property
+    def family(self) -> str:
         label = f"magnitude-{self.alloc.describe(self.pattern)}" + ("+bn" if self.bn_recalibration else "")
         if self.recon.mode != "none":
             label += f"+{self.recon.mode}" + ("-sparseinp" if self.recon.inputs == "sparse" else "")
@@ -181,7 +194,7 @@ class MagnitudePruning(PTSAlgorithm):
         # 3. Optional reconstruction of each layer's or block's dense output.
         if dense is not None:
             reports = process_units(model, dense, make_units(self.recon.mode, model, layers), ctx.calib,
-                                    self.recon, ctx.device, ctx.generator(RNG_STREAM), progress=ctx.progress,
+                                    self.recon, ctx.device, ctx.generator(RECONSTRUCTION_STREAM), progress=ctx.progress,
                                     desc=f"{self.recon.mode}-wise reconstruction")
             tables["reconstruction"], recon_stats = summarise(reports)
             stats.update(recon_stats)

@@ -36,7 +36,7 @@ class LayerwiseOneShot(PTSAlgorithm):
         return {**self.alloc.options(), "bn_recalibration": self.bn_recalibration}
 
     @property
-    def label(self) -> str:
+    def family(self) -> str:
         return f"{self.name}-{self.alloc.describe(self.pattern)}" + ("+bn" if self.bn_recalibration else "")
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:

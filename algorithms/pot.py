@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -32,13 +33,17 @@ from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from ptsbench.bnfold import find_conv_bn_pairs, fold_batchnorm
 from ptsbench.errors import ConfigError, unknown_choice
 from ptsbench.reconstruct import (
+    RECONSTRUCTION_STREAM,
+    REFERENCE_STEPS,
     WEIGHT_CORRECTIONS,
     ReconstructionSettings,
     correct_weights,
     make_units,
     process_units,
+    reconstruction_budget,
     summarise,
 )
+from ptsbench.settings import read_budget, scaled
 from ptsbench.sparsity import (
     ALLOCATIONS,
     PrunableLayer,
@@ -49,16 +54,13 @@ from ptsbench.sparsity import (
     rates,
 )
 
-RNG_STREAM = 31  # ctx.generator offset for the reconstruction batches
-
 
 class POT(PTSAlgorithm):
     name = "pot"
 
     def __init__(self, fold_bn: bool = True, allocation: str = "global_l2norm", weight_correction: str | bool = "msbench",
-                 bias_correction: bool = True, reconstruction: str = "layer", recon_inputs: str = "dense",
-                 recon_iterations: int = 20_000, recon_lr: float = 1e-5, recon_bias_lr: float = 1e-4,
-                 recon_batch_size: int = 64, early_stop_loss: float = 1e-5):
+                 bias_correction: bool = True,
+                 reconstruction: ReconstructionSettings | Mapping[str, Any] | None = None, budget: float | str = 1.0):
         if allocation not in ALLOCATIONS:
             raise unknown_choice("algorithm.allocation", allocation, ALLOCATIONS)
         if isinstance(weight_correction, bool):  # older configs: true meant "corrected", i.e. msbench's
@@ -69,9 +71,11 @@ class POT(PTSAlgorithm):
         self.allocation = allocation
         self.weight_correction = str(weight_correction)
         self.bias_correction = bool(bias_correction)
-        self.recon = ReconstructionSettings(reconstruction, recon_inputs, int(recon_iterations), float(recon_lr),
-                                            float(recon_bias_lr), int(recon_batch_size),
-                                            float(early_stop_loss)).check()
+        self.budget_scale = read_budget(budget)
+        recon = ReconstructionSettings.read({"mode": "layer", **(reconstruction or {})}
+                                            if isinstance(reconstruction, Mapping) or reconstruction is None
+                                            else reconstruction, "algorithm.reconstruction")
+        self.recon = recon.replace(iterations=scaled(recon.iterations, self.budget_scale, minimum=0))
 
     def options(self) -> dict[str, Any]:
         return {"budget": self.budget, "fold_bn": self.fold_bn, "allocation": self.allocation,
@@ -83,10 +87,18 @@ class POT(PTSAlgorithm):
     @property
     def budget(self) -> str:
         """'reference' (msbench's 20,000 Adam steps per layer), 'quick' (pot_quick's 200) or 'custom'."""
-        return {20_000: "reference", 200: "quick"}.get(self.recon.iterations, "custom")
+        return reconstruction_budget(self.recon)
 
     @property
-    def label(self) -> str:
+    def budget_fraction(self) -> float:
+        return self.recon.iterations / REFERENCE_STEPS
+
+    def budget_tags(self) -> list[str]:
+        """Nothing at msbench's 20,000 steps per layer, 'quick' at pot_quick's 200, else the step count."""
+        return {"reference": [], "quick": ["quick"]}.get(self.budget, [f"{self.recon.iterations}steps"])
+
+    @property
+    def family(self) -> str:
         parts = ["pot"]
         if self.allocation != "global_l2norm":
             parts.append(self.allocation)
@@ -142,7 +154,7 @@ class POT(PTSAlgorithm):
                 passes.append((make_units("layer", model, layers, carriers), only_bias, True))
             passes.append((make_units(self.recon.mode, model, layers, carriers), self.recon, False))
         for units, settings, bias in passes:
-            reports += process_units(model, dense, units, ctx.calib, settings, ctx.device, ctx.generator(RNG_STREAM),
+            reports += process_units(model, dense, units, ctx.calib, settings, ctx.device, ctx.generator(RECONSTRUCTION_STREAM),
                                      bias_correction=bias, progress=ctx.progress, desc="POT calibration")
         del dense
         bake_masks(model)

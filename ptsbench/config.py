@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ptsbench.errors import ConfigError, unknown_key
+from ptsbench.settings import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, Range, settings_type
 from ptsbench.sparsity import PrunePolicy
 
 
@@ -114,46 +115,6 @@ def register_configs() -> None:
 
 # ------------------------------------------------------------------------------------------- checks
 
-
-@dataclass(frozen=True)
-class Range:
-    """The allowed values of one numeric option, phrased the way the error message shows them."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # `low` itself is not allowed
-    high_open: bool = False  # `high` itself is not allowed
-    whole: bool = False  # a whole number
-    nullable: bool = False  # null means "not set" (no limit, torch's default ...)
-
-    def allows(self, value: Any) -> bool:
-        if value is None:
-            return self.nullable
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return False
-        if self.whole and value != int(value):
-            return False
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
-
-    def describe(self) -> str:
-        kind = "a whole number" if self.whole else "a number"
-        if self.low is not None and self.high is not None:
-            text = f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        elif self.low is not None:
-            text = f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
-        elif self.high is not None:
-            text = f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
-        else:
-            text = f"a finite {kind[2:]}"
-        return text + (" or null" if self.nullable else "")
-
-
-COUNT = Range(1, whole=True)  # a number of images, threads, a batch size
-OPTIONAL_COUNT = Range(1, whole=True, nullable=True)
-NON_NEGATIVE = Range(0)
-POSITIVE = Range(0, low_open=True)
 
 # Numeric options outside the algorithm group; seeds are any whole number (typed int by the schema).
 RANGES: dict[str, Range] = {
@@ -253,6 +214,12 @@ def check_constructor_keys(node: DictConfig, key: str) -> None:
     if unknown:
         others = f"Also unknown: {', '.join(f'{key}.{k}' for k in unknown[1:])}." if len(unknown) > 1 else ""
         raise unknown_key(f"{key}.{unknown[0]}", f"{key}._target_={target} ({cls.__name__})", allowed, hint=others)
+    hints = typing.get_type_hints(cls.__init__)
+    for name in allowed:  # nested settings nodes: their own keys and ranges
+        schema = settings_type(hints.get(name))
+        if schema is not None and name in node:
+            value = node[name]
+            schema.read(OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value, f"{key}.{name}")
 
 
 def check_config(cfg: DictConfig) -> None:

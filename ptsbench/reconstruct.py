@@ -23,6 +23,7 @@ import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -31,7 +32,8 @@ from tqdm.auto import tqdm
 
 from ptsbench.data import CalibrationSet
 from ptsbench.distill import find_blocks
-from ptsbench.errors import ConfigError, ensure_finite, unknown_choice
+from ptsbench.errors import ensure_finite, unknown_choice
+from ptsbench.settings import COUNT, NON_NEGATIVE, NON_NEGATIVE_COUNT, Settings, option
 from ptsbench.sparsity import PrunableLayer
 
 log = logging.getLogger(__name__)
@@ -39,31 +41,40 @@ log = logging.getLogger(__name__)
 RECONSTRUCTIONS = ("none", "layer", "block")
 RECON_INPUTS = ("dense", "sparse")
 WEIGHT_CORRECTIONS = ("msbench", "exact_moments", "none")
+REFERENCE_STEPS = 20_000  # msbench's Adam steps per unit (conf/reconstruction/msbench.yaml)
+QUICK_STEPS = 200  # conf/reconstruction/quick.yaml, the CPU benchmark's budget
+# The random stream of the reconstruction batches (ctx.generator); an offset, not a name, so that results
+# stay those of the committed runs.
+RECONSTRUCTION_STREAM = 31
 
 
 @dataclass(frozen=True)
-class ReconstructionSettings:
-    """How units are reconstructed (msbench/POT reference: Adam, 1e-5 weights, 1e-4 biases, 20k steps)."""
+class ReconstructionSettings(Settings):
+    """How units are reconstructed: the `reconstruction` node of magnitude pruning and POT.
 
-    mode: str = "none"  # none | layer | block
-    inputs: str = "dense"  # dense: the dense model's activations; sparse: the sparse model's own
-    iterations: int = 20_000  # Adam steps per unit
-    lr: float = 1e-5  # weights (tensors with two or more dimensions)
-    bias_lr: float = 1e-4  # biases and normalisation parameters
-    batch_size: int = 64
-    early_stop_loss: float = 1e-5  # stop a unit once its batch loss falls below this
+    msbench's reference (conf/reconstruction/msbench.yaml): Adam, 1e-5 weights, 1e-4 biases, 20,000 steps
+    of batch 64 per unit; `algorithm.budget` scales the steps.
+    """
 
-    def check(self) -> ReconstructionSettings:
-        if self.mode not in RECONSTRUCTIONS:
-            raise unknown_choice("algorithm.reconstruction", self.mode, RECONSTRUCTIONS)
-        if self.inputs not in RECON_INPUTS:
-            raise unknown_choice("algorithm.recon_inputs", self.inputs, RECON_INPUTS)
-        if self.iterations < 0 or self.batch_size < 1:
-            raise ConfigError(f"algorithm.recon_iterations={self.iterations} must be >= 0 and "
-                              f"algorithm.recon_batch_size={self.batch_size} >= 1.")
-        if not (self.lr >= 0 and self.bias_lr >= 0):
-            raise ConfigError(f"algorithm.recon_lr={self.lr} and recon_bias_lr={self.bias_lr} must be >= 0.")
-        return self
+    mode: str = option("none", RECONSTRUCTIONS)  # none | layer (one conv/linear) | block (residual or transformer)
+    inputs: str = option("dense", RECON_INPUTS)  # dense: the dense model's activations; sparse: the sparse model's
+    iterations: int = option(20_000, NON_NEGATIVE_COUNT)  # Adam steps per unit
+    lr: float = option(1e-5, NON_NEGATIVE)  # weights (tensors with two or more dimensions)
+    bias_lr: float = option(1e-4, NON_NEGATIVE)  # biases and normalisation parameters
+    batch_size: int = option(64, COUNT)
+    early_stop_loss: float = option(1e-5, NON_NEGATIVE)  # stop a unit once its batch loss falls below this
+
+    def options(self) -> dict[str, Any]:
+        """What distinguishes a run: nothing but the mode when no unit is reconstructed."""
+        if self.mode == "none":
+            return {"reconstruction": "none"}
+        return {"reconstruction": self.mode, "recon_inputs": self.inputs, "recon_iterations": self.iterations,
+                "recon_lr": self.lr, "recon_bias_lr": self.bias_lr}
+
+
+def reconstruction_budget(settings: ReconstructionSettings) -> str:
+    """'reference' (msbench's 20,000 Adam steps per unit), 'quick' (200) or 'custom'."""
+    return {REFERENCE_STEPS: "reference", QUICK_STEPS: "quick"}.get(settings.iterations, "custom")
 
 
 @dataclass

@@ -285,9 +285,10 @@ def prepare(cfg: DictConfig, job: JobLog, sweep: str) -> PreparedJob:
     """
     record = job.record
     algorithm = build_algorithm(cfg)  # first, so a failed record still names its method
-    record.update(algorithm=algorithm.name, method=algorithm.label, algorithm_options=algorithm.options())
+    record.update(algorithm=algorithm.name, method=algorithm.label, algorithm_options=algorithm.options(),
+                  method_family=algorithm.family, budget_fraction=algorithm.budget_fraction)
     algorithm.set_pattern(parse_pattern(cfg.get("pattern", "unstructured")))  # refuses N:M if it cannot follow it
-    record["method"] = algorithm.label  # names an N:M pattern
+    record.update(method=algorithm.label, method_family=algorithm.family)  # they name an N:M pattern
     target = validate_config(cfg)
     name = f"{cfg.model.name}-{algorithm.label}-{target:g}-s{cfg.seed}"
     job.start_tracker(name=name, group=sweep, job_type=algorithm.name, config=OmegaConf.to_container(cfg, resolve=True),

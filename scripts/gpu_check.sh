@@ -76,7 +76,7 @@ resnet = ["model=resnet50_tv_in1k", f"model.checkpoint={checkpoint('resnet50')}"
 vit = ["model=vit_tiny", "model.name=vit_base_patch16_224", "model.kwargs.patch_size=16",
        f"model.checkpoint={checkpoint('vit_base_patch16_224')}"]
 jobs = {
-    "fcpts resnet50 0.8": ["experiment=fcpts_imagenet"] + resnet + ["sparsity=0.8", f"algorithm.iterations={iterations}"],
+    "fcpts resnet50 0.8": ["experiment=fcpts_imagenet"] + resnet + ["sparsity=0.8", f"algorithm.optimization.iterations={iterations}"],
     "magnitude+bn resnet50 0.8": resnet + ["sparsity=0.8", "algorithm=magnitude_uniform_bn"],
     "magnitude 2:4 resnet50": resnet + ["sparsity=0.5", "pattern=2:4", "algorithm=magnitude"],
     "magnitude 2:4 vit_base": vit + ["sparsity=0.5", "pattern=2:4", "algorithm=magnitude"],

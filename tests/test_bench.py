@@ -107,7 +107,7 @@ def test_fcpts_time_per_iteration(bridge, threshold_grad):
 
     model = timm.create_model("resnet18", num_classes=10, in_chans=1)
     iterations = 48
-    algo = FCPTS(iterations=iterations, bridge=bridge, threshold_grad=threshold_grad)
+    algo = FCPTS(optimization={"iterations": iterations}, bridge={"kind": bridge, "threshold_grad": threshold_grad})
     ctx = PruneContext(calib=random_calibration(1024), device=torch.device("cpu"), seed=0, progress=False)
     start = time.perf_counter()
     result = algo.prune(model, find_prunable_layers(model), 0.8, ctx)
@@ -141,8 +141,8 @@ def test_unipts_quick_time_per_candidate_and_epoch():
     from ptsbench.sparsity import find_prunable_layers
 
     model = timm.create_model("resnet18", num_classes=10, in_chans=1)
-    algo = UniPTS(population_size=8, generations=5, num_parents=4, fitness_set_size=512, epochs=5,
-                  bn_recalibration=True)
+    algo = UniPTS(search={"population_size": 8, "generations": 5, "num_parents": 4, "fitness_set_size": 512},
+                  training={"epochs": 5, "bn_recalibration": True})
     ctx = PruneContext(calib=random_calibration(1024), device=torch.device("cpu"), seed=0, progress=False)
     start = time.perf_counter()
     s = algo.prune(model, find_prunable_layers(model), 0.9, ctx).stats

@@ -144,10 +144,10 @@ def test_same_seed_is_bit_identical_across_processes(cache_dir, require_fmnist, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", [
-    ["algorithm=fcpts_quick", "algorithm.iterations=4", "algorithm.batch_size=32"],
-    ["algorithm=unipts_quick", "algorithm.population_size=4", "algorithm.generations=2", "algorithm.num_parents=2",
-     "algorithm.fitness_set_size=64", "algorithm.epochs=1", "algorithm.batch_size=32"],
-    ["algorithm=pot_quick", "algorithm.recon_iterations=4"],
+    ["algorithm=fcpts_quick", "algorithm.optimization.iterations=4", "algorithm.optimization.batch_size=32"],
+    ["algorithm=unipts_quick", "algorithm.search.population_size=4", "algorithm.search.generations=2", "algorithm.search.num_parents=2",
+     "algorithm.search.fitness_set_size=64", "algorithm.training.epochs=1", "algorithm.training.batch_size=32"],
+    ["algorithm=pot_quick", "algorithm.reconstruction.iterations=4"],
 ], ids=["fcpts", "unipts", "pot"])
 def test_learned_methods_are_bit_identical_across_processes(cache_dir, require_fmnist, tmp_path, algorithm):
     """Same seed, two fresh processes: identical masks (hash of every layer's mask) and accuracy."""

@@ -21,11 +21,11 @@ SMALL = ["model.checkpoint=null", "model.img_size=28", "+model.kwargs.channels=[
          "data.limit_train=512", "data.limit_test=200", "train.epochs=1", "calib.n=64", "calib.batch_size=32",
          "progress=false", "sparsity=0.8"]
 BUDGET = {
-    "fcpts": ["algorithm.iterations=4", "algorithm.batch_size=32"],
-    "unipts": ["algorithm.population_size=4", "algorithm.generations=2", "algorithm.num_parents=2",
-               "algorithm.epochs=1", "algorithm.batch_size=32", "algorithm.fitness_set_size=64"],
-    "pot": ["algorithm.recon_iterations=5", "algorithm.recon_batch_size=32"],
-    "magnitude": ["algorithm.recon_iterations=5"],
+    "fcpts": ["algorithm.optimization.iterations=4", "algorithm.optimization.batch_size=32"],
+    "unipts": ["algorithm.search.population_size=4", "algorithm.search.generations=2", "algorithm.search.num_parents=2",
+               "algorithm.training.epochs=1", "algorithm.training.batch_size=32", "algorithm.search.fitness_set_size=64"],
+    "pot": ["algorithm.reconstruction.iterations=5", "algorithm.reconstruction.batch_size=32"],
+    "magnitude": ["algorithm.reconstruction.iterations=5"],
 }
 
 

@@ -55,7 +55,7 @@ def test_fcpts_teacher_copy_is_counted_and_backward_only_through_the_student(tin
     dense, calib = tiny_dense
     iterations, batch = 3, 32
     for bn in (False, True):
-        algo = FCPTS(iterations=iterations, batch_size=batch, channels_last=False, bn_recalibration=bn)
+        algo = FCPTS(optimization={"iterations": iterations, "batch_size": batch}, channels_last=False, bn_recalibration=bn)
         result, _, cost = prune_with_cost(algo, copy.deepcopy(dense), calib)
         recalibrated = len(calib) if result.stats["bn_recalibrated_layers"] else 0
         assert not bn or recalibrated  # a 3-step run never lands on the exact count: the correction moves weights

@@ -109,10 +109,10 @@ def test_sparsity_loss_alone_moves_erk_thresholds_to_the_target(dense):
     model, layers = fresh(dense)
     layers = [ly for ly in layers if not ly.name.startswith(("layer3", "layer4"))]  # keeps the test fast
     gates = attach_thresholds(layers, counts_from_rates(layers, erk_allocation(layers, 0.5), 0.5), "sparsity_only")
-    algo = FCPTS(iterations=150, sparsity_loss="abs")
+    algo = FCPTS(optimization={"iterations": 150}, objective={"sparsity_loss": "abs"})
     optimizer, scheduler = algo._optimizer(model, gates, iters_per_epoch=2)
     start = global_sparsity(layers, layer_sparsities(layers, gates, "kde", "silverman")).item()
-    for step in range(algo.iterations):
+    for step in range(algo.optim.iterations):
         s = global_sparsity(layers, layer_sparsities(layers, gates, "kde", "silverman"))
         optimizer.zero_grad(set_to_none=True)
         sparsity_loss(s, 0.6, "abs").backward()
@@ -188,7 +188,7 @@ def test_exact_counts_with_tied_magnitudes():
 
 def test_prune_ends_exactly_on_target_and_is_deterministic(dense):
     """lambda = 0 lets L_rec move the thresholds freely, so the correction has a residual to remove."""
-    algo = FCPTS(iterations=3, batch_size=32, lr=0.05, sparsity_lambda=0.0, threshold_grad="ste", log_every=1)
+    algo = FCPTS(optimization={"iterations": 3, "batch_size": 32, "lr": 0.05}, objective={"sparsity_lambda": 0.0}, bridge={"threshold_grad": "ste"}, log_every=1)
     runs = []
     for _ in range(2):
         model, layers = fresh(dense)
@@ -212,7 +212,7 @@ def test_nan_loss_stops_the_run(dense):
     with torch.no_grad():
         layers[0].weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="FCPTS reconstruction loss became nan at step 0"):
-        FCPTS(iterations=2, batch_size=32).prune(model, layers, 0.5, context(dense))
+        FCPTS(optimization={"iterations": 2, "batch_size": 32}).prune(model, layers, 0.5, context(dense))
 
 
 # ------------------------------------------------------------------- shared primitives (sparsity.py)
@@ -288,7 +288,7 @@ def test_augmented_stream_is_seeded_and_off_means_plain_batches(dense):
 def test_bn_is_reestimated_when_the_correction_moves_weights(dense, bn_recalibration):
     """lambda = 0 leaves the learned sparsity off target, so the correction prunes untrained weights."""
     model, layers = fresh(dense)
-    algo = FCPTS(iterations=2, batch_size=32, sparsity_lambda=0.0, lr=0.05, bn_recalibration=bn_recalibration)
+    algo = FCPTS(optimization={"iterations": 2, "batch_size": 32, "lr": 0.05}, objective={"sparsity_lambda": 0.0}, bn_recalibration=bn_recalibration)
     result = algo.prune(model, layers, 0.9, context(dense))
     assert result.stats["correction_weights_moved"] > 0
     expected = copy.deepcopy(result.model)
@@ -306,16 +306,23 @@ def test_bn_is_reestimated_when_the_correction_moves_weights(dense, bn_recalibra
 
 def test_options_labels_budgets_and_bad_choices():
     assert FCPTS().label == "fcpts-ste-kde"
-    assert FCPTS(threshold_grad="sparsity_only", bridge="histogram", iterations=120).label == \
+    assert FCPTS(bridge={"threshold_grad": "sparsity_only", "kind": "histogram"}, optimization={"iterations": 120}).label == \
         "fcpts-sparsity_only-hist-120it"
-    assert FCPTS(iterations=64, augment=False).label == "fcpts-ste-kde-noaug-64it"
-    assert [FCPTS(iterations=n).options()["budget"] for n in (1600, 64, 400)] == ["reference", "quick", "0.25x"]
-    assert FCPTS(bridge="histogram").options()["bridge"] == "histogram"
-    for option, value, match in [("bridge", "kdee", "Did you mean: kde"),
-                                 ("threshold_grad", "st", "sparsity_only, ste"),
-                                 ("sparsity_loss", "l1", "abs, pow2")]:
-        with pytest.raises(ConfigError, match=f"Unknown algorithm.{option} '{value}'.*{match}"):
-            FCPTS(**{option: value})
+    assert FCPTS(optimization={"iterations": 64, "augment": False}).label == "fcpts-ste-kde-noaug-64it"
+    assert [FCPTS(optimization={"iterations": n}).options()["budget"] for n in (1600, 64, 400)] == ["reference", "quick", "0.25x"]
+    assert FCPTS(bridge={"kind": "histogram"}).options()["bridge"] == "histogram"
+    for node, option, value, match in [("bridge", "kind", "kdee", "Did you mean: kde"),
+                                       ("bridge", "threshold_grad", "st", "sparsity_only, ste"),
+                                       ("objective", "sparsity_loss", "l1", "abs, pow2")]:
+        with pytest.raises(ConfigError, match=f"Unknown algorithm.{node}.{option} '{value}'.*{match}"):
+            FCPTS(**{node: {option: value}})
+    with pytest.raises(ConfigError, match=r"algorithm.optimization.iterations=0 is not allowed: it must be a whole number >= 1"):
+        FCPTS(optimization={"iterations": 0})
+    with pytest.raises(ConfigError, match=r"algorithm.erk_power_scale=0.0 is not allowed"):
+        FCPTS(erk_power_scale=0)
+    half = FCPTS(budget=0.25)
+    assert half.optim.iterations == 400 and half.label == "fcpts-ste-kde-400it" and half.family == "fcpts-ste-kde"
+    assert half.budget_fraction == 0.25 and FCPTS(budget="reference").optim.iterations == 1600
 
 
 @pytest.mark.parametrize("preset,label,iterations", [
@@ -323,14 +330,14 @@ def test_options_labels_budgets_and_bad_choices():
     ("fcpts_code", "fcpts-sparsity_only-hist", 1600), ("fcpts_code_quick", "fcpts-sparsity_only-hist-64it", 64)])
 def test_presets_are_the_paper_and_the_released_code(preset, label, iterations):
     algo = instantiate(compose_config([f"algorithm={preset}"]).algorithm)
-    assert isinstance(algo, FCPTS) and algo.label == label and algo.iterations == iterations
+    assert isinstance(algo, FCPTS) and algo.label == label and algo.optim.iterations == iterations
     paper = not preset.startswith("fcpts_code")
-    assert (algo.bridge, algo.threshold_grad) == (("kde", "ste") if paper else ("histogram", "sparsity_only"))
-    assert algo.augment and algo.bn_recalibration and algo.lr == 0.01 and algo.batch_size == 64
+    assert (algo.bridge.kind, algo.bridge.threshold_grad) == (("kde", "ste") if paper else ("histogram", "sparsity_only"))
+    assert algo.optim.augment and algo.bn_recalibration and algo.optim.lr == 0.01 and algo.optim.batch_size == 64
 
 
 def test_fcpts_quick_job_records_ok_with_residual(tiny_cfg, tmp_path):
-    record = run_job(tiny_cfg("algorithm=fcpts_code_quick", "sparsity=0.7", "algorithm.iterations=6",
+    record = run_job(tiny_cfg("algorithm=fcpts_code_quick", "sparsity=0.7", "algorithm.optimization.iterations=6",
                               "algorithm.log_every=2"), tmp_path)
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["status"] == "ok" and record["method"] == "fcpts-sparsity_only-hist-6it"

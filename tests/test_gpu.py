@@ -58,7 +58,7 @@ def test_fcpts_keeps_its_tensors_on_the_gpu(tiny_dense):
                             calib.indices, calib.seed)
     ctx = PruneContext(calib=on_gpu, device=CUDA, seed=0, progress=False)
     with CpuWork() as cpu:
-        result = FCPTS(iterations=4, batch_size=32).prune(model, find_prunable_layers(model), 0.8, ctx)
+        result = FCPTS(optimization={"iterations": 4, "batch_size": 32}).prune(model, find_prunable_layers(model), 0.8, ctx)
     assert cpu.ops == [], cpu.ops[:10]
     tensors = list(result.model.parameters()) + list(result.model.buffers()) + list(result.masks.values())
     assert {t.device.type for t in tensors} == {"cuda"}

@@ -112,7 +112,7 @@ def test_matrix_table_names_learned_rows_and_their_methods_own_top1(tmp_path):
 @pytest.mark.slow
 def test_matrix_cross_applies_a_learned_allocation(tiny_cfg, tmp_path, cache_dir, monkeypatch):
     source = tmp_path / "runs" / "fcpts"
-    run_job(tiny_cfg("algorithm=fcpts_quick", "sparsity=0.7", "algorithm.iterations=3", "algorithm.batch_size=32"),
+    run_job(tiny_cfg("algorithm=fcpts_quick", "sparsity=0.7", "algorithm.optimization.iterations=3", "algorithm.optimization.batch_size=32"),
             source)
     # a 3-iteration budget labels the source job -3it; the configured fcpts_quick would say -64it
     monkeypatch.setattr(matrix, "method_labels", lambda names: {n: {"fcpts_quick": "fcpts-ste-kde-3it"}.get(n, n)
@@ -121,7 +121,7 @@ def test_matrix_cross_applies_a_learned_allocation(tiny_cfg, tmp_path, cache_dir
     code = matrix_main(["--source", str(tmp_path / "source"), "--runs", str(tmp_path / "matrix_runs"),
                         "--out", str(out := tmp_path / "matrix"), "--models", "resnet18", "--sparsities", "0.7",
                         "--allocations", "erk", "fcpts_quick", "--reconstructions", "none", "block",
-                        "--", *TINY, f"cache_dir={cache_dir}", "algorithm.recon_iterations=2"])
+                        "--", *TINY, f"cache_dir={cache_dir}", "algorithm.reconstruction.iterations=2"])
     assert code == 0
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 4 and (table["status"] == "ok").all()

@@ -23,36 +23,36 @@ ALL_CONV_AND_LINEAR = {"first_conv": True, "classifier": True, "depthwise": True
 PINNED = {
     "fcpts_imagenet": (
         {"data.name": "imagenet", "data.crop_pct": 1.0, "calib.n": 1024, "calib.batch_size": 64, "seed": 0,
-         "algorithm._target_": "algorithms.fcpts.FCPTS", "algorithm.iterations": 1600, "algorithm.batch_size": 64,
-         "algorithm.lr": 0.01, "algorithm.temperature": 4.0, "algorithm.sparsity_lambda": 1.0},
+         "algorithm._target_": "algorithms.fcpts.FCPTS", "algorithm.optimization.iterations": 1600, "algorithm.optimization.batch_size": 64,
+         "algorithm.optimization.lr": 0.01, "algorithm.objective.temperature": 4.0, "algorithm.objective.sparsity_lambda": 1.0},
         {"model": "resnet18_tv_in1k,resnet50_tv_in1k,mobilenetv2_in1k,regnetx_006",
          "sparsity": "0.5,0.6,0.7,0.8,0.9"},
     ),
     "unipts_imagenet": (
         {"data.name": "imagenet", "data.crop_pct": 0.875, "calib.n": 10240, "seed": 0,
-         "algorithm._target_": "algorithms.unipts.UniPTS", "algorithm.population_size": 25,
-         "algorithm.generations": 25, "algorithm.epochs": 100, "algorithm.fitness_set_size": 10240,
-         "algorithm.objective": "base_decayed", "algorithm.dst": True},
+         "algorithm._target_": "algorithms.unipts.UniPTS", "algorithm.search.population_size": 25,
+         "algorithm.search.generations": 25, "algorithm.training.epochs": 100, "algorithm.search.fitness_set_size": 10240,
+         "algorithm.objective.kind": "base_decayed", "algorithm.training.dst": True},
         {"model": "resnet18_tv_in1k,resnet50_tv_in1k", "sparsity": "0.9"},
     ),
     "unipts_imagenet_mobilenetv2": (
         {"data.name": "imagenet", "calib.n": 10240, "algorithm._target_": "algorithms.unipts.UniPTS",
-         "algorithm.generations": 25, "algorithm.epochs": 100, "experiment_name": "unipts_imagenet_mobilenetv2"},
+         "algorithm.search.generations": 25, "algorithm.training.epochs": 100, "experiment_name": "unipts_imagenet_mobilenetv2"},
         {"model": "mobilenetv2_in1k", "sparsity": "0.5"},
     ),
     "pot_imagenet": (
         {"data.name": "imagenet", "data.crop_pct": 0.875, "calib.n": 10240, "algorithm._target_": "algorithms.pot.POT",
-         "algorithm.allocation": "global_l2norm", "algorithm.fold_bn": True, "algorithm.reconstruction": "layer",
-         "algorithm.recon_iterations": 20000, "algorithm.recon_lr": 1e-5},
+         "algorithm.allocation": "global_l2norm", "algorithm.fold_bn": True, "algorithm.reconstruction.mode": "layer",
+         "algorithm.reconstruction.iterations": 20000, "algorithm.reconstruction.lr": 1e-5},
         {"model": "resnet18_tv_in1k,resnet50_tv_in1k,mobilenetv2_in1k", "sparsity": "0.5,0.6,0.7,0.8,0.9"},
     ),
     "msbench_reconstruction": (
         {"data.name": "imagenet", "data.crop_pct": 0.875, "calib.n": 1024, "calib.batch_size": 64,
          "algorithm._target_": "algorithms.magnitude.MagnitudePruning", "algorithm.allocation": "uniform",
-         "algorithm.bn_recalibration": False, "algorithm.recon_iterations": 20000, "algorithm.recon_lr": 1e-5,
-         "algorithm.recon_inputs": "dense"},
+         "algorithm.bn_recalibration": False, "algorithm.reconstruction.iterations": 20000, "algorithm.reconstruction.lr": 1e-5,
+         "algorithm.reconstruction.inputs": "dense"},
         {"model": "resnet18_tv_in1k,resnet50_tv_in1k,mobilenetv2_in1k,regnetx_006",
-         "algorithm.reconstruction": "none,layer,block", "sparsity": "0.3,0.4,0.5,0.6"},
+         "algorithm.reconstruction.mode": "none,layer,block", "sparsity": "0.3,0.4,0.5,0.6"},
     ),
 }
 
@@ -91,7 +91,7 @@ def test_msbench_reconstruction_labels_match_the_reference_families():
 
     families = {
         mode: method_family(build_algorithm(compose_with_hydra(
-            ["experiment=msbench_reconstruction", f"algorithm.reconstruction={mode}"])).label)
+            ["experiment=msbench_reconstruction", f"algorithm.reconstruction.mode={mode}"])).label)
         for mode in ("none", "layer", "block")
     }
     assert families == {"none": "uniform mag no-recon", "layer": "uniform mag + layer recon",
@@ -127,13 +127,13 @@ TINY_IMAGEFOLDER = ["data.img_size=32", "data.num_workers=0", "calib.n=8", "cali
 
 # (experiment, model, sparsity, overrides that cut the budget to a few steps)
 RUNS = [
-    ("fcpts_imagenet", "resnet18_tv_in1k", 0.8, ["algorithm.iterations=2", "algorithm.batch_size=4"]),
+    ("fcpts_imagenet", "resnet18_tv_in1k", 0.8, ["algorithm.optimization.iterations=2", "algorithm.optimization.batch_size=4"]),
     ("msbench_reconstruction", "mobilenetv2_in1k", 0.5,
-     ["algorithm.reconstruction=block", "algorithm.recon_iterations=2", "algorithm.recon_batch_size=4"]),
-    ("pot_imagenet", "resnet18_tv_in1k", 0.9, ["algorithm.recon_iterations=2", "algorithm.recon_batch_size=4"]),
+     ["algorithm.reconstruction.mode=block", "algorithm.reconstruction.iterations=2", "algorithm.reconstruction.batch_size=4"]),
+    ("pot_imagenet", "resnet18_tv_in1k", 0.9, ["algorithm.reconstruction.iterations=2", "algorithm.reconstruction.batch_size=4"]),
     ("unipts_imagenet", "resnet18_tv_in1k", 0.9,
-     ["algorithm.population_size=4", "algorithm.generations=1", "algorithm.num_parents=2",
-      "algorithm.fitness_set_size=8", "algorithm.epochs=1", "algorithm.batch_size=4"]),
+     ["algorithm.search.population_size=4", "algorithm.search.generations=1", "algorithm.search.num_parents=2",
+      "algorithm.search.fitness_set_size=8", "algorithm.training.epochs=1", "algorithm.training.batch_size=4"]),
 ]
 
 

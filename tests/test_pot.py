@@ -176,7 +176,7 @@ def test_pot_prunes_exactly_and_deterministically(tiny_dense):
         model = copy.deepcopy(tiny_dense[0])
         layers = find_prunable_layers(model)
         ctx = PruneContext(calib=tiny_dense[1], device=CPU, seed=3, progress=False)
-        result = POT(recon_iterations=5, recon_lr=1e-4, recon_bias_lr=1e-3).prune(model, layers, 0.9, ctx)
+        result = POT(reconstruction={"iterations": 5, "lr": 1e-4, "bias_lr": 1e-3}).prune(model, layers, 0.9, ctx)
         zeros = sum(int((ly.weight == 0).sum()) for ly in layers)
         assert zeros == round(0.9 * sum(ly.numel for ly in layers))
         assert result.stats["bn_folded"] == 20
@@ -190,25 +190,31 @@ def test_pot_prunes_exactly_and_deterministically(tiny_dense):
 
 
 def test_bad_reconstruction_choices_are_named():
-    with pytest.raises(ConfigError, match="Unknown algorithm.reconstruction 'blocks'.*Did you mean: block"):
-        POT(reconstruction="blocks")
-    with pytest.raises(ConfigError, match="Unknown algorithm.recon_inputs 'teacher'"):
-        POT(recon_inputs="teacher")
-    assert POT().label == "pot" and POT(reconstruction="block", recon_inputs="sparse").label == \
+    with pytest.raises(ConfigError, match="Unknown algorithm.reconstruction.mode 'blocks'.*Did you mean: block"):
+        POT(reconstruction={"mode": "blocks"})
+    with pytest.raises(ConfigError, match="Unknown algorithm.reconstruction.inputs 'teacher'"):
+        POT(reconstruction={"inputs": "teacher"})
+    with pytest.raises(ConfigError, match="'algorithm.reconstruction.iterz'.*Did you mean: iterations"):
+        POT(reconstruction={"iterz": 5})
+    with pytest.raises(ConfigError, match=r"algorithm.reconstruction.lr=-1 is not allowed: it must be a number >= 0"):
+        POT(reconstruction={"lr": -1})
+    assert POT().label == "pot" and POT(reconstruction={"mode": "block", "inputs": "sparse"}).label == \
         "pot-blockrecon-sparseinp"
     with pytest.raises(ConfigError, match="Unknown algorithm.weight_correction 'std'"):
         POT(weight_correction="std")
     assert POT(weight_correction=True).weight_correction == "msbench"  # older configs' boolean
     assert POT(weight_correction=False).label == "pot-nowc"
     assert POT(weight_correction="exact_moments").label == "pot-exactwc"
-    assert POT().options()["budget"] == "reference" and POT(recon_iterations=200).options()["budget"] == "quick"
+    assert POT().options()["budget"] == "reference" and POT(reconstruction={"iterations": 200}).options()["budget"] == "quick"
+    assert POT(reconstruction={"iterations": 200}).label == "pot-quick" and POT(budget=0.5).label == "pot-10000steps"
+    assert POT(budget=0.5).budget_fraction == 0.5 and POT(budget=0.5).family == "pot"
 
 
 def test_pot_quick_job_and_reload(tiny_cfg, tmp_path):
     """Through the runner: folded BN carriers survive the compact checkpoint round trip."""
-    record = run_job(tiny_cfg("algorithm=pot_quick", "sparsity=0.8", "algorithm.recon_iterations=3",
+    record = run_job(tiny_cfg("algorithm=pot_quick", "sparsity=0.8", "algorithm.reconstruction.iterations=3",
                               "save_sparse=true"), tmp_path)
-    assert record["status"] == "ok" and record["method"] == "pot"
+    assert record["status"] == "ok" and record["method"] == "pot-3steps" and record["method_family"] == "pot"
     assert record["achieved_sparsity"] == pytest.approx(0.8, abs=1e-6)
     assert record["reload_top1"] == pytest.approx(record["top1"])
     assert record["top1"] > 30.0  # corrected and calibrated, 80% sparse: well above chance (10%)
@@ -218,12 +224,12 @@ def test_pot_quick_job_and_reload(tiny_cfg, tmp_path):
 def test_allocation_file_from_one_job_drives_another(tiny_cfg, tmp_path):
     """A POT job's allocation.csv, read by magnitude with layer reconstruction: identical per-layer counts."""
     first = tmp_path / "pot"
-    run_job(tiny_cfg("algorithm=pot_quick", "sparsity=0.7", "algorithm.recon_iterations=0"), first)
+    run_job(tiny_cfg("algorithm=pot_quick", "sparsity=0.7", "algorithm.reconstruction.iterations=0"), first)
     second = tmp_path / "cross"
     record = run_job(tiny_cfg("algorithm=magnitude", "algorithm.allocation=from_file",
                               f"algorithm.allocation_file={first / 'allocation.csv'}", "sparsity=0.7",
-                              "algorithm.reconstruction=layer", "algorithm.recon_iterations=3",
-                              "algorithm.recon_lr=1e-4"), second)
+                              "algorithm.reconstruction.mode=layer", "algorithm.reconstruction.iterations=3",
+                              "algorithm.reconstruction.lr=1e-4"), second)
     assert record["method"] == "magnitude-from_file+layer"
     a = pd.read_csv(first / "allocation.csv").set_index("name")
     b = pd.read_csv(second / "allocation.csv").set_index("name")
@@ -236,7 +242,7 @@ def test_pot_with_block_units_still_corrects_every_layer_bias(tiny_dense):
     model = copy.deepcopy(tiny_dense[0])
     layers = find_prunable_layers(model)
     ctx = PruneContext(calib=tiny_dense[1], device=CPU, seed=0, progress=False)
-    result = POT(reconstruction="block", recon_iterations=2, recon_lr=1e-4).prune(model, layers, 0.8, ctx)
+    result = POT(reconstruction={"mode": "block", "iterations": 2, "lr": 1e-4}).prune(model, layers, 0.8, ctx)
     table = result.tables["reconstruction"]
     bias_pass, block_pass = table.iloc[:len(layers)], table.iloc[len(layers):]
     assert bias_pass["bias_shift"].notna().all() and (bias_pass["steps"] == 0).all()  # every layer has a bias

@@ -25,6 +25,7 @@ from algorithms.unipts import (
     regrow_rates,
 )
 from algorithms.unipts.dst import TrainSettings
+from algorithms.unipts.objective import ObjectiveSettings
 from algorithms.unipts.search import crossover
 from ptsbench.data import CalibrationSet, InMemoryImages
 from ptsbench.distill import tau_schedule
@@ -34,7 +35,7 @@ from ptsbench.sparsity import PrunableLayer, find_prunable_layers
 from tests.conftest import compose_config
 
 # A search small enough for a test: 4 generations of 6, scored on 64 calibration images.
-SMALL_SEARCH = dict(population_size=6, generations=4, num_parents=3, fitness_set_size=64, epochs=0)
+SMALL_SEARCH = dict(population_size=6, generations=4, num_parents=3, fitness_set_size=64)
 
 
 def linear_layers(shapes: list[tuple[int, int]]) -> list[PrunableLayer]:
@@ -91,8 +92,8 @@ def test_constant_genome_regrows_an_equal_count_per_layer():
 def test_target_plus_delta_above_one_is_refused():
     layers = linear_layers(MIXED)
     with pytest.raises(ConfigError, match="delta"):
-        UniPTS(delta=0.05).validate(layers, 0.97)
-    UniPTS(delta=0.05).validate(layers, 0.95)  # reduce to exactly 1.0, regrow from there
+        UniPTS(search={"delta": 0.05}).validate(layers, 0.97)
+    UniPTS(search={"delta": 0.05}).validate(layers, 0.95)  # reduce to exactly 1.0, regrow from there
 
 
 # --------------------------------------------------------------------------------- search on a real model
@@ -104,7 +105,7 @@ def search(tiny_dense, seed: int):
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     ctx = PruneContext(calib=calib, device=torch.device("cpu"), seed=seed, progress=False)
     fitness_set = draw_fitness_set(calib, SMALL_SEARCH["fitness_set_size"], ctx.generator(0))
-    outcome = UniPTS(**SMALL_SEARCH).search_distribution(model, layers, 0.9, fitness_set, ctx)
+    outcome = UniPTS(search=SMALL_SEARCH).search_distribution(model, layers, 0.9, fitness_set, ctx)
     restored = all(torch.equal(v, model.state_dict()[k]) for k, v in dense.items())
     return outcome, restored
 
@@ -139,7 +140,8 @@ def test_same_seed_bit_identical_masks_after_training(tiny_dense):
     for _ in range(2):
         model = copy.deepcopy(dense)
         ctx = PruneContext(calib=calib, device=torch.device("cpu"), seed=3, progress=False)
-        algo = UniPTS(population_size=4, generations=2, num_parents=2, fitness_set_size=64, epochs=1)
+        algo = UniPTS(search={"population_size": 4, "generations": 2, "num_parents": 2, "fitness_set_size": 64},
+                      training={"epochs": 1})
         results.append(algo.prune(model, find_prunable_layers(model), 0.8, ctx))
     first, second = results
     assert first.allocation == second.allocation
@@ -208,8 +210,8 @@ def test_base_decayed_loss_equals_its_formula():
 def test_labels_tell_the_ablations_apart():
     labels = {
         build_algorithm(compose_config(["algorithm=unipts", *extra])).label
-        for extra in ([], ["algorithm.search=false"], ["algorithm.dst=false"], ["algorithm.objective=kl"],
-                      ["algorithm.search=false", "algorithm.fallback_allocation=uniform"], ["algorithm.epochs=0"])
+        for extra in ([], ["algorithm.search.enabled=false"], ["algorithm.training.dst=false"], ["algorithm.objective.kind=kl"],
+                      ["algorithm.search.enabled=false", "algorithm.search.fallback_allocation=uniform"], ["algorithm.training.epochs=0"])
     }
     assert labels == {"unipts", "unipts-nosearch-erk", "unipts-nodst", "unipts-kl", "unipts-nosearch-uniform",
                       "unipts-notrain-25x25"}
@@ -220,9 +222,27 @@ def test_records_name_the_budget():
     assert quick.label == "unipts-quick-8x5-5ep" and quick.options()["budget"] == "quick"
     assert build_algorithm(compose_config(["algorithm=unipts_quick_kl"])).label == "unipts-kl-quick-8x5-5ep"
     assert build_algorithm(compose_config(["algorithm=unipts_quick_nosearch"])).label == "unipts-nosearch-erk-quick-5ep"
-    custom = build_algorithm(compose_config(["algorithm=unipts_quick", "algorithm.generations=2"]))
+    custom = build_algorithm(compose_config(["algorithm=unipts_quick", "algorithm.search.generations=2"]))
     assert custom.label == "unipts-8x2-5ep" and custom.options()["budget"] == "custom"
     assert build_algorithm(compose_config(["algorithm=unipts"])).options()["budget"] == "reference"
+    scaled = build_algorithm(compose_config(["algorithm=unipts", "algorithm.budget=0.2"]))
+    assert (scaled.search.generations, scaled.training.epochs, scaled.search.population_size) == (5, 20, 25)
+    assert scaled.label == "unipts-x0.2-25x5-20ep" and scaled.family == "unipts"
+    assert scaled.options()["budget"] == "reference x0.2" and scaled.budget_fraction == pytest.approx(0.2)
+    assert quick.budget_fraction == pytest.approx((8 * 5 / 625 + 5 / 100) / 2)
+
+
+def test_nested_settings_are_checked_by_key():
+    with pytest.raises(ConfigError, match=r"'algorithm.search.generatons'.*Did you mean: generations"):
+        build_algorithm(compose_config(["algorithm=unipts_quick", "+algorithm.search.generatons=3"]))
+    with pytest.raises(ConfigError, match=r"algorithm.training.momentum=1.5 is not allowed: it must be a number in \[0, 1\)"):
+        build_algorithm(compose_config(["algorithm=unipts_quick", "algorithm.training.momentum=1.5"]))
+    with pytest.raises(ConfigError, match=r"algorithm.search.num_parents=9 must be at most algorithm.search.population_size=8"):
+        build_algorithm(compose_config(["algorithm=unipts_quick", "algorithm.search.num_parents=9"]))
+    with pytest.raises(ConfigError, match=r"Unknown algorithm.objective.kind 'kd'.*Did you mean: kl"):
+        build_algorithm(compose_config(["algorithm=unipts_quick", "algorithm.objective.kind=kd"]))
+    with pytest.raises(ConfigError, match=r"algorithm.budget=0 is not allowed"):
+        build_algorithm(compose_config(["algorithm=unipts_quick", "algorithm.budget=0"]))
 
 
 def assert_exact_sparsity(job_dir, target: float) -> pd.DataFrame:
@@ -233,8 +253,8 @@ def assert_exact_sparsity(job_dir, target: float) -> pd.DataFrame:
 
 
 def test_unipts_quick_job_end_to_end(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0.8", "algorithm.population_size=4", "algorithm.generations=2",
-                   "algorithm.num_parents=2", "algorithm.fitness_set_size=128", "algorithm.epochs=2")
+    cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0.8", "algorithm.search.population_size=4", "algorithm.search.generations=2",
+                   "algorithm.search.num_parents=2", "algorithm.search.fitness_set_size=128", "algorithm.training.epochs=2")
     record = run_job(cfg, tmp_path)
     assert record["status"] == "ok" and record["method"] == "unipts-4x2-2ep"
     assert abs(record["achieved_sparsity"] - 0.8) < 1e-6
@@ -252,8 +272,8 @@ def test_unipts_quick_job_end_to_end(tiny_cfg, tmp_path):
 
 
 def test_ablation_without_search_and_dst_runs(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0.7", "algorithm.search=false", "algorithm.dst=false",
-                   "algorithm.epochs=1")
+    cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0.7", "algorithm.search.enabled=false", "algorithm.training.dst=false",
+                   "algorithm.training.epochs=1")
     record = run_job(cfg, tmp_path)
     assert record["status"] == "ok" and record["method"] == "unipts-nosearch-erk-nodst-1ep"
     assert_exact_sparsity(tmp_path, 0.7)
@@ -262,7 +282,7 @@ def test_ablation_without_search_and_dst_runs(tiny_cfg, tmp_path):
 
 def test_unipts_at_sparsity_zero_is_distillation_alone(tiny_cfg, tmp_path):
     """The control for the objective: no search, no pruning, only base-decayed distillation with DST."""
-    cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0", "algorithm.epochs=1")
+    cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0", "algorithm.training.epochs=1")
     record = run_job(cfg, tmp_path)
     assert record["status"] == "ok", record["error"]
     assert record["achieved_sparsity"] == 0.0
@@ -290,7 +310,7 @@ def test_search_scores_the_population_bred_by_the_last_generation():
         scored.append(tuple(counts.values()))
         return float(counts["a"])
 
-    settings = SearchSettings(population=5, generations=3, parents=2, immigrants=0, elites=0)
+    settings = SearchSettings(population_size=5, generations=3, num_parents=2, immigrants=0, elites=0)
     outcome = genetic_search(lambda g: {"a": int(g[0] * 1000)}, score, genes=2, target=0.5, settings=settings,
                              generator=torch.Generator().manual_seed(0))
     assert [row["generation"] for row in outcome.history] == [0, 1, 2, 3]
@@ -310,10 +330,9 @@ def test_learning_rate_runs_one_step_behind_as_in_the_code():
     counts = {ly.name: ly.numel // 2 for ly in layers}
     attach_dynamic_masks(layers, counts, 5e-5)
     settings = TrainSettings(epochs=2, batch_size=8, lr=0.1, weight_decay=0.0, momentum=0.9, warmup_epochs=1.0,
-                             min_lr=0.0, objective="base_decayed", temperature=4.0, tau_start=8.0, tau_decay=0.99,
-                             augment=False)
+                             min_lr=0.0, augment=False)
     teacher = copy.deepcopy(model).requires_grad_(False)
-    history = distill_sparse(model, teacher, layers, calib, settings, ctx, torch.Generator(), torch.Generator())
+    history = distill_sparse(model, teacher, layers, calib, settings, ObjectiveSettings(), ctx, torch.Generator(), torch.Generator())
     assert history[0]["lr"] == pytest.approx(0.1 * 3 / 4)  # 4 steps per epoch, warmup_t = 4
     half = 0.5 * (1 + math.cos(math.pi * 7 / 8))  # timm's cosine after warmup: t over t_initial, t = 7 of 8
     assert history[1]["lr"] == pytest.approx(0.1 * half)

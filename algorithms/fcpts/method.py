@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +59,8 @@ from algorithms.fcpts.thresholds import (
 )
 from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.distill import BlockOutputs, block_mse, find_blocks, kd_kl
-from ptsbench.errors import ConfigError, ensure_finite, unknown_choice
+from ptsbench.errors import ConfigError, ensure_finite
+from ptsbench.settings import COUNT, NON_NEGATIVE, POSITIVE, Range, Settings, option, read_budget, scaled
 from ptsbench.sparsity import (
     PrunableLayer,
     apply_masks,
@@ -112,88 +113,101 @@ def frozen_teacher(model: nn.Module) -> nn.Module:
     return teacher.train()
 
 
+@dataclass(frozen=True)
+class OptimizationSettings(Settings):
+    """The `optimization` node: the released code's recipe (run.sh): 1,600 SGD steps of batch 64 (100
+    epochs of 1,024 images), lr 0.04 x 64/256, momentum 0.9, weight decay 3e-4, one warmup epoch, then
+    cosine per iteration; RandomResizedCrop + flip on every batch. algorithm.budget scales the steps."""
+
+    iterations: int = option(REFERENCE_ITERATIONS, COUNT)
+    batch_size: int = option(REFERENCE_BATCH, COUNT)  # full batches only (drop_last); needs calib.n >= batch_size
+    lr: float = option(0.01, NON_NEGATIVE)  # at batch 64, scaled linearly by batch_size / 64
+    momentum: float = option(0.9, Range(0, 1, high_open=True))
+    weight_decay: float = option(3e-4, NON_NEGATIVE)  # weights, biases and BatchNorm affine; thresholds get none
+    warmup_epochs: float = option(1.0, NON_NEGATIVE)
+    augment: bool = True  # RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) + flip per batch, as the code
+
+    @property
+    def scaled_lr(self) -> float:
+        return self.lr * self.batch_size / REFERENCE_BATCH
+
+
+@dataclass(frozen=True)
+class BridgeSettings(Settings):
+    """The `bridge` node: how the layer sparsity S_l(t_l) gets its slope, and what reaches the thresholds."""
+
+    kind: str = option("kde", BRIDGES)  # kde (paper: Gaussian KDE of |w|) | histogram (code: 100 bins of signed w)
+    kde_bandwidth: str = option("silverman", BANDWIDTHS)  # with kind=kde
+    threshold_grad: str = option("ste", THRESHOLD_GRADS)  # ste (paper) | sparsity_only (code)
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings(Settings):
+    """The `objective` node: L = KL(teacher || student) at T [+ w * block MSE] + lambda * |S - P|."""
+
+    sparsity_loss: str = option("abs", SPARSITY_LOSSES)  # abs: |S - P| (code's run.sh) | pow2: (S - P)^2
+    sparsity_lambda: float = option(1.0, NON_NEGATIVE)
+    temperature: float = option(4.0, POSITIVE)
+    block_loss_weight: float = option(0.0, NON_NEGATIVE)  # > 0 adds MSE on block outputs (the first code release's)
+
+
 class FCPTS(PTSAlgorithm):
     """Learn per-layer thresholds (hence the allocation) and the weights jointly, under a global target."""
 
     name = "fcpts"
 
-    def __init__(self, iterations: int = REFERENCE_ITERATIONS, batch_size: int = REFERENCE_BATCH,
-                 lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 3e-4, warmup_epochs: float = 1.0,
-                 bridge: str = "kde", kde_bandwidth: str = "silverman", threshold_grad: str = "ste",
-                 sparsity_loss: str = "abs", sparsity_lambda: float = 1.0, temperature: float = 4.0,
-                 block_loss_weight: float = 0.0, erk_power_scale: float = 1.0, augment: bool = True,
-                 bn_recalibration: bool = True, log_every: int = 20, channels_last: bool = True):
-        self.iterations = int(iterations)
-        self.batch_size = int(batch_size)
-        self.lr = float(lr)
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-        self.warmup_epochs = float(warmup_epochs)
-        self.bridge = bridge
-        self.kde_bandwidth = kde_bandwidth
-        self.threshold_grad = threshold_grad
-        self.sparsity_loss = sparsity_loss
-        self.sparsity_lambda = float(sparsity_lambda)
-        self.temperature = float(temperature)
-        self.block_loss_weight = float(block_loss_weight)
+    def __init__(self, optimization: OptimizationSettings | Mapping[str, Any] | None = None,
+                 bridge: BridgeSettings | Mapping[str, Any] | None = None,
+                 objective: ObjectiveSettings | Mapping[str, Any] | None = None, budget: float | str = 1.0,
+                 erk_power_scale: float = 1.0, bn_recalibration: bool = True, log_every: int = 20,
+                 channels_last: bool = True):
+        self.budget_scale = read_budget(budget)
+        optim = OptimizationSettings.read(optimization, "algorithm.optimization")
+        self.optim = optim.replace(iterations=scaled(optim.iterations, self.budget_scale))
+        self.bridge = BridgeSettings.read(bridge, "algorithm.bridge")
+        self.objective = ObjectiveSettings.read(objective, "algorithm.objective")
         self.erk_power_scale = float(erk_power_scale)
-        self.augment = bool(augment)
-        self.bn_recalibration = bool(bn_recalibration)
+        POSITIVE.check("algorithm.erk_power_scale", self.erk_power_scale)
+        self.bn_recalibration = bool(bn_recalibration)  # after an exact correction that moved weights
         self.log_every = int(log_every)
-        self.channels_last = bool(channels_last)
-        self._check_options()
-
-    def _check_options(self) -> None:
-        for what, value, allowed in (("bridge", self.bridge, BRIDGES), ("kde_bandwidth", self.kde_bandwidth, BANDWIDTHS),
-                                     ("threshold_grad", self.threshold_grad, THRESHOLD_GRADS),
-                                     ("sparsity_loss", self.sparsity_loss, SPARSITY_LOSSES)):
-            if value not in allowed:
-                raise unknown_choice(f"algorithm.{what}", value, allowed)
-        for what, value in (("iterations", self.iterations), ("batch_size", self.batch_size),
-                            ("log_every", self.log_every)):
-            if value < 1:
-                raise ConfigError(f"algorithm.{what}={value} must be a positive whole number.")
-        for what, value in (("lr", self.lr), ("weight_decay", self.weight_decay), ("sparsity_lambda", self.sparsity_lambda),
-                            ("block_loss_weight", self.block_loss_weight), ("warmup_epochs", self.warmup_epochs)):
-            if not value >= 0:
-                raise ConfigError(f"algorithm.{what}={value} must be >= 0.")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"algorithm.momentum={self.momentum} must be in [0, 1).")
-        if not self.temperature > 0:
-            raise ConfigError(f"algorithm.temperature={self.temperature} must be > 0.")
+        COUNT.check("algorithm.log_every", self.log_every)
+        self.channels_last = bool(channels_last)  # NHWC convolutions: speed only
 
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {
-            "bridge": self.bridge, "threshold_grad": self.threshold_grad, "sparsity_loss": self.sparsity_loss,
-            "sparsity_lambda": self.sparsity_lambda, "temperature": self.temperature,
-            "block_loss_weight": self.block_loss_weight, "iterations": self.iterations,
-            "budget": budget_name(self.iterations), "batch_size": self.batch_size, "lr": self.lr,
-            "augment": self.augment, "bn_recalibration": self.bn_recalibration,
+            "bridge": self.bridge.kind, "threshold_grad": self.bridge.threshold_grad,
+            **self.objective.options(), "iterations": self.optim.iterations,
+            "budget": budget_name(self.optim.iterations), "batch_size": self.optim.batch_size, "lr": self.optim.lr,
+            "augment": self.optim.augment, "bn_recalibration": self.bn_recalibration,
         }
-        if self.bridge == "kde":
-            opts["kde_bandwidth"] = self.kde_bandwidth
+        if self.bridge.kind == "kde":
+            opts["kde_bandwidth"] = self.bridge.kde_bandwidth
         if self.erk_power_scale != 1.0:
             opts["erk_power_scale"] = self.erk_power_scale
         return opts
 
     @property
-    def label(self) -> str:
-        """e.g. 'fcpts-ste-kde-64it' (the paper's mode, quick budget) or 'fcpts-sparsity_only-hist' (the
-        released code's, reference budget): the two modes, any departure from the recipe (loss, block
-        loss, no augmentation) and the iteration count unless it is the reference 1,600."""
-        parts = ["fcpts", self.threshold_grad, "kde" if self.bridge == "kde" else "hist"]
-        if self.sparsity_loss != "abs":
-            parts.append(self.sparsity_loss)
-        if self.block_loss_weight > 0:
-            parts.append(f"block{self.block_loss_weight:g}")
-        if not self.augment:
+    def family(self) -> str:
+        """e.g. 'fcpts-ste-kde' (the paper's mode) or 'fcpts-sparsity_only-hist' (the released code's): the
+        two modes and any departure from the recipe (loss, block loss, no augmentation)."""
+        parts = ["fcpts", self.bridge.threshold_grad, "kde" if self.bridge.kind == "kde" else "hist"]
+        if self.objective.sparsity_loss != "abs":
+            parts.append(self.objective.sparsity_loss)
+        if self.objective.block_loss_weight > 0:
+            parts.append(f"block{self.objective.block_loss_weight:g}")
+        if not self.optim.augment:
             parts.append("noaug")
-        if self.iterations != REFERENCE_ITERATIONS:
-            parts.append(f"{self.iterations}it")
         return "-".join(parts)
 
+    def budget_tags(self) -> list[str]:
+        """The iteration count unless it is the reference 1,600 (e.g. '64it' for the quick presets)."""
+        return [] if self.optim.iterations == REFERENCE_ITERATIONS else [f"{self.optim.iterations}it"]
+
+    @property
+    def budget_fraction(self) -> float:
+        return self.optim.iterations / REFERENCE_ITERATIONS
+
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
-        self._check_options()
         erk_allocation(layers, check_sparsity(target), self.erk_power_scale)
 
     # ------------------------------------------------------------------------------------ prune
@@ -201,9 +215,9 @@ class FCPTS(PTSAlgorithm):
     def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
         target = check_sparsity(target)
         self.validate(layers, target)
-        if len(ctx.calib) < self.batch_size:
+        if len(ctx.calib) < self.optim.batch_size:
             raise ConfigError(f"FCPTS needs at least one full batch: calib.n={len(ctx.calib)} is below "
-                              f"algorithm.batch_size={self.batch_size}.")
+                              f"algorithm.batch_size={self.optim.batch_size}.")
         was_training = model.training
         if self.channels_last:  # NHWC convolutions: faster for CNNs on CPU; restored at the end (speed only)
             model.to(memory_format=torch.channels_last)
@@ -225,12 +239,12 @@ class FCPTS(PTSAlgorithm):
 
         learned = sum(correction.learned_counts.values()) / sum(ly.numel for ly in layers)
         stats = {
-            "iterations": self.iterations,
-            "budget": budget_name(self.iterations),
-            "iterations_per_epoch": len(ctx.calib) // self.batch_size,
-            "calib_passes": self.iterations * self.batch_size / len(ctx.calib),
-            "lr_scaled": self._scaled_lr(),
-            "augment": self.augment,
+            "iterations": self.optim.iterations,
+            "budget": budget_name(self.optim.iterations),
+            "iterations_per_epoch": len(ctx.calib) // self.optim.batch_size,
+            "calib_passes": self.optim.iterations * self.optim.batch_size / len(ctx.calib),
+            "lr_scaled": self.optim.scaled_lr,
+            "augment": self.optim.augment,
             "init_global_sparsity": init_sparsity,
             "learned_global_sparsity": learned,
             "residual_before_correction": learned - target,
@@ -240,7 +254,7 @@ class FCPTS(PTSAlgorithm):
             "final_rec_loss": last["rec_loss"],
             "final_sparsity_loss": last["sparsity_loss"],
             **{f"seconds_{k}": v for k, v in watch.seconds.items()},
-            "seconds_per_iteration": sum(watch.seconds.values()) / self.iterations,
+            "seconds_per_iteration": sum(watch.seconds.values()) / self.optim.iterations,
         }
         log.info("FCPTS: learned global sparsity %.5f (target %.5f, residual %+.2e), corrected by logit shift "
                  "%+.3e moving %d weights; BatchNorm re-estimated in %d layers", learned, target, learned - target,
@@ -251,7 +265,7 @@ class FCPTS(PTSAlgorithm):
     def _init_thresholds(self, layers: list[PrunableLayer], target: float) -> list[ThresholdMask]:
         """Thresholds that start at the ERK allocation of the target, as the released code's do."""
         counts = counts_from_rates(layers, erk_allocation(layers, target, self.erk_power_scale), target)
-        return attach_thresholds(layers, counts, self.threshold_grad)
+        return attach_thresholds(layers, counts, self.bridge.threshold_grad)
 
     @staticmethod
     def _exact_ending(model: nn.Module, layers: list[PrunableLayer], gates: list[ThresholdMask], target: float
@@ -271,10 +285,7 @@ class FCPTS(PTSAlgorithm):
         training describe the learned masks, not the corrected ones. Returns the BN layers updated."""
         if not self.bn_recalibration or correction.weights_moved == 0:
             return 0
-        return recalibrate_batchnorm(model, ctx.calib, ctx.device, batch_size=self.batch_size)
-
-    def _scaled_lr(self) -> float:
-        return self.lr * self.batch_size / REFERENCE_BATCH
+        return recalibrate_batchnorm(model, ctx.calib, ctx.device, batch_size=self.optim.batch_size)
 
     def _optimizer(self, model: nn.Module, gates: list[ThresholdMask], iters_per_epoch: int
                    ) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
@@ -282,48 +293,48 @@ class FCPTS(PTSAlgorithm):
         BatchNorm affine) with it; timm cosine per iteration after a linear warmup from zero."""
         score_ids = {id(g.score) for g in gates}
         others = [p for p in model.parameters() if id(p) not in score_ids]
-        groups = [{"params": others, "weight_decay": self.weight_decay},
+        groups = [{"params": others, "weight_decay": self.optim.weight_decay},
                   {"params": [g.score for g in gates], "weight_decay": 0.0}]
-        optimizer = torch.optim.SGD(groups, lr=self._scaled_lr(), momentum=self.momentum)
-        warmup = min(round(self.warmup_epochs * iters_per_epoch), self.iterations - 1)
-        scheduler = CosineLRScheduler(optimizer, t_initial=self.iterations, lr_min=0.0, warmup_t=warmup,
+        optimizer = torch.optim.SGD(groups, lr=self.optim.scaled_lr, momentum=self.optim.momentum)
+        warmup = min(round(self.optim.warmup_epochs * iters_per_epoch), self.optim.iterations - 1)
+        scheduler = CosineLRScheduler(optimizer, t_initial=self.optim.iterations, lr_min=0.0, warmup_t=warmup,
                                       warmup_lr_init=0.0, t_in_epochs=False)
         return optimizer, scheduler
 
     def _batches(self, ctx: PruneContext) -> Iterator[torch.Tensor]:
-        augment = ctx.generator(AUGMENT_STREAM) if self.augment else None
-        return calibration_stream(ctx.calib, self.batch_size, ctx.device, ctx.generator(DATA_STREAM), augment)
+        augment = ctx.generator(AUGMENT_STREAM) if self.optim.augment else None
+        return calibration_stream(ctx.calib, self.optim.batch_size, ctx.device, ctx.generator(DATA_STREAM), augment)
 
     def _optimise(self, model: nn.Module, teacher: nn.Module, layers: list[PrunableLayer],
                   gates: list[ThresholdMask], target: float, ctx: PruneContext
                   ) -> tuple[list[dict[str, Any]], Stopwatch, dict[str, float]]:
         """The joint optimisation of thresholds, weights and BN affine parameters on calibration batches."""
-        optimizer, scheduler = self._optimizer(model, gates, len(ctx.calib) // self.batch_size)
-        blocks = find_blocks(teacher) if self.block_loss_weight > 0 else []
+        optimizer, scheduler = self._optimizer(model, gates, len(ctx.calib) // self.optim.batch_size)
+        blocks = find_blocks(teacher) if self.objective.block_loss_weight > 0 else []
         watch = Stopwatch()
         history: list[dict[str, Any]] = []
         last: dict[str, float] = {}
-        bar = tqdm(total=self.iterations, desc=self.label, disable=not ctx.progress, leave=False)
+        bar = tqdm(total=self.optim.iterations, desc=self.label, disable=not ctx.progress, leave=False)
         batches = self._batches(ctx)
-        for step in range(self.iterations):
+        for step in range(self.optim.iterations):
             with watch.time("data"):
                 images = next(batches)
             with watch.time("teacher"), torch.no_grad(), self._hooks(teacher, blocks) as t_blocks:
                 t_logits = teacher(images)
             with watch.time("student"), self._hooks(model, blocks) as s_blocks:
                 s_logits = model(images)
-                rec = kd_kl(s_logits, t_logits, self.temperature)
+                rec = kd_kl(s_logits, t_logits, self.objective.temperature)
                 if blocks:
-                    rec = rec + self.block_loss_weight * block_mse(s_blocks.outputs, t_blocks.outputs)
+                    rec = rec + self.objective.block_loss_weight * block_mse(s_blocks.outputs, t_blocks.outputs)
                 ensure_finite(rec.item(), "FCPTS reconstruction loss", step)
                 optimizer.zero_grad(set_to_none=True)
                 rec.backward()
             with watch.time("bridge"):
-                per_layer = layer_sparsities(layers, gates, self.bridge, self.kde_bandwidth)
+                per_layer = layer_sparsities(layers, gates, self.bridge.kind, self.bridge.kde_bandwidth)
                 s_global = global_sparsity(layers, per_layer)
-                l_c = sparsity_loss(s_global, target, self.sparsity_loss)
+                l_c = sparsity_loss(s_global, target, self.objective.sparsity_loss)
                 ensure_finite(l_c.item(), "FCPTS sparsity loss", step)
-                (self.sparsity_lambda * l_c).backward()
+                (self.objective.sparsity_lambda * l_c).backward()
             last = {"rec_loss": rec.item(), "sparsity_loss": l_c.item(), "global_sparsity": s_global.item()}
             with watch.time("student"):
                 optimizer.step()
@@ -331,7 +342,7 @@ class FCPTS(PTSAlgorithm):
             bar.update()
             bar.set_postfix(rec=f"{last['rec_loss']:.4f}", sp=f"{last['sparsity_loss']:.2e}",
                             S=f"{last['global_sparsity']:.4f}", refresh=False)
-            if step % self.log_every == 0 or step == self.iterations - 1:
+            if step % self.log_every == 0 or step == self.optim.iterations - 1:
                 history.extend(self._trajectory_rows(step, layers, gates, per_layer))
                 ctx.log_metrics({f"fcpts/{k}": v for k, v in last.items()}
                                 | {"fcpts/lr": optimizer.param_groups[0]["lr"]}, step)

@@ -21,10 +21,11 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from algorithms.base import PruneContext
-from algorithms.unipts.objective import distillation_loss
+from algorithms.unipts.objective import ObjectiveSettings, distillation_loss
 from ptsbench.data import CalibrationSet
 from ptsbench.distill import tau_schedule
 from ptsbench.errors import ensure_finite
+from ptsbench.settings import NON_NEGATIVE, NON_NEGATIVE_COUNT, OPTIONAL_POSITIVE, Range, Settings, option
 from ptsbench.sparsity import PrunableLayer, magnitude_mask, topk_magnitude_mask
 from ptsbench.train import random_translate_flip
 
@@ -96,21 +97,22 @@ def reference_optimizer_defaults(model: nn.Module) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    """Distillation and optimiser settings (reference: 100 epochs of batch 64, SGD m0.9, cosine, T = 4)."""
+class TrainSettings(Settings):
+    """The `training` node: distillation with dynamic sparse training (reference: 100 epochs of batch 64,
+    SGD m0.9, cosine per iteration after a linear warmup, SR-STE decay 5e-5). `lr` and `weight_decay` null
+    pick the reference value for the model (`reference_optimizer_defaults`)."""
 
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    momentum: float
-    warmup_epochs: float
-    min_lr: float
-    objective: str
-    temperature: float
-    tau_start: float
-    tau_decay: float
-    augment: bool
+    epochs: int = option(100, NON_NEGATIVE_COUNT)  # over the calibration set; 0 stops after the search; budget scales it
+    batch_size: int = option(64, Range(2, whole=True))
+    lr: float | None = option(None, OPTIONAL_POSITIVE)
+    weight_decay: float | None = option(None, Range(0, nullable=True))
+    momentum: float = option(0.9, Range(0, 1, high_open=True))
+    warmup_epochs: float = option(1.0, NON_NEGATIVE)
+    min_lr: float = option(0.0, NON_NEGATIVE)
+    augment: bool = True  # random 2-pixel shifts and flips of the calibration images
+    dst: bool = True  # false: masks fixed at the searched allocation (ablation)
+    srste_decay: float = option(5e-5, NON_NEGATIVE)  # extra decay of pruned weights: grad += lambda * (1 - M) * W
+    bn_recalibration: bool = False  # re-estimate BatchNorm on the calibration set after training
 
 
 def shuffled_epoch(calib: CalibrationSet, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -120,8 +122,8 @@ def shuffled_epoch(calib: CalibrationSet, batch_size: int, generator: torch.Gene
 
 
 def distill_sparse(model: nn.Module, teacher: nn.Module, layers: list[PrunableLayer], calib: CalibrationSet,
-                   settings: TrainSettings, ctx: PruneContext, shuffle: torch.Generator,
-                   augment: torch.Generator) -> list[dict[str, float]]:
+                   settings: TrainSettings, objective: ObjectiveSettings, ctx: PruneContext,
+                   shuffle: torch.Generator, augment: torch.Generator) -> list[dict[str, float]]:
     """Train the masked student to match the dense teacher; returns one history row per epoch.
 
     The teacher is the frozen dense model in train mode (its BN uses batch statistics, as in the
@@ -145,14 +147,14 @@ def distill_sparse(model: nn.Module, teacher: nn.Module, layers: list[PrunableLa
     step = 0
     bar = tqdm(total=total, desc="UniPTS distillation", disable=not ctx.progress, leave=False, mininterval=1.0)
     for epoch in range(settings.epochs):
-        tau = tau_schedule(epoch, settings.tau_start, settings.tau_decay)
+        tau = tau_schedule(epoch, objective.tau_start, objective.tau_decay)
         epoch_start, running = time.perf_counter(), 0.0
         for images in shuffled_epoch(calib, batch_size, shuffle):
             if settings.augment:
                 images = random_translate_flip(images.cpu(), AUGMENT_MAX_SHIFT, True, augment).to(device)
             with torch.no_grad():
                 teacher_logits = teacher(images)
-            loss = distillation_loss(settings.objective, model(images), teacher_logits, settings.temperature, tau)
+            loss = distillation_loss(objective.kind, model(images), teacher_logits, objective.temperature, tau)
             running += ensure_finite(loss.item(), "UniPTS distillation loss", step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

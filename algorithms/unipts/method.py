@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
@@ -40,7 +41,7 @@ from algorithms.unipts.dst import (
     distill_sparse,
     reference_optimizer_defaults,
 )
-from algorithms.unipts.objective import OBJECTIVES
+from algorithms.unipts.objective import ObjectiveSettings
 from algorithms.unipts.search import (
     CandidateProbe,
     SearchOutcome,
@@ -50,7 +51,8 @@ from algorithms.unipts.search import (
 )
 from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.data import CalibrationSet
-from ptsbench.errors import ConfigError, unknown_choice
+from ptsbench.errors import ConfigError
+from ptsbench.settings import read_budget, scaled
 from ptsbench.sparsity import (
     PrunableLayer,
     allocate,
@@ -63,9 +65,13 @@ from ptsbench.sparsity import (
 
 log = logging.getLogger(__name__)
 
-FALLBACK_ALLOCATIONS = ("erk", "uniform")
 # (population, generations, epochs) of the named budgets: the reference code's and conf/algorithm/unipts_quick.yaml's.
 BUDGETS = {"reference": (25, 25, 100), "quick": (8, 5, 5)}
+
+
+def preset_name(population: int, generations: int, epochs: int) -> str:
+    return next((name for name, preset in BUDGETS.items() if preset == (population, generations, epochs)), "custom")
+
 
 # Independent random streams, each from ctx.generator(offset).
 STREAM_GENOME, STREAM_FITNESS_SET, STREAM_BN_NOISE, STREAM_SHUFFLE, STREAM_AUGMENT = 101, 102, 103, 104, 105
@@ -97,86 +103,78 @@ class UniPTS(PTSAlgorithm):
 
     name = "unipts"
 
-    def __init__(self, search: bool = True, fallback_allocation: str = "erk", delta: float = 0.05,
-                 population_size: int = 25, generations: int = 25, num_parents: int = 10,
-                 mutation_prob: float = 0.1, immigrants: int = 1, elites: int = 1,
-                 fitness_set_size: int | None = 10240, bn_noise_std: float = 1e-6,
-                 objective: str = "base_decayed", temperature: float = 4.0, tau_start: float = 8.0,
-                 tau_decay: float = 0.99, dst: bool = True, srste_decay: float = 5e-5, epochs: int = 100,
-                 batch_size: int = 64, lr: float | None = None, weight_decay: float | None = None,
-                 momentum: float = 0.9, warmup_epochs: float = 1.0, min_lr: float = 0.0, augment: bool = True,
-                 bn_recalibration: bool = False, channels_last: bool = True):
-        if fallback_allocation not in FALLBACK_ALLOCATIONS:
-            raise unknown_choice("algorithm.fallback_allocation", fallback_allocation, FALLBACK_ALLOCATIONS)
-        if objective not in OBJECTIVES:
-            raise unknown_choice("algorithm.objective", objective, OBJECTIVES)
-        if not 0.0 < float(delta) < 1.0:
-            raise ConfigError(f"algorithm.delta={delta} must be in (0, 1): layers are reduced to P + delta.")
-        if fitness_set_size is not None and int(fitness_set_size) < 1:
-            raise ConfigError(f"algorithm.fitness_set_size={fitness_set_size} must be a positive count or null.")
-        if int(epochs) < 0 or int(batch_size) < 2:
-            raise ConfigError(f"algorithm.epochs={epochs} must be >= 0 and algorithm.batch_size={batch_size} >= 2.")
-        if float(temperature) <= 0 or float(tau_start) <= 0 or float(tau_decay) <= 0:
-            raise ConfigError("algorithm.temperature, tau_start and tau_decay must be positive.")
-        self.search, self.fallback_allocation, self.delta = bool(search), fallback_allocation, float(delta)
-        self.search_settings = SearchSettings(int(population_size), int(generations), int(num_parents),
-                                              float(mutation_prob), int(immigrants), int(elites))
-        self.search_settings.check()
-        self.fitness_set_size = None if fitness_set_size is None else int(fitness_set_size)
-        self.bn_noise_std = float(bn_noise_std)
-        self.objective, self.temperature = objective, float(temperature)
-        self.tau_start, self.tau_decay = float(tau_start), float(tau_decay)
-        self.dst, self.srste_decay = bool(dst), float(srste_decay)
-        self.epochs, self.batch_size = int(epochs), int(batch_size)
-        self.lr = None if lr is None else float(lr)
-        self.weight_decay = None if weight_decay is None else float(weight_decay)
-        self.momentum, self.warmup_epochs, self.min_lr = float(momentum), float(warmup_epochs), float(min_lr)
-        self.augment = bool(augment)
-        self.bn_recalibration = bool(bn_recalibration)
-        self.channels_last = bool(channels_last)
+    def __init__(self, search: SearchSettings | Mapping[str, Any] | None = None,
+                 objective: ObjectiveSettings | Mapping[str, Any] | None = None,
+                 training: TrainSettings | Mapping[str, Any] | None = None,
+                 budget: float | str = 1.0, channels_last: bool = True):
+        self.budget_scale = read_budget(budget)
+        preset = SearchSettings.read(search, "algorithm.search"), TrainSettings.read(training, "algorithm.training")
+        self.preset = preset_name(preset[0].population_size, preset[0].generations, preset[1].epochs)
+        # The budget scales the preset's generations and epochs; the population (and so the parents, elites
+        # and immigrants it has room for) stays as configured.
+        self.search = preset[0].replace(generations=scaled(preset[0].generations, self.budget_scale))
+        self.training = preset[1].replace(epochs=scaled(preset[1].epochs, self.budget_scale))
+        self.objective = ObjectiveSettings.read(objective, "algorithm.objective")
+        self.channels_last = bool(channels_last)  # NHWC convolutions: speed only
 
     # ------------------------------------------------------------------------------------- description
 
     def options(self) -> dict[str, Any]:
-        s = self.search_settings
-        opts: dict[str, Any] = {"budget": self.budget, "search": self.search}
-        if self.search:
-            opts.update(delta=self.delta, population_size=s.population, generations=s.generations,
-                        num_parents=s.parents, mutation_prob=s.mutation_prob, immigrants=s.immigrants,
-                        elites=s.elites, bn_noise_std=self.bn_noise_std)
+        """The options of the stages that run, under the names the records have always used."""
+        search, training = self.search.options(), self.training.options()
+        opts: dict[str, Any] = {"budget": self.budget, "search": search.pop("enabled")}
+        fitness_set_size, bn_noise_std = search.pop("fitness_set_size"), search.pop("bn_noise_std")
+        fallback = search.pop("fallback_allocation")
+        if self.search.enabled:
+            opts.update(search, bn_noise_std=bn_noise_std)
         else:
-            opts["fallback_allocation"] = self.fallback_allocation
-        opts.update(fitness_set_size=self.fitness_set_size, epochs=self.epochs)
-        if self.epochs > 0:
-            opts.update(objective=self.objective, temperature=self.temperature, tau_start=self.tau_start,
-                        tau_decay=self.tau_decay, dst=self.dst, batch_size=self.batch_size,
-                        lr=self.lr if self.lr is not None else "auto",
-                        weight_decay=self.weight_decay if self.weight_decay is not None else "auto",
-                        momentum=self.momentum, warmup_epochs=self.warmup_epochs, augment=self.augment,
-                        bn_recalibration=self.bn_recalibration)
-            if self.dst:
-                opts["srste_decay"] = self.srste_decay
+            opts["fallback_allocation"] = fallback
+        opts.update(fitness_set_size=fitness_set_size, epochs=training.pop("epochs"))
+        if self.training.epochs > 0:
+            objective = self.objective.options()
+            opts.update(objective=objective.pop("kind"), **objective)
+            srste_decay = training.pop("srste_decay")
+            for key in ("lr", "weight_decay"):
+                training[key] = "auto" if training[key] is None else training[key]
+            training.pop("min_lr")
+            opts.update(training)
+            if self.training.dst:
+                opts["srste_decay"] = srste_decay
+        if self.budget_scale != 1.0:
+            opts["budget_scale"] = self.budget_scale
         return opts
 
     @property
-    def label(self) -> str:
+    def family(self) -> str:
         parts = [self.name]
-        if not self.search:
-            parts.append(f"nosearch-{self.fallback_allocation}")
-        if self.epochs == 0:
+        if not self.search.enabled:
+            parts.append(f"nosearch-{self.search.fallback_allocation}")
+        if self.training.epochs == 0:
             parts.append("notrain")
         else:
-            if self.objective != "base_decayed":
-                parts.append(self.objective)
-            if not self.dst:
+            if self.objective.kind != "base_decayed":
+                parts.append(self.objective.kind)
+            if not self.training.dst:
                 parts.append("nodst")
-        return "-".join(parts + self.budget_tags())
+        return "-".join(parts)
 
     @property
     def budget(self) -> str:
-        """'reference' (the code's 25 x 25 search, 100 epochs), 'quick' (8 x 5, 5 epochs) or 'custom'."""
-        counts = (self.search_settings.population, self.search_settings.generations, self.epochs)
-        return next((name for name, preset in BUDGETS.items() if preset == counts), "custom")
+        """'reference' (the code's 25 x 25 search, 100 epochs), 'quick' (8 x 5, 5 epochs) or 'custom'; a
+        budget factor other than 1 is appended ('quick x0.5')."""
+        return self.preset + (f" x{self.budget_scale:g}" if self.budget_scale != 1.0 else "")
+
+    @property
+    def budget_fraction(self) -> float:
+        """The share of the reference's work: search candidates (population x generations) and training
+        epochs, each against the reference's, averaged over the stages that run."""
+        ref_population, ref_generations, ref_epochs = BUDGETS["reference"]
+        shares = []
+        if self.search.enabled:
+            shares.append(self.search.population_size * self.search.generations / (ref_population * ref_generations))
+        if self.training.epochs > 0:
+            shares.append(self.training.epochs / ref_epochs)
+        return sum(shares) / len(shares) if shares else 0.0
 
     def budget_tags(self) -> list[str]:
         """What a label says of the budget: nothing for the reference one (as FCPTS's labels), else its
@@ -184,19 +182,21 @@ class UniPTS(PTSAlgorithm):
         whose counts were overridden) never share a row in a table."""
         if self.budget == "reference":
             return []
-        tags = [self.budget] if self.budget != "custom" else []
-        if self.search:
-            tags.append(f"{self.search_settings.population}x{self.search_settings.generations}")
-        if self.epochs > 0:
-            tags.append(f"{self.epochs}ep")
+        tags = [self.preset] if self.preset not in ("custom", "reference") else []
+        if self.budget_scale != 1.0:
+            tags.append(f"x{self.budget_scale:g}")
+        if self.search.enabled:
+            tags.append(f"{self.search.population_size}x{self.search.generations}")
+        if self.training.epochs > 0:
+            tags.append(f"{self.training.epochs}ep")
         return tags
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         target = check_sparsity(target)
-        if self.search and target + self.delta > 1.0 + 1e-9:
+        if self.search.enabled and target + self.search.delta > 1.0 + 1e-9:
             raise ConfigError(
-                f"UniPTS reduces every layer to sparsity + delta = {target} + {self.delta} > 1. "
-                f"Use algorithm.delta<={1.0 - target:.4g} for this target."
+                f"UniPTS reduces every layer to sparsity + delta = {target} + {self.search.delta} > 1. "
+                f"Use algorithm.search.delta<={1.0 - target:.4g} for this target."
             )
 
     # ------------------------------------------------------------------------------------------ method
@@ -206,7 +206,7 @@ class UniPTS(PTSAlgorithm):
         was_training = model.training
         if self.channels_last:  # NHWC convolutions: markedly faster for CNNs on CPU, restored at the end
             model.to(memory_format=torch.channels_last)
-        fitness_set = draw_fitness_set(ctx.calib, self.fitness_set_size, ctx.generator(STREAM_FITNESS_SET))
+        fitness_set = draw_fitness_set(ctx.calib, self.search.fitness_set_size, ctx.generator(STREAM_FITNESS_SET))
         stats: dict[str, Any] = {"budget": self.budget, "fitness_set_images": len(fitness_set),
                                  "calib_images": len(ctx.calib)}
         tables: dict[str, pd.DataFrame] = {}
@@ -217,29 +217,30 @@ class UniPTS(PTSAlgorithm):
         if target == 0.0:
             counts = {ly.name: 0 for ly in layers}
             stats["search_skipped"] = "sparsity 0: every layer stays dense"
-        elif self.search:
+        elif self.search.enabled:
             outcome = self.search_distribution(model, layers, target, fitness_set, ctx)
             counts = outcome.counts
             stats.update(self.search_stats(outcome))
             tables["search_history"] = pd.DataFrame(outcome.history)
             tables["searched_allocation"] = self.allocation_table(layers, target, outcome)
         else:
-            counts = allocate(layers, target, self.fallback_allocation)
+            counts = allocate(layers, target, self.search.fallback_allocation)
 
         # 2 + 3. Distillation with dynamic (or fixed) masks, starting from the dense weights.
-        if self.epochs > 0:
+        if self.training.epochs > 0:
             history = self.train(model, layers, counts, ctx)
             tables["training_history"] = pd.DataFrame(history)
             stats.update(self.train_stats(history, model))
             masks = current_masks(layers)
-            if self.bn_recalibration:
+            if self.training.bn_recalibration:
                 stats["bn_layers_recalibrated"] = recalibrate_batchnorm(model, ctx.calib, ctx.calib.data.images.device,
-                                                                        self.batch_size)
+                                                                        self.training.batch_size)
         else:
             masks = magnitude_masks(layers, counts)
             apply_masks(layers, masks)
             stats["bn_layers_recalibrated"] = recalibrate_batchnorm(
-                model, fitness_set, fitness_set.data.images.device, self.batch_size, noise_std=self.bn_noise_std,
+                model, fitness_set, fitness_set.data.images.device, self.training.batch_size,
+                noise_std=self.search.bn_noise_std,
                 generator=ctx.generator(STREAM_BN_NOISE))
         bake_masks(model)
         model.to(memory_format=torch.contiguous_format)
@@ -249,15 +250,15 @@ class UniPTS(PTSAlgorithm):
     def search_distribution(self, model: nn.Module, layers: list[PrunableLayer], target: float,
                             fitness_set: CalibrationSet, ctx: PruneContext) -> SearchOutcome:
         """The reduce-regrow genetic search on the pretrained weights (no training during the search)."""
-        probe = CandidateProbe(model, layers, fitness_set, self.batch_size, self.bn_noise_std,
+        probe = CandidateProbe(model, layers, fitness_set, self.training.batch_size, self.search.bn_noise_std,
                                ctx.generator(STREAM_BN_NOISE))
         with probe:
             outcome = genetic_search(
-                decode=lambda genome: decode_genome(genome, layers, target, self.delta), score=probe,
-                genes=len(layers), target=target, settings=self.search_settings,
+                decode=lambda genome: decode_genome(genome, layers, target, self.search.delta), score=probe,
+                genes=len(layers), target=target, settings=self.search,
                 generator=ctx.generator(STREAM_GENOME), progress=ctx.progress, log_metrics=ctx.log_metrics)
         log.info("UniPTS search: best fitness %.2f%% after %d generations (%d candidates scored, %.2f s each)",
-                 outcome.fitness, self.search_settings.generations, outcome.evaluations,
+                 outcome.fitness, self.search.generations, outcome.evaluations,
                  outcome.seconds / max(outcome.evaluations, 1))
         return outcome
 
@@ -265,30 +266,28 @@ class UniPTS(PTSAlgorithm):
               ctx: PruneContext) -> list[dict[str, float]]:
         """Attach the masks (dynamic or fixed) and distil from a frozen copy of the dense model."""
         teacher = copy.deepcopy(model).requires_grad_(False)
-        if self.dst:
-            attach_dynamic_masks(layers, counts, self.srste_decay)
+        if self.training.dst:
+            attach_dynamic_masks(layers, counts, self.training.srste_decay)
         else:
             apply_masks(layers, magnitude_masks(layers, counts))
         lr, weight_decay = self.resolved_optimizer(model)
-        settings = TrainSettings(self.epochs, self.batch_size, lr, weight_decay, self.momentum, self.warmup_epochs,
-                                 self.min_lr, self.objective, self.temperature, self.tau_start, self.tau_decay,
-                                 self.augment)
-        history = distill_sparse(model, teacher, layers, ctx.calib, settings, ctx,
+        settings = self.training.replace(lr=lr, weight_decay=weight_decay)
+        history = distill_sparse(model, teacher, layers, ctx.calib, settings, self.objective, ctx,
                                  ctx.generator(STREAM_SHUFFLE), ctx.generator(STREAM_AUGMENT))
         last = history[-1]
         log.info("UniPTS distillation: %d epochs, final loss %.4f, mask change in the last epoch %.5f, %.1f s/epoch",
-                 self.epochs, last["loss"], last["mask_change"], sum(r["seconds"] for r in history) / len(history))
+                 self.training.epochs, last["loss"], last["mask_change"], sum(r["seconds"] for r in history) / len(history))
         return history
 
     def resolved_optimizer(self, model: nn.Module) -> tuple[float, float]:
         default_lr, default_wd = reference_optimizer_defaults(model)
-        return (self.lr if self.lr is not None else default_lr,
-                self.weight_decay if self.weight_decay is not None else default_wd)
+        return (self.training.lr if self.training.lr is not None else default_lr,
+                self.training.weight_decay if self.training.weight_decay is not None else default_wd)
 
     # ------------------------------------------------------------------------------------------ records
 
     def allocation_table(self, layers: list[PrunableLayer], target: float, outcome: SearchOutcome) -> pd.DataFrame:
-        reduced = target + self.delta
+        reduced = target + self.search.delta
         share = torch.softmax(outcome.genome, dim=0).tolist()
         return pd.DataFrame({
             "name": [ly.name for ly in layers],
@@ -301,8 +300,8 @@ class UniPTS(PTSAlgorithm):
 
     def search_stats(self, outcome: SearchOutcome) -> dict[str, Any]:
         return {
-            "search_population_size": self.search_settings.population,
-            "search_generations": self.search_settings.generations,
+            "search_population_size": self.search.population_size,
+            "search_generations": self.search.generations,
             "search_populations_scored": len(outcome.history),
             "search_best_fitness": outcome.fitness,
             "search_constant_genome_fitness": outcome.constant_fitness,

@@ -8,13 +8,26 @@ KD at the same temperature is the paper's ablation. The formulas live in `ptsben
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ptsbench.distill import base_decayed_kl, kd_kl, tau_schedule
+from ptsbench.settings import POSITIVE, Settings, option
 
 OBJECTIVES = ("base_decayed", "kl")
 
-__all__ = ["OBJECTIVES", "distillation_loss", "tau_schedule"]
+__all__ = ["OBJECTIVES", "ObjectiveSettings", "distillation_loss", "tau_schedule"]
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings(Settings):
+    """The `objective` node: base-decayed KL (the paper's) or plain Hinton KD (its ablation)."""
+
+    kind: str = option("base_decayed", OBJECTIVES)
+    temperature: float = option(4.0, POSITIVE)  # teacher softmax temperature T
+    tau_start: float = option(8.0, POSITIVE)  # tau_e = tau_start * tau_decay ** epoch divides the student's log-probabilities
+    tau_decay: float = option(0.99, POSITIVE)
 
 
 def distillation_loss(objective: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,

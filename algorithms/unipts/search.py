@@ -22,6 +22,17 @@ from ptsbench.bn import batchnorm_layers, recalibrate_batchnorm
 from ptsbench.data import CalibrationSet, InMemoryImages
 from ptsbench.errors import ConfigError
 from ptsbench.evaluate import evaluate
+from ptsbench.settings import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    NON_NEGATIVE_COUNT,
+    OPTIONAL_COUNT,
+    PROBABILITY,
+    Range,
+    Settings,
+    option,
+)
 from ptsbench.sparsity import PrunableLayer
 
 EVAL_BATCH_SIZE = 500  # fitness evaluation runs in eval mode, so the batch size does not change the score
@@ -100,29 +111,34 @@ class CandidateProbe:
 # ====================================================================================== genetic search
 
 
+FALLBACK_ALLOCATIONS = ("erk", "uniform")
+
+
 @dataclass(frozen=True)
-class SearchSettings:
-    """The genetic algorithm's sizes (reference: 25 individuals, 25 generations, 10 parents, p = 0.1)."""
+class SearchSettings(Settings):
+    """The `search` node: the reduce-regrow genetic search (reference: 25 individuals, 25 generations, 10
+    parents, p = 0.1). `enabled: false` takes `fallback_allocation` instead (the paper's ablation)."""
 
-    population: int = 25
-    generations: int = 25
-    parents: int = 10
-    mutation_prob: float = 0.1
-    immigrants: int = 1
-    elites: int = 1
+    enabled: bool = True
+    fallback_allocation: str = option("erk", FALLBACK_ALLOCATIONS)  # with enabled=false
+    delta: float = option(0.05, FRACTION)  # every layer reduced to P + delta, then delta * N weights regrown
+    population_size: int = option(25, Range(2, whole=True))
+    generations: int = option(25, COUNT)  # algorithm.budget scales them
+    num_parents: int = option(10, COUNT)
+    mutation_prob: float = option(0.1, PROBABILITY)  # per gene: gene * (1 + N(0, 1))
+    immigrants: int = option(1, NON_NEGATIVE_COUNT)  # random newcomers per generation (the reference's bug drops them)
+    elites: int = option(1, NON_NEGATIVE_COUNT)  # best individuals carried over unchanged (the reference keeps none)
+    fitness_set_size: int | None = option(10240, OPTIONAL_COUNT)  # BN/fitness draws from the calibration set; null: the set
+    bn_noise_std: float = option(1e-6, NON_NEGATIVE)  # input noise while re-estimating a candidate's BN statistics
 
-    def check(self) -> None:
-        if self.population < 2 or self.generations < 1:
-            raise ConfigError(f"UniPTS search needs population_size >= 2 and generations >= 1, got "
-                              f"{self.population} and {self.generations}.")
-        if not 1 <= self.parents <= self.population:
-            raise ConfigError(f"num_parents={self.parents} must be between 1 and population_size={self.population}.")
-        if not 0.0 <= self.mutation_prob <= 1.0:
-            raise ConfigError(f"mutation_prob={self.mutation_prob} must be a probability in [0, 1].")
-        if self.elites < 0 or self.immigrants < 0 or self.elites > self.parents:
-            raise ConfigError(f"elites={self.elites} and immigrants={self.immigrants} must be >= 0, elites <= num_parents.")
-        if self.elites + self.immigrants + 1 > self.population:
-            raise ConfigError(f"population_size={self.population} has no room for {self.elites} elites, "
+    def check_together(self, key: str) -> None:
+        if self.num_parents > self.population_size:
+            raise ConfigError(f"{key}.num_parents={self.num_parents} must be at most "
+                              f"{key}.population_size={self.population_size}.")
+        if self.elites > self.num_parents:
+            raise ConfigError(f"{key}.elites={self.elites} must be at most {key}.num_parents={self.num_parents}.")
+        if self.elites + self.immigrants + 1 > self.population_size:
+            raise ConfigError(f"{key}.population_size={self.population_size} has no room for {self.elites} elites, "
                               f"the constant individual and {self.immigrants} immigrants.")
 
 
@@ -174,9 +190,9 @@ def next_generation(population: torch.Tensor, fitness: torch.Tensor, settings: S
     over unchanged (elitism, so the best fitness never decreases), which takes one mutant's place.
     """
     ranked = population[torch.sort(fitness, descending=True, stable=True).indices]
-    parents = ranked[:settings.parents]
+    parents = ranked[:settings.num_parents]
     genes = population.shape[1]
-    bred = settings.population - settings.elites - 1 - settings.immigrants
+    bred = settings.population_size - settings.elites - 1 - settings.immigrants
     n_cross = (bred + 1) // 2
     return torch.cat([
         ranked[:settings.elites],
@@ -199,11 +215,11 @@ def genetic_search(decode: Callable[[torch.Tensor], dict[str, int]], score: Call
     counts give identical masks, so each distinct allocation is scored once (the constant genome, the
     elites and unmutated children recur every generation).
     """
-    settings.check()
+    settings.check("algorithm.search")
     start = time.perf_counter()
     cache: dict[tuple[int, ...], float] = {}
     outcome = SearchOutcome(genome=torch.empty(0), counts={}, fitness=-math.inf)
-    population = initial_population(settings.population, genes, target, generator)
+    population = initial_population(settings.population_size, genes, target, generator)
     fitness = torch.empty(0)
     bar = tqdm(range(settings.generations + 1), desc="UniPTS search", disable=not progress, leave=False)
     for gen in bar:

@@ -149,7 +149,7 @@ def matrix_cells(settings: MatrixSettings, records: pd.DataFrame, allocations: p
                 continue
         for recon in reconstructions:
             job_dir = runs / model.group / f"{sparsity:g}" / f"{name}-{recon}"
-            base = (f"algorithm={settings.algorithm}", f"sparsity={sparsity}", f"algorithm.reconstruction={recon}")
+            base = (f"algorithm={settings.algorithm}", f"sparsity={sparsity}", f"algorithm.reconstruction.mode={recon}")
             if source is None:
                 cells.append(Cell(name, recon, model.group, job_dir, (*base, f"algorithm.allocation={name}")))
                 continue

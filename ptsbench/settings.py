@@ -1,0 +1,147 @@
+"""Nested settings nodes of algorithm configs, read as dataclasses.
+
+A method's hyperparameters come in groups (UniPTS's search, objective and training; the reconstruction
+that magnitude pruning and POT share). Each group is one node in the yaml and one frozen dataclass here:
+the yaml holds the values, the dataclass the types, the allowed values and ranges, and a method's
+`options()` derive from it, so a hyperparameter is written once. `Settings.read` turns a config node into
+the dataclass and fails before any work on an unknown key or a value out of range, naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ptsbench.errors import ConfigError, unknown_choice, unknown_key
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of one numeric option, phrased the way the error message shows them."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # `low` itself is not allowed
+    high_open: bool = False  # `high` itself is not allowed
+    whole: bool = False  # a whole number
+    nullable: bool = False  # null means "not set" (no limit, torch's default ...)
+
+    def allows(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.whole and value != int(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def describe(self) -> str:
+        kind = "a whole number" if self.whole else "a number"
+        if self.low is not None and self.high is not None:
+            text = f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            text = f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            text = f"a finite {kind[2:]}"
+        return text + (" or null" if self.nullable else "")
+
+    def check(self, key: str, value: Any) -> None:
+        if not self.allows(value):
+            raise ConfigError(f"{key}={value!r} is not allowed: it must be {self.describe()}.")
+
+
+COUNT = Range(1, whole=True)  # a number of images, steps, threads, a batch size
+OPTIONAL_COUNT = Range(1, whole=True, nullable=True)
+NON_NEGATIVE_COUNT = Range(0, whole=True)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+OPTIONAL_POSITIVE = Range(0, low_open=True, nullable=True)
+PROBABILITY = Range(0, 1)
+FRACTION = Range(0, 1, low_open=True, high_open=True)
+
+
+def option(default: Any, allowed: Range | tuple[Any, ...] | None = None) -> Any:
+    """A settings field: its default and what it allows (a Range, or a tuple of choices)."""
+    return field(default=default, metadata={"allowed": allowed})
+
+
+S = TypeVar("S", bound="Settings")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Base of every settings node: read from a config mapping, checked, and listed as options."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def read(cls: type[S], node: Mapping[str, Any] | S | None, key: str) -> S:
+        """The node as this dataclass; `key` (e.g. 'algorithm.search') names it in error messages."""
+        if isinstance(node, cls):
+            return node.check(key)
+        if node is None:
+            node = {}
+        if not isinstance(node, Mapping):
+            raise ConfigError(f"{key}={node!r} must be a mapping with the keys {', '.join(cls.field_names())}.")
+        unknown = [k for k in node if k not in cls.field_names()]
+        if unknown:
+            others = f"Also unknown: {', '.join(f'{key}.{k}' for k in unknown[1:])}." if len(unknown) > 1 else ""
+            raise unknown_key(f"{key}.{unknown[0]}", f"{key} ({cls.__name__})", cls.field_names(), hint=others)
+        return cls(**dict(node)).check(key)
+
+    def check(self: S, key: str) -> S:
+        for f in dataclasses.fields(self):
+            allowed, value = f.metadata.get("allowed"), getattr(self, f.name)
+            if isinstance(allowed, Range):
+                allowed.check(f"{key}.{f.name}", value)
+            elif allowed is not None and value not in allowed:
+                raise unknown_choice(f"{key}.{f.name}", value, [str(a) for a in allowed])
+        self.check_together(key)
+        return self
+
+    def check_together(self, key: str) -> None:
+        """Constraints between fields (a subclass raises ConfigError naming `key`)."""
+        return None
+
+    def options(self) -> dict[str, Any]:
+        """The fields as JSON-able options for records and tables."""
+        return dataclasses.asdict(self)
+
+    def replace(self: S, **changes: Any) -> S:
+        return dataclasses.replace(self, **changes)
+
+
+def settings_type(annotation: Any) -> type[Settings] | None:
+    """The Settings subclass named by a constructor annotation (`SearchSettings | Mapping | None`), if any."""
+    candidates = getattr(annotation, "__args__", None) or (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, Settings):
+            return candidate
+    return None
+
+
+BUDGET = Range(0, low_open=True)
+
+
+def read_budget(budget: Any, key: str = "algorithm.budget") -> float:
+    """`algorithm.budget`: a factor on the preset's step, epoch and generation counts ('reference' = 1)."""
+    if isinstance(budget, str) and budget == "reference":
+        return 1.0
+    BUDGET.check(key, budget)
+    return float(budget)
+
+
+def scaled(count: int, budget: float, minimum: int = 1) -> int:
+    """A count of steps, epochs or generations times the budget factor, never below `minimum`."""
+    if count == 0 or budget == 1.0:  # a stage switched off stays off
+        return count
+    return max(minimum, round(count * budget))
