@@ -1,4 +1,5 @@
-"""Tables and plots from result files: `ptsbench-report DIR [DIR ...]` rebuilds what a sweep leaves;
+"""Tables and plots from result files: `ptsbench-report DIR [DIR ...]` rebuilds what a sweep leaves, and
+adds top-1 against pruning cost with its Pareto fronts (pareto.{md,csv,png}, ptsbench/analysis/pareto.py);
 `--reference` adds the comparison with the published numbers (ptsbench/analysis/reference.py)."""
 
 from __future__ import annotations
@@ -6,6 +7,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import logging
+import shlex
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -253,6 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     log.info("%d jobs (%d failed) -> %s/results.{csv,md}, accuracy_vs_sparsity.png",
              len(table), int((table["status"] != "ok").sum()), out)
+    from ptsbench.analysis.pareto import write_pareto  # here, not on top: pareto builds on this module
+
+    command = shlex.join(["ptsbench-report", *args.dirs, *(["--out", args.out] if args.out else []),
+                          *(["--methods", *args.methods] if args.methods else [])])
+    points = write_pareto(table, out, command)
+    if len(points):
+        log.info("%d method points -> %s/pareto.{csv,md,png}", len(points), out)
     if args.reference is not None:
         try:
             comparison = write_reference_comparison(table, out, args.reference, any_dataset=args.any_dataset,
