@@ -65,6 +65,9 @@ class InMemoryImages(Dataset):
     def subset(self, indices: torch.Tensor) -> InMemoryImages:
         return InMemoryImages(self.images[indices], self.labels[indices])
 
+    def copy(self) -> InMemoryImages:
+        return InMemoryImages(self.images.clone(), self.labels.clone())
+
 
 @dataclass
 class DataBundle:
@@ -195,27 +198,25 @@ def _limit(ds: Dataset, limit: int | None) -> Dataset:
 
 @lru_cache(maxsize=4)
 def fashion_mnist_tensors(root: str, size: int) -> tuple[InMemoryImages, InMemoryImages]:
-    """Normalised train and test tensors at `size` (built once per process: a sweep reuses them).
-
-    Callers must not modify them in place.
-    """
+    """Normalised train and test tensors at `size`, built once per process so a sweep reuses them; callers
+    take copies (`build_fashion_mnist`), so no job can change what the next one reads."""
     arrays = load_fashion_mnist_arrays(root)
     train = _to_tensor_set(*arrays["train"], FASHION_MNIST_MEAN, FASHION_MNIST_STD, size)
     test = _to_tensor_set(*arrays["test"], FASHION_MNIST_MEAN, FASHION_MNIST_STD, size)
     return train, test
 
 
-def build_fashion_mnist(cfg, img_size: int | None, cache_dir: Path) -> DataBundle:
+def build_fashion_mnist(cfg, img_size: int | None, cache_dir: Path, model_name: str | None = None) -> DataBundle:
     root = Path(cfg.root)
     if _find_idx(root, FASHION_MNIST_FILES["train"][0]) is None and cfg.get("download", False):
         root = _download_fashion_mnist(cache_dir)
     size = int(img_size or 28)
-    train, test = fashion_mnist_tensors(str(root), size)
+    train, test = (ds.copy() for ds in fashion_mnist_tensors(str(root), size))  # a job's own tensors, not the cache's
     spec = DataSpec("fashion_mnist", 10, 1, size, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
     return DataBundle(spec, train, test)
 
 
-def build_cifar10(cfg, img_size: int | None, cache_dir: Path) -> DataBundle:
+def build_cifar10(cfg, img_size: int | None, cache_dir: Path, model_name: str | None = None) -> DataBundle:
     from torchvision.datasets import CIFAR10
 
     if cfg.root is None:
@@ -294,7 +295,7 @@ def foolbox_data_dir() -> Path:
     return Path(list(found.submodule_search_locations)[0]) / "data"
 
 
-def build_imagenet_probe(cfg, img_size: int | None, model_name: str | None) -> DataBundle:
+def build_imagenet_probe(cfg, img_size: int | None, cache_dir: Path, model_name: str | None) -> DataBundle:
     """A few labelled ImageNet validation images (foolbox's 20: `imagenet_<index>_<label>.jpg`), held in
     memory after timm's evaluation preprocessing for the model.
 
@@ -325,7 +326,14 @@ def build_imagenet_probe(cfg, img_size: int | None, model_name: str | None) -> D
     return DataBundle(spec, probe, probe)
 
 
-DATASETS = ("fashion_mnist", "cifar10", "imagenet", "image_folder", "imagenet_probe")
+# name -> builder(cfg, img_size, cache_dir, model_name): the `data.name` choices
+DATASET_BUILDERS = {
+    "fashion_mnist": build_fashion_mnist,
+    "cifar10": build_cifar10,
+    "imagenet": build_image_folder,
+    "image_folder": build_image_folder,
+    "imagenet_probe": build_imagenet_probe,
+}
 
 
 def build_data(cfg, cache_dir: Path, img_size: int | None = None, model_name: str | None = None) -> DataBundle:
@@ -333,17 +341,10 @@ def build_data(cfg, cache_dir: Path, img_size: int | None = None, model_name: st
 
     Folder datasets take their preprocessing from timm's pretrained config for `model_name`.
     """
-    name = cfg.name
-    if name == "fashion_mnist":
-        bundle = build_fashion_mnist(cfg, img_size, cache_dir)
-    elif name == "cifar10":
-        bundle = build_cifar10(cfg, img_size, cache_dir)
-    elif name in ("imagenet", "image_folder"):
-        bundle = build_image_folder(cfg, img_size, cache_dir, model_name)
-    elif name == "imagenet_probe":
-        bundle = build_imagenet_probe(cfg, img_size, model_name)
-    else:
-        raise unknown_choice("dataset", name, DATASETS)
+    builder = DATASET_BUILDERS.get(cfg.name)
+    if builder is None:
+        raise unknown_choice("dataset", cfg.name, DATASET_BUILDERS)
+    bundle = builder(cfg, img_size, cache_dir, model_name)
     bundle.train = _limit(bundle.train, cfg.get("limit_train"))
     bundle.test = _limit(bundle.test, cfg.get("limit_test"))
     return bundle

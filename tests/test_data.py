@@ -38,6 +38,16 @@ def test_bundle_is_normalised_and_limited(require_fmnist, tmp_path):
     assert resized.train.images.shape == (1000, 1, 32, 32)
 
 
+def test_jobs_get_their_own_tensors_not_the_process_cache(require_fmnist, tmp_path):
+    cfg = OmegaConf.create({"name": "fashion_mnist", "root": str(require_fmnist)})
+    first = build_data(cfg, tmp_path)
+    before = float(first.test.images[0].sum())
+    first.test.images.mul_(0.0)  # a careless in-place edit by one job ...
+    first.test.labels.fill_(3)
+    second = build_data(cfg, tmp_path)  # ... does not reach the next one
+    assert float(second.test.images[0].sum()) == before and int(second.test.labels[0]) == 9
+
+
 def test_missing_dataset_says_how_to_install(tmp_path):
     cfg = OmegaConf.create({"name": "fashion_mnist", "root": str(tmp_path / "nowhere")})
     with pytest.raises(DataError, match=r"apt-get install dataset-fashion-mnist"):
