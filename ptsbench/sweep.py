@@ -70,3 +70,17 @@ class ModelSparsities(AbstractFilter):
     def reason(self) -> str:
         model = self.config.get("model") or {}
         return f"{model.get('name')} is swept at sparsity {', '.join(str(s) for s in model['sweep_sparsities'])}"
+
+
+class NMOnlyWhere(AbstractFilter):
+    """Skip an unstructured job whose algorithm config has every given option value (for instance
+    `bn_recalibration: true`): those variants run only with N:M patterns in this sweep."""
+
+    def filter(self, **options: Any) -> bool:
+        algorithm = self.config.get("algorithm") or {}
+        unstructured = str(self.config.get("pattern", "unstructured")) == "unstructured"
+        return unstructured and all(algorithm.get(key) == value for key, value in options.items())
+
+    def reason(self, **options: Any) -> str:
+        where = ", ".join(f"algorithm.{k}={v}" for k, v in options.items())
+        return f"algorithms with {where} run only with N:M patterns in this sweep"

@@ -99,7 +99,7 @@ def test_method_labels_come_from_the_algorithm_classes():
 
 
 def test_each_sweep_covers_exactly_its_models_sweep_sparsities():
-    for experiment in ("fmnist_benchmark", "pts_methods", "oneshot"):
+    for experiment in ("fmnist_benchmark", "pts_methods"):
         grid = experiment_grid(experiment)
         wanted = set()
         for model in grid["model"]:
@@ -107,6 +107,10 @@ def test_each_sweep_covers_exactly_its_models_sweep_sparsities():
         assert {float(s) for s in grid["sparsity"]} == wanted, experiment
         filters = OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml").hydra.sweeper.filters
         assert any("ptsbench.sweep.ModelSparsities" in f for f in filters)
+    # the one-shot study runs the levels of the one-shot papers' tables, inside every model's range
+    grid = experiment_grid("oneshot")
+    for model in grid["model"]:
+        assert {float(x) for x in grid["sparsity"]} <= set(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml").sweep_sparsities)
 
 
 def test_the_studies_lists_are_consistent():
@@ -128,7 +132,7 @@ def test_results_script_keeps_no_list_of_its_own():
     assert not re.search(r"algorithm=[a-z_]+,", script)  # algorithm lists live in conf/experiment
     assert "sparsity=0." not in script and "SPARSITIES" not in script  # sparsities live in the model configs
     for study in ("fmnist_benchmark", "pts_methods", "unipts", "technique_matrix", "mask_overlap", "oneshot",
-                  "claims"):
+                  "budget_curves", "claims"):
         assert f"{study}()" in script
 
 
