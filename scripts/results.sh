@@ -9,6 +9,7 @@
 #   technique_matrix  allocation x reconstruction, learned allocations replayed conf/study/technique_matrix.yaml
 #   mask_overlap      which weights the methods keep, at 0.8                   conf/experiment/mask_overlap.yaml
 #   oneshot           Wanda, SparseGPT, magnitude; unstructured, 2:4, 4:8      conf/experiment/oneshot.yaml
+#   budget_curves     each method at several budgets; the Pareto view          conf/study/budget_curves.yaml
 #   claims            the papers' headline claims on the studies above         conf/study/claims.yaml
 #
 # Those files hold every list (models, algorithms, roles); model configs hold each model's sparsities.
@@ -24,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
-STUDIES=(fmnist_benchmark pts_methods unipts technique_matrix mask_overlap oneshot claims)
+STUDIES=(fmnist_benchmark pts_methods unipts technique_matrix mask_overlap oneshot budget_curves claims)
 common=()  # overrides for every sweep
 [ -n "${MODELS:-}" ] && common+=("model=$MODELS")
 [ -n "${THREADS:-}" ] && common+=("threads=$THREADS")
@@ -69,6 +70,13 @@ oneshot() {
   sweep oneshot
   $PY -m ptsbench.analysis.study runs/oneshot --out results/oneshot || status=1
   .venv/bin/ptsbench-report results/oneshot || status=1
+}
+
+budget_curves() {
+  local models=()
+  [ -n "${MODELS:-}" ] && models=(--models ${MODELS//,/ })
+  $PY -m ptsbench.analysis.budget --runs runs/budget_curves --out results/budget_curves \
+    ${models[@]+"${models[@]}"} -- ${THREADS:+"threads=$THREADS"} || status=1
 }
 
 claims() {

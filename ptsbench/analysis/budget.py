@@ -1,0 +1,100 @@
+"""Budget curves: every method with a compute knob, run at several budgets on the same cells.
+
+`conf/study/budget_curves.yaml` lists the models, the sparsity and the curves (algorithm configs, the key
+that sets the budget and its values). Each point is a job in RUNS/<model>/<algorithm>/<budget|n><value>/seed<s>/;
+a job whose identical config already finished there is skipped, so an interrupted run continues. The study
+is then collected into OUT and `ptsbench-report OUT` writes the tables, the accuracy plot and the
+cost-normalised view (pareto.md, pareto.png), where each method's budget points are joined.
+
+    python -m ptsbench.analysis.budget --out results/budget_curves [--models vit_tiny] [-- threads=1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ptsbench.analysis.study import check_names, collect, study_config
+from ptsbench.errors import ConfigError, PtsbenchError
+from ptsbench.report import main as report_main
+
+log = logging.getLogger(__name__)
+
+STUDY = "budget_curves"
+KEYS = ("algorithm.budget", "calib.n")  # the knobs a curve may turn
+
+
+@dataclass(frozen=True)
+class Point:
+    model: str
+    algorithm: str
+    key: str
+    value: float | int
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"model={self.model}", f"algorithm={self.algorithm}", f"{self.key}={self.value}"]
+
+    def job_dir(self, runs: Path, seed: int) -> Path:
+        return runs / self.model / self.algorithm / f"{self.key.rpartition('.')[2]}{self.value}" / f"seed{seed}"
+
+
+def study_points(models: Sequence[str] | None = None) -> tuple[list[Point], float]:
+    """Every point of every curve of the study config, for its models (or `models`), and its sparsity."""
+    cfg = study_config(STUDY)
+    points = []
+    for curve in cfg.curves:
+        if curve.key not in KEYS:
+            raise ConfigError(f"{STUDY}.yaml: curve key {curve.key!r} is not one of {', '.join(KEYS)}.")
+        for model in check_names("models", models or cfg.models, group="model"):
+            for algorithm in check_names("curves.algorithms", curve.algorithms):
+                points += [Point(model, algorithm, str(curve.key), value) for value in curve["values"]]
+    return points, float(cfg.sparsity)
+
+
+def run_points(points: Sequence[Point], sparsity: float, runs: Path, extra: Sequence[str], seed: int = 0) -> int:
+    """Compose every point first (a bad override fails before any job runs), then run them; the number failed."""
+    from ptsbench.cli import compose_job_config
+    from ptsbench.runner import JobFailed, run_job
+
+    configs = [compose_job_config([*p.overrides, f"sparsity={sparsity}", f"seed={seed}", "resume=true",
+                                   f"experiment_name={STUDY}", *extra]) for p in points]
+    failed = 0
+    for point, cfg in zip(points, configs, strict=True):
+        try:
+            run_job(cfg, point.job_dir(runs, seed), sweep=STUDY, resume_dirs=[runs])
+        except JobFailed as exc:
+            failed += 1
+            log.error("%s failed: %s", point.job_dir(runs, seed), exc)
+    return failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.budget", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=f"runs/{STUDY}", help="where the jobs run (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="the study folder to collect the runs into")
+    parser.add_argument("--models", nargs="+", help="model configs (default: the study config's)")
+    parser.add_argument("--report-only", action="store_true", help="only collect RUNS and rebuild the tables")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (e.g. threads=1)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    runs, out = Path(args.runs), Path(args.out)
+    try:
+        failed = 0
+        if not args.report_only:
+            points, sparsity = study_points(args.models)
+            failed = run_points(points, sparsity, runs, args.overrides)
+        collect([runs], out)
+    except PtsbenchError as exc:
+        print(f"ptsbench.analysis.budget: {exc}", file=sys.stderr)
+        return 2
+    return max(report_main([str(out)]), 1 if failed else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Budget curves: every point of conf/study/budget_curves.yaml composes and buys more work along its curve;
+a small curve runs, resumes and lands in the cost-normalised view."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from ptsbench.analysis.budget import Point, run_points, study_points
+from ptsbench.analysis.study import collect
+from ptsbench.report import main as report_main
+from ptsbench.runner import build_algorithm
+from tests.conftest import TINY, compose_config
+
+
+def test_every_point_composes_and_buys_more_work_along_its_curve():
+    points, sparsity = study_points()
+    assert sparsity == 0.9 and {p.model for p in points} == {"mobilenetv2", "vit_tiny"}
+    curves: dict[tuple[str, str], list[float]] = {}
+    for point in points:
+        cfg = compose_config([*point.overrides, f"sparsity={sparsity}"])
+        algorithm = build_algorithm(cfg)
+        work = algorithm.budget_fraction if point.key == "algorithm.budget" else int(cfg.calib.n)
+        assert work is not None, point
+        curves.setdefault((point.model, point.algorithm), []).append(work)
+    for (model, algorithm), work in curves.items():
+        assert work == sorted(work) and len(set(work)) == len(work) >= 2, (model, algorithm, work)
+    fcpts = build_algorithm(compose_config(["algorithm=fcpts", "algorithm.budget=0.04"]))
+    assert fcpts.optim.iterations == 64 and fcpts.label == "fcpts-ste-kde-64it" and fcpts.budget_fraction == 0.04
+
+
+def test_a_small_curve_runs_resumes_and_is_joined_in_the_pareto_view(cache_dir, require_fmnist, tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "study"
+    points = [Point("resnet18", "fcpts_quick", "algorithm.budget", b) for b in (0.05, 0.1)]
+    extra = [*TINY, f"cache_dir={cache_dir}", "calib.batch_size=32", "algorithm.optimization.batch_size=32"]
+    assert run_points(points, 0.8, runs, extra) == 0
+    first = [json.loads((p.job_dir(runs, 0) / "result.json").read_text()) for p in points]
+    assert [r["algorithm_options"]["iterations"] for r in first] == [3, 6]  # 64 x 0.05, 64 x 0.1
+    assert {r["method_family"] for r in first} == {"fcpts-ste-kde"} and all(r["status"] == "ok" for r in first)
+    assert run_points(points, 0.8, runs, extra) == 0  # resumed: the finished jobs are not rerun
+    again = [json.loads((p.job_dir(runs, 0) / "result.json").read_text()) for p in points]
+    assert [r["finished_at"] for r in again] == [r["finished_at"] for r in first]
+    collect([runs], out)
+    assert report_main([str(out)]) == 0
+    table = pd.read_csv(out / "pareto.csv")
+    assert sorted(table["method"]) == ["fcpts-ste-kde-3it", "fcpts-ste-kde-6it"]
+    assert set(table["method_family"]) == {"fcpts-ste-kde"}
+    assert (out / "pareto.png").stat().st_size > 0
+    assert table["budget_fraction"].tolist() == pytest.approx(sorted(table["budget_fraction"]))
