@@ -72,16 +72,20 @@ def test_matrix_cells_replay_the_source_study_allocation(tmp_path):
     records, allocations = synthetic_source(tmp_path)
     model = ModelInfo("resnet18", "resnet18", 0, (0.7,))
     cells = matrix_cells(settings, records, allocations, model, 0.7, tmp_path / "runs", labels,
-                         reconstructions=["none", "block"])
+                         reconstructions=["none", "block", "sparsegpt"])
     # no unipts job in the source: its rows are skipped
     assert [(c.allocation, c.reconstruction) for c in cells] == [
-        (a, r) for a in ("uniform", "erk", "fcpts_quick") for r in ("none", "block")]
-    learned = cells[-1]
+        (a, r) for a in ("uniform", "erk", "fcpts_quick") for r in ("none", "block", "sparsegpt")]
+    learned = cells[-2]
     assert learned.job_dir == tmp_path / "runs" / "resnet18" / "0.7" / "fcpts_quick-block"
     assert learned.allocation_file.name == "allocation_from_abc123.csv"
     assert learned.source_allocation["achieved_sparsity"].tolist() == [0.1, 0.9]
     assert f"algorithm.allocation_file={learned.allocation_file.resolve()}" in learned.overrides
     assert "algorithm.allocation_label=fcpts_quick" in learned.overrides
+    second_order = cells[-1]  # SparseGPT's update on the same learned allocation
+    assert second_order.overrides[0] == "algorithm=sparsegpt_bn" and second_order.allocation_file.parent.name == \
+        "fcpts_quick-sparsegpt"
+    assert not any(o.startswith("algorithm.reconstruction") for o in second_order.overrides)
     other_seed = ModelInfo("resnet18", "resnet18", 1, (0.7,))  # seed 1 learns another allocation
     assert [c.allocation for c in matrix_cells(settings, records, allocations, other_seed, 0.7, tmp_path, labels)
             ].count("fcpts_quick") == 0
@@ -94,19 +98,24 @@ def test_matrix_table_names_learned_rows_and_their_methods_own_top1(tmp_path):
 
     def cell(allocation: str, recon: str, top1: float) -> dict:
         learned = allocation == "fcpts_quick"
-        options = {"allocation": "from_file" if learned else allocation, "reconstruction": recon}
+        options = {"allocation": "from_file" if learned else allocation}
+        if recon != "sparsegpt":  # SparseGPT's cells name no reconstruction mode: their algorithm says it
+            options["reconstruction"] = recon
         if learned:
             options["allocation_label"] = allocation
         return {"model": "resnet18", "target_sparsity": 0.7, "seed": 0, "status": "ok", "top1": top1,
-                "prune_seconds": 1.0, "dense_top1": 90.0, "algorithm_options": options}
+                "prune_seconds": 1.0, "dense_top1": 90.0, "algorithm_options": options,
+                "algorithm": "sparsegpt" if recon == "sparsegpt" else "magnitude"}
 
     write_study(tmp_path / "matrix", [cell("erk", "none", 70.0), cell("fcpts_quick", "none", 75.0),
-                                      cell("fcpts_quick", "block", 79.0)], pd.DataFrame(columns=["config_hash"]))
+                                      cell("fcpts_quick", "block", 79.0), cell("fcpts_quick", "sparsegpt", 77.5)],
+                pd.DataFrame(columns=["config_hash"]))
     text = pivot(study_records(tmp_path / "matrix"), source, {"fcpts_quick": "fcpts-ste-kde-64it"})
     header = next(line for line in text.splitlines() if line.startswith("| model"))
-    assert [c.strip() for c in header.strip("|").split("|")][3:6] == ["top-1 none", "top-1 block", "s none"]
+    assert [c.strip() for c in header.strip("|").split("|")][3:7] == ["top-1 none", "top-1 block", "top-1 sparsegpt",
+                                                                     "s none"]
     row = next(line for line in text.splitlines() if "| fcpts_quick" in line)
-    assert "81.23" in row and "79" in row  # the method's own top-1 beside its allocation's cells
+    assert "81.23" in row and "79" in row and "77.5" in row  # the method's own top-1 beside its allocation's cells
 
 
 @pytest.mark.slow
@@ -120,14 +129,14 @@ def test_matrix_cross_applies_a_learned_allocation(tiny_cfg, tmp_path, cache_dir
     collect([tmp_path / "runs"], tmp_path / "source")
     code = matrix_main(["--source", str(tmp_path / "source"), "--runs", str(tmp_path / "matrix_runs"),
                         "--out", str(out := tmp_path / "matrix"), "--models", "resnet18", "--sparsities", "0.7",
-                        "--allocations", "erk", "fcpts_quick", "--reconstructions", "none", "block",
+                        "--allocations", "erk", "fcpts_quick", "--reconstructions", "none", "block", "sparsegpt",
                         "--", *TINY, f"cache_dir={cache_dir}", "algorithm.reconstruction.iterations=2"])
     assert code == 0
     table = pd.read_csv(out / "results.csv")
-    assert len(table) == 4 and (table["status"] == "ok").all()
+    assert len(table) == 6 and (table["status"] == "ok").all()
     assert (table["achieved_sparsity"] - 0.7).abs().max() < 1e-6
-    fcpts_cells = table[table["method"].str.startswith("magnitude-from_fcpts_quick")]
-    assert len(fcpts_cells) == 2
+    fcpts_cells = table[table["method"].str.contains("-from_fcpts_quick")]
+    assert len(fcpts_cells) == 3 and "sparsegpt-from_fcpts_quick+bn" in set(fcpts_cells["method"])
     source_zeros = pd.read_csv(source / "allocation.csv").set_index("name")["zeros"]
     allocations = study_allocations(out)
     for config_hash in fcpts_cells["config_hash"]:

@@ -2,7 +2,8 @@
 
 For each model and sparsity, magnitude masks are built from the heuristic allocations and from the
 learned methods' own per-layer sparsities (read from the source study's allocations.csv), each with
-BatchNorm re-estimation and then each reconstruction mode. Comparing a learned method's own row with
+BatchNorm re-estimation and then each reconstruction mode; the sparsegpt column prunes the same allocation
+with SparseGPT's second-order weight update instead (then BatchNorm re-estimation). Comparing a learned method's own row with
 "its allocation + magnitude masks" and "+ reconstruction" says whether its gain comes from where it
 prunes or from how it repairs. Which allocations, which algorithm and which source study: conf/study/
 technique_matrix.yaml.
@@ -50,6 +51,9 @@ from ptsbench.sparsity import ALLOCATIONS
 log = logging.getLogger(__name__)
 
 STUDY = "technique_matrix"
+# The reconstruction columns: the harness's units (ptsbench.reconstruct) and SparseGPT's own weight update,
+# whose cells run the study's `sparsegpt_algorithm` on the same allocation instead of magnitude masks.
+MATRIX_RECONSTRUCTIONS = (*RECONSTRUCTIONS, "sparsegpt")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class MatrixSettings:
     algorithm: str
     heuristic: tuple[str, ...]
     learned: tuple[str, ...]  # algorithm configs whose allocations are replayed
+    sparsegpt_algorithm: str = "sparsegpt_bn"  # the algorithm config of the sparsegpt column
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> MatrixSettings:
@@ -72,7 +77,8 @@ class MatrixSettings:
             if name not in ALLOCATIONS:
                 raise unknown_choice(f"allocation in {where} heuristic:", name, ALLOCATIONS)
         return cls(str(cfg.source), check_names(f"{where} algorithm", [cfg.algorithm])[0], heuristic,
-                   tuple(check_names(f"{where} learned", cfg.learned)))
+                   tuple(check_names(f"{where} learned", cfg.learned)),
+                   check_names(f"{where} sparsegpt_algorithm", [cfg.get("sparsegpt_algorithm", "sparsegpt_bn")])[0])
 
     @property
     def allocations(self) -> tuple[str, ...]:
@@ -128,7 +134,7 @@ class Cell:
 
 def matrix_cells(settings: MatrixSettings, records: pd.DataFrame, allocations: pd.DataFrame, model: ModelInfo,
                  sparsity: float, runs: Path, labels: Mapping[str, str], wanted: Sequence[str] | None = None,
-                 reconstructions: Sequence[str] = RECONSTRUCTIONS) -> list[Cell]:
+                 reconstructions: Sequence[str] = MATRIX_RECONSTRUCTIONS) -> list[Cell]:
     """Every cell of one model and sparsity; a learned allocation without a source job of the model's
     seed is skipped with a warning. `labels`: learned algorithm config -> its method label."""
     wanted = list(wanted or settings.allocations)
@@ -136,8 +142,8 @@ def matrix_cells(settings: MatrixSettings, records: pd.DataFrame, allocations: p
         if name not in settings.allocations:
             raise unknown_choice("matrix allocation", name, settings.allocations)
     for recon in reconstructions:
-        if recon not in RECONSTRUCTIONS:
-            raise unknown_choice("reconstruction", recon, RECONSTRUCTIONS)
+        if recon not in MATRIX_RECONSTRUCTIONS:
+            raise unknown_choice("reconstruction", recon, MATRIX_RECONSTRUCTIONS)
     cells = []
     for name in wanted:
         source = None
@@ -149,7 +155,8 @@ def matrix_cells(settings: MatrixSettings, records: pd.DataFrame, allocations: p
                 continue
         for recon in reconstructions:
             job_dir = runs / model.group / f"{sparsity:g}" / f"{name}-{recon}"
-            base = (f"algorithm={settings.algorithm}", f"sparsity={sparsity}", f"algorithm.reconstruction.mode={recon}")
+            base = ((f"algorithm={settings.sparsegpt_algorithm}", f"sparsity={sparsity}") if recon == "sparsegpt" else
+                    (f"algorithm={settings.algorithm}", f"sparsity={sparsity}", f"algorithm.reconstruction.mode={recon}"))
             if source is None:
                 cells.append(Cell(name, recon, model.group, job_dir, (*base, f"algorithm.allocation={name}")))
                 continue
@@ -172,8 +179,10 @@ def cell_allocation(table: pd.DataFrame) -> pd.Series:
 
 
 def cell_reconstruction(table: pd.DataFrame) -> pd.Series:
+    """Each matrix record's column: its reconstruction mode, or sparsegpt for the SparseGPT cells."""
     key = "algorithm_options.reconstruction"
-    return table[key].fillna("none") if key in table else pd.Series("none", index=table.index)
+    mode = table[key].fillna("none") if key in table else pd.Series("none", index=table.index)
+    return mode.where(table["algorithm"] != "sparsegpt", "sparsegpt") if "algorithm" in table else mode
 
 
 def pivot(table: pd.DataFrame, source: pd.DataFrame, labels: Mapping[str, str]) -> str:
@@ -189,9 +198,9 @@ def pivot(table: pd.DataFrame, source: pd.DataFrame, labels: Mapping[str, str]) 
     keys = ["model", "target_sparsity", "allocation"]
     top1 = ok.pivot_table(index=keys, columns="reconstruction", values="top1")
     secs = ok.pivot_table(index=keys, columns="reconstruction", values="prune_seconds")
-    out = top1.reindex(columns=[r for r in RECONSTRUCTIONS if r in top1.columns]).round(2)
+    out = top1.reindex(columns=[r for r in MATRIX_RECONSTRUCTIONS if r in top1.columns]).round(2)
     out.columns = [f"top-1 {c}" for c in out.columns]
-    for c in [r for r in RECONSTRUCTIONS if r in secs.columns]:
+    for c in [r for r in MATRIX_RECONSTRUCTIONS if r in secs.columns]:
         out[f"s {c}"] = secs[c].round(1)
     own = []
     for model, sparsity, allocation in out.index:  # the job whose allocation the row replays
@@ -248,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", help="model configs (default: the source experiment's)")
     parser.add_argument("--sparsities", nargs="+", type=float, help="default: each model's sweep_sparsities")
     parser.add_argument("--allocations", nargs="+", help="a subset of the study config's allocations")
-    parser.add_argument("--reconstructions", nargs="+", default=list(RECONSTRUCTIONS), help="a subset of %(default)s")
+    parser.add_argument("--reconstructions", nargs="+", default=list(MATRIX_RECONSTRUCTIONS),
+                        help="a subset of %(default)s")
     parser.add_argument("--report-only", action="store_true", help="only collect RUNS and rebuild the tables")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (e.g. threads=1)")
     args = parser.parse_args(argv)
