@@ -15,9 +15,16 @@ from ptsbench.analysis.claims import (
 from ptsbench.analysis.matrix import load_settings as matrix_settings
 from ptsbench.analysis.study import write_study
 
+# label -> (family, budget_fraction), as the runner records them
+BUDGETS = {"fcpts-ste-kde-64it": ("fcpts-ste-kde", 0.04), "fcpts-ste-kde": ("fcpts-ste-kde", 1.0),
+           "unipts-quick-8x5-5ep": ("unipts", 0.057), "unipts-kl-quick-8x5-5ep": ("unipts-kl", 0.057),
+           "pot-quick": ("pot", 0.01), "pot-2000steps": ("pot", 0.1)}
+
 
 def record(method: str, sparsity: float, top1: float, model: str = "resnet18", seed: int = 0) -> dict:
-    return {"model": model, "method": method, "target_sparsity": sparsity, "top1": top1, "status": "ok", "seed": seed}
+    family, budget = BUDGETS.get(method, (method, None))
+    return {"model": model, "method": method, "method_family": family, "budget_fraction": budget,
+            "target_sparsity": sparsity, "top1": top1, "status": "ok", "seed": seed}
 
 
 def test_verdicts():
@@ -29,21 +36,35 @@ def test_verdicts():
     assert verdict(2.0, 30.0, spread=1.8) == "does not hold here"  # the seed band reaches the tie zone
 
 
-def test_claims_compare_the_labels_of_the_configured_algorithms():
-    # conf/study/claims.yaml names algorithm configs; the labels are the classes' own
+def test_claims_compare_the_families_of_the_configured_algorithms():
+    # conf/study/claims.yaml names algorithm configs; the families are the classes' own labels without budget
     claims = load_settings()
-    assert claims.fcpts.method == "fcpts-ste-kde-64it" and claims.fcpts.paper_gain == 30.0
+    assert claims.fcpts.method == "fcpts-ste-kde" and claims.fcpts.paper_gain == 30.0
     assert claims.fcpts.baselines == ("magnitude-uniform+bn", "magnitude-erk+bn", "magnitude-global+bn", "pot")
-    unipts_labels = (claims.unipts.method, claims.unipts.against, claims.unipts.plain_kd)
-    assert unipts_labels == ("unipts-quick-8x5-5ep", "pot", "unipts-kl-quick-8x5-5ep")
+    unipts_families = (claims.unipts.method, claims.unipts.against, claims.unipts.plain_kd)
+    assert unipts_families == ("unipts", "pot", "unipts-kl")
+    assert claims.studies == ("pts_methods", "fmnist_benchmark", "budget_curves")
+
+
+def test_each_cell_is_decided_at_the_highest_budget_measured(tmp_path):
+    rows = [record("fcpts-ste-kde-64it", 0.9, 60.0), record("fcpts-ste-kde", 0.9, 70.0),
+            record("magnitude-erk+bn", 0.9, 65.0), record("pot-quick", 0.9, 20.0), record("pot-2000steps", 0.9, 30.0)]
+    f = fcpts_claim(pd.DataFrame(rows), load_settings().fcpts).iloc[0]
+    assert f["FCPTS run (highest budget)"] == "fcpts-ste-kde" and f["FCPTS top-1"] == 70.0
+    assert f["gain over best"] == 5.0 and f["worst baseline"] == "pot-2000steps 30.00"
+    # pooled from two studies: the budget curve's reference run decides, the benchmark's quick one does not
+    write_study(tmp_path / "fmnist_benchmark", rows[:1] + rows[2:4], pd.DataFrame(columns=["config_hash"]))
+    write_study(tmp_path / "budget_curves", [rows[1], rows[4]], pd.DataFrame(columns=["config_hash"]))
+    text = write_claims(tmp_path, tmp_path / "claims" / "claims.md")
+    assert "| fcpts-ste-kde " in text and "70.00" in text and "`" + str(tmp_path / "budget_curves") + "`" in text
 
 
 def test_gains_are_paired_by_seed_and_carry_the_seed_band():
     rows = [record("fcpts-ste-kde-64it", 0.8, 80.0, seed=0), record("fcpts-ste-kde-64it", 0.8, 70.0, seed=1),
             record("magnitude-erk+bn", 0.8, 78.0, seed=0), record("magnitude-erk+bn", 0.8, 64.0, seed=1),
             record("magnitude-erk+bn", 0.8, 50.0, seed=2),  # no FCPTS run with seed 2: not paired
-            record("unipts-quick-8x5-5ep", 0.9, 60.0, seed=0), record("pot", 0.9, 59.0, seed=0),
-            record("unipts-quick-8x5-5ep", 0.9, 62.0, seed=1), record("pot", 0.9, 50.0, seed=1)]
+            record("unipts-quick-8x5-5ep", 0.9, 60.0, seed=0), record("pot-quick", 0.9, 59.0, seed=0),
+            record("unipts-quick-8x5-5ep", 0.9, 62.0, seed=1), record("pot-quick", 0.9, 50.0, seed=1)]
     claims = load_settings()
     f = fcpts_claim(pd.DataFrame(rows), claims.fcpts).iloc[0]
     assert f["seeds"] == 2 and f["gain over best"] == 4.0  # (80-78 + 70-64) / 2, seed 2 left out
@@ -56,11 +77,11 @@ def test_gains_are_paired_by_seed_and_carry_the_seed_band():
 
 def test_claim_tables_compare_against_the_right_rows(tmp_path):
     rows = [record("fcpts-ste-kde-64it", 0.8, 80.0), record("magnitude-uniform+bn", 0.8, 40.0),
-            record("magnitude-erk+bn", 0.8, 70.0), record("pot", 0.8, 75.0),
-            record("unipts-quick-8x5-5ep", 0.9, 60.0), record("pot", 0.9, 10.0), record("unipts-kl-quick-8x5-5ep", 0.9, 65.0)]
+            record("magnitude-erk+bn", 0.8, 70.0), record("pot-quick", 0.8, 75.0),
+            record("unipts-quick-8x5-5ep", 0.9, 60.0), record("pot-quick", 0.9, 10.0), record("unipts-kl-quick-8x5-5ep", 0.9, 65.0)]
     claims = load_settings()
     f = fcpts_claim(pd.DataFrame(rows), claims.fcpts).set_index("sparsity").loc[0.8]
-    assert f["gain over best"] == 5.0 and f["best baseline"] == "pot 75.00"
+    assert f["gain over best"] == 5.0 and f["best baseline"] == "pot-quick 75.00"
     assert f["gain over worst"] == 40.0 and f["verdict (vs best)"] == "holds in direction only"
     u = unipts_claim(pd.DataFrame(rows), claims.unipts).iloc[0]
     assert u["UniPTS - POT"] == 50.0 and bool(u["POT collapses (< 20%)"]) and u["verdict"] == "holds in direction only"
@@ -69,7 +90,7 @@ def test_claim_tables_compare_against_the_right_rows(tmp_path):
     write_study(tmp_path / "pts_methods", rows, pd.DataFrame(columns=["config_hash"]))
     text = write_claims(tmp_path, tmp_path / "claims" / "claims.md")
     assert "holds in direction only" in text and "(technique matrix not run)" in text
-    assert "pot 75.00" in text and "(no unipts and pot rows" not in text
+    assert "pot-quick 75.00" in text and "(no unipts and pot rows" not in text
 
 
 def test_matrix_differences_use_only_allocations_with_both_columns():

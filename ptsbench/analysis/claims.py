@@ -2,8 +2,8 @@
 
     python -m ptsbench.analysis.claims [--results results] [--out results/claims/claims.md]
 
-Reads the studies results/pts_methods and results/technique_matrix (records.jsonl, whatever has been
-run) and writes a table per claim with the measured numbers and a plain verdict:
+Reads the studies that conf/study/claims.yaml lists (records.jsonl of each, whatever has been run) and
+results/technique_matrix, and writes a table per claim with the measured numbers and a plain verdict:
 
 * **holds**: the effect is there and at least as large as the paper's;
 * **holds in direction only**: the method wins, by less than the paper reports;
@@ -12,7 +12,9 @@ run) and writes a table per claim with the measured numbers and a plain verdict:
 Each cell is the mean over the seeds that were run (calibration draw and algorithm randomness; the
 dense model is shared), and a gain is taken seed by seed, so its standard deviation is the seed band. A
 gain whose band reaches zero (mean - std <= tie) does not count as a gain. The column `seeds` says how
-many seeds went in; with one seed a verdict is provisional. Which algorithms each claim compares, the
+many seeds went in; with one seed a verdict is provisional. A method is matched by its family (the label
+without budget tags), and each cell takes the highest budget measured for it (`budget_fraction`): a claim
+is decided by the most compute any study spent on it, and the table names that run. Which algorithms each claim compares, the
 paper's numbers and `tie` are in conf/study/claims.yaml (learned and heuristic allocations:
 conf/study/technique_matrix.yaml); method labels come from the algorithm classes.
 """
@@ -29,7 +31,7 @@ import pandas as pd
 
 from ptsbench.analysis.matrix import MatrixSettings, cell_allocation, cell_reconstruction
 from ptsbench.analysis.matrix import load_settings as matrix_settings
-from ptsbench.analysis.study import check_names, method_label, study_config, study_records
+from ptsbench.analysis.study import check_names, method_family, study_config, study_records
 from ptsbench.errors import ConfigError, PtsbenchError
 from ptsbench.reconstruct import RECONSTRUCTIONS
 from ptsbench.results import RECORDS_FILE, write_atomic
@@ -39,7 +41,7 @@ STUDY = "claims"
 
 @dataclass(frozen=True)
 class FcptsClaim:
-    method: str  # method labels, from the algorithm configs conf/study/claims.yaml names
+    method: str  # method families, from the algorithm configs conf/study/claims.yaml names
     baselines: tuple[str, ...]
     sparsities: tuple[float, ...]
     paper_gain: float
@@ -59,6 +61,7 @@ class ClaimSettings:
     tie: float
     fcpts: FcptsClaim
     unipts: UniptsClaim
+    studies: tuple[str, ...] = ("pts_methods",)  # pooled: each cell uses the highest budget any of them ran
 
 
 def load_settings() -> ClaimSettings:
@@ -67,13 +70,14 @@ def load_settings() -> ClaimSettings:
     where = f"conf/study/{STUDY}.yaml"
     try:
         f, u = cfg.fcpts, cfg.unipts
-        label = {name: method_label(name) for name in check_names(where, [
+        label = {name: method_family(name) for name in check_names(where, [
             f.method, *f.baselines, u.method, u.against, u.plain_kd])}
         return ClaimSettings(
             float(cfg.tie),
             FcptsClaim(label[f.method], tuple(label[b] for b in f.baselines), tuple(float(s) for s in f.sparsities),
                        float(f.paper_gain)),
-            UniptsClaim(label[u.method], label[u.against], label[u.plain_kd], float(u.sparsity), float(u.paper_gain)))
+            UniptsClaim(label[u.method], label[u.against], label[u.plain_kd], float(u.sparsity), float(u.paper_gain)),
+            tuple(str(s) for s in cfg.get("studies", ["pts_methods"])))
     except AttributeError as exc:  # OmegaConf's missing-key error on a plain loaded file
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -87,10 +91,30 @@ def verdict(gain: float, paper_gain: float, spread: float = 0.0, tie: float = 0.
     return "holds" if gain >= paper_gain else "holds in direction only"
 
 
-def seed_top1(records: pd.DataFrame, model: str, method: str, sparsity: float) -> pd.Series:
-    """Top-1 per seed of one cell (the most recent record where a seed was run twice)."""
-    rows = records[(records["model"] == model) & (records["method"] == method)
+def cell_rows(records: pd.DataFrame, model: str, family: str, sparsity: float) -> pd.DataFrame:
+    """The ok records of one method family in one cell (older records without a family: their label)."""
+    families = records["method_family"].fillna(records["method"]) if "method_family" in records else records["method"]
+    return records[(records["model"] == model) & (families == family)
                    & ((records["target_sparsity"] - sparsity).abs() < 1e-9) & (records["status"] == "ok")]
+
+
+def highest_budget(records: pd.DataFrame, model: str, family: str, sparsity: float) -> str | None:
+    """The label of the family's run with the largest budget_fraction in the cell (None: not run)."""
+    rows = cell_rows(records, model, family, sparsity)
+    if rows.empty:
+        return None
+    budget = pd.to_numeric(rows["budget_fraction"], errors="coerce") if "budget_fraction" in rows else None
+    if budget is None or budget.isna().all():
+        return str(rows["method"].iloc[-1])
+    return str(rows.loc[budget.fillna(-1.0).idxmax(), "method"])
+
+
+def seed_top1(records: pd.DataFrame, model: str, family: str, sparsity: float) -> pd.Series:
+    """Top-1 per seed of one cell at the family's highest budget (the most recent record where a seed
+    was run twice)."""
+    label = highest_budget(records, model, family, sparsity)
+    rows = cell_rows(records, model, family, sparsity)
+    rows = rows[rows["method"] == label]
     if "finished_at" in rows:
         rows = rows.sort_values("finished_at")
     return rows.groupby("seed")["top1"].last()
@@ -124,14 +148,16 @@ def fcpts_claim(records: pd.DataFrame, claim: FcptsClaim, tie: float = 0.5) -> p
             base = {k: v for k, v in base.items() if not pd.isna(v)}
             if pd.isna(f) or not base:
                 continue
+            run = highest_budget(records, model, claim.method, sparsity)
             best = max(base, key=base.get)
             worst = min(base, key=base.get)
             g_best = seed_gain(records, model, claim.method, best, sparsity)
             g_worst = seed_gain(records, model, claim.method, worst, sparsity)
-            rows.append({"model": model, "sparsity": sparsity, "FCPTS top-1": f, "seeds": n,
-                         "best baseline": f"{best} {base[best]:.2f}", "gain over best": g_best[0],
+            rows.append({"model": model, "sparsity": sparsity, "FCPTS run (highest budget)": run,
+                         "FCPTS top-1": f, "seeds": n,
+                         "best baseline": f"{highest_budget(records, model, best, sparsity)} {base[best]:.2f}", "gain over best": g_best[0],
                          "± (seeds)": band(*g_best),
-                         "worst baseline": f"{worst} {base[worst]:.2f}", "gain over worst": g_worst[0],
+                         "worst baseline": f"{highest_budget(records, model, worst, sparsity)} {base[worst]:.2f}", "gain over worst": g_worst[0],
                          "verdict (vs best)": verdict(g_best[0], claim.paper_gain, g_best[1], tie)})
     return pd.DataFrame(rows)
 
@@ -146,7 +172,10 @@ def unipts_claim(records: pd.DataFrame, claim: UniptsClaim, tie: float = 0.5) ->
             continue
         kl, _ = mean_top1(records, model, claim.plain_kd, claim.sparsity)
         gain, spread, paired = seed_gain(records, model, claim.method, claim.against, claim.sparsity)
-        rows.append({"model": model, "UniPTS top-1": u, "POT top-1": p, "seeds": min(n, paired),
+        rows.append({"model": model, "UniPTS run (highest budget)": highest_budget(records, model, claim.method,
+                                                                                     claim.sparsity),
+                     "UniPTS top-1": u, "POT run": highest_budget(records, model, claim.against, claim.sparsity),
+                     "POT top-1": p, "seeds": min(n, paired),
                      "UniPTS - POT": gain, "± (seeds)": band(gain, spread, paired),
                      "UniPTS with plain KD (kl)": kl, "POT collapses (< 20%)": p < 20.0,
                      "verdict": verdict(gain, claim.paper_gain, spread, tie)})
@@ -189,18 +218,26 @@ def matrix_claim(matrix: pd.DataFrame, settings: MatrixSettings) -> pd.DataFrame
     return pd.DataFrame(rows).reindex(columns=columns)
 
 
+def pooled_records(results: Path, studies: Sequence[str]) -> pd.DataFrame:
+    """The records of every listed study that has been collected, in one table."""
+    tables = [study_records(results / s) for s in studies if (results / s / RECORDS_FILE).is_file()]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
 def write_claims(results: Path, out: Path) -> str:
-    """claims.md from the studies results/pts_methods and results/technique_matrix."""
+    """claims.md from the studies claims.yaml lists and results/technique_matrix."""
     claims, matrix_roles = load_settings(), matrix_settings()
-    records = study_records(results / "pts_methods")
+    records = pooled_records(results, claims.studies)
     matrix = study_records(results / "technique_matrix")
     seeds = sorted(records["seed"].unique().tolist()) if not records.empty else []
     parts = [
         "# The papers' headline claims on the embedded benchmark",
         "",
-        f"Rebuilt by `python -m ptsbench.analysis.claims` from the studies `{results}/pts_methods` and "
-        f"`{results}/technique_matrix` (what each claim compares: conf/study/claims.yaml). Fashion-MNIST models "
-        f"trained by the harness, quick budgets (see results/README.md), seeds present: {seeds}. Verdicts: "
+        f"Rebuilt by `python -m ptsbench.analysis.claims` from the studies "
+        f"{', '.join(f'`{results}/{s}`' for s in claims.studies)} and `{results}/technique_matrix` (what each "
+        f"claim compares: conf/study/claims.yaml). Fashion-MNIST models trained by the harness; each cell takes "
+        f"the highest budget any study ran for the method (its run is named in the table), seeds present: "
+        f"{seeds}. Verdicts: "
         f"*holds* (effect at least the paper's size), *holds in direction only*, *does not hold here* (mean gain "
         f"minus its seed standard deviation <= {claims.tie:g} points). Gains are taken seed by seed; `±` is their "
         f"standard deviation over the `seeds` column's count (empty with one seed: that verdict is provisional).",
@@ -233,11 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="default: RESULTS/claims/claims.md")
     args = parser.parse_args(argv)
     results = Path(args.results)
-    if not (results / "pts_methods" / RECORDS_FILE).is_file():
-        print(f"ptsbench.analysis.claims: {results / 'pts_methods' / RECORDS_FILE} does not exist; run "
-              "scripts/results.sh first.", file=sys.stderr)
-        return 2
     try:
+        studies = load_settings().studies
+        if not any((results / s / RECORDS_FILE).is_file() for s in studies):
+            print(f"ptsbench.analysis.claims: none of {', '.join(str(results / s / RECORDS_FILE) for s in studies)} "
+                  "exists; run scripts/results.sh first.", file=sys.stderr)
+            return 2
         write_claims(results, Path(args.out) if args.out else results / STUDY / "claims.md")
     except PtsbenchError as exc:
         print(f"ptsbench.analysis.claims: {exc}", file=sys.stderr)

@@ -221,17 +221,25 @@ def experiment_algorithms(name: str) -> list[str]:
 
 
 @cache
-def _label(algorithm: str, overrides: tuple[str, ...]) -> str:
+def _label(algorithm: str, overrides: tuple[str, ...], family: bool = False) -> str:
     from ptsbench.cli import compose_job_config
     from ptsbench.runner import build_algorithm
 
-    return build_algorithm(compose_job_config([f"algorithm={algorithm}", *overrides])).label
+    built = build_algorithm(compose_job_config([f"algorithm={algorithm}", *overrides]))
+    return built.family if family else built.label
 
 
 def method_label(algorithm: str, overrides: Sequence[str] = ()) -> str:
     """The method label the jobs of algorithm config `algorithm` record (the class computes it)."""
     check_names("method_label", [algorithm])
     return _label(algorithm, tuple(overrides))
+
+
+def method_family(algorithm: str) -> str:
+    """The label of `algorithm` without its budget tags: what every budget of that method records as
+    `method_family`."""
+    check_names("method_family", [algorithm])
+    return _label(algorithm, (), family=True)
 
 
 def method_labels(algorithms: Iterable[str]) -> dict[str, str]:
