@@ -79,10 +79,8 @@ class POT(PTSAlgorithm):
 
     def options(self) -> dict[str, Any]:
         return {"budget": self.budget, "fold_bn": self.fold_bn, "allocation": self.allocation,
-                "weight_correction": self.weight_correction,
-                "bias_correction": self.bias_correction, "reconstruction": self.recon.mode,
-                "recon_inputs": self.recon.inputs, "recon_iterations": self.recon.iterations,
-                "recon_lr": self.recon.lr, "recon_bias_lr": self.recon.bias_lr}
+                "weight_correction": self.weight_correction, "bias_correction": self.bias_correction,
+                **self.recon.options()}
 
     @property
     def budget(self) -> str:

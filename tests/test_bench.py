@@ -151,3 +151,41 @@ def test_unipts_quick_time_per_candidate_and_epoch():
           f"at {s['search_seconds_per_candidate']:.2f} s each ({s['search_seconds']:.1f} s search), "
           f"{s['train_seconds_per_epoch']:.1f} s per epoch of 1024 images; whole job {total:.1f} s")
     assert total > 0
+
+
+@pytest.mark.bench
+def test_unipts_fitness_evaluation_against_the_forward_passes_it_needs():
+    """One UniPTS candidate costs a BN re-estimation pass (train mode) and an evaluation pass (eval mode)
+    over the fitness set; the bare floor is those two `model(x)` loops. Prints floor / ours (target >= 0.9)."""
+    from algorithms.unipts.search import CandidateProbe, draw_fitness_set
+    from ptsbench.sparsity import allocate, find_prunable_layers
+
+    model = timm.create_model("resnet18", num_classes=10, in_chans=1).to(memory_format=torch.channels_last)
+    layers = find_prunable_layers(model)
+    fitness = draw_fitness_set(random_calibration(1024), 512, torch.Generator().manual_seed(0))
+    counts = allocate(layers, 0.9, "erk")
+    images = fitness.data.images
+
+    def bare() -> None:
+        with torch.no_grad():
+            model.train()
+            for i in range(0, len(images), 64):
+                model(images[i:i + 64])
+            model.eval()
+            for i in range(0, len(images), 500):
+                model(images[i:i + 500])
+
+    with CandidateProbe(model, layers, fitness, 64, 1e-6, torch.Generator().manual_seed(0)) as probe:
+        probe(counts)  # warm-up
+        bare()
+        ours, floor = [], []
+        for _ in range(3):
+            start = time.perf_counter()
+            probe(counts)
+            ours.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            bare()
+            floor.append(time.perf_counter() - start)
+    print(f"\nUniPTS fitness of one candidate, resnet18@28, 512 images, {torch.get_num_threads()} threads: "
+          f"{min(ours):.3f} s; bare BN pass + eval pass {min(floor):.3f} s (ratio {min(floor) / min(ours):.3f})")
+    assert min(ours) > 0
