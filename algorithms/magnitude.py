@@ -199,8 +199,8 @@ class MagnitudePruning(PTSAlgorithm):
             tables["reconstruction"], recon_stats = summarise(reports)
             stats.update(recon_stats)
         # 4. Optional BatchNorm re-estimation on the calibration images, last: reconstruction brings each
-        # layer's output back towards the dense one, so statistics measured before it would no longer fit
-        # (measured: uniform 0.9 on resnet18 fell from 37.7% to 10.1% with layer reconstruction after BN).
+        # layer's output back towards the dense one, so statistics taken before it would no longer fit
+        # (results/README.md, "Measurements behind the defaults").
         bn_layers = 0
         if self.bn_recalibration:
             bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.bn_batch_size)
