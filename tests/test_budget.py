@@ -27,6 +27,8 @@ def test_every_point_composes_and_buys_more_work_along_its_curve():
         curves.setdefault((point.model, point.algorithm), []).append(work)
     for (model, algorithm), work in curves.items():
         assert work == sorted(work) and len(set(work)) == len(work) >= 2, (model, algorithm, work)
+    some, _ = study_points(["vit_tiny"], ["unipts_quick"])
+    assert {(p.model, p.algorithm) for p in some} == {("vit_tiny", "unipts_quick")} and len(some) >= 2
     fcpts = build_algorithm(compose_config(["algorithm=fcpts", "algorithm.budget=0.04"]))
     assert fcpts.optim.iterations == 64 and fcpts.label == "fcpts-ste-kde-64it" and fcpts.budget_fraction == 0.04
 

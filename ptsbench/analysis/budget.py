@@ -6,7 +6,8 @@ a job whose identical config already finished there is skipped, so an interrupte
 is then collected into OUT and `ptsbench-report OUT` writes the tables, the accuracy plot and the
 cost-normalised view (pareto.md, pareto.png), where each method's budget points are joined.
 
-    python -m ptsbench.analysis.budget --out results/budget_curves [--models vit_tiny] [-- threads=1]
+    python -m ptsbench.analysis.budget --out results/budget_curves [--models vit_tiny] [--algorithms fcpts]
+        [-- threads=1]
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ class Point:
         return runs / self.model / self.algorithm / f"{self.key.rpartition('.')[2]}{self.value}" / f"seed{seed}"
 
 
-def study_points(models: Sequence[str] | None = None) -> tuple[list[Point], float]:
-    """Every point of every curve of the study config, for its models (or `models`), and its sparsity."""
+def study_points(models: Sequence[str] | None = None, algorithms: Sequence[str] | None = None
+                 ) -> tuple[list[Point], float]:
+    """Every point of every curve of the study config, for its models (or `models`) and its algorithms (or
+    those of `algorithms`), and its sparsity."""
     cfg = study_config(STUDY)
     points = []
     for curve in cfg.curves:
@@ -52,6 +55,8 @@ def study_points(models: Sequence[str] | None = None) -> tuple[list[Point], floa
             raise ConfigError(f"{STUDY}.yaml: curve key {curve.key!r} is not one of {', '.join(KEYS)}.")
         for model in check_names("models", models or cfg.models, group="model"):
             for algorithm in check_names("curves.algorithms", curve.algorithms):
+                if algorithms and algorithm not in algorithms:
+                    continue
                 points += [Point(model, algorithm, str(curve.key), value) for value in curve["values"]]
     return points, float(cfg.sparsity)
 
@@ -79,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", default=f"runs/{STUDY}", help="where the jobs run (default: %(default)s)")
     parser.add_argument("--out", required=True, help="the study folder to collect the runs into")
     parser.add_argument("--models", nargs="+", help="model configs (default: the study config's)")
+    parser.add_argument("--algorithms", nargs="+", help="only the curves of these algorithm configs")
     parser.add_argument("--report-only", action="store_true", help="only collect RUNS and rebuild the tables")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (e.g. threads=1)")
     args = parser.parse_args(argv)
@@ -87,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         failed = 0
         if not args.report_only:
-            points, sparsity = study_points(args.models)
+            points, sparsity = study_points(args.models, args.algorithms)
             failed = run_points(points, sparsity, runs, args.overrides)
         collect([runs], out)
     except PtsbenchError as exc:
