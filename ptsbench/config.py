@@ -214,7 +214,10 @@ def check_constructor_keys(node: DictConfig, key: str) -> None:
     if unknown:
         others = f"Also unknown: {', '.join(f'{key}.{k}' for k in unknown[1:])}." if len(unknown) > 1 else ""
         raise unknown_key(f"{key}.{unknown[0]}", f"{key}._target_={target} ({cls.__name__})", allowed, hint=others)
-    hints = typing.get_type_hints(cls.__init__)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except (NameError, TypeError):  # annotations that do not resolve at run time name no settings node
+        hints = {}
     for name in allowed:  # nested settings nodes: their own keys and ranges
         schema = settings_type(hints.get(name))
         if schema is not None and name in node:
