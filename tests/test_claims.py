@@ -100,12 +100,13 @@ def test_matrix_differences_use_only_allocations_with_both_columns():
         learned = allocation in settings.learned
         return {**record("magnitude", 0.9, top1), "algorithm_options.allocation": "from_file" if learned else allocation,
                 "algorithm_options.allocation_label": allocation if learned else None,
-                "algorithm_options.reconstruction": recon}
+                "algorithm_options.reconstruction": recon, "algorithm": "sparsegpt" if recon == "sparsegpt" else "magnitude"}
 
     # a matrix still running: ERK has no reconstruction cells yet, so it must not enter "best alloc"
     cells = [cell("uniform", "none", 10.0), cell("uniform", "layer", 30.0), cell("uniform", "block", 20.0),
-             cell("erk", "none", 75.0), cell("fcpts_quick", "none", 80.0)]
+             cell("erk", "none", 75.0), cell("fcpts_quick", "none", 80.0), cell("uniform", "sparsegpt", 25.0)]
     row = matrix_claim(pd.DataFrame(cells), settings).iloc[0]
-    assert row["cells"] == 5 and row["learned - heuristic alloc (no recon)"] == 5.0
+    assert row["sparsegpt - none (best alloc)"] == 15.0 and row["sparsegpt - none (mean over allocs)"] == 15.0
+    assert row["cells"] == 6 and row["learned - heuristic alloc (no recon)"] == 5.0
     assert row["layer - none (best alloc)"] == 20.0 and row["block - none (mean over allocs)"] == 10.0
     assert row["block - layer (mean over allocs)"] == -10.0 and row["largest effect"] == "layer - none (mean over allocs)"

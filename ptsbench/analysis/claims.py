@@ -29,11 +29,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from ptsbench.analysis.matrix import MatrixSettings, cell_allocation, cell_reconstruction
+from ptsbench.analysis.matrix import (
+    MATRIX_RECONSTRUCTIONS,
+    MatrixSettings,
+    cell_allocation,
+    cell_reconstruction,
+)
 from ptsbench.analysis.matrix import load_settings as matrix_settings
 from ptsbench.analysis.study import check_names, method_family, study_config, study_records
 from ptsbench.errors import ConfigError, PtsbenchError
-from ptsbench.reconstruct import RECONSTRUCTIONS
 from ptsbench.results import RECORDS_FILE, write_atomic
 
 STUDY = "claims"
@@ -191,7 +195,7 @@ def matrix_claim(matrix: pd.DataFrame, settings: MatrixSettings) -> pd.DataFrame
     ok = matrix[matrix["status"] == "ok"].copy()
     ok["allocation"] = cell_allocation(ok)
     ok["reconstruction"] = cell_reconstruction(ok)
-    base, *repairs = RECONSTRUCTIONS  # "none", then the modes that repair
+    base, *repairs = MATRIX_RECONSTRUCTIONS  # "none", then the modes that repair (SparseGPT's update last)
     rows = []
     learned_gain = "learned - heuristic alloc (no recon)"
     columns = ["model", "sparsity", "cells", learned_gain,
