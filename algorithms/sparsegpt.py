@@ -133,22 +133,26 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, zeros: torch.Te
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
     starts = list(range(0, cols, blocksize))
     per_block = None if nm else block_zero_counts(zeros.reshape(groups), cols, starts)
+    any_dead = bool(dead.any())  # inputs that never fired: their weights have saliency 0
     for b, i1 in enumerate(starts):
         i2 = min(i1 + blocksize, cols)
         w1 = w[:, :, i1:i2].clone()
         u1 = u[:, i1:i2, i1:i2]
         denom = u1.diagonal(dim1=-2, dim2=-1).pow(2)[:, None, :]
+        dead1 = dead[:, None, i1:i2] if any_dead else None
         errors = torch.zeros_like(w1)
         mask1 = torch.zeros_like(w1, dtype=torch.bool)
         if not nm:
-            saliency = (w1.pow(2) / denom).masked_fill(dead[:, None, i1:i2], 0.0)
-            mask1 = lowest_per_group(saliency, per_block[:, b])
+            saliency = w1.pow(2) / denom
+            mask1 = lowest_per_group(saliency if dead1 is None else saliency.masked_fill(dead1, 0.0), per_block[:, b])
         for i in range(i2 - i1):
             if nm and i % pattern.m == 0:
                 span = slice(i, i + pattern.m)
-                saliency = (w1[:, :, span].pow(2) / denom[:, :, span]).masked_fill(dead[:, None, i1:i2][..., span], 0.0)
+                saliency = w1[:, :, span].pow(2) / denom[:, :, span]
+                if dead1 is not None:
+                    saliency = saliency.masked_fill(dead1[..., span], 0.0)
                 lowest = torch.topk(saliency, pattern.m - pattern.n, dim=-1, largest=False).indices
-                mask1[:, :, span] = torch.zeros_like(saliency, dtype=torch.bool).scatter_(-1, lowest, True)
+                mask1[:, :, span].scatter_(-1, lowest, True)
             col = w1[:, :, i]
             q = col.masked_fill(mask1[:, :, i], 0.0)
             err = (col - q) / u1[:, i, i][:, None]
