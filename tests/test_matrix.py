@@ -153,3 +153,12 @@ def test_matrix_looks_learned_jobs_up_under_the_recorded_model_name():
     assert model_info("mobilenetv2").name == "mobilenetv2_100"
     info = model_info("vit_tiny", ["seed=3"])
     assert (info.name, info.seed) == ("vit_tiny_patch16_224", 3) and 0.9 in info.sweep_sparsities
+
+
+def test_reconstruction_overrides_skip_the_sparsegpt_column(tmp_path):
+    # sparsegpt_bn has no reconstruction node: a study-wide algorithm.reconstruction.* override fails it
+    extra = ["threads=1", "algorithm.reconstruction.iterations=2", "+algorithm.reconstruction.lr=0.1"]
+    block = matrix.Cell("erk", "block", "resnet18", tmp_path, ())
+    sparsegpt = matrix.Cell("erk", "sparsegpt", "resnet18", tmp_path, ())
+    assert matrix.cell_extra(block, extra) == extra
+    assert matrix.cell_extra(sparsegpt, extra) == ["threads=1"]

@@ -228,6 +228,14 @@ def write_tables(out: Path, source: Path, settings: MatrixSettings) -> pd.DataFr
     return table
 
 
+def cell_extra(cell: Cell, extra: Sequence[str]) -> list[str]:
+    """The extra overrides one cell takes: `algorithm.reconstruction.*` reaches the reconstruction cells
+    only, since the sparsegpt column's algorithm has no reconstruction node to set."""
+    if cell.reconstruction != "sparsegpt":
+        return list(extra)
+    return [o for o in extra if not o.lstrip("+~").startswith("algorithm.reconstruction.")]
+
+
 def run_cells(cells: Sequence[Cell], extra: Sequence[str]) -> int:
     """Compose every cell first (a bad override fails before any job runs), then run them; the number
     that failed."""
@@ -235,7 +243,7 @@ def run_cells(cells: Sequence[Cell], extra: Sequence[str]) -> int:
     from ptsbench.runner import JobFailed, run_job
 
     configs = [compose_job_config([f"model={cell.model_group}", "resume=true", f"experiment_name={STUDY}",
-                                   *cell.overrides, *extra]) for cell in cells]
+                                   *cell.overrides, *cell_extra(cell, extra)]) for cell in cells]
     failed = 0
     for cell, cfg in zip(cells, configs, strict=True):
         if cell.allocation_file is not None:
@@ -260,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reconstructions", nargs="+", default=list(MATRIX_RECONSTRUCTIONS),
                         help="a subset of %(default)s")
     parser.add_argument("--report-only", action="store_true", help="only collect RUNS and rebuild the tables")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (e.g. threads=1)")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (e.g. threads=1); algorithm.reconstruction.* skips the sparsegpt cells")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     source, runs, out = Path(args.source), Path(args.runs), Path(args.out)
