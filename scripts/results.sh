@@ -4,7 +4,7 @@
 # allocation), and the tables and plots rebuilt from those two files alone.
 #
 #   fmnist_benchmark  the default benchmark (what scripts/bench.sh runs)       conf/experiment/fmnist_benchmark.yaml
-#   pts_methods       every method x model at the model's sweep_sparsities     conf/experiment/pts_methods.yaml
+#   pts_methods       learned methods at 0.8/0.9 (3 seeds on claims' cells)    conf/experiment/pts_methods*.yaml
 #   unipts            UniPTS and its ablations beside the others (pts_methods) conf/study/unipts.yaml
 #   technique_matrix  allocation x reconstruction, learned allocations replayed conf/study/technique_matrix.yaml
 #   mask_overlap      which weights the methods keep, at 0.8                   conf/experiment/mask_overlap.yaml
@@ -43,6 +43,8 @@ fmnist_benchmark() {
 
 pts_methods() {
   sweep pts_methods ${ALGORITHMS:+"algorithm=$ALGORITHMS"}
+  sweep pts_methods_seeds ${ALGORITHMS:+"algorithm=$ALGORITHMS"}
+  sweep pts_methods_control
   $PY -m ptsbench.analysis.study runs/pts_methods --out results/pts_methods || status=1
   .venv/bin/ptsbench-report results/pts_methods --reference --any-dataset || status=1
   $PY -m ptsbench.analysis.overlap --charts results/pts_methods --sparsity 0.9 || status=1
