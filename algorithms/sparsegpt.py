@@ -116,6 +116,7 @@ def lowest_per_group(saliency: torch.Tensor, counts: torch.Tensor) -> torch.Tens
     return drop.view_as(saliency)
 
 
+@torch.no_grad()  # updates in place: never part of an autograd graph, whatever its inputs require
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, zeros: torch.Tensor | None = None,
                     pattern: Pattern | None = None, blocksize: int = BLOCKSIZE,
                     percdamp: float = PERCDAMP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +139,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, zeros: torch.Te
         i2 = min(i1 + blocksize, cols)
         w1 = w[:, :, i1:i2].clone()
         u1 = u[:, i1:i2, i1:i2]
-        denom = u1.diagonal(dim1=-2, dim2=-1).pow(2)[:, None, :]
+        diag1 = u1.diagonal(dim1=-2, dim2=-1)
+        denom = diag1.pow(2)[:, None, :]
         dead1 = dead[:, None, i1:i2] if any_dead else None
         errors = torch.zeros_like(w1)
         mask1 = torch.zeros_like(w1, dtype=torch.bool)
@@ -153,11 +155,11 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, zeros: torch.Te
                     saliency = saliency.masked_fill(dead1[..., span], 0.0)
                 lowest = torch.topk(saliency, pattern.m - pattern.n, dim=-1, largest=False).indices
                 mask1[:, :, span].scatter_(-1, lowest, True)
-            col = w1[:, :, i]
-            q = col.masked_fill(mask1[:, :, i], 0.0)
-            err = (col - q) / u1[:, i, i][:, None]
-            w1[:, :, i + 1:] -= err[:, :, None] * u1[:, None, i, i + 1:]
-            w1[:, :, i] = q
+            col, drop = w1[:, :, i], mask1[:, :, i]
+            err = col * drop / diag1[:, i, None]  # (w - q) / U[i, i], q the column with its pruned entries 0
+            # the rank-1 update in place: no (G, R, B) temporary per column
+            w1[:, :, i + 1:].baddbmm_(err[:, :, None], u1[:, i:i + 1, i + 1:], alpha=-1.0)
+            col.masked_fill_(drop, 0.0)
             errors[:, :, i] = err
         w[:, :, i1:i2] = w1
         pruned[:, :, i1:i2] = mask1
