@@ -75,6 +75,18 @@ def test_gains_are_paired_by_seed_and_carry_the_seed_band():
     assert u["verdict"] == "does not hold here"  # gains 1 and 12: the seed band reaches zero
 
 
+def test_a_one_seed_reference_run_is_shown_beside_the_seed_band_of_the_quick_runs():
+    rows = [record("fcpts-ste-kde", 0.9, 75.0, seed=0),
+            *(record("fcpts-ste-kde-64it", 0.9, top1, seed=s) for s, top1 in enumerate([70.0, 72.0, 68.0])),
+            *(record("magnitude-erk+bn", 0.9, top1, seed=s) for s, top1 in enumerate([65.0, 66.0, 64.0]))]
+    claims = load_settings()
+    f = fcpts_claim(pd.DataFrame(rows), claims.fcpts).iloc[0]
+    assert f["FCPTS run (highest budget)"] == "fcpts-ste-kde" and f["seeds"] == 1 and f["gain over best"] == 10.0
+    assert f["gain over best, most seeds"] == "fcpts-ste-kde-64it: +5.00 ± 1.00 (3 seeds)"
+    rows = [r for r in rows if r["method"] != "fcpts-ste-kde"]  # the quick runs decide: nothing beside them
+    assert fcpts_claim(pd.DataFrame(rows), claims.fcpts).iloc[0]["gain over best, most seeds"] == ""
+
+
 def test_claim_tables_compare_against_the_right_rows(tmp_path):
     rows = [record("fcpts-ste-kde-64it", 0.8, 80.0), record("magnitude-uniform+bn", 0.8, 40.0),
             record("magnitude-erk+bn", 0.8, 70.0), record("pot-quick", 0.8, 75.0),
