@@ -16,6 +16,7 @@ from torch import nn
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from algorithms.magnitude import AllocationChoice
 from ptsbench.bn import recalibrate_batchnorm
+from ptsbench.errors import ConfigError
 from ptsbench.layerwise import InputStatistic, check_supported, sequential_prune
 from ptsbench.sparsity import PrunableLayer, magnitude_mask, rates
 
@@ -25,19 +26,29 @@ class LayerwiseOneShot(PTSAlgorithm):
     statistic: ClassVar[type]  # built per layer, fed the layer's unfolded inputs
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
-                 allocation_label: str | None = None, batch_size: int = 64, bn_recalibration: bool = False):
+                 allocation_label: str | None = None, batch_size: int = 64, bn_recalibration: bool = False,
+                 bn_sequential: bool = False):
         self.alloc = AllocationChoice(allocation, float(erk_power_scale), allocation_file, allocation_label).check()
         self.batch_size = int(batch_size)  # calibration images per forward pass (memory, not results)
         # Not in the papers (language models have no BatchNorm): on a BN network the pruned layers shift the
         # batch statistics, and re-estimating them on the calibration images is what magnitude+bn does too.
         self.bn_recalibration = bool(bn_recalibration)
+        # With re-estimation only at the end, each block is calibrated on a pruned prefix whose BN layers
+        # still hold the dense statistics, i.e. on inputs the final network never sees; `bn_sequential`
+        # re-estimates them before every block's pass as well (one more pass per block).
+        self.bn_sequential = bool(bn_sequential)
+        if self.bn_sequential and not self.bn_recalibration:
+            raise ConfigError("algorithm.bn_sequential=true re-estimates BatchNorm along the sequential pass and "
+                              "needs algorithm.bn_recalibration=true (the statistics after the last block).")
 
     def options(self) -> dict[str, Any]:
-        return {**self.alloc.options(), "bn_recalibration": self.bn_recalibration}
+        opts = {**self.alloc.options(), "bn_recalibration": self.bn_recalibration}
+        return opts | ({"bn_sequential": True} if self.bn_sequential else {})
 
     @property
     def family(self) -> str:
-        return f"{self.name}-{self.alloc.describe(self.pattern)}" + ("+bn" if self.bn_recalibration else "")
+        bn = "+seqbn" if self.bn_sequential else "+bn" if self.bn_recalibration else ""
+        return f"{self.name}-{self.alloc.describe(self.pattern)}{bn}"
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         check_supported(layers)
@@ -54,10 +65,15 @@ class LayerwiseOneShot(PTSAlgorithm):
         def finish(layer: PrunableLayer, stat: InputStatistic) -> None:
             masks[layer.name] = self.prune_layer(layer, stat, counts[layer.name])
 
+        def reestimate() -> int:
+            return recalibrate_batchnorm(model, ctx.calib, ctx.device, self.batch_size)
+
         todo = [ly for ly in layers if counts[ly.name] > 0]  # dense layers need no statistics
         passes = sequential_prune(model, todo, ctx.calib, self.batch_size, self.statistic, finish,
-                                  progress=ctx.progress, desc=self.name) if todo else 0
-        bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.batch_size) if self.bn_recalibration else 0
+                                  progress=ctx.progress, desc=self.name,
+                                  before_block=reestimate if self.bn_sequential else None) if todo else 0
+        bn_layers = reestimate() if self.bn_recalibration else 0
+        bn_passes = max(passes - 1, 0) if self.bn_sequential and bn_layers else 0  # none before the first block
         return PruneResult(model=model, allocation=rates(layers, counts), masks=masks,
-                           stats={"calib_passes": passes + int(self.bn_recalibration), "layers_pruned": len(todo),
-                                  "bn_layers_recalibrated": bn_layers})
+                           stats={"calib_passes": passes + bn_passes + int(self.bn_recalibration),
+                                  "layers_pruned": len(todo), "bn_layers_recalibrated": bn_layers})

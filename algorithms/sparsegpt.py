@@ -190,8 +190,9 @@ class SparseGPT(LayerwiseOneShot):
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
                  allocation_label: str | None = None, blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
-                 batch_size: int = 64, bn_recalibration: bool = False):
-        super().__init__(allocation, erk_power_scale, allocation_file, allocation_label, batch_size, bn_recalibration)
+                 batch_size: int = 64, bn_recalibration: bool = False, bn_sequential: bool = False):
+        super().__init__(allocation, erk_power_scale, allocation_file, allocation_label, batch_size, bn_recalibration,
+                         bn_sequential)
         if int(blocksize) < 1:
             raise ConfigError(f"algorithm.blocksize={blocksize} must be a positive number of columns (default 128).")
         if not float(percdamp) > 0:

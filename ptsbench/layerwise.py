@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -132,14 +132,19 @@ def collect(model: nn.Module, block: list[PrunableLayer], calib: CalibrationSet,
 def sequential_prune(model: nn.Module, layers: list[PrunableLayer], calib: CalibrationSet, batch_size: int,
                      begin: Callable[[PrunableLayer], InputStatistic],
                      finish: Callable[[PrunableLayer, InputStatistic], None],
-                     progress: bool = False, desc: str = "one-shot pruning") -> int:
+                     progress: bool = False, desc: str = "one-shot pruning",
+                     before_block: Callable[[], Any] | None = None) -> int:
     """Prune `layers` block by block with `finish(layer, statistic)`, each block calibrated on the outputs
-    of the blocks already pruned. Returns the number of calibration passes (one per block)."""
+    of the blocks already pruned; `before_block` runs before every block's pass but the first (BatchNorm
+    re-estimation of the pruned prefix). Returns the number of calibration passes (one per block)."""
     passes = block_passes(model, layers)
     was_training = model.training
     model.eval()
     try:
-        for block in tqdm(passes, desc=desc, disable=not progress):
+        for i, block in enumerate(tqdm(passes, desc=desc, disable=not progress)):
+            if before_block is not None and i > 0:
+                before_block()
+                model.eval()
             stats = collect(model, block, calib, batch_size, begin)
             for ly in block:
                 finish(ly, stats[ly.name])

@@ -174,3 +174,48 @@ def test_block_mask_takes_exact_counts_per_group_ties_by_position():
     assert drop.tolist() == [[[True, True, True], [True, False, False]], [[False, True, False], [True, False, False]]]
     same = lowest_per_group(saliency, torch.tensor([3, 3]))  # equal counts: the k-th value path
     assert same.sum(dim=(1, 2)).tolist() == [3, 3] and same[0, 0, 1] and not same[0, 0, 0]
+
+
+def test_bn_sequential_calibrates_each_block_on_a_prefix_with_reestimated_batchnorm():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 16))
+    images = torch.randn(40, 2, 6, 6)
+    model.train()
+    for _ in range(5):  # non-trivial running statistics, as a trained network has
+        model(images * 2 + 1)
+    model.eval()
+    reference, stale = copy.deepcopy(model), copy.deepcopy(model)
+    layers = find_prunable_layers(model)
+    calib = tiny_calib(images)
+    ctx = PruneContext(calib, torch.device("cpu"), 0, progress=False)
+    result = SparseGPT(bn_recalibration=True, bn_sequential=True).prune(model, layers, 0.5, ctx)
+    SparseGPT(bn_recalibration=True).prune(stale, find_prunable_layers(stale), 0.5, ctx)
+    assert result.stats["calib_passes"] == 3 + 2 + 1  # a pass per block, a re-estimation before blocks 2 and 3, the last
+
+    # By hand: each layer's Hessian from a prefix whose BN was re-estimated after the layers before it were pruned
+    from ptsbench.bn import recalibrate_batchnorm
+    n_zero = {0: 72, 3: 288, 7: 2304}
+    for index in (0, 3, 7):
+        recalibrate_batchnorm(reference, calib, "cpu", 64)
+        reference.eval()
+        with torch.no_grad():
+            feats = reference[:index](images)
+        layer = reference[index]
+        if isinstance(layer, nn.Conv2d):
+            hessian = conv_hessian(layer, feats)
+        else:
+            hessian = (2.0 / len(feats) * feats.T @ feats)[None]
+        prune_layer(PrunableLayer(str(index), layer, "conv"), hessian, n_zero[index], UNSTRUCTURED)
+    recalibrate_batchnorm(reference, calib, "cpu", 64)
+    for index in (0, 3, 7):
+        assert torch.allclose(model[index].weight, reference[index].weight, atol=1e-4)
+    assert torch.allclose(model[4].running_mean, reference[4].running_mean, atol=1e-5)
+    # and it is not what calibrating on the stale statistics gives
+    assert not torch.allclose(model[7].weight, stale[7].weight, atol=1e-3)
+
+
+def test_bn_sequential_needs_bn_recalibration():
+    with pytest.raises(ConfigError, match="bn_sequential=true.*bn_recalibration=true"):
+        SparseGPT(bn_sequential=True)
+    assert SparseGPT(bn_recalibration=True, bn_sequential=True).label == "sparsegpt-uniform+seqbn"
