@@ -162,3 +162,18 @@ def test_reconstruction_overrides_skip_the_sparsegpt_column(tmp_path):
     sparsegpt = matrix.Cell("erk", "sparsegpt", "resnet18", tmp_path, ())
     assert matrix.cell_extra(block, extra) == extra
     assert matrix.cell_extra(sparsegpt, extra) == ["threads=1"]
+
+
+def test_layer_charts_draw_every_model_of_a_study(tmp_path):
+    from ptsbench.analysis.overlap import write_layer_charts
+    records, tables = [], []
+    for i, model in enumerate(["mobilenetv2_100", "resnet18"]):
+        for j, method in enumerate(["magnitude-erk+bn", "pot-quick"]):
+            key = f"h{i}{j}"
+            records.append({"config_hash": key, "model": model, "method": method, "target_sparsity": 0.9, "seed": 0,
+                            "status": "ok", "top1": 50.0})
+            tables.append(pd.DataFrame({"config_hash": key, "name": ["a", "b"], "achieved_sparsity": [0.8, 0.95]}))
+    write_study(tmp_path / "study", records, pd.concat(tables, ignore_index=True))
+    paths = write_layer_charts(tmp_path / "study", 0.9, ["magnitude-erk+bn", "pot-quick"], tmp_path / "charts")
+    assert sorted(p.name for p in paths) == ["layer_sparsity_mobilenetv2_100_0.9.png", "layer_sparsity_resnet18_0.9.png"]
+    assert all(p.stat().st_size > 5_000 for p in paths)

@@ -160,7 +160,7 @@ def write_layer_charts(study: Path, sparsity: float, methods: Sequence[str], out
     if rows.empty:
         raise PtsbenchError(f"{study} has no finished job of {list(methods)} at sparsity {sparsity:g}, seed {seed}.")
     paths = []
-    for model, tables in layer_tables(study, rows.sort_values("method").drop_duplicates("method")).items():
+    for model, tables in layer_tables(study, rows.sort_values(["model", "method"]).drop_duplicates(["model", "method"])).items():
         paths.append(out / f"layer_sparsity_{model}_{sparsity:g}.png")
         plot_layer_sparsity(tables, f"{model} at {sparsity:g}", paths[-1])
     return paths
