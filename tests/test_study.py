@@ -99,14 +99,20 @@ def test_method_labels_come_from_the_algorithm_classes():
 
 
 def test_each_sweep_covers_exactly_its_models_sweep_sparsities():
-    for experiment in ("fmnist_benchmark", "pts_methods"):
+    grid = experiment_grid("fmnist_benchmark")
+    wanted = set()
+    for model in grid["model"]:
+        wanted |= set(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml").sweep_sparsities)
+    assert {float(s) for s in grid["sparsity"]} == wanted
+    filters = OmegaConf.load(CONF_DIR / "experiment" / "fmnist_benchmark.yaml").hydra.sweeper.filters
+    assert any("ptsbench.sweep.ModelSparsities" in f for f in filters)
+    # pts_methods and its seeds run the claims' cells, inside every model's range
+    claims = {float(s) for s in study_config("claims").fcpts.sparsities} | {float(study_config("claims").unipts.sparsity)}
+    for experiment in ("pts_methods", "pts_methods_seeds"):
         grid = experiment_grid(experiment)
-        wanted = set()
+        assert {float(s) for s in grid["sparsity"]} == claims, experiment
         for model in grid["model"]:
-            wanted |= set(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml").sweep_sparsities)
-        assert {float(s) for s in grid["sparsity"]} == wanted, experiment
-        filters = OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml").hydra.sweeper.filters
-        assert any("ptsbench.sweep.ModelSparsities" in f for f in filters)
+            assert claims <= set(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml").sweep_sparsities)
     # the one-shot study runs the levels of the one-shot papers' tables, inside every model's range
     grid = experiment_grid("oneshot")
     for model in grid["model"]:
