@@ -102,13 +102,20 @@ def cell_rows(records: pd.DataFrame, model: str, family: str, sparsity: float) -
                    & ((records["target_sparsity"] - sparsity).abs() < 1e-9) & (records["status"] == "ok")]
 
 
+def budgets(rows: pd.DataFrame) -> pd.Series:
+    """Each record's budget_fraction as a number (NaN where a record has none)."""
+    if "budget_fraction" not in rows:
+        return pd.Series(float("nan"), index=rows.index)
+    return pd.to_numeric(rows["budget_fraction"], errors="coerce")
+
+
 def highest_budget(records: pd.DataFrame, model: str, family: str, sparsity: float) -> str | None:
     """The label of the family's run with the largest budget_fraction in the cell (None: not run)."""
     rows = cell_rows(records, model, family, sparsity)
     if rows.empty:
         return None
-    budget = pd.to_numeric(rows["budget_fraction"], errors="coerce") if "budget_fraction" in rows else None
-    if budget is None or budget.isna().all():
+    budget = budgets(rows)
+    if budget.isna().all():
         return str(rows["method"].iloc[-1])
     return str(rows.loc[budget.fillna(-1.0).idxmax(), "method"])
 
@@ -118,9 +125,7 @@ def most_seeded(records: pd.DataFrame, model: str, family: str, sparsity: float)
     rows = cell_rows(records, model, family, sparsity)
     if rows.empty:
         return None
-    budget = (pd.to_numeric(rows["budget_fraction"], errors="coerce") if "budget_fraction" in rows
-              else pd.Series(float("nan"), index=rows.index)).fillna(-1.0)
-    runs = rows.assign(_budget=budget).groupby("method").agg(seeds=("seed", "nunique"), budget=("_budget", "max"))
+    runs = rows.assign(_budget=budgets(rows).fillna(-1.0)).groupby("method").agg(seeds=("seed", "nunique"), budget=("_budget", "max"))
     return str(runs.sort_values(["seeds", "budget"]).index[-1])
 
 
