@@ -8,6 +8,7 @@ from ptsbench.analysis.claims import (
     fcpts_claim,
     load_settings,
     matrix_claim,
+    second_dense_claims,
     unipts_claim,
     verdict,
     write_claims,
@@ -21,10 +22,11 @@ BUDGETS = {"fcpts-ste-kde-64it": ("fcpts-ste-kde", 0.04), "fcpts-ste-kde": ("fcp
            "pot-quick": ("pot", 0.01), "pot-2000steps": ("pot", 0.1)}
 
 
-def record(method: str, sparsity: float, top1: float, model: str = "resnet18", seed: int = 0) -> dict:
+def record(method: str, sparsity: float, top1: float, model: str = "resnet18", seed: int = 0,
+           dense_top1: float = 92.0) -> dict:
     family, budget = BUDGETS.get(method, (method, None))
     return {"model": model, "method": method, "method_family": family, "budget_fraction": budget,
-            "target_sparsity": sparsity, "top1": top1, "status": "ok", "seed": seed}
+            "target_sparsity": sparsity, "top1": top1, "status": "ok", "seed": seed, "dense_top1": dense_top1}
 
 
 def test_verdicts():
@@ -122,3 +124,31 @@ def test_matrix_differences_use_only_allocations_with_both_columns():
     assert row["cells"] == 6 and row["learned - heuristic alloc (no recon)"] == 5.0
     assert row["layer - none (best alloc)"] == 20.0 and row["block - none (mean over allocs)"] == 10.0
     assert row["block - layer (mean over allocs)"] == -10.0 and row["largest effect"] == "layer - none (mean over allocs)"
+
+
+def test_a_second_dense_model_is_set_beside_the_same_runs_on_the_shipped_one(tmp_path):
+    claims = load_settings()
+    assert claims.second_dense == "second_dense_model"
+    shipped = [record("fcpts-ste-kde-64it", 0.9, 80.0 + s, seed=s) for s in range(3)]
+    shipped += [record("magnitude-erk+bn", 0.9, 79.0, seed=s) for s in range(3)]
+    shipped += [record("fcpts-ste-kde", 0.9, 90.0)]  # the reference budget: not run on the second dense model
+    shipped += [record("unipts-quick-8x5-5ep", 0.9, 70.0, seed=s) for s in range(2)]
+    shipped += [record("pot-quick", 0.9, 10.0, seed=s) for s in range(2)]
+    second = [record("fcpts-ste-kde-64it", 0.9, 78.0, seed=s, dense_top1=91.0) for s in range(2)]
+    second += [record("magnitude-erk+bn", 0.9, 80.0, seed=s, dense_top1=91.0) for s in range(2)]
+    second += [record("unipts-quick-8x5-5ep", 0.9, 70.0, seed=s, dense_top1=91.0) for s in range(2)]
+    second += [record("pot-quick", 0.9, 69.75, seed=s, dense_top1=91.0) for s in range(2)]
+    table = second_dense_claims(pd.DataFrame(shipped), pd.DataFrame(second), claims).set_index("claim")
+    fcpts = table.loc["FCPTS - best baseline"]
+    # the same runs only: the quick budget and seeds 0-1 on both sides, not the shipped reference run
+    assert fcpts["gain (shipped)"] == 1.5 and fcpts["± (shipped)"].startswith("+1.50 ±")
+    assert fcpts["gain (second)"] == -2.0 and fcpts["verdict (second)"] == "does not hold here"
+    assert fcpts["verdict (shipped)"] == "holds in direction only"
+    assert fcpts["dense top-1 shipped / second"] == "92.00 / 91.00" and fcpts["seeds"] == 2
+    unipts = table.loc["UniPTS - POT"]
+    assert (unipts["gain (shipped)"], unipts["gain (second)"]) == (60.0, 0.25)
+    assert unipts["verdict (second)"] == "does not hold here"
+    write_study(tmp_path / "pts_methods", shipped, pd.DataFrame(columns=["config_hash"]))
+    write_study(tmp_path / "second_dense_model", second, pd.DataFrame(columns=["config_hash"]))
+    text = write_claims(tmp_path, tmp_path / "claims" / "claims.md")
+    assert "## With a second dense model" in text and "92.00 / 91.00" in text

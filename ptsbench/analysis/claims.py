@@ -66,6 +66,7 @@ class ClaimSettings:
     fcpts: FcptsClaim
     unipts: UniptsClaim
     studies: tuple[str, ...] = ("pts_methods",)  # pooled: each cell uses the highest budget any of them ran
+    second_dense: str | None = None  # a study of the claims' runs on another dense generation
 
 
 def load_settings() -> ClaimSettings:
@@ -81,7 +82,8 @@ def load_settings() -> ClaimSettings:
             FcptsClaim(label[f.method], tuple(label[b] for b in f.baselines), tuple(float(s) for s in f.sparsities),
                        float(f.paper_gain)),
             UniptsClaim(label[u.method], label[u.against], label[u.plain_kd], float(u.sparsity), float(u.paper_gain)),
-            tuple(str(s) for s in cfg.get("studies", ["pts_methods"])))
+            tuple(str(s) for s in cfg.get("studies", ["pts_methods"])),
+            str(cfg.second_dense) if cfg.get("second_dense") else None)
     except AttributeError as exc:  # OmegaConf's missing-key error on a plain loaded file
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -223,6 +225,46 @@ def unipts_claim(records: pd.DataFrame, claim: UniptsClaim, tie: float = 0.5) ->
     return pd.DataFrame(rows)
 
 
+RUN_KEYS = ["model", "method", "target_sparsity", "seed"]
+
+
+def same_runs(records: pd.DataFrame, like: pd.DataFrame) -> pd.DataFrame:
+    """The records of `records` that ran what a record of `like` ran (model, label, sparsity, seed)."""
+    def keys(frame: pd.DataFrame) -> pd.Series:
+        return frame[RUN_KEYS].assign(target_sparsity=frame["target_sparsity"].round(6)).astype(str).agg("|".join, axis=1)
+
+    return records[keys(records).isin(set(keys(like)))]
+
+
+def second_dense_claims(records: pd.DataFrame, other: pd.DataFrame, claims: ClaimSettings) -> pd.DataFrame:
+    """Each claim's gain on another dense generation (`other`: the same methods, budgets and seeds run on a
+    dense model trained with another seed) beside the same runs on the shipped dense model."""
+    shipped = same_runs(records, other)
+    rows = []
+    for claim, measure, gain, best in (
+            ("FCPTS - best baseline", lambda r: fcpts_claim(r, claims.fcpts, claims.tie), "gain over best",
+             "best baseline"),
+            ("UniPTS - POT", lambda r: unipts_claim(r, claims.unipts, claims.tie), "UniPTS - POT", "POT run")):
+        a, b = measure(shipped), measure(other)
+        if a.empty or b.empty:
+            continue
+        on = [k for k in ("model", "sparsity") if k in a]
+        both = a.merge(b, on=on, suffixes=(" (shipped)", " (second)"))
+        verdict = "verdict (vs best)" if "verdict (vs best)" in a else "verdict"
+        for _, row in both.iterrows():
+            cell = shipped[(shipped["model"] == row["model"])]
+            second = other[(other["model"] == row["model"])]
+            rows.append({"claim": claim, "model": row["model"],
+                         "sparsity": row.get("sparsity", claims.unipts.sparsity),
+                         "seeds": row["seeds (second)"],
+                         "dense top-1 shipped / second": f"{cell['dense_top1'].iloc[0]:.2f} / {second['dense_top1'].iloc[0]:.2f}",
+                         "against (shipped)": row[f"{best} (shipped)"], "gain (shipped)": row[f"{gain} (shipped)"],
+                         "± (shipped)": row["± (seeds) (shipped)"], "verdict (shipped)": row[f"{verdict} (shipped)"],
+                         "against (second)": row[f"{best} (second)"], "gain (second)": row[f"{gain} (second)"],
+                         "± (second)": row["± (seeds) (second)"], "verdict (second)": row[f"{verdict} (second)"]})
+    return pd.DataFrame(rows)
+
+
 def matrix_claim(matrix: pd.DataFrame, settings: MatrixSettings) -> pd.DataFrame:
     """PTSBench: learned allocation and block-wise reconstruction help most. For each model and sparsity
     of the matrix: the gain of the best learned allocation over the best heuristic one (no
@@ -302,6 +344,14 @@ def write_claims(results: Path, out: Path) -> str:
               f"{', '.join(matrix_roles.learned)}; heuristic: {', '.join(matrix_roles.heuristic)}.", ""]
     m = matrix_claim(matrix, matrix_roles)
     parts += [m.to_markdown(index=False, floatfmt=".2f") if len(m) else "(technique matrix not run)", ""]
+    other = study_records(results / claims.second_dense) if claims.second_dense else pd.DataFrame()
+    d = second_dense_claims(records, other, claims) if len(other) and len(records) else pd.DataFrame()
+    if len(d):
+        parts += ["## With a second dense model", "",
+                  f"The FCPTS and UniPTS claims on a dense model trained with another seed "
+                  f"(`{results}/{claims.second_dense}`), beside the same runs (method, budget, sparsity, seeds) on "
+                  f"the shipped dense model: how far a verdict moves with the dense model it starts from.", "",
+                  d.to_markdown(index=False, floatfmt=".2f"), ""]
     text = "\n".join(parts)
     write_atomic(out, text)
     return text
