@@ -104,6 +104,7 @@ class PtsbenchConfig:
     progress: bool = True
     save_sparse: bool = False  # write the pruned model (safetensors + compact bit-mask form) and re-check it
     resume: bool = False  # skip jobs whose identical config already finished in this sweep
+    resume_studies: list[str] = field(default_factory=list)  # and those already in these collected studies
     cache_dir: str = MISSING
     experiment_name: str = "default"
 

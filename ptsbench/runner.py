@@ -42,8 +42,10 @@ from ptsbench.patterns import check_pattern_target, parse_pattern
 from ptsbench.results import (
     ALLOCATION_FILE,
     CALIB_FILE,
+    RECORDS_FILE,
     RESULT_FILE,
     find_result_files,
+    read_records_file,
     write_csv,
     write_json,
 )
@@ -90,7 +92,7 @@ def git_commit() -> str | None:
 def config_hash(cfg: DictConfig) -> str:
     """Identity of a job: the resolved config minus what does not change the result."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("hydra", "logger", "progress", "threads", "cache_dir", "resume", "save_sparse"):
+    for key in ("hydra", "logger", "progress", "threads", "cache_dir", "resume", "resume_studies", "save_sparse"):
         plain.pop(key, None)
     return stable_hash(plain, length=16)
 
@@ -192,6 +194,16 @@ def target_missed(audit: Audit, dense_zeros: Mapping[str, int]) -> str | None:
                        f"{'above' if excess > 0 else 'below'} the target {audit.target:g} "
                        f"(tolerance: {len(rows)} weights, one per layer)")
     return "Target missed: " + "; ".join(reasons) + "." if reasons else None
+
+
+def study_record(study: Path, config_id: str) -> dict[str, Any] | None:
+    """The ok record with this config hash in a collected study folder (records.jsonl), if any."""
+    path = study / RECORDS_FILE
+    if not path.is_file():
+        raise ConfigError(f"resume_studies: {study} holds no {RECORDS_FILE}; it must be a collected study "
+                          "folder such as results/pts_methods.")
+    return next((r for r in read_records_file(path) if r.get("config_hash") == config_id
+                 and r.get("status") == "ok"), None)
 
 
 def find_finished(config_id: str, dirs: list[Path]) -> Path | None:
@@ -377,7 +389,9 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
     """Run one job and write its files into `out_dir`; returns the record (status ok or target_missed).
 
     A failure is recorded (status failed) and raised as JobFailed. With `cfg.resume`, a job whose config
-    hash already finished under `resume_dirs` (default: `out_dir`) is skipped and the earlier record returned.
+    hash already finished under `resume_dirs` (default: `out_dir`) or is an ok record of one of the
+    collected studies `cfg.resume_studies` (a fresh clone's committed results) is skipped and the earlier
+    record returned.
     """
     record = base_record(cfg)
     if cfg.get("resume"):
@@ -387,6 +401,11 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
             previous = json.loads(done.read_text())
             previous["skipped"] = True
             return previous
+        for study in cfg.get("resume_studies") or []:
+            previous = study_record(Path(str(study)), record["config_hash"])
+            if previous is not None:
+                log.info("resume: identical config already in the study %s; skipping", study)
+                return {**previous, "skipped": True}
     out_dir.mkdir(parents=True, exist_ok=True)
     record["job_dir"] = str(out_dir)
     with recorded(record, out_dir, tracker or Tracker()) as job:

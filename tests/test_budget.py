@@ -18,15 +18,25 @@ from tests.conftest import TINY, compose_config
 def test_every_point_composes_and_buys_more_work_along_its_curve():
     points, sparsity = study_points()
     assert sparsity == 0.9 and {p.model for p in points} == {"mobilenetv2", "vit_tiny"}
+    assert len(set(points)) == len(points)  # a point two curves list runs once
     curves: dict[tuple[str, str], list[float]] = {}
+    repeats = []  # the reference budget on other cells and seeds
     for point in points:
-        cfg = compose_config([*point.overrides, f"sparsity={sparsity}"])
+        cfg = compose_config([*point.overrides, f"sparsity={point.sparsity}", f"seed={point.seed}"])
         algorithm = build_algorithm(cfg)
         work = algorithm.budget_fraction if point.key == "algorithm.budget" else int(cfg.calib.n)
         assert work is not None, point
-        curves.setdefault((point.model, point.algorithm), []).append(work)
+        if point.sparsity == sparsity and point.seed == 0:
+            curves.setdefault((point.model, point.algorithm), []).append(work)
+        else:
+            repeats.append((point, work))
     for (model, algorithm), work in curves.items():
         assert work == sorted(work) and len(set(work)) == len(work) >= 2, (model, algorithm, work)
+    # the claims' cells (0.8 and 0.9) at the reference budget, three seeds in the paper's mode
+    for point, work in repeats:
+        assert work == 1.0 and work == max(curves[(point.model, point.algorithm)]), point
+    paper = {(p.model, p.sparsity, p.seed) for p in points if p.algorithm == "fcpts" and p.value == 1.0}
+    assert paper == {(m, s, seed) for m in ("mobilenetv2", "vit_tiny") for s in (0.8, 0.9) for seed in (0, 1, 2)}
     some, _ = study_points(["vit_tiny"], ["unipts_quick"])
     assert {(p.model, p.algorithm) for p in some} == {("vit_tiny", "unipts_quick")} and len(some) >= 2
     fcpts = build_algorithm(compose_config(["algorithm=fcpts", "algorithm.budget=0.04"]))
@@ -51,3 +61,12 @@ def test_a_small_curve_runs_resumes_and_is_joined_in_the_pareto_view(cache_dir, 
     assert set(table["method_family"]) == {"fcpts-ste-kde"}
     assert (out / "pareto.png").stat().st_size > 0
     assert table["budget_fraction"].tolist() == pytest.approx(sorted(table["budget_fraction"]))
+    # a fresh clone: the study is all that is left; a point at another sparsity and seed is added to it,
+    # the committed ones are neither rerun nor dropped
+    more = [Point("resnet18", "fcpts_quick", "algorithm.budget", 0.05, sparsity=0.5, seed=1)]
+    assert run_points([*points, *more], 0.8, tmp_path / "fresh", [*extra, f"resume_studies=[{out}]"]) == 0
+    assert not points[0].job_dir(tmp_path / "fresh", 0).exists()
+    added = json.loads((more[0].job_dir(tmp_path / "fresh", 1) / "result.json").read_text())
+    assert (added["target_sparsity"], added["seed"], added["status"]) == (0.5, 1, "ok")
+    collect([tmp_path / "fresh"], out, add=True)
+    assert len(pd.read_json(out / "records.jsonl", lines=True)) == 3

@@ -56,6 +56,27 @@ def test_resume_skips_finished_identical_config(tiny_cfg, tmp_path):
     assert not other.get("skipped") and (tmp_path / "2" / "result.json").exists()
 
 
+def test_resume_skips_a_config_the_committed_study_holds(tiny_cfg, tmp_path):
+    from ptsbench.analysis.study import collect
+    from ptsbench.errors import ConfigError
+
+    first = run_job(tiny_cfg("sparsity=0.6"), tmp_path / "runs" / "a")
+    collect([tmp_path / "runs"], tmp_path / "study")
+    (tmp_path / "runs" / "a" / "result.json").unlink()  # a fresh clone: only the collected study is left
+    cfg = tiny_cfg("sparsity=0.6", "resume=true", f"resume_studies=[{tmp_path / 'study'}]")
+    again = run_job(cfg, tmp_path / "fresh" / "a", resume_dirs=[tmp_path / "fresh"])
+    assert again.get("skipped") is True and again["config_hash"] == first["config_hash"]
+    assert again["top1"] == first["top1"] and not (tmp_path / "fresh" / "a").exists()
+    other = run_job(tiny_cfg("sparsity=0.7", "resume=true", f"resume_studies=[{tmp_path / 'study'}]"),
+                    tmp_path / "fresh" / "b", resume_dirs=[tmp_path / "fresh"])
+    assert not other.get("skipped") and other["status"] == "ok"
+    assert other["config_hash"] == run_job(tiny_cfg("sparsity=0.7", "resume=true"), tmp_path / "fresh" / "b",
+                                           resume_dirs=[tmp_path / "fresh"])["config_hash"]  # not in the hash
+    with pytest.raises(ConfigError, match="resume_studies: .* holds no records.jsonl"):
+        run_job(tiny_cfg("sparsity=0.8", "resume=true", f"resume_studies=[{tmp_path / 'nowhere'}]"),
+                tmp_path / "fresh" / "c")
+
+
 def test_non_finite_loss_stops():
     assert ensure_finite(1.5, "loss") == 1.5
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3"):

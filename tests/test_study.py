@@ -91,6 +91,28 @@ def test_collect_keeps_the_finished_run_of_a_config_and_makes_paths_relative(tmp
         collect([tmp_path / "missing"], tmp_path / "none")
 
 
+def test_collect_with_add_keeps_the_committed_jobs_and_adds_the_new_ones(tmp_path):
+    old_runs, new_runs, study = tmp_path / "old", tmp_path / "new", tmp_path / "study"
+    synthetic_job(old_runs / "a", "h1", "ok", "2026-01-01T00:00:00", top1=61.0)
+    synthetic_job(old_runs / "b", "h2", "ok", "2026-01-01T00:00:00", target_sparsity=0.5, top1=70.0)
+    collect([old_runs], study)
+    committed = (study / RECORDS_FILE).read_text()
+    # a fresh clone: the committed study is all there is of the old runs; one new job, one rerun of h1
+    synthetic_job(new_runs / "c", "h3", "ok", "2026-02-01T00:00:00", seed=1, top1=66.0)
+    synthetic_job(new_runs / "a2", "h1", "ok", "2026-02-01T00:00:00", top1=62.0)
+    records = collect([new_runs], study, add=True)
+    assert sorted((r["config_hash"], r["top1"]) for r in records) == [("h1", 62.0), ("h2", 70.0), ("h3", 66.0)]
+    assert sorted(study_allocations(study)["config_hash"].tolist()) == ["h1", "h1", "h2", "h2", "h3", "h3"]
+    collect([new_runs], tmp_path / "replaced")  # without add only the new runs' jobs are there
+    assert len(study_records(tmp_path / "replaced")) == 2
+    # adding nothing new rewrites the committed files unchanged
+    collect([old_runs], tmp_path / "again")
+    (tmp_path / "empty").mkdir()
+    synthetic_job(tmp_path / "empty" / "a", "h1", "ok", "2026-01-01T00:00:00", top1=61.0)
+    collect([tmp_path / "empty"], tmp_path / "again", add=True)
+    assert (tmp_path / "again" / RECORDS_FILE).read_text() == committed
+
+
 def test_method_labels_come_from_the_algorithm_classes():
     assert method_label("magnitude_erk_bn") == "magnitude-erk+bn"
     assert method_label("magnitude", ["algorithm.allocation=global"]) == "magnitude-global"
@@ -138,7 +160,7 @@ def test_results_script_keeps_no_list_of_its_own():
     assert not re.search(r"algorithm=[a-z_]+,", script)  # algorithm lists live in conf/experiment
     assert "sparsity=0." not in script and "SPARSITIES" not in script  # sparsities live in the model configs
     for study in ("fmnist_benchmark", "pts_methods", "unipts", "technique_matrix", "mask_overlap", "oneshot",
-                  "budget_curves", "claims"):
+                  "budget_curves", "second_dense_model", "claims"):
         assert f"{study}()" in script
 
 

@@ -7,7 +7,10 @@ is then collected into OUT and `ptsbench-report OUT` writes the tables, the accu
 cost-normalised view (pareto.md, pareto.png), where each method's budget points are joined.
 
     python -m ptsbench.analysis.budget --out results/budget_curves [--models vit_tiny] [--algorithms fcpts]
-        [-- threads=1]
+        [--add] [-- threads=1]
+
+With `--add` the jobs the study folder already holds (the committed ones, on a fresh clone) stay and their
+configs are not rerun; only the missing points run and are added.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from ptsbench.analysis.study import check_names, collect, study_config
 from ptsbench.errors import ConfigError, PtsbenchError
 from ptsbench.report import main as report_main
+from ptsbench.results import RECORDS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +39,25 @@ class Point:
     algorithm: str
     key: str
     value: float | int
+    sparsity: float | None = None  # None: the study's sparsity (given to run_points)
+    seed: int | None = None        # None: run_points' seed
 
     @property
     def overrides(self) -> list[str]:
         return [f"model={self.model}", f"algorithm={self.algorithm}", f"{self.key}={self.value}"]
 
     def job_dir(self, runs: Path, seed: int) -> Path:
-        return runs / self.model / self.algorithm / f"{self.key.rpartition('.')[2]}{self.value}" / f"seed{seed}"
+        folder = runs / self.model / self.algorithm / f"{self.key.rpartition('.')[2]}{self.value}"
+        return (folder if self.sparsity is None else folder / str(self.sparsity)) / f"seed{seed}"
 
 
 def study_points(models: Sequence[str] | None = None, algorithms: Sequence[str] | None = None
                  ) -> tuple[list[Point], float]:
     """Every point of every curve of the study config, for its models (or `models`) and its algorithms (or
-    those of `algorithms`), and its sparsity."""
+    those of `algorithms`), and the study's sparsity. A curve may name its own `sparsities` and `seeds`
+    (the reference budget repeated on the claims' cells); a point listed twice runs once."""
     cfg = study_config(STUDY)
-    points = []
+    points: list[Point] = []
     for curve in cfg.curves:
         if curve.key not in KEYS:
             raise ConfigError(f"{STUDY}.yaml: curve key {curve.key!r} is not one of {', '.join(KEYS)}.")
@@ -57,8 +65,10 @@ def study_points(models: Sequence[str] | None = None, algorithms: Sequence[str] 
             for algorithm in check_names("curves.algorithms", curve.algorithms):
                 if algorithms and algorithm not in algorithms:
                     continue
-                points += [Point(model, algorithm, str(curve.key), value) for value in curve["values"]]
-    return points, float(cfg.sparsity)
+                points += [Point(model, algorithm, str(curve.key), value, float(sparsity), int(seed))
+                           for sparsity in curve.get("sparsities", [cfg.sparsity])
+                           for seed in curve.get("seeds", [0]) for value in curve["values"]]
+    return list(dict.fromkeys(points)), float(cfg.sparsity)
 
 
 def run_points(points: Sequence[Point], sparsity: float, runs: Path, extra: Sequence[str], seed: int = 0) -> int:
@@ -66,15 +76,20 @@ def run_points(points: Sequence[Point], sparsity: float, runs: Path, extra: Sequ
     from ptsbench.cli import compose_job_config
     from ptsbench.runner import JobFailed, run_job
 
-    configs = [compose_job_config([*p.overrides, f"sparsity={sparsity}", f"seed={seed}", "resume=true",
-                                   f"experiment_name={STUDY}", *extra]) for p in points]
+    def seed_of(point: Point) -> int:
+        return seed if point.seed is None else point.seed
+
+    configs = [compose_job_config([*p.overrides, f"sparsity={sparsity if p.sparsity is None else p.sparsity}",
+                                   f"seed={seed_of(p)}", "resume=true", f"experiment_name={STUDY}", *extra])
+               for p in points]
     failed = 0
     for point, cfg in zip(points, configs, strict=True):
+        job_dir = point.job_dir(runs, seed_of(point))
         try:
-            run_job(cfg, point.job_dir(runs, seed), sweep=STUDY, resume_dirs=[runs])
+            run_job(cfg, job_dir, sweep=STUDY, resume_dirs=[runs])
         except JobFailed as exc:
             failed += 1
-            log.error("%s failed: %s", point.job_dir(runs, seed), exc)
+            log.error("%s failed: %s", job_dir, exc)
     return failed
 
 
@@ -86,16 +101,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", help="model configs (default: the study config's)")
     parser.add_argument("--algorithms", nargs="+", help="only the curves of these algorithm configs")
     parser.add_argument("--report-only", action="store_true", help="only collect RUNS and rebuild the tables")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the jobs OUT already holds, skip their configs and add the new ones")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (e.g. threads=1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs, out = Path(args.runs), Path(args.out)
     try:
         failed = 0
+        # with --add, a point the committed study holds is skipped like a finished job (resume_studies)
+        skip = [f"resume_studies=[{out}]"] if args.add and (out / RECORDS_FILE).is_file() else []
         if not args.report_only:
             points, sparsity = study_points(args.models, args.algorithms)
-            failed = run_points(points, sparsity, runs, args.overrides)
-        collect([runs], out)
+            failed = run_points(points, sparsity, runs, [*skip, *args.overrides])
+        if runs.exists() or not args.add:
+            collect([runs], out, add=args.add)
     except PtsbenchError as exc:
         print(f"ptsbench.analysis.budget: {exc}", file=sys.stderr)
         return 2

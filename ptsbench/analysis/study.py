@@ -104,12 +104,28 @@ def _sort_key(record: Mapping[str, Any]) -> tuple:
     return tuple(part(record.get(k)) for k in SORT_KEYS)
 
 
-def collect_jobs(run_dirs: Iterable[str | Path], methods: Iterable[str] | None = None
-                 ) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+def study_jobs(study: str | Path) -> dict[str, tuple[dict[str, Any], pd.DataFrame | None]]:
+    """config hash -> (record, allocation table) of a collected study folder (empty if it has none)."""
+    path = Path(study) / RECORDS_FILE
+    if not path.is_file():
+        return {}
+    allocations = study_allocations(study)
+    by_job = dict(iter(allocations.groupby(JOB_KEY))) if len(allocations) else {}
+    return {str(r[JOB_KEY]): (r, by_job[r[JOB_KEY]].drop(columns=JOB_KEY).reset_index(drop=True)
+                              if r[JOB_KEY] in by_job else None)
+            for r in read_records_file(path)}
+
+
+def collect_jobs(run_dirs: Iterable[str | Path], methods: Iterable[str] | None = None,
+                 keep: str | Path | None = None) -> tuple[list[dict[str, Any]], pd.DataFrame]:
     """(records, long allocation table) of the job folders under `run_dirs`, one per config hash (the
-    finished, most recent run where a config ran twice), only the `methods` labels if given."""
+    finished, most recent run where a config ran twice), only the `methods` labels if given. With `keep`,
+    the jobs already collected in that study folder stay (a fresh clone's committed records plus the jobs
+    it ran since), and a job that ran again replaces its record by the same rule."""
     wanted = set(methods) if methods is not None else None
     best: dict[str, tuple[dict[str, Any], pd.DataFrame | None]] = {}
+    if keep is not None:
+        best = {k: v for k, v in study_jobs(keep).items() if wanted is None or v[0].get("method") in wanted}
     for run_dir in map(Path, run_dirs):
         if not run_dir.exists():
             raise DataError(f"Run folder {run_dir} does not exist: run the study's sweep first.")
@@ -135,10 +151,11 @@ def write_study(out: str | Path, records: Sequence[Mapping[str, Any]], allocatio
     write_csv(out / ALLOCATIONS_FILE, allocations)
 
 
-def collect(run_dirs: Iterable[str | Path], out: str | Path, methods: Iterable[str] | None = None
-            ) -> list[dict[str, Any]]:
-    """Collect the jobs under `run_dirs` into the study folder `out`; returns the records."""
-    records, allocations = collect_jobs(run_dirs, methods)
+def collect(run_dirs: Iterable[str | Path], out: str | Path, methods: Iterable[str] | None = None,
+            add: bool = False) -> list[dict[str, Any]]:
+    """Collect the jobs under `run_dirs` into the study folder `out` (with `add`, beside the jobs `out`
+    already holds); returns the records."""
+    records, allocations = collect_jobs(run_dirs, methods, keep=out if add else None)
     if not records:
         raise DataError(f"No job folders (result.json) under {', '.join(map(str, run_dirs))}"
                         + (f" for the methods {sorted(methods)}" if methods is not None else "") + ".")
@@ -256,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     select.add_argument("--algorithms", nargs="+", metavar="CONFIG",
                         help="only jobs of these algorithm configs (their method labels)")
     select.add_argument("--study", metavar="NAME", help="only jobs of the algorithm configs conf/study/NAME.yaml lists")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the jobs OUT already holds (e.g. the committed ones) and add or replace those of RUN_DIR")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -264,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             algorithms = check_names(f"conf/study/{args.study}.yaml algorithms",
                                      study_config(args.study).get("algorithms") or [])
         methods = list(method_labels(algorithms).values()) if algorithms else None
-        records = collect(args.runs, args.out, methods)
+        records = collect(args.runs, args.out, methods, add=args.add)
     except PtsbenchError as exc:
         print(f"ptsbench.analysis.study: {exc}", file=sys.stderr)
         return 2
