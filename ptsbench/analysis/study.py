@@ -183,7 +183,7 @@ def study_allocations(study: str | Path) -> pd.DataFrame:
     path = Path(study) / ALLOCATIONS_FILE
     if not path.is_file():
         raise DataError(f"{path} does not exist: collect the study first (python -m ptsbench.analysis.study).")
-    return pd.read_csv(path)
+    return pd.read_csv(path, dtype={JOB_KEY: str})  # a hash of digits only must not turn into a number
 
 
 def job_allocation(allocations: pd.DataFrame, config_hash: str) -> pd.DataFrame:
