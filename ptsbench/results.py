@@ -12,6 +12,8 @@ from typing import Any
 
 import pandas as pd
 
+from ptsbench.errors import ConfigError
+
 RESULT_FILE = "result.json"
 ALLOCATION_FILE = "allocation.csv"
 CALIB_FILE = "calib_indices.json"
@@ -76,6 +78,29 @@ def find_result_files(dirs: Iterable[str | Path]) -> list[Path]:
 def read_records_file(path: Path) -> list[dict[str, Any]]:
     """The records of a study's records.jsonl, in file order."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def find_finished(config_id: str, dirs: Iterable[Path], studies: Iterable[Path] = ()
+                  ) -> tuple[dict[str, Any], Path] | None:
+    """(record, where) of a finished job with this config hash and status ok: a result.json under `dirs`,
+    else a record of one of the collected `studies` (records.jsonl; a fresh clone's committed results)."""
+    for path in find_result_files(d for d in dirs if d.exists()):
+        try:
+            done = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if done.get("config_hash") == config_id and done.get("status") == "ok":
+            return done, path.parent
+    for study in studies:
+        path = study / RECORDS_FILE
+        if not path.is_file():
+            raise ConfigError(f"resume_studies: {study} holds no {RECORDS_FILE}; it must be a collected study "
+                              "folder such as results/pts_methods.")
+        done = next((r for r in read_records_file(path)
+                     if r.get("config_hash") == config_id and r.get("status") == "ok"), None)
+        if done is not None:
+            return done, study
+    return None
 
 
 def load_records(dirs: Iterable[str | Path]) -> pd.DataFrame:

@@ -9,7 +9,6 @@ zeros miss its allocation or target gets status `target_missed`, never `ok` (`ta
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import platform
 import subprocess
@@ -42,10 +41,8 @@ from ptsbench.patterns import check_pattern_target, parse_pattern
 from ptsbench.results import (
     ALLOCATION_FILE,
     CALIB_FILE,
-    RECORDS_FILE,
     RESULT_FILE,
-    find_result_files,
-    read_records_file,
+    find_finished,
     write_csv,
     write_json,
 )
@@ -194,28 +191,6 @@ def target_missed(audit: Audit, dense_zeros: Mapping[str, int]) -> str | None:
                        f"{'above' if excess > 0 else 'below'} the target {audit.target:g} "
                        f"(tolerance: {len(rows)} weights, one per layer)")
     return "Target missed: " + "; ".join(reasons) + "." if reasons else None
-
-
-def study_record(study: Path, config_id: str) -> dict[str, Any] | None:
-    """The ok record with this config hash in a collected study folder (records.jsonl), if any."""
-    path = study / RECORDS_FILE
-    if not path.is_file():
-        raise ConfigError(f"resume_studies: {study} holds no {RECORDS_FILE}; it must be a collected study "
-                          "folder such as results/pts_methods.")
-    return next((r for r in read_records_file(path) if r.get("config_hash") == config_id
-                 and r.get("status") == "ok"), None)
-
-
-def find_finished(config_id: str, dirs: list[Path]) -> Path | None:
-    """A result.json under `dirs` with this config hash and status ok, if any."""
-    for path in find_result_files(d for d in dirs if d.exists()):
-        try:
-            done = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if done.get("config_hash") == config_id and done.get("status") == "ok":
-            return path
-    return None
 
 
 def save_and_verify_sparse(model: nn.Module, layers: list[PrunableLayer], cfg: DictConfig, data: DataBundle,
@@ -395,17 +370,12 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
     """
     record = base_record(cfg)
     if cfg.get("resume"):
-        done = find_finished(record["config_hash"], resume_dirs or [out_dir])
+        studies = [Path(str(s)) for s in cfg.get("resume_studies") or []]
+        done = find_finished(record["config_hash"], resume_dirs or [out_dir], studies)
         if done is not None:
-            log.info("resume: identical config already finished in %s; skipping", done.parent)
-            previous = json.loads(done.read_text())
-            previous["skipped"] = True
-            return previous
-        for study in cfg.get("resume_studies") or []:
-            previous = study_record(Path(str(study)), record["config_hash"])
-            if previous is not None:
-                log.info("resume: identical config already in the study %s; skipping", study)
-                return {**previous, "skipped": True}
+            previous, where = done
+            log.info("resume: identical config already finished in %s; skipping", where)
+            return {**previous, "skipped": True}
     out_dir.mkdir(parents=True, exist_ok=True)
     record["job_dir"] = str(out_dir)
     with recorded(record, out_dir, tracker or Tracker()) as job:
