@@ -35,6 +35,9 @@ class PruneContext:
     device: torch.device
     seed: int
     progress: bool = True
+    # torch.compile weight-sized elementwise chains (the `compile` key): an execution setting like the
+    # thread count, so it is not part of a job's identity; reductions may round differently
+    compile: bool = False
     log_metrics: Callable[[dict[str, float], int | None], None] = _no_metrics
     workdir: Path | None = None
 

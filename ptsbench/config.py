@@ -101,6 +101,7 @@ class PtsbenchConfig:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
+    compile: bool = False  # torch.compile the methods' weight-sized elementwise chains (speed only)
     progress: bool = True
     save_sparse: bool = False  # write the pruned model (safetensors + compact bit-mask form) and re-check it
     resume: bool = False  # skip jobs whose identical config already finished in this sweep

@@ -89,7 +89,7 @@ def git_commit() -> str | None:
 def config_hash(cfg: DictConfig) -> str:
     """Identity of a job: the resolved config minus what does not change the result."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("hydra", "logger", "progress", "threads", "cache_dir", "resume", "resume_studies", "save_sparse"):
+    for key in ("hydra", "logger", "progress", "threads", "compile", "cache_dir", "resume", "resume_studies", "save_sparse"):
         plain.pop(key, None)
     return stable_hash(plain, length=16)
 
@@ -284,6 +284,7 @@ def prepare(cfg: DictConfig, job: JobLog, sweep: str) -> PreparedJob:
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
     record["device"] = str(device)
+    record["compile"] = bool(cfg.get("compile", False))
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
 
     data = load_data(cfg, cache_dir)
@@ -315,7 +316,7 @@ def prune_and_audit(cfg: DictConfig, job: JobLog, prep: PreparedJob) -> tuple[Pr
     """Run the algorithm, then count its zeros ourselves on the model it returned."""
     torch.manual_seed(int(cfg.seed))
     ctx = PruneContext(calib=prep.calib, device=prep.device, seed=int(cfg.seed), progress=bool(cfg.progress),
-                       log_metrics=job.tracker.log, workdir=job.out_dir)
+                       compile=bool(cfg.get("compile", False)), log_metrics=job.tracker.log, workdir=job.out_dir)
     start = time.perf_counter()
     with PruneCost(prep.model, prep.device) as cost:  # passes and peak memory, counted by the harness
         result = prep.algorithm.prune(prep.model, prep.layers, prep.target, ctx)

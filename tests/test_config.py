@@ -188,3 +188,16 @@ def test_prune_policy_schema_is_the_policy():
     policy = OmegaConf.to_object(cfg.prune_policy)
     assert isinstance(policy, PrunePolicy) and policy == PrunePolicy(first_conv=False)
     assert PrunePolicy.from_config(cfg.prune_policy) == policy
+
+
+def test_execution_settings_are_not_part_of_a_jobs_identity():
+    """threads and compile change speed (and reduction rounding), not the job: a committed result stays
+    found by resume when they differ; the seed or the method does change the identity."""
+    from ptsbench.runner import config_hash
+
+    base = config_hash(compose_config(["algorithm=fcpts_quick"]))
+    assert config_hash(compose_config(["algorithm=fcpts_quick", "compile=true", "threads=2"])) == base
+    assert config_hash(compose_config(["algorithm=fcpts_quick", "seed=1"])) != base
+    assert config_hash(compose_config(["algorithm=fcpts_code_quick"])) != base
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["compile=sometimes"])

@@ -19,7 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from algorithms.base import PruneContext
 from algorithms.fcpts import FCPTS
-from algorithms.fcpts.bridge import bridge_sparsity
+from algorithms.fcpts.bridge import bridge_sparsity, count_at_or_below
 from algorithms.fcpts.calibration import (
     CROP_RATIO,
     CROP_SCALE,
@@ -32,15 +32,18 @@ from algorithms.fcpts.thresholds import (
     MaskSTE,
     attach_thresholds,
     count_masks,
+    detached_masked,
     exact_counts,
     global_sparsity,
     layer_magnitudes,
     layer_sparsities,
     original_weight,
     sparsity_loss,
+    ste_masked,
 )
 from ptsbench.audit import audit_model
 from ptsbench.bn import batchnorm_layers, recalibrate_batchnorm
+from ptsbench.compiled import MaybeCompiled, maybe_compiled
 from ptsbench.data import CalibrationSet
 from ptsbench.distill import kd_kl
 from ptsbench.errors import ConfigError, NonFiniteLossError
@@ -205,6 +208,39 @@ def test_prune_ends_exactly_on_target_and_is_deterministic(dense):
     a, b = runs
     assert all(torch.equal(a.masks[name], b.masks[name]) for name in a.masks)
     assert a.stats["residual_before_correction"] == b.stats["residual_before_correction"]
+
+
+@pytest.mark.parametrize("threshold_grad,bridge", [("ste", "kde"), ("sparsity_only", "histogram")])
+def test_compiled_masks_and_counts_give_the_eager_run(dense, threshold_grad, bridge):
+    """`compile=true` fuses the threshold mask and the bridge count: the same masks and allocation as the
+    eager run; the thresholds agree up to the rounding of their gradient's sum over each layer."""
+    algo = FCPTS(optimization={"iterations": 4, "batch_size": 32, "lr": 0.05},
+                 bridge={"threshold_grad": threshold_grad, "kind": bridge}, log_every=1)
+    results = []
+    for compiled in (False, True):
+        model, layers = fresh(dense)
+        ctx = PruneContext(calib=dense[1], device=CPU, seed=3, progress=False, compile=compiled)
+        results.append(algo.prune(model, layers, 0.8, ctx))
+    masked = ste_masked if threshold_grad == "ste" else detached_masked
+    assert maybe_compiled(masked, True).compiled is not None  # it compiled rather than falling back
+    assert maybe_compiled(count_at_or_below, True).compiled is not None
+    eager, fused = results
+    assert all(torch.equal(eager.masks[name], fused.masks[name]) for name in eager.masks)
+    assert eager.allocation == fused.allocation
+    a, b = (r.tables["allocation_trajectory"]["threshold"].to_numpy() for r in results)
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(caplog):
+    def boom(*args):
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    wrapper = MaybeCompiled(lambda w, s: w * s, enabled=True)
+    wrapper.compiled = boom
+    with caplog.at_level("WARNING"):
+        out = wrapper(torch.tensor([2.0]), torch.tensor(3.0))
+    assert out.item() == 6.0 and wrapper.compiled is None
+    assert "compile=true" in caplog.text and "RuntimeError: no C++ compiler" in caplog.text
 
 
 def test_nan_loss_stops_the_run(dense):

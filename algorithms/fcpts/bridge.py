@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from ptsbench.compiled import maybe_compiled
+
 BRIDGES = ("kde", "histogram")
 BANDWIDTHS = ("silverman", "scott")
 HISTOGRAM_BINS = 100  # the released code's bridge histogram
@@ -93,6 +95,12 @@ def abs_weight_density(weight: torch.Tensor, t: torch.Tensor, bridge: str, bandw
     return histogram_density(weight, t)
 
 
+def count_at_or_below(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """#{|w| <= t}, exact; summed in int32 (a layer has far fewer than 2^31 weights), which spares the
+    int64 copy of the boolean tensor that a plain sum makes."""
+    return (weight.abs() <= threshold).sum(dtype=torch.int32)
+
+
 class BridgeSparsity(torch.autograd.Function):
     """S(t) = #{|w| <= t} / n in the forward pass, dS/dt = density of |w| at t in the backward pass.
 
@@ -101,20 +109,21 @@ class BridgeSparsity(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, threshold: torch.Tensor, weight: torch.Tensor, bridge: str, bandwidth: str) -> torch.Tensor:
+    def forward(ctx, threshold: torch.Tensor, weight: torch.Tensor, bridge: str, bandwidth: str,
+                compiled: bool) -> torch.Tensor:
         w = weight.detach()
         ctx.save_for_backward(threshold.detach(), w)
         ctx.bridge, ctx.bandwidth = bridge, bandwidth
-        return (w.abs() <= threshold.detach()).sum().to(threshold.dtype) / w.numel()
+        return maybe_compiled(count_at_or_below, compiled)(w, threshold.detach()).to(threshold.dtype) / w.numel()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         threshold, w = ctx.saved_tensors
         slope = abs_weight_density(w, threshold, ctx.bridge, ctx.bandwidth)
-        return grad * slope.to(grad.dtype), None, None, None
+        return grad * slope.to(grad.dtype), None, None, None, None
 
 
 def bridge_sparsity(threshold: torch.Tensor, weight: torch.Tensor, bridge: str = "kde",
-                    bandwidth: str = "silverman") -> torch.Tensor:
+                    bandwidth: str = "silverman", compiled: bool = False) -> torch.Tensor:
     """The layer sparsity at `threshold`, differentiable in the threshold through the bridge."""
-    return BridgeSparsity.apply(threshold, weight, bridge, bandwidth)
+    return BridgeSparsity.apply(threshold, weight, bridge, bandwidth, compiled)

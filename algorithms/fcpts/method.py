@@ -222,7 +222,7 @@ class FCPTS(PTSAlgorithm):
         if self.channels_last:  # NHWC convolutions: faster for CNNs on CPU; restored at the end (speed only)
             model.to(memory_format=torch.channels_last)
         teacher = frozen_teacher(model)
-        gates = self._init_thresholds(layers, target)
+        gates = self._init_thresholds(layers, target, ctx.compile)
         init_sparsity = zeros_at_thresholds(layers, gates) / sum(layer_size(ly) for ly in layers)
         model.requires_grad_(True).train()
 
@@ -262,10 +262,11 @@ class FCPTS(PTSAlgorithm):
         return PruneResult(model=model, allocation=rates(layers, correction.counts), masks=masks, stats=stats,
                            tables={"allocation_trajectory": pd.DataFrame(history)})
 
-    def _init_thresholds(self, layers: list[PrunableLayer], target: float) -> list[ThresholdMask]:
+    def _init_thresholds(self, layers: list[PrunableLayer], target: float, compiled: bool = False
+                         ) -> list[ThresholdMask]:
         """Thresholds that start at the ERK allocation of the target, as the released code's do."""
         counts = counts_from_rates(layers, erk_allocation(layers, target, self.erk_power_scale), target)
-        return attach_thresholds(layers, counts, self.bridge.threshold_grad)
+        return attach_thresholds(layers, counts, self.bridge.threshold_grad, compiled)
 
     @staticmethod
     def _exact_ending(model: nn.Module, layers: list[PrunableLayer], gates: list[ThresholdMask], target: float
@@ -330,7 +331,7 @@ class FCPTS(PTSAlgorithm):
                 optimizer.zero_grad(set_to_none=True)
                 rec.backward()
             with watch.time("bridge"):
-                per_layer = layer_sparsities(layers, gates, self.bridge.kind, self.bridge.kde_bandwidth)
+                per_layer = layer_sparsities(layers, gates, self.bridge.kind, self.bridge.kde_bandwidth, ctx.compile)
                 s_global = global_sparsity(layers, per_layer)
                 l_c = sparsity_loss(s_global, target, self.objective.sparsity_loss)
                 ensure_finite(l_c.item(), "FCPTS sparsity loss", step)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from algorithms.fcpts.bridge import bridge_sparsity
+from ptsbench.compiled import maybe_compiled
 from ptsbench.sparsity import PrunableLayer, counts_at_thresholds, masks_from_counts, sorted_magnitudes
 
 log = logging.getLogger(__name__)
@@ -45,28 +46,39 @@ class MaskSTE(torch.autograd.Function):
         return grad * 0.5 * (x.abs() < 1).to(grad.dtype)
 
 
+def ste_masked(weight: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """W * 1[|W| > sigmoid(s)], the gradient reaching s and |W| through the straight-through mask."""
+    return weight * MaskSTE.apply(weight.abs() - torch.sigmoid(score))
+
+
+def detached_masked(weight: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """W * 1[|W| > sigmoid(s)] with the mask built under no_grad: s gets no gradient from this path."""
+    with torch.no_grad():
+        mask = (weight.abs() > torch.sigmoid(score)).to(weight.dtype)
+    return weight * mask
+
+
 class ThresholdMask(nn.Module):
     """Parametrization W -> W * 1[|W| > sigmoid(s)] with the learnable score s of one layer.
 
     `threshold_grad="ste"` lets the reconstruction loss reach s (and |W|) through the mask (the paper's
     joint optimisation); `"sparsity_only"` builds the mask without gradient, as the released code does,
-    so s moves only through the sparsity loss and the bridge.
+    so s moves only through the sparsity loss and the bridge. `compiled` fuses the chain (the job's
+    `compile` key, ptsbench.compiled).
     """
 
-    def __init__(self, score: float, threshold_grad: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, score: float, threshold_grad: str, device: torch.device, dtype: torch.dtype,
+                 compiled: bool = False):
         super().__init__()
         self.score = nn.Parameter(torch.tensor(score, device=device, dtype=dtype))
         self.threshold_grad = threshold_grad
+        self.masked = maybe_compiled(ste_masked if threshold_grad == "ste" else detached_masked, compiled)
 
     def threshold(self) -> torch.Tensor:
         return torch.sigmoid(self.score)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.threshold_grad == "ste":
-            return weight * MaskSTE.apply(weight.abs() - self.threshold())
-        with torch.no_grad():
-            mask = (weight.abs() > self.threshold()).to(weight.dtype)
-        return weight * mask
+        return self.masked(weight, self.score)
 
 
 def original_weight(layer: PrunableLayer) -> torch.Tensor:
@@ -94,12 +106,13 @@ def score_for_count(weight: torch.Tensor, k: int) -> float:
     return max(math.log(t) - math.log1p(-t), MIN_SCORE)
 
 
-def attach_thresholds(layers: list[PrunableLayer], counts: dict[str, int], threshold_grad: str) -> list[ThresholdMask]:
+def attach_thresholds(layers: list[PrunableLayer], counts: dict[str, int], threshold_grad: str,
+                      compiled: bool = False) -> list[ThresholdMask]:
     """Register one ThresholdMask per layer, initialised to prune `counts[name]` weights (ERK in prune)."""
     gates = []
     for ly in layers:
         w = original_weight(ly)
-        gate = ThresholdMask(score_for_count(w, counts[ly.name]), threshold_grad, w.device, w.dtype)
+        gate = ThresholdMask(score_for_count(w, counts[ly.name]), threshold_grad, w.device, w.dtype, compiled)
         parametrize.register_parametrization(ly.module, "weight", gate)
         gates.append(gate)
     return gates
@@ -114,9 +127,9 @@ def zeros_at_thresholds(layers: list[PrunableLayer], gates: list[ThresholdMask])
 
 
 def layer_sparsities(layers: list[PrunableLayer], gates: list[ThresholdMask], bridge: str,
-                     bandwidth: str) -> list[torch.Tensor]:
+                     bandwidth: str, compiled: bool = False) -> list[torch.Tensor]:
     """The bridged sparsity of every layer (exact counts forward, densities backward)."""
-    return [bridge_sparsity(g.threshold(), original_weight(ly), bridge, bandwidth)
+    return [bridge_sparsity(g.threshold(), original_weight(ly), bridge, bandwidth, compiled)
             for ly, g in zip(layers, gates, strict=True)]
 
 
