@@ -45,6 +45,17 @@ COST_COLUMNS = {"forward_passes": "fwd images", "backward_passes": "bwd images",
                 "speed": "speed"}
 
 
+def name_calibration_sizes(df: pd.DataFrame) -> pd.Series:
+    """Method labels with '-n<images>' where one method ran on one cell with several calibration sizes (the
+    one-shot methods' budget knob), so that those jobs stay apart in every table instead of being averaged
+    as seeds; the method family, which the Pareto view joins, stays as it is."""
+    calib = pd.to_numeric(df["calib_images"], errors="coerce")
+    cell = [df["model"].astype(str), df["method"].astype(str), df["target_sparsity"].astype(str)]
+    several = calib.groupby(cell, dropna=False).transform("nunique") > 1
+    tagged = df["method"].astype(str) + "-n" + calib.astype("Int64").astype(str)
+    return df["method"].where(~several, tagged)
+
+
 def results_table(records: pd.DataFrame) -> pd.DataFrame:
     """One row per job with the columns of TABLE_COLUMNS, sorted by model, method, sparsity, seed."""
     if records.empty:
@@ -56,6 +67,7 @@ def results_table(records: pd.DataFrame) -> pd.DataFrame:
         if col not in df:
             df[col] = None
     df["top1_drop"] = pd.to_numeric(df["dense_top1"], errors="coerce") - pd.to_numeric(df["top1"], errors="coerce")
+    df["method"] = name_calibration_sizes(df)
     extra = [c for c in df.columns if c not in TABLE_COLUMNS]
     df = df[TABLE_COLUMNS + extra]
     return df.sort_values(SORT_KEYS, na_position="last", kind="stable").reset_index(drop=True)

@@ -61,6 +61,14 @@ SPARSE_MODEL_FILE = "sparse_model.safetensors"
 COMPACT_MODEL_FILE = "sparse_model.compact.safetensors"
 
 
+def execution_device(cfg: DictConfig) -> torch.device:
+    """Apply the job's thread count and return its device: every entry point that runs a model (a job, a
+    zoo export beside a sweep) keeps to its share of the cores."""
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    return resolve_device(cfg.device)
+
+
 def resolve_device(name: str) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -280,9 +288,7 @@ def prepare(cfg: DictConfig, job: JobLog, sweep: str) -> PreparedJob:
     name = f"{cfg.model.name}-{algorithm.label}-{target:g}-s{cfg.seed}"
     job.start_tracker(name=name, group=sweep, job_type=algorithm.name, config=OmegaConf.to_container(cfg, resolve=True),
                       tags=[cfg.model.name, cfg.data.name, algorithm.name], dir=str(job.out_dir))
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    device = resolve_device(cfg.device)
+    device = execution_device(cfg)
     record["device"] = str(device)
     record["compile"] = bool(cfg.get("compile", False))
     cache_dir = Path(str(cfg.cache_dir)).expanduser()

@@ -18,7 +18,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
@@ -41,14 +40,12 @@ def export_dense(config_name: str, overrides: list[str], out_dir: Path = ZOO_DIR
     Returns the file, its sha256 and the dense top-1 of the fp32 model it was rounded from.
     """
     from ptsbench.cli import compose_job_config
-    from ptsbench.runner import resolve_device
+    from ptsbench.runner import execution_device
 
     cfg = compose_job_config([f"model={config_name}", "model.checkpoint=null", "model.checkpoint_sha256=null",
                               *overrides])
-    if cfg.get("threads"):  # as a job does: a zoo export beside a sweep must keep to its share of the cores
-        torch.set_num_threads(int(cfg.threads))
+    device = execution_device(cfg)
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
-    device = resolve_device(cfg.device)
     data = load_data(cfg, cache_dir)
     model = build_model(cfg, data)
     dense = load_dense_weights(cfg, model, data, cache_dir, device, progress=bool(cfg.progress))

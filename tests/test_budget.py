@@ -16,8 +16,9 @@ from tests.conftest import TINY, compose_config
 
 
 def test_every_point_composes_and_buys_more_work_along_its_curve():
-    points, sparsity = study_points()
-    assert sparsity == 0.9 and {p.model for p in points} == {"mobilenetv2", "vit_tiny"}
+    points = study_points()
+    sparsity = 0.9  # the study's own cells; the claims' repeats add 0.8
+    assert {p.sparsity for p in points} == {0.8, 0.9} and {p.model for p in points} == {"mobilenetv2", "vit_tiny"}
     assert len(set(points)) == len(points)  # a point two curves list runs once
     curves: dict[tuple[str, str], list[float]] = {}
     repeats = []  # the reference budget on other cells and seeds
@@ -37,7 +38,7 @@ def test_every_point_composes_and_buys_more_work_along_its_curve():
         assert work == 1.0 and work == max(curves[(point.model, point.algorithm)]), point
     paper = {(p.model, p.sparsity, p.seed) for p in points if p.algorithm == "fcpts" and p.value == 1.0}
     assert paper == {(m, s, seed) for m in ("mobilenetv2", "vit_tiny") for s in (0.8, 0.9) for seed in (0, 1, 2)}
-    some, _ = study_points(["vit_tiny"], ["unipts_quick"])
+    some = study_points(["vit_tiny"], ["unipts_quick"])
     assert {(p.model, p.algorithm) for p in some} == {("vit_tiny", "unipts_quick")} and len(some) >= 2
     fcpts = build_algorithm(compose_config(["algorithm=fcpts", "algorithm.budget=0.04"]))
     assert fcpts.optim.iterations == 64 and fcpts.label == "fcpts-ste-kde-64it" and fcpts.budget_fraction == 0.04
@@ -45,14 +46,14 @@ def test_every_point_composes_and_buys_more_work_along_its_curve():
 
 def test_a_small_curve_runs_resumes_and_is_joined_in_the_pareto_view(cache_dir, require_fmnist, tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "study"
-    points = [Point("resnet18", "fcpts_quick", "algorithm.budget", b) for b in (0.05, 0.1)]
+    points = [Point("resnet18", "fcpts_quick", "algorithm.budget", b, 0.8, 0) for b in (0.05, 0.1)]
     extra = [*TINY, f"cache_dir={cache_dir}", "calib.batch_size=32", "algorithm.optimization.batch_size=32"]
-    assert run_points(points, 0.8, runs, extra) == 0
-    first = [json.loads((p.job_dir(runs, 0) / "result.json").read_text()) for p in points]
+    assert run_points(points, runs, extra) == 0
+    first = [json.loads((p.job_dir(runs) / "result.json").read_text()) for p in points]
     assert [r["algorithm_options"]["iterations"] for r in first] == [3, 6]  # 64 x 0.05, 64 x 0.1
     assert {r["method_family"] for r in first} == {"fcpts-ste-kde"} and all(r["status"] == "ok" for r in first)
-    assert run_points(points, 0.8, runs, extra) == 0  # resumed: the finished jobs are not rerun
-    again = [json.loads((p.job_dir(runs, 0) / "result.json").read_text()) for p in points]
+    assert run_points(points, runs, extra) == 0  # resumed: the finished jobs are not rerun
+    again = [json.loads((p.job_dir(runs) / "result.json").read_text()) for p in points]
     assert [r["finished_at"] for r in again] == [r["finished_at"] for r in first]
     collect([runs], out)
     assert report_main([str(out)]) == 0
@@ -63,10 +64,10 @@ def test_a_small_curve_runs_resumes_and_is_joined_in_the_pareto_view(cache_dir, 
     assert table["budget_fraction"].tolist() == pytest.approx(sorted(table["budget_fraction"]))
     # a fresh clone: the study is all that is left; a point at another sparsity and seed is added to it,
     # the committed ones are neither rerun nor dropped
-    more = [Point("resnet18", "fcpts_quick", "algorithm.budget", 0.05, sparsity=0.5, seed=1)]
-    assert run_points([*points, *more], 0.8, tmp_path / "fresh", [*extra, f"resume_studies=[{out}]"]) == 0
-    assert not points[0].job_dir(tmp_path / "fresh", 0).exists()
-    added = json.loads((more[0].job_dir(tmp_path / "fresh", 1) / "result.json").read_text())
+    more = [Point("resnet18", "fcpts_quick", "algorithm.budget", 0.05, 0.5, 1)]
+    assert run_points([*points, *more], tmp_path / "fresh", [*extra, f"resume_studies=[{out}]"]) == 0
+    assert not points[0].job_dir(tmp_path / "fresh").exists()
+    added = json.loads((more[0].job_dir(tmp_path / "fresh") / "result.json").read_text())
     assert (added["target_sparsity"], added["seed"], added["status"]) == (0.5, 1, "ok")
     collect([tmp_path / "fresh"], out, add=True)
     assert len(pd.read_json(out / "records.jsonl", lines=True)) == 3

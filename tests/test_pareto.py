@@ -48,6 +48,24 @@ def test_seeds_are_averaged_and_only_ok_jobs_count():
     assert method_points(results_table(pd.DataFrame([record(status="failed")]))).empty
 
 
+def test_calibration_sizes_stay_apart_and_join_one_family():
+    """The one-shot methods' budget is the calibration set: three sizes of one method on one cell are three
+    points of one curve, not one point averaged as if they were seeds."""
+    rows = [record(method="wanda-uniform+bn", method_family="wanda-uniform+bn", calib_images=n, top1=t,
+                   prune_seconds=s) for n, t, s in ((256, 60.0, 5.0), (1024, 70.0, 15.0), (4096, 72.0, 50.0))]
+    rows.append(record(method="magnitude-erk+bn", calib_images=1024, top1=65.0))
+    rows.append(record(method="wanda-uniform+bn", model="vit_tiny", calib_images=1024, top1=40.0))
+    table = results_table(pd.DataFrame(rows))
+    points = method_points(table)
+    cnn = points[points["model"] == "resnet18"].set_index("method")
+    assert sorted(cnn.index) == ["magnitude-erk+bn", "wanda-uniform+bn-n1024", "wanda-uniform+bn-n256",
+                                 "wanda-uniform+bn-n4096"]
+    assert cnn.loc["wanda-uniform+bn-n256", "top1"] == 60.0 and cnn.loc["wanda-uniform+bn-n4096", "seeds"] == 1
+    assert set(cnn["method_family"]) == {"wanda-uniform+bn", "magnitude-erk+bn"}
+    # one size on a cell: the label stays as the method gives it
+    assert points[points["model"] == "vit_tiny"]["method"].tolist() == ["wanda-uniform+bn"]
+
+
 def test_missing_family_and_budget_fall_back_to_the_label():
     old = results_table(pd.DataFrame([record(method="fcpts-quick-64it", algorithm_options={"budget": "quick"})]))
     assert "method_family" not in old and "budget_fraction" not in old

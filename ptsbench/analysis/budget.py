@@ -39,20 +39,19 @@ class Point:
     algorithm: str
     key: str
     value: float | int
-    sparsity: float | None = None  # None: the study's sparsity (given to run_points)
-    seed: int | None = None        # None: run_points' seed
+    sparsity: float
+    seed: int
 
     @property
     def overrides(self) -> list[str]:
         return [f"model={self.model}", f"algorithm={self.algorithm}", f"{self.key}={self.value}"]
 
-    def job_dir(self, runs: Path, seed: int) -> Path:
-        folder = runs / self.model / self.algorithm / f"{self.key.rpartition('.')[2]}{self.value}"
-        return (folder if self.sparsity is None else folder / str(self.sparsity)) / f"seed{seed}"
+    def job_dir(self, runs: Path) -> Path:
+        return (runs / self.model / self.algorithm / f"{self.key.rpartition('.')[2]}{self.value}"
+                / str(self.sparsity) / f"seed{self.seed}")
 
 
-def study_points(models: Sequence[str] | None = None, algorithms: Sequence[str] | None = None
-                 ) -> tuple[list[Point], float]:
+def study_points(models: Sequence[str] | None = None, algorithms: Sequence[str] | None = None) -> list[Point]:
     """Every point of every curve of the study config, for its models (or `models`) and its algorithms (or
     those of `algorithms`), and the study's sparsity. A curve may name its own `sparsities` and `seeds`
     (the reference budget repeated on the claims' cells); a point listed twice runs once."""
@@ -68,23 +67,20 @@ def study_points(models: Sequence[str] | None = None, algorithms: Sequence[str] 
                 points += [Point(model, algorithm, str(curve.key), value, float(sparsity), int(seed))
                            for sparsity in curve.get("sparsities", [cfg.sparsity])
                            for seed in curve.get("seeds", [0]) for value in curve["values"]]
-    return list(dict.fromkeys(points)), float(cfg.sparsity)
+    return list(dict.fromkeys(points))
 
 
-def run_points(points: Sequence[Point], sparsity: float, runs: Path, extra: Sequence[str], seed: int = 0) -> int:
+def run_points(points: Sequence[Point], runs: Path, extra: Sequence[str]) -> int:
     """Compose every point first (a bad override fails before any job runs), then run them; the number failed."""
     from ptsbench.cli import compose_job_config
     from ptsbench.runner import JobFailed, run_job
 
-    def seed_of(point: Point) -> int:
-        return seed if point.seed is None else point.seed
-
-    configs = [compose_job_config([*p.overrides, f"sparsity={sparsity if p.sparsity is None else p.sparsity}",
-                                   f"seed={seed_of(p)}", "resume=true", f"experiment_name={STUDY}", *extra])
+    configs = [compose_job_config([*p.overrides, f"sparsity={p.sparsity}", f"seed={p.seed}", "resume=true",
+                                   f"experiment_name={STUDY}", *extra])
                for p in points]
     failed = 0
     for point, cfg in zip(points, configs, strict=True):
-        job_dir = point.job_dir(runs, seed_of(point))
+        job_dir = point.job_dir(runs)
         try:
             run_job(cfg, job_dir, sweep=STUDY, resume_dirs=[runs])
         except JobFailed as exc:
@@ -112,8 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # with --add, a point the committed study holds is skipped like a finished job (resume_studies)
         skip = [f"resume_studies=[{out}]"] if args.add and (out / RECORDS_FILE).is_file() else []
         if not args.report_only:
-            points, sparsity = study_points(args.models, args.algorithms)
-            failed = run_points(points, sparsity, runs, [*skip, *args.overrides])
+            failed = run_points(study_points(args.models, args.algorithms), runs, [*skip, *args.overrides])
         if runs.exists() or not args.add:
             collect([runs], out, add=args.add)
     except PtsbenchError as exc:
