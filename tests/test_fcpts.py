@@ -32,9 +32,9 @@ from algorithms.fcpts.thresholds import (
     MaskSTE,
     attach_thresholds,
     count_masks,
-    detached_masked,
     exact_counts,
     global_sparsity,
+    hard_masked,
     layer_magnitudes,
     layer_sparsities,
     original_weight,
@@ -221,7 +221,7 @@ def test_compiled_masks_and_counts_give_the_eager_run(dense, threshold_grad, bri
         model, layers = fresh(dense)
         ctx = PruneContext(calib=dense[1], device=CPU, seed=3, progress=False, compile=compiled)
         results.append(algo.prune(model, layers, 0.8, ctx))
-    masked = ste_masked if threshold_grad == "ste" else detached_masked
+    masked = ste_masked if threshold_grad == "ste" else hard_masked
     assert maybe_compiled(masked, True).compiled is not None  # it compiled rather than falling back
     assert maybe_compiled(count_at_or_below, True).compiled is not None
     eager, fused = results
