@@ -4,7 +4,8 @@
 #      dependencies (an offline GPU image);
 #   2. the `gpu` tests (tests/test_gpu.py: a tiny job on cuda, tensors kept on the device, the 2:4 kernel);
 #   3. the reference budget on ImageNet-shaped inputs: FCPTS with its released code's budget (1,600
-#      iterations of batch 64, 1,024 calibration images) on ResNet-50 at 224 px, beside magnitude+BN, and
+#      iterations of batch 64, 1,024 calibration images) on ResNet-50 at 224 px (and 200 iterations with
+#      compile=true, for the fused masks' seconds per iteration), beside magnitude+BN, and
 #      magnitude 2:4 on ResNet-50 and ViT-B/16 for the measured semi-structured speed label. The images are
 #      random-pixel, random-label JPEGs in an ImageFolder (1,000 classes) and the dense weights a random
 #      initialisation: accuracies mean nothing here, timings, passes, memory and labels do.
@@ -77,6 +78,9 @@ vit = ["model=vit_tiny", "model.name=vit_base_patch16_224", "model.kwargs.patch_
        f"model.checkpoint={checkpoint('vit_base_patch16_224')}"]
 jobs = {
     "fcpts resnet50 0.8": ["experiment=fcpts_imagenet"] + resnet + ["sparsity=0.8", f"algorithm.optimization.iterations={iterations}"],
+    # the same with the fused masks (compile=true) on a shorter run: its s/iteration against the line above
+    "fcpts resnet50 0.8 compile=true": ["experiment=fcpts_imagenet"] + resnet + [
+        "sparsity=0.8", f"algorithm.optimization.iterations={min(iterations, 200)}", "compile=true"],
     "magnitude+bn resnet50 0.8": resnet + ["sparsity=0.8", "algorithm=magnitude_uniform_bn"],
     "magnitude 2:4 resnet50": resnet + ["sparsity=0.5", "pattern=2:4", "algorithm=magnitude"],
     "magnitude 2:4 vit_base": vit + ["sparsity=0.5", "pattern=2:4", "algorithm=magnitude"],
