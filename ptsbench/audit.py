@@ -145,3 +145,45 @@ def warn_if_ineffective(audit: Audit) -> None:
                 "cannot influence the output (dense model at this input size: %.2f%% dead by structure).",
                 audit.effective_sparsity, audit.achieved, 100 * (audit.effective_sparsity - audit.achieved),
                 100 * (audit.dense_dead_fraction or 0.0))
+
+
+def _names(layers: list[str], limit: int = 6) -> str:
+    return ", ".join(layers[:limit]) + (f" ... ({len(layers)} layers in all)" if len(layers) > limit else "")
+
+
+def target_missed(audit: Audit, dense_zeros: Mapping[str, int]) -> str | None:
+    """Why the audited zeros do not deliver the plan, or None when they do.
+
+    The criterion, on zeros counted in the returned weights (never the method's own count): in every
+    layer, the zeros are within one weight of the allocation's count (allocated sparsity x weights), and
+    over all prunable layers they are within one weight per layer of target x prunable weights.
+    """
+    rows = audit.layers
+    planned = rows["target_sparsity"].astype(float) * rows["params"]
+    gap = rows["zeros"] - planned
+    unplanned = rows.loc[planned.isna(), "name"].tolist()
+    over = rows.loc[gap > 1 + 1e-6, "name"].tolist()
+    under = rows.loc[gap < -1 - 1e-6, "name"].tolist()
+    already = [n for n, count in zip(rows["name"], planned, strict=True)
+               if n in over and dense_zeros.get(n, 0) > count + 1]
+    over = [n for n in over if n not in already]
+    reasons = []
+    if already:
+        first = rows.index[rows["name"] == already[0]][0]
+        n = int(rows.at[first, "params"])
+        reasons.append(f"the dense checkpoint is already sparser than this allocation in layers {_names(already)} "
+                       f"({already[0]}: {dense_zeros[already[0]]} of {n} weights zero before pruning, "
+                       f"{dense_zeros[already[0]] / n:.1%}; the allocation asks for {planned[first]:.0f}, "
+                       f"{planned[first] / n:.1%})")
+    for names, what in ((over, "more zeros than"), (under, "fewer zeros than")):
+        if names:
+            reasons.append(f"layers {_names(names)} have {what} their allocation")
+    if unplanned:
+        reasons.append(f"the method gave no allocation for layers {_names(unplanned)}")
+    # An N:M pattern leaves the layers whose rows do not split into groups of M dense, by its rule.
+    excess = audit.zeros - audit.target * (audit.prunable_params - audit.pattern.get("pattern_dense_params", 0))
+    if abs(excess) > len(rows) + 1e-6:
+        reasons.append(f"achieved sparsity {audit.achieved:.6f} is {abs(excess):.0f} weights "
+                       f"{'above' if excess > 0 else 'below'} the target {audit.target:g} "
+                       f"(tolerance: {len(rows)} weights, one per layer)")
+    return "Target missed: " + "; ".join(reasons) + "." if reasons else None

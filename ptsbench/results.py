@@ -80,6 +80,10 @@ def read_records_file(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _finished(record: dict[str, Any], config_id: str) -> bool:
+    return record.get("config_hash") == config_id and record.get("status") == "ok"
+
+
 def find_finished(config_id: str, dirs: Iterable[Path], studies: Iterable[Path] = ()
                   ) -> tuple[dict[str, Any], Path] | None:
     """(record, where) of a finished job with this config hash and status ok: a result.json under `dirs`,
@@ -89,15 +93,14 @@ def find_finished(config_id: str, dirs: Iterable[Path], studies: Iterable[Path] 
             done = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if done.get("config_hash") == config_id and done.get("status") == "ok":
+        if _finished(done, config_id):
             return done, path.parent
     for study in studies:
         path = study / RECORDS_FILE
         if not path.is_file():
             raise ConfigError(f"resume_studies: {study} holds no {RECORDS_FILE}; it must be a collected study "
                               "folder such as results/pts_methods.")
-        done = next((r for r in read_records_file(path)
-                     if r.get("config_hash") == config_id and r.get("status") == "ok"), None)
+        done = next((r for r in read_records_file(path) if _finished(r, config_id)), None)
         if done is not None:
             return done, study
     return None

@@ -3,7 +3,7 @@
 `run_job` runs three steps (`prepare`, `prune_and_audit`, `evaluate_and_save`) inside `recorded`, which
 writes result.json however the job ends. Everything a job produces lands in its own output directory; a
 failure is recorded there with its error and never touches other jobs. A job that ran but whose audited
-zeros miss its allocation or target gets status `target_missed`, never `ok` (`target_missed`).
+zeros miss its allocation or target gets status `target_missed`, never `ok` (`ptsbench.audit.target_missed`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import platform
 import subprocess
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from torch import nn
 
 import ptsbench
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
-from ptsbench.audit import Audit, audit_model
+from ptsbench.audit import Audit, audit_model, target_missed
 from ptsbench.checkpoint import load_compact_form, save_compact_form, save_dense_form
 from ptsbench.config import check_config, check_constructor_keys
 from ptsbench.cost import PruneCost, inference_cost
@@ -159,48 +159,6 @@ def check_not_empty(cfg: DictConfig, data: DataBundle) -> None:
                             f"check {keys}.")
 
 
-def _names(layers: list[str], limit: int = 6) -> str:
-    return ", ".join(layers[:limit]) + (f" ... ({len(layers)} layers in all)" if len(layers) > limit else "")
-
-
-def target_missed(audit: Audit, dense_zeros: Mapping[str, int]) -> str | None:
-    """Why the audited zeros do not deliver the plan, or None when they do.
-
-    The criterion, on zeros counted in the returned weights (never the method's own count): in every
-    layer, the zeros are within one weight of the allocation's count (allocated sparsity x weights), and
-    over all prunable layers they are within one weight per layer of target x prunable weights.
-    """
-    rows = audit.layers
-    planned = rows["target_sparsity"].astype(float) * rows["params"]
-    gap = rows["zeros"] - planned
-    unplanned = rows.loc[planned.isna(), "name"].tolist()
-    over = rows.loc[gap > 1 + 1e-6, "name"].tolist()
-    under = rows.loc[gap < -1 - 1e-6, "name"].tolist()
-    already = [n for n, count in zip(rows["name"], planned, strict=True)
-               if n in over and dense_zeros.get(n, 0) > count + 1]
-    over = [n for n in over if n not in already]
-    reasons = []
-    if already:
-        first = rows.index[rows["name"] == already[0]][0]
-        n = int(rows.at[first, "params"])
-        reasons.append(f"the dense checkpoint is already sparser than this allocation in layers {_names(already)} "
-                       f"({already[0]}: {dense_zeros[already[0]]} of {n} weights zero before pruning, "
-                       f"{dense_zeros[already[0]] / n:.1%}; the allocation asks for {planned[first]:.0f}, "
-                       f"{planned[first] / n:.1%})")
-    for names, what in ((over, "more zeros than"), (under, "fewer zeros than")):
-        if names:
-            reasons.append(f"layers {_names(names)} have {what} their allocation")
-    if unplanned:
-        reasons.append(f"the method gave no allocation for layers {_names(unplanned)}")
-    # An N:M pattern leaves the layers whose rows do not split into groups of M dense, by its rule.
-    excess = audit.zeros - audit.target * (audit.prunable_params - audit.pattern.get("pattern_dense_params", 0))
-    if abs(excess) > len(rows) + 1e-6:
-        reasons.append(f"achieved sparsity {audit.achieved:.6f} is {abs(excess):.0f} weights "
-                       f"{'above' if excess > 0 else 'below'} the target {audit.target:g} "
-                       f"(tolerance: {len(rows)} weights, one per layer)")
-    return "Target missed: " + "; ".join(reasons) + "." if reasons else None
-
-
 def save_and_verify_sparse(model: nn.Module, layers: list[PrunableLayer], cfg: DictConfig, data: DataBundle,
                            out_dir: Path, device: torch.device, expected_top1: float) -> dict[str, Any]:
     """Write both checkpoint forms, reload the compact one into a fresh timm model, audit and evaluate it."""
@@ -234,6 +192,7 @@ class PreparedJob:
     layers: list[PrunableLayer]
     dense_zeros: dict[str, int]  # zeros per prunable layer before pruning: explains a missed target
     dense_logits: torch.Tensor | None
+    compile: bool  # the job's `compile` key: fuse the methods' weight-sized elementwise chains
 
 
 class JobLog:
@@ -290,7 +249,7 @@ def prepare(cfg: DictConfig, job: JobLog, sweep: str) -> PreparedJob:
                       tags=[cfg.model.name, cfg.data.name, algorithm.name], dir=str(job.out_dir))
     device = execution_device(cfg)
     record["device"] = str(device)
-    record["compile"] = bool(cfg.get("compile", False))
+    compile_ = record["compile"] = bool(cfg.get("compile", False))
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
 
     data = load_data(cfg, cache_dir)
@@ -315,14 +274,14 @@ def prepare(cfg: DictConfig, job: JobLog, sweep: str) -> PreparedJob:
     calib.data.labels = calib.data.labels.to(device)
     write_json(job.out_dir / CALIB_FILE, {"seed": calib.seed, "n": len(calib), "indices": calib.indices,
                                           "split": "train", "dataset": cfg.data.name})
-    return PreparedJob(algorithm, target, device, data, calib, model, layers, dense_zeros, dense_logits)
+    return PreparedJob(algorithm, target, device, data, calib, model, layers, dense_zeros, dense_logits, compile_)
 
 
 def prune_and_audit(cfg: DictConfig, job: JobLog, prep: PreparedJob) -> tuple[PruneResult, list[PrunableLayer], Audit]:
     """Run the algorithm, then count its zeros ourselves on the model it returned."""
     torch.manual_seed(int(cfg.seed))
     ctx = PruneContext(calib=prep.calib, device=prep.device, seed=int(cfg.seed), progress=bool(cfg.progress),
-                       compile=bool(cfg.get("compile", False)), log_metrics=job.tracker.log, workdir=job.out_dir)
+                       compile=prep.compile, log_metrics=job.tracker.log, workdir=job.out_dir)
     start = time.perf_counter()
     with PruneCost(prep.model, prep.device) as cost:  # passes and peak memory, counted by the harness
         result = prep.algorithm.prune(prep.model, prep.layers, prep.target, ctx)

@@ -144,8 +144,7 @@ def test_presparse_checkpoint_misses_the_target_and_is_flagged(tiny_dense, tiny_
 
 
 def test_target_check_counts_zeros_per_layer_and_globally():
-    from ptsbench.audit import audit_model
-    from ptsbench.runner import target_missed
+    from ptsbench.audit import audit_model, target_missed
     from ptsbench.sparsity import find_prunable_layers
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
