@@ -38,6 +38,10 @@ def test_every_point_composes_and_buys_more_work_along_its_curve():
         assert work == 1.0 and work == max(curves[(point.model, point.algorithm)]), point
     paper = {(p.model, p.sparsity, p.seed) for p in points if p.algorithm == "fcpts" and p.value == 1.0}
     assert paper == {(m, s, seed) for m in ("mobilenetv2", "vit_tiny") for s in (0.8, 0.9) for seed in (0, 1, 2)}
+    # a curve naming its own models runs only there: POT's 5,000 steps where it still climbs
+    assert {p.model for p in points if p.algorithm == "pot_quick" and p.value == 25} == {"vit_tiny"}
+    assert study_points(["mobilenetv2"], ["pot_quick"]) == [p for p in points if p.algorithm == "pot_quick"
+                                                            and p.model == "mobilenetv2"]
     some = study_points(["vit_tiny"], ["unipts_quick"])
     assert {(p.model, p.algorithm) for p in some} == {("vit_tiny", "unipts_quick")} and len(some) >= 2
     fcpts = build_algorithm(compose_config(["algorithm=fcpts", "algorithm.budget=0.04"]))

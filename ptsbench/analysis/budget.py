@@ -54,13 +54,17 @@ class Point:
 def study_points(models: Sequence[str] | None = None, algorithms: Sequence[str] | None = None) -> list[Point]:
     """Every point of every curve of the study config, for its models (or `models`) and its algorithms (or
     those of `algorithms`), and the study's sparsity. A curve may name its own `sparsities` and `seeds`
-    (the reference budget repeated on the claims' cells); a point listed twice runs once."""
+    (the reference budget repeated on the claims' cells) and its own `models` (a subset of the study's: a
+    longer budget only where the curve is still climbing); a point listed twice runs once."""
     cfg = study_config(STUDY)
     points: list[Point] = []
     for curve in cfg.curves:
         if curve.key not in KEYS:
             raise ConfigError(f"{STUDY}.yaml: curve key {curve.key!r} is not one of {', '.join(KEYS)}.")
-        for model in check_names("models", models or cfg.models, group="model"):
+        own = list(curve.get("models", cfg.models))
+        if not set(own) <= set(cfg.models):
+            raise ConfigError(f"{STUDY}.yaml: curve models {own} must be among the study's models {list(cfg.models)}.")
+        for model in check_names("models", [m for m in models or cfg.models if m in own], group="model"):
             for algorithm in check_names("curves.algorithms", curve.algorithms):
                 if algorithms and algorithm not in algorithms:
                     continue
