@@ -42,6 +42,24 @@ def threads_per_job(cfg: DictConfig, hc) -> int | None:
     return max(1, cores // parallel)
 
 
+def device_per_job(cfg: DictConfig, hc, gpus: int | None = None) -> str | None:
+    """The GPU of one job of a parallel sweep on one machine: jobs of the joblib launcher take the visible GPUs
+    in turn (job number modulo their count) instead of all landing on cuda:0. An explicit `device=cuda:N` or
+    `cpu`, a sequential launcher and Slurm (which hands each job its own GPU as cuda:0) keep `cfg.device`."""
+    if str(cfg.get("device", "auto")) not in ("auto", "cuda"):
+        return None
+    n_jobs = hc.launcher.get("n_jobs") if hc.launcher is not None else None
+    if not n_jobs or int(n_jobs) == 1:
+        return None
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < 2:
+        return None
+    return f"cuda:{int(hc.job.num) % gpus}"
+
+
 def sweep_name(hc) -> str:
     if hc.mode == RunMode.MULTIRUN:
         return sweep_group(hc.sweep.dir)
@@ -55,10 +73,12 @@ def app(cfg: DictConfig) -> None:
     if cfg.get("logger"):
         check_constructor_keys(cfg.logger, "logger")  # before instantiate turns `+logger.foo=1` into a TypeError
     tracker = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else Tracker()
-    threads = threads_per_job(cfg, hc)
-    if threads:
-        with open_dict(cfg):
+    threads, device = threads_per_job(cfg, hc), device_per_job(cfg, hc)
+    with open_dict(cfg):
+        if threads:
             cfg.threads = threads
+        if device:
+            cfg.device = device
     try:
         resume_dirs = [Path(hc.sweep.dir)] if hc.mode == RunMode.MULTIRUN else [out_dir]
         record = run_job(cfg, out_dir, tracker, sweep=sweep_name(hc), resume_dirs=resume_dirs)

@@ -83,6 +83,25 @@ def test_threads_shared_among_parallel_jobs(monkeypatch):
     assert threads_per_job(OmegaConf.create({"threads": 3}), OmegaConf.create({"launcher": {"n_jobs": 4}})) == 3
 
 
+def test_parallel_jobs_take_the_gpus_in_turn():
+    from omegaconf import OmegaConf
+
+    from ptsbench.cli import device_per_job
+
+    def hc(job: int, n_jobs: int | None = 2):
+        return OmegaConf.create({"launcher": {"n_jobs": n_jobs} if n_jobs else {"_target_": "basic"},
+                                 "job": {"num": job}})
+
+    auto = OmegaConf.create({"device": "auto"})
+    assert [device_per_job(auto, hc(j), gpus=2) for j in range(5)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert [device_per_job(OmegaConf.create({"device": "cuda"}), hc(j, -1), gpus=3) for j in (2, 4)] == ["cuda:2", "cuda:1"]
+    assert device_per_job(auto, hc(3), gpus=1) is None and device_per_job(auto, hc(3), gpus=0) is None
+    assert device_per_job(auto, hc(3, n_jobs=None), gpus=4) is None  # sequential: the one default GPU
+    assert device_per_job(auto, hc(3, n_jobs=1), gpus=4) is None
+    for fixed in ("cpu", "cuda:1"):  # what the user named stays
+        assert device_per_job(OmegaConf.create({"device": fixed}), hc(2), gpus=4) is None
+
+
 def test_default_benchmark_grid_runs_learned_methods_at_0_9_only():
     """The default benchmark's filters, instantiated and applied the way hydra-filter-sweeper does it (the
     resolved job config, converted to plain containers), keep each model's own sweep_sparsities for the
