@@ -41,6 +41,7 @@ from ptsbench.reconstruct import (
     make_units,
     process_units,
     reconstruction_budget,
+    reconstruction_tags,
     summarise,
 )
 from ptsbench.settings import read_budget, scaled
@@ -92,8 +93,8 @@ class POT(PTSAlgorithm):
         return self.recon.iterations / REFERENCE_STEPS
 
     def budget_tags(self) -> list[str]:
-        """Nothing at msbench's 20,000 steps per layer, 'quick' at pot_quick's 200, else the step count."""
-        return {"reference": [], "quick": ["quick"]}.get(self.budget, [f"{self.recon.iterations}steps"])
+        """Nothing at msbench's 20,000 steps per layer, 'quick' at pot_quick's 200, else the steps (and rates)."""
+        return reconstruction_tags(self.recon)
 
     @property
     def family(self) -> str:

@@ -72,9 +72,37 @@ class ReconstructionSettings(Settings):
                 "recon_lr": self.lr, "recon_bias_lr": self.bias_lr}
 
 
+REFERENCE_RATES = (1e-5, 1e-4)  # msbench's (weights, biases) learning rates
+QUICK_RATES = (1e-4, 1e-3)  # 10x, to move as far in the quick preset's 100x fewer steps
+
+
+def reconstruction_rates(settings: ReconstructionSettings) -> str:
+    """'reference' or 'quick' where the learning rates are that preset's, else 'custom'."""
+    rates = (settings.lr, settings.bias_lr)
+    return "reference" if rates == REFERENCE_RATES else "quick" if rates == QUICK_RATES else "custom"
+
+
 def reconstruction_budget(settings: ReconstructionSettings) -> str:
-    """'reference' (msbench's 20,000 Adam steps per unit), 'quick' (200) or 'custom'."""
-    return {REFERENCE_STEPS: "reference", QUICK_STEPS: "quick"}.get(settings.iterations, "custom")
+    """'reference' (msbench's 20,000 Adam steps per unit at its rates), 'quick' (200 steps at 10x the rates)
+    or 'custom': a preset is its steps and its rates together (20,000 quick-rate steps are not msbench's)."""
+    presets = {"reference": REFERENCE_STEPS, "quick": QUICK_STEPS}
+    rates = reconstruction_rates(settings)
+    return rates if presets.get(rates) == settings.iterations else "custom"
+
+
+def reconstruction_tags(settings: ReconstructionSettings) -> list[str]:
+    """A label's words for the budget: none at the reference, 'quick' at the quick preset, else the steps and,
+    unless they are the quick preset's (the committed budget curves scale it), the rates."""
+    budget = reconstruction_budget(settings)
+    if budget != "custom":
+        return [] if budget == "reference" else [budget]
+    tags = [f"{settings.iterations}steps"]
+    rates = reconstruction_rates(settings)
+    if rates == "reference":
+        tags.append("msbenchlr")
+    elif rates == "custom":
+        tags.append(f"lr{settings.lr:g}")
+    return tags
 
 
 @dataclass

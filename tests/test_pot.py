@@ -205,8 +205,15 @@ def test_bad_reconstruction_choices_are_named():
     assert POT(weight_correction=True).weight_correction == "msbench"  # older configs' boolean
     assert POT(weight_correction=False).label == "pot-nowc"
     assert POT(weight_correction="exact_moments").label == "pot-exactwc"
-    assert POT().options()["budget"] == "reference" and POT(reconstruction={"iterations": 200}).options()["budget"] == "quick"
-    assert POT(reconstruction={"iterations": 200}).label == "pot-quick" and POT(budget=0.5).label == "pot-10000steps"
+    # a preset is its steps and its rates: the quick preset is 200 steps at 10x msbench's rates
+    quick = {"iterations": 200, "lr": 1e-4, "bias_lr": 1e-3}
+    assert POT().options()["budget"] == "reference" and POT(reconstruction=quick).options()["budget"] == "quick"
+    assert POT(reconstruction=quick).label == "pot-quick" and POT(reconstruction=quick, budget=25).label == "pot-5000steps"
+    assert POT(reconstruction={**quick, "iterations": 20_000}).options()["budget"] == "custom"  # not msbench's
+    assert POT(reconstruction={**quick, "iterations": 20_000}).label == "pot-20000steps"
+    assert POT(reconstruction={"iterations": 200}).label == "pot-200steps-msbenchlr"
+    assert POT(budget=0.5).label == "pot-10000steps-msbenchlr" and POT(budget=0.25).label != POT(reconstruction=quick, budget=25).label
+    assert POT(reconstruction={"lr": 3e-5}).label == "pot-20000steps-lr3e-05"
     assert POT(budget=0.5).budget_fraction == 0.5 and POT(budget=0.5).family == "pot"
 
 
