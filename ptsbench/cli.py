@@ -30,15 +30,21 @@ def compose_job_config(overrides: list[str]) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
+def launcher_jobs(hc) -> int | None:
+    """The launcher's `n_jobs` (joblib: parallel jobs on this machine; -1 = one per core), None for the others."""
+    n_jobs = hc.launcher.get("n_jobs") if hc.launcher is not None else None
+    return int(n_jobs) if n_jobs else None
+
+
 def threads_per_job(cfg: DictConfig, hc) -> int | None:
     """Explicit `threads`, else cores shared among the launcher's parallel jobs, else torch's default."""
     if cfg.get("threads"):
         return int(cfg.threads)
-    n_jobs = hc.launcher.get("n_jobs") if hc.launcher is not None else None
+    n_jobs = launcher_jobs(hc)
     if not n_jobs:
         return None
     cores = os.cpu_count() or 1
-    parallel = cores if int(n_jobs) < 0 else min(int(n_jobs), cores)
+    parallel = cores if n_jobs < 0 else min(n_jobs, cores)
     return max(1, cores // parallel)
 
 
@@ -48,8 +54,7 @@ def device_per_job(cfg: DictConfig, hc, gpus: int | None = None) -> str | None:
     `cpu`, a sequential launcher and Slurm (which hands each job its own GPU as cuda:0) keep `cfg.device`."""
     if str(cfg.get("device", "auto")) not in ("auto", "cuda"):
         return None
-    n_jobs = hc.launcher.get("n_jobs") if hc.launcher is not None else None
-    if not n_jobs or int(n_jobs) == 1:
+    if launcher_jobs(hc) in (None, 1):
         return None
     if gpus is None:
         import torch

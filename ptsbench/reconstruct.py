@@ -43,6 +43,8 @@ RECON_INPUTS = ("dense", "sparse")
 WEIGHT_CORRECTIONS = ("msbench", "exact_moments", "none")
 REFERENCE_STEPS = 20_000  # msbench's Adam steps per unit (conf/reconstruction/msbench.yaml)
 QUICK_STEPS = 200  # conf/reconstruction/quick.yaml, the CPU benchmark's budget
+REFERENCE_RATES = (1e-5, 1e-4)  # msbench's (weights, biases) learning rates
+QUICK_RATES = (1e-4, 1e-3)  # 10x, to move as far in the quick preset's 100x fewer steps
 # The random stream of the reconstruction batches (ctx.generator); an offset, not a name, so that results
 # stay those of the committed runs.
 RECONSTRUCTION_STREAM = 31
@@ -58,9 +60,9 @@ class ReconstructionSettings(Settings):
 
     mode: str = option("none", RECONSTRUCTIONS)  # none | layer (one conv/linear) | block (residual or transformer)
     inputs: str = option("dense", RECON_INPUTS)  # dense: the dense model's activations; sparse: the sparse model's
-    iterations: int = option(20_000, NON_NEGATIVE_COUNT)  # Adam steps per unit
-    lr: float = option(1e-5, NON_NEGATIVE)  # weights (tensors with two or more dimensions)
-    bias_lr: float = option(1e-4, NON_NEGATIVE)  # biases and normalisation parameters
+    iterations: int = option(REFERENCE_STEPS, NON_NEGATIVE_COUNT)  # Adam steps per unit
+    lr: float = option(REFERENCE_RATES[0], NON_NEGATIVE)  # weights (tensors with two or more dimensions)
+    bias_lr: float = option(REFERENCE_RATES[1], NON_NEGATIVE)  # biases and normalisation parameters
     batch_size: int = option(64, COUNT)
     early_stop_loss: float = option(1e-5, NON_NEGATIVE)  # stop a unit once its batch loss falls below this
 
@@ -70,10 +72,6 @@ class ReconstructionSettings(Settings):
             return {"reconstruction": "none"}
         return {"reconstruction": self.mode, "recon_inputs": self.inputs, "recon_iterations": self.iterations,
                 "recon_lr": self.lr, "recon_bias_lr": self.bias_lr}
-
-
-REFERENCE_RATES = (1e-5, 1e-4)  # msbench's (weights, biases) learning rates
-QUICK_RATES = (1e-4, 1e-3)  # 10x, to move as far in the quick preset's 100x fewer steps
 
 
 def reconstruction_rates(settings: ReconstructionSettings) -> str:
