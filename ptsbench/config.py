@@ -35,7 +35,10 @@ class ModelConfig:
     checkpoint_layout: str = "timm"  # key names in the checkpoint: timm | lukemelas_efficientnet
     pretrained: bool = False  # timm hub weights (needs network)
     train_overrides: dict[str, Any] = field(default_factory=dict)  # per-model changes to the train recipe
-    sweep_sparsities: list[float] | None = None  # the range where this model discriminates between methods
+    sweep_sparsities: list[float] | None = None  # the default benchmark's accuracy-against-sparsity range
+    # where the strongest heuristic has lost about 1-60 points of dense, so methods can separate; written by
+    # `python -m ptsbench.analysis.discriminating --write` from the records, read by the leaderboard
+    discriminating_sparsities: list[float] | None = None
 
 
 @dataclass
