@@ -134,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", help="model configs (default: the study config's)")
     parser.add_argument("--algorithms", nargs="+", help="only the curves of these algorithm configs")
     parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: the curves')")
+    parser.add_argument("--values", nargs="+", type=float, help="only the points whose knob has these values")
     parser.add_argument("--only-highest", action="store_true",
                         help="only the points at each model's highest discriminating sparsity (run first)")
     parser.add_argument("--report-only", action="store_true", help="only collect RUNS and rebuild the tables")
@@ -149,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         skip = [f"resume_studies=[{out}]"] if args.add and (out / RECORDS_FILE).is_file() else []
         if not args.report_only:
             points = study_points(args.models, args.algorithms, args.study, args.seeds)
+            if args.values:
+                points = [p for p in points if p.key != PRESET and float(p.value) in args.values]
             if args.only_highest:
                 points = [p for p in points if p.sparsity == model_sparsities(p.model, "highest", args.study)[0]]
             failed = run_points(points, runs, [*skip, *args.overrides], args.study)
