@@ -1,8 +1,16 @@
 """What Wanda and SparseGPT share: one-shot, layer-wise pruning on calibration statistics.
 
-Per-layer counts come from the allocation axis (and the pattern); each block of layers is calibrated on
-the outputs of the blocks already pruned (`ptsbench.layerwise.sequential_prune`) and each layer is pruned
-by the method's own rule on the statistic of its inputs. A method names its statistic and its layer rule.
+Per-layer counts come from the allocation axis (and the pattern); each layer is pruned by the method's own
+rule on the statistic of its inputs, and the calibration protocol says which network those inputs come from
+(`ptsbench.layerwise.CALIB_PROTOCOLS`): `dense`, every layer's inputs from the dense network, as the
+reference vision code of Wanda (locuslab/wanda `image_classifiers/`) takes them; `sequential`, from the
+already pruned (and, for SparseGPT, updated) prefix, as the reference SparseGPT; `sequential+bn`, the same
+with the prefix's BatchNorm re-estimated before each block. A method names its statistic, its layer rule
+and its default protocol.
+
+On a BatchNorm network `sequential` calibrates every block after the first on a prefix whose BN layers
+still hold the dense statistics, i.e. on inputs the final, re-estimated network never produces: a labelled
+ablation (`*_stalebn`), not a default.
 """
 
 from __future__ import annotations
@@ -16,8 +24,8 @@ from torch import nn
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from algorithms.magnitude import AllocationChoice
 from ptsbench.bn import recalibrate_batchnorm
-from ptsbench.errors import ConfigError
-from ptsbench.layerwise import InputStatistic, check_supported, sequential_prune
+from ptsbench.errors import ConfigError, unknown_choice
+from ptsbench.layerwise import CALIB_PROTOCOLS, InputStatistic, check_supported, dense_prune, sequential_prune
 from ptsbench.sparsity import PrunableLayer, magnitude_mask, rates
 
 
@@ -27,28 +35,33 @@ class LayerwiseOneShot(PTSAlgorithm):
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
                  allocation_label: str | None = None, batch_size: int = 64, bn_recalibration: bool = False,
-                 bn_sequential: bool = False):
+                 calib_protocol: str | None = None):
         self.alloc = AllocationChoice(allocation, float(erk_power_scale), allocation_file, allocation_label).check()
         self.batch_size = int(batch_size)  # calibration images per forward pass (memory, not results)
         # Not in the papers (language models have no BatchNorm): on a BN network the pruned layers shift the
         # batch statistics, and re-estimating them on the calibration images is what magnitude+bn does too.
         self.bn_recalibration = bool(bn_recalibration)
-        # With re-estimation only at the end, each block is calibrated on a pruned prefix whose BN layers
-        # still hold the dense statistics, i.e. on inputs the final network never sees; `bn_sequential`
-        # re-estimates them before every block's pass as well (one more pass per block).
-        self.bn_sequential = bool(bn_sequential)
-        if self.bn_sequential and not self.bn_recalibration:
-            raise ConfigError("algorithm.bn_sequential=true re-estimates BatchNorm along the sequential pass and "
-                              "needs algorithm.bn_recalibration=true (the statistics after the last block).")
+        self.calib_protocol = self.default_protocol() if calib_protocol is None else str(calib_protocol)
+        if self.calib_protocol not in CALIB_PROTOCOLS:
+            raise unknown_choice("algorithm.calib_protocol", self.calib_protocol, CALIB_PROTOCOLS)
+        if self.calib_protocol == "sequential+bn" and not self.bn_recalibration:
+            raise ConfigError("algorithm.calib_protocol=sequential+bn re-estimates BatchNorm along the sequential "
+                              "pass and needs algorithm.bn_recalibration=true (the statistics after the last "
+                              "block); without it use calib_protocol=sequential or dense.")
+
+    def default_protocol(self) -> str:
+        """The protocol of the method's reference code; a subclass may depend on `bn_recalibration`."""
+        return "sequential"
 
     def options(self) -> dict[str, Any]:
-        opts = {**self.alloc.options(), "bn_recalibration": self.bn_recalibration}
-        return opts | ({"bn_sequential": True} if self.bn_sequential else {})
+        return {**self.alloc.options(), "bn_recalibration": self.bn_recalibration,
+                "calib_protocol": self.calib_protocol}
 
     @property
     def family(self) -> str:
-        bn = "+seqbn" if self.bn_sequential else "+bn" if self.bn_recalibration else ""
-        return f"{self.name}-{self.alloc.describe(self.pattern)}{bn}"
+        tags = {"dense": "dense", "sequential": "seq", "sequential+bn": "seqbn"}
+        protocol = "" if self.calib_protocol == self.default_protocol() else f"-{tags[self.calib_protocol]}"
+        return f"{self.name}-{self.alloc.describe(self.pattern)}{protocol}{'+bn' if self.bn_recalibration else ''}"
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         check_supported(layers)
@@ -69,11 +82,18 @@ class LayerwiseOneShot(PTSAlgorithm):
             return recalibrate_batchnorm(model, ctx.calib, ctx.device, self.batch_size)
 
         todo = [ly for ly in layers if counts[ly.name] > 0]  # dense layers need no statistics
-        passes = sequential_prune(model, todo, ctx.calib, self.batch_size, self.statistic, finish,
-                                  progress=ctx.progress, desc=self.name,
-                                  before_block=reestimate if self.bn_sequential else None) if todo else 0
+        along = self.calib_protocol == "sequential+bn"
+        if not todo:
+            passes = 0
+        elif self.calib_protocol == "dense":
+            passes = dense_prune(model, todo, ctx.calib, self.batch_size, self.statistic, finish,
+                                 progress=ctx.progress, desc=self.name)
+        else:
+            passes = sequential_prune(model, todo, ctx.calib, self.batch_size, self.statistic, finish,
+                                      progress=ctx.progress, desc=self.name,
+                                      before_block=reestimate if along else None)
         bn_layers = reestimate() if self.bn_recalibration else 0
-        bn_passes = max(passes - 1, 0) if self.bn_sequential and bn_layers else 0  # none before the first block
+        bn_passes = max(passes - 1, 0) if along and bn_layers else 0  # none before the first block
         return PruneResult(model=model, allocation=rates(layers, counts), masks=masks,
                            stats={"calib_passes": passes + bn_passes + int(self.bn_recalibration),
                                   "layers_pruned": len(todo), "bn_layers_recalibrated": bn_layers})

@@ -190,15 +190,20 @@ class SparseGPT(LayerwiseOneShot):
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
                  allocation_label: str | None = None, blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
-                 batch_size: int = 64, bn_recalibration: bool = False, bn_sequential: bool = False):
+                 batch_size: int = 64, bn_recalibration: bool = False, calib_protocol: str | None = None):
         super().__init__(allocation, erk_power_scale, allocation_file, allocation_label, batch_size, bn_recalibration,
-                         bn_sequential)
+                         calib_protocol)
         if int(blocksize) < 1:
             raise ConfigError(f"algorithm.blocksize={blocksize} must be a positive number of columns (default 128).")
         if not float(percdamp) > 0:
             raise ConfigError(f"algorithm.percdamp={percdamp} must be > 0 (a fraction of the mean Hessian diagonal).")
         self.blocksize = int(blocksize)
         self.percdamp = float(percdamp)
+
+    def default_protocol(self) -> str:
+        # The reference calibrates on the pruned and updated prefix; on a BN network that prefix is only what
+        # the final network computes once its BatchNorm is re-estimated along the pass.
+        return "sequential+bn" if self.bn_recalibration else "sequential"
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "blocksize": self.blocksize, "percdamp": self.percdamp}

@@ -5,8 +5,9 @@ Specification (paper, and locuslab/wanda `lib/prune.py`, `image_classifiers/prun
   token or position.
 * Comparison group: each output row separately; a row loses its lowest-scoring weights. Under N:M each
   group of M consecutive inputs of a row keeps its N highest scores.
-* No weight update, one pass of input statistics per layer; layers are pruned in module order, block by
-  block, each block calibrated on the outputs of the blocks already pruned (`ptsbench.layerwise`).
+* No weight update. Input statistics from the dense network by default (`calib_protocol=dense`, one pass
+  for all layers), as the reference's image-classifier code; its language-model code calibrates each block
+  on the already pruned prefix (`calib_protocol=sequential`, `sequential+bn` on BN networks).
 
 Vision adaptation (our choices; the reference prunes only the Linear layers of ViT/DeiT/ConvNeXt blocks):
 * Conv2d, grouped and depthwise included: feature j of weight (o, c, ky, kx) is the unfolded patch entry
@@ -77,6 +78,9 @@ def wanda_mask(layer: PrunableLayer, squares: torch.Tensor, n_zero: int, pattern
 class Wanda(LayerwiseOneShot):
     name = "wanda"
     statistic = InputNorms
+
+    def default_protocol(self) -> str:
+        return "dense"  # locuslab/wanda's image-classifier code takes every layer's norms from the dense model
 
     def prune_layer(self, layer: PrunableLayer, stat: InputNorms, n_zero: int) -> torch.Tensor:
         mask = wanda_mask(layer, stat.squares, n_zero, self.pattern).to(layer.module.weight.dtype)

@@ -33,6 +33,10 @@ from ptsbench.errors import ConfigError
 from ptsbench.sparsity import PrunableLayer
 
 
+# Which network a layer's calibration inputs come from (algorithms/oneshot.py says why each exists).
+CALIB_PROTOCOLS = ("dense", "sequential", "sequential+bn")
+
+
 class InputStatistic(Protocol):
     """What a method accumulates about a layer's inputs: `add` takes one batch as (groups, cols, n)."""
 
@@ -151,3 +155,20 @@ def sequential_prune(model: nn.Module, layers: list[PrunableLayer], calib: Calib
     finally:
         model.train(was_training)
     return len(passes)
+
+
+def dense_prune(model: nn.Module, layers: list[PrunableLayer], calib: CalibrationSet, batch_size: int,
+                begin: Callable[[PrunableLayer], InputStatistic],
+                finish: Callable[[PrunableLayer, InputStatistic], None],
+                progress: bool = False, desc: str = "one-shot pruning") -> int:
+    """Prune `layers` with `finish(layer, statistic)`, every statistic taken from the dense network: one
+    calibration pass collects them all before the first layer is pruned. Returns the passes (one)."""
+    was_training = model.training
+    model.eval()
+    try:
+        stats = collect(model, layers, calib, batch_size, begin)
+    finally:
+        model.train(was_training)
+    for ly in tqdm(layers, desc=desc, disable=not progress):
+        finish(ly, stats.pop(ly.name))  # each statistic freed once its layer is pruned
+    return 1

@@ -176,7 +176,7 @@ def test_block_mask_takes_exact_counts_per_group_ties_by_position():
     assert same.sum(dim=(1, 2)).tolist() == [3, 3] and same[0, 0, 1] and not same[0, 0, 0]
 
 
-def test_bn_sequential_calibrates_each_block_on_a_prefix_with_reestimated_batchnorm():
+def test_sequential_bn_protocol_calibrates_each_block_on_a_prefix_with_reestimated_batchnorm():
     torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 16))
@@ -189,8 +189,8 @@ def test_bn_sequential_calibrates_each_block_on_a_prefix_with_reestimated_batchn
     layers = find_prunable_layers(model)
     calib = tiny_calib(images)
     ctx = PruneContext(calib, torch.device("cpu"), 0, progress=False)
-    result = SparseGPT(bn_recalibration=True, bn_sequential=True).prune(model, layers, 0.5, ctx)
-    SparseGPT(bn_recalibration=True).prune(stale, find_prunable_layers(stale), 0.5, ctx)
+    result = SparseGPT(bn_recalibration=True).prune(model, layers, 0.5, ctx)  # sequential+bn: the default with BN
+    SparseGPT(bn_recalibration=True, calib_protocol="sequential").prune(stale, find_prunable_layers(stale), 0.5, ctx)
     assert result.stats["calib_passes"] == 3 + 2 + 1  # a pass per block, a re-estimation before blocks 2 and 3, the last
 
     # By hand: each layer's Hessian from a prefix whose BN was re-estimated after the layers before it were pruned
@@ -215,7 +215,15 @@ def test_bn_sequential_calibrates_each_block_on_a_prefix_with_reestimated_batchn
     assert not torch.allclose(model[7].weight, stale[7].weight, atol=1e-3)
 
 
-def test_bn_sequential_needs_bn_recalibration():
-    with pytest.raises(ConfigError, match="bn_sequential=true.*bn_recalibration=true"):
-        SparseGPT(bn_sequential=True)
-    assert SparseGPT(bn_recalibration=True, bn_sequential=True).label == "sparsegpt-uniform+seqbn"
+def test_calib_protocols_are_checked_named_and_labelled():
+    with pytest.raises(ConfigError, match="calib_protocol=sequential\\+bn.*bn_recalibration=true"):
+        SparseGPT(calib_protocol="sequential+bn")
+    with pytest.raises(ConfigError, match="algorithm.calib_protocol.*'stale'.*dense, sequential, sequential\\+bn"):
+        SparseGPT(calib_protocol="stale")
+    # the defaults: SparseGPT as its reference (sequential), along with BN when BN is re-estimated
+    assert SparseGPT().calib_protocol == "sequential" and SparseGPT().label == "sparsegpt-uniform"
+    bn = SparseGPT(bn_recalibration=True)
+    assert bn.calib_protocol == "sequential+bn" and bn.label == "sparsegpt-uniform+bn"
+    assert bn.options()["calib_protocol"] == "sequential+bn"
+    assert SparseGPT(bn_recalibration=True, calib_protocol="sequential").label == "sparsegpt-uniform-seq+bn"
+    assert SparseGPT(calib_protocol="dense").label == "sparsegpt-uniform-dense"

@@ -3,6 +3,8 @@ inputs (grouped included), N:M, and the sequential pass."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,9 +62,11 @@ def test_nm_and_the_sequential_pass_on_a_small_network():
     images = torch.randn(30, 4, 5, 5)
     layers = find_prunable_layers(model)
     dense_fc = model[3].weight.detach().clone()
-    algorithm = Wanda()
+    dense_model = copy.deepcopy(model)
+    ctx = PruneContext(tiny_calib(images), torch.device("cpu"), 0, progress=False)
+    algorithm = Wanda(calib_protocol="sequential")
     algorithm.set_pattern(Pattern(2, 4))
-    result = algorithm.prune(model, layers, 0.5, PruneContext(tiny_calib(images), torch.device("cpu"), 0, progress=False))
+    result = algorithm.prune(model, layers, 0.5, ctx)
     for ly in layers:
         assert torch.all((ly.weight != 0).reshape(-1, 4).sum(1) == 2)
     # The Linear's norms come from the pruned conv's outputs.
@@ -70,7 +74,18 @@ def test_nm_and_the_sequential_pass_on_a_small_network():
     fc = PrunableLayer("l", nn.Linear(200, 8), "linear")
     fc.module.weight.data.copy_(dense_fc)
     assert torch.equal(result.masks["3"], wanda_mask(fc, norms_of(fc, feats), 0, Pattern(2, 4)))
-    assert result.stats["calib_passes"] == 2 and algorithm.label == "wanda-2:4"
+    assert result.stats["calib_passes"] == 2 and algorithm.label == "wanda-2:4-seq"
+    # The default protocol takes them from the dense conv, in one pass, as the reference vision code.
+    dense = Wanda()
+    dense.set_pattern(Pattern(2, 4))
+    with torch.no_grad():
+        dense_feats = dense_model[2](dense_model[1](dense_model[0](images)))
+    from_dense = dense.prune(dense_model, find_prunable_layers(dense_model), 0.5, ctx)
+    assert dense.calib_protocol == "dense" and dense.label == "wanda-2:4"
+    assert from_dense.stats["calib_passes"] == 1
+    assert torch.equal(from_dense.masks["3"], wanda_mask(fc, norms_of(fc, dense_feats), 0, Pattern(2, 4)))
+    assert torch.equal(from_dense.masks["0"], result.masks["0"])  # the first layer sees the images either way
+    assert not torch.equal(from_dense.masks["3"], result.masks["3"])
 
 
 def test_convs_that_pad_themselves_are_refused():
