@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
+import pytest
 
 from ptsbench.analysis.claims import (
+    Gain,
+    Run,
+    VerdictRule,
+    claim_cells,
     fcpts_claim,
     load_settings,
     matrix_claim,
+    paired_gain,
     second_dense_claims,
     unipts_claim,
     verdict,
@@ -29,82 +37,77 @@ def record(method: str, sparsity: float, top1: float, model: str = "resnet18", s
             "target_sparsity": sparsity, "top1": top1, "status": "ok", "seed": seed, "dense_top1": dense_top1}
 
 
-def test_verdicts():
-    assert verdict(40.0, 30.0) == "holds"
-    assert verdict(5.0, 30.0) == "holds in direction only"
-    assert verdict(0.3, 30.0) == "does not hold here" and verdict(-2.0, 30.0) == "does not hold here"
-    assert verdict(float("nan"), 30.0) == "not measured"
-    assert verdict(2.0, 30.0, spread=1.0) == "holds in direction only"
-    assert verdict(2.0, 30.0, spread=1.8) == "does not hold here"  # the seed band reaches the tie zone
+def test_verdict_rule_on_paired_intervals_and_headroom():
+    rule = VerdictRule()
+    up = Gain(5.0, 2.0, 8.0, 3)
+    assert verdict(Gain(40.0, 35.0, 45.0, 3), 50.0, 30.0, rule, (3, 3)) == "holds"
+    assert verdict(up, 50.0, 30.0, rule, (3, 3)) == "holds in direction only"
+    assert verdict(Gain(-1.0, -2.0, 0.5, 3), 50.0, 30.0, rule, (3, 3)) == "does not hold"
+    assert verdict(Gain(0.2, -1.0, 1.4, 3), 50.0, 30.0, rule, (3, 3)) == "inconclusive"
+    assert verdict(Gain(9.0, -math.inf, math.inf, 1), 50.0, 5.0, rule, (1, 3)) == "inconclusive (provisional)"
+    assert verdict(up, 50.0, 3.0, rule, (3, 2)) == "holds (provisional)"  # a side with 2 seeds
+    # no headroom, or less than the paper's effect: nothing can be tested, whatever the gain
+    assert verdict(Gain(-1.0, -2.0, 0.0, 3), 0.3, 30.0, rule, (3, 3)) == "not testable"
+    assert verdict(up, 20.0, 30.0, rule, (3, 3)) == "not testable"
+    assert verdict(up, math.nan, 3.0, rule, (3, 3)) == "not testable"
+    assert verdict(Gain(math.nan, math.nan, math.nan, 0), 50.0, 3.0) == "not measured"
 
 
-def test_claims_compare_the_families_of_the_configured_algorithms():
-    # conf/study/claims.yaml names algorithm configs; the families are the classes' own labels without budget
+def test_paired_gain_interval_is_student_t_over_the_shared_seeds():
+    a = Run("a", "a", pd.Series([80.0, 70.0, 75.0], index=[0, 1, 2]), 10.0, 1.0, 1.0)
+    b = Run("b", "b", pd.Series([78.0, 64.0, 50.0, 10.0], index=[0, 1, 3, 4]), 5.0, 1.0, 1.0)
+    gain = paired_gain(a, b)  # seeds 0 and 1 only: diffs 2 and 6
+    assert gain.seeds == 2 and gain.mean == 4.0
+    half = 12.7062 * math.sqrt(8.0) / math.sqrt(2)  # t(0.975, 1) x sd / sqrt(n)
+    assert gain.low == pytest.approx(4.0 - half, abs=1e-3) and gain.high == pytest.approx(4.0 + half, abs=1e-3)
+    assert paired_gain(a, Run("c", "c", pd.Series([1.0], index=[9]), 1.0, 1.0, 1.0)).seeds == 0
+
+
+def test_the_claims_compare_configured_families_on_each_models_discriminating_cells():
     claims = load_settings()
     assert claims.fcpts.method == "fcpts-ste-kde" and claims.fcpts.paper_gain == 30.0
-    assert claims.fcpts.baselines == ("magnitude-uniform+bn", "magnitude-erk+bn", "magnitude-global+bn", "pot")
-    unipts_families = (claims.unipts.method, claims.unipts.against, claims.unipts.plain_kd)
-    assert unipts_families == ("unipts", "pot", "unipts-kl")
-    assert claims.studies == ("pts_methods", "fmnist_benchmark", "budget_curves")
+    assert {"magnitude-erk+bn", "pot", "sparsegpt-erk+bn", "wanda-erk+bn"} <= set(claims.fcpts.baselines)
+    assert (claims.unipts.method, claims.unipts.baselines, claims.unipts.plain_kd) == ("unipts", ("pot",), "unipts-kl")
+    assert claims.studies[0] == "leaderboard" and claims.rule.min_seeds == 3
+    cells = claim_cells(pd.DataFrame({"model": ["resnet18", "vit_tiny_patch16_224"]}), claims.fcpts)
+    assert ("resnet18", 0.8) in cells and ("resnet18", 0.995) in cells and ("vit_tiny_patch16_224", 0.94) in cells
 
 
-def test_each_cell_is_decided_at_the_highest_budget_measured(tmp_path):
-    rows = [record("fcpts-ste-kde-64it", 0.9, 60.0), record("fcpts-ste-kde", 0.9, 70.0),
-            record("magnitude-erk+bn", 0.9, 65.0), record("pot-quick", 0.9, 20.0), record("pot-2000steps", 0.9, 30.0)]
-    f = fcpts_claim(pd.DataFrame(rows), load_settings().fcpts).iloc[0]
-    assert f["FCPTS run (highest budget)"] == "fcpts-ste-kde" and f["FCPTS top-1"] == 70.0
-    assert f["gain over best"] == 5.0 and f["worst baseline"] == "pot-2000steps 30.00"
-    # pooled from two studies: the budget curve's reference run decides, the benchmark's quick one does not
-    write_study(tmp_path / "fmnist_benchmark", rows[:1] + rows[2:4], pd.DataFrame(columns=["config_hash"]))
-    write_study(tmp_path / "budget_curves", [rows[1], rows[4]], pd.DataFrame(columns=["config_hash"]))
+def seeds(method: str, sparsity: float, top1s, seconds: float = 1.0, **kw) -> list[dict]:
+    return [{**record(method, sparsity, t, seed=s, **kw), "prune_seconds": seconds} for s, t in enumerate(top1s)]
+
+
+def test_the_baseline_is_the_strongest_at_no_more_cost_and_the_strongest_at_any_budget_stands_beside():
+    rows = [*seeds("fcpts-ste-kde-64it", 0.995, [80.0, 82.0, 81.0], seconds=50.0),
+            *seeds("magnitude-erk+bn", 0.995, [40.0, 41.0, 39.0], seconds=3.0),
+            *seeds("magnitude-uniform+bn", 0.995, [10.0, 10.0, 10.0], seconds=3.0),
+            *seeds("pot-quick", 0.995, [60.0, 61.0, 59.0], seconds=49.0),
+            *seeds("pot-2000steps", 0.995, [85.0], seconds=900.0)]  # stronger, but 18x the cost, one seed
+    row = fcpts_claim(pd.DataFrame(rows), load_settings()).set_index("sparsity").loc[0.995]
+    assert row["headroom"] == pytest.approx(92.0 - 40.0)  # the best heuristic, ERK
+    assert row["baseline at <= cost"] == "pot-quick 60.00 (3 seeds, 49 s)"
+    assert row["gain [95% CI]"].startswith("+21.00 [") and row["paired seeds"] == 3
+    assert row["verdict"] == "holds in direction only"  # 21 < the paper's 30; every seed gains 21
+    assert row["strongest baseline, any budget"].startswith("pot-2000steps 85.00 (1 seeds")
+    assert row["gain over it"] == "-5.00 (1 seed)"  # seed 0 only: 80 - 85
+    # the same FCPTS run where the heuristic is within a point of dense: not testable, never "does not hold"
+    flat = [*seeds("fcpts-ste-kde-64it", 0.8, [91.5, 91.4, 91.6]), *seeds("magnitude-erk+bn", 0.8, [91.9, 91.9, 91.9])]
+    assert fcpts_claim(pd.DataFrame(flat), load_settings()).iloc[0]["verdict"] == "not testable"
+
+
+def test_claim_tables_through_the_study_files(tmp_path):
+    rows = [*seeds("fcpts-ste-kde-64it", 0.995, [80.0, 82.0, 81.0], seconds=50.0),
+            *seeds("magnitude-erk+bn", 0.995, [40.0, 41.0, 39.0], seconds=3.0),
+            *seeds("unipts-quick-8x5-5ep", 0.9, [60.0, 62.0]), *seeds("pot-quick", 0.9, [10.0, 11.0]),
+            *seeds("magnitude-erk+bn", 0.9, [15.0, 15.0]), *seeds("unipts-kl-quick-8x5-5ep", 0.9, [65.0])]
+    u = unipts_claim(pd.DataFrame(rows), load_settings()).iloc[0]
+    assert u["UniPTS run"] == "unipts-quick-8x5-5ep" and u["gain [95% CI]"].startswith("+50.50 [")
+    assert u["verdict"] == "holds in direction only (provisional)"  # 2 seeds; 50.5 < 64.7
+    assert u["UniPTS with plain KD"] == "unipts-kl-quick-8x5-5ep 65.00 (1 seeds, 1 s)"
+    write_study(tmp_path / "leaderboard", rows, pd.DataFrame(columns=["config_hash"]))
     text = write_claims(tmp_path, tmp_path / "claims" / "claims.md")
-    assert "| fcpts-ste-kde " in text and "70.00" in text and "`" + str(tmp_path / "budget_curves") + "`" in text
-
-
-def test_gains_are_paired_by_seed_and_carry_the_seed_band():
-    rows = [record("fcpts-ste-kde-64it", 0.8, 80.0, seed=0), record("fcpts-ste-kde-64it", 0.8, 70.0, seed=1),
-            record("magnitude-erk+bn", 0.8, 78.0, seed=0), record("magnitude-erk+bn", 0.8, 64.0, seed=1),
-            record("magnitude-erk+bn", 0.8, 50.0, seed=2),  # no FCPTS run with seed 2: not paired
-            record("unipts-quick-8x5-5ep", 0.9, 60.0, seed=0), record("pot-quick", 0.9, 59.0, seed=0),
-            record("unipts-quick-8x5-5ep", 0.9, 62.0, seed=1), record("pot-quick", 0.9, 50.0, seed=1)]
-    claims = load_settings()
-    f = fcpts_claim(pd.DataFrame(rows), claims.fcpts).iloc[0]
-    assert f["seeds"] == 2 and f["gain over best"] == 4.0  # (80-78 + 70-64) / 2, seed 2 left out
-    assert f["± (seeds)"] == "+4.00 ± 2.83" and f["verdict (vs best)"] == "holds in direction only"
-    u = unipts_claim(pd.DataFrame(rows), claims.unipts).iloc[0]
-    assert u["UniPTS - POT"] == 6.5 and u["seeds"] == 2
-    assert u["± (seeds)"] == "+6.50 ± 7.78"
-    assert u["verdict"] == "does not hold here"  # gains 1 and 12: the seed band reaches zero
-
-
-def test_a_one_seed_reference_run_is_shown_beside_the_seed_band_of_the_quick_runs():
-    rows = [record("fcpts-ste-kde", 0.9, 75.0, seed=0),
-            *(record("fcpts-ste-kde-64it", 0.9, top1, seed=s) for s, top1 in enumerate([70.0, 72.0, 68.0])),
-            *(record("magnitude-erk+bn", 0.9, top1, seed=s) for s, top1 in enumerate([65.0, 66.0, 64.0]))]
-    claims = load_settings()
-    f = fcpts_claim(pd.DataFrame(rows), claims.fcpts).iloc[0]
-    assert f["FCPTS run (highest budget)"] == "fcpts-ste-kde" and f["seeds"] == 1 and f["gain over best"] == 10.0
-    assert f["gain over best, most seeds"] == "fcpts-ste-kde-64it: +5.00 ± 1.00 (3 seeds)"
-    rows = [r for r in rows if r["method"] != "fcpts-ste-kde"]  # the quick runs decide: nothing beside them
-    assert fcpts_claim(pd.DataFrame(rows), claims.fcpts).iloc[0]["gain over best, most seeds"] == ""
-
-
-def test_claim_tables_compare_against_the_right_rows(tmp_path):
-    rows = [record("fcpts-ste-kde-64it", 0.8, 80.0), record("magnitude-uniform+bn", 0.8, 40.0),
-            record("magnitude-erk+bn", 0.8, 70.0), record("pot-quick", 0.8, 75.0),
-            record("unipts-quick-8x5-5ep", 0.9, 60.0), record("pot-quick", 0.9, 10.0), record("unipts-kl-quick-8x5-5ep", 0.9, 65.0)]
-    claims = load_settings()
-    f = fcpts_claim(pd.DataFrame(rows), claims.fcpts).set_index("sparsity").loc[0.8]
-    assert f["gain over best"] == 5.0 and f["best baseline"] == "pot-quick 75.00"
-    assert f["gain over worst"] == 40.0 and f["verdict (vs best)"] == "holds in direction only"
-    u = unipts_claim(pd.DataFrame(rows), claims.unipts).iloc[0]
-    assert u["UniPTS - POT"] == 50.0 and bool(u["POT collapses (< 20%)"]) and u["verdict"] == "holds in direction only"
-
-    # the same through a study's records.jsonl and the markdown writer
-    write_study(tmp_path / "pts_methods", rows, pd.DataFrame(columns=["config_hash"]))
-    text = write_claims(tmp_path, tmp_path / "claims" / "claims.md")
-    assert "holds in direction only" in text and "(technique matrix not run)" in text
-    assert "pot-quick 75.00" in text and "(no unipts and pot rows" not in text
+    assert "holds in direction only (provisional)" in text and "(technique matrix not run)" in text
+    assert "`" + str(tmp_path / "leaderboard") + "`" in text and "magnitude-erk+bn 40.00 (3 seeds, 3 s)" in text
 
 
 def test_matrix_differences_use_only_allocations_with_both_columns():
@@ -129,25 +132,16 @@ def test_matrix_differences_use_only_allocations_with_both_columns():
 def test_a_second_dense_model_is_set_beside_the_same_runs_on_the_shipped_one(tmp_path):
     claims = load_settings()
     assert claims.second_dense == "second_dense_model"
-    shipped = [record("fcpts-ste-kde-64it", 0.9, 80.0 + s, seed=s) for s in range(3)]
-    shipped += [record("magnitude-erk+bn", 0.9, 79.0, seed=s) for s in range(3)]
-    shipped += [record("fcpts-ste-kde", 0.9, 90.0)]  # the reference budget: not run on the second dense model
-    shipped += [record("unipts-quick-8x5-5ep", 0.9, 70.0, seed=s) for s in range(2)]
-    shipped += [record("pot-quick", 0.9, 10.0, seed=s) for s in range(2)]
-    second = [record("fcpts-ste-kde-64it", 0.9, 78.0, seed=s, dense_top1=91.0) for s in range(2)]
-    second += [record("magnitude-erk+bn", 0.9, 80.0, seed=s, dense_top1=91.0) for s in range(2)]
-    second += [record("unipts-quick-8x5-5ep", 0.9, 70.0, seed=s, dense_top1=91.0) for s in range(2)]
-    second += [record("pot-quick", 0.9, 69.75, seed=s, dense_top1=91.0) for s in range(2)]
-    table = second_dense_claims(pd.DataFrame(shipped), pd.DataFrame(second), claims).set_index("claim")
-    fcpts = table.loc["FCPTS - best baseline"]
-    # the same runs only: the quick budget and seeds 0-1 on both sides, not the shipped reference run
-    assert fcpts["gain (shipped)"] == 1.5 and fcpts["± (shipped)"].startswith("+1.50 ±")
-    assert fcpts["gain (second)"] == -2.0 and fcpts["verdict (second)"] == "does not hold here"
-    assert fcpts["verdict (shipped)"] == "holds in direction only"
-    assert fcpts["dense top-1 shipped / second"] == "92.00 / 91.00" and fcpts["seeds"] == 2
-    unipts = table.loc["UniPTS - POT"]
-    assert (unipts["gain (shipped)"], unipts["gain (second)"]) == (60.0, 0.25)
-    assert unipts["verdict (second)"] == "does not hold here"
+    shipped = seeds("fcpts-ste-kde-64it", 0.9, [80.0, 81.0, 82.0]) + seeds("magnitude-erk+bn", 0.9, [40.0] * 3)
+    shipped += seeds("fcpts-ste-kde", 0.9, [90.0])  # the reference budget: not run on the second dense model
+    second = seeds("fcpts-ste-kde-64it", 0.9, [78.0, 78.0], dense_top1=91.0)
+    second += seeds("magnitude-erk+bn", 0.9, [80.0, 80.0], dense_top1=91.0)
+    table = second_dense_claims(pd.DataFrame(shipped), pd.DataFrame(second), claims)
+    assert len(table) == 1  # the same runs only: the quick budget, seeds 0-1 on both sides
+    row = table.iloc[0]
+    assert row["run"] == "fcpts-ste-kde-64it" and row["dense shipped / second"] == "92.00 / 91.00"
+    assert row["gain [95% CI] (shipped)"].startswith("+40.50 [") and row["verdict (shipped)"] == "holds (provisional)"
+    assert row["headroom (second)"] == 11.0 and row["verdict (second)"] == "not testable"
     write_study(tmp_path / "pts_methods", shipped, pd.DataFrame(columns=["config_hash"]))
     write_study(tmp_path / "second_dense_model", second, pd.DataFrame(columns=["config_hash"]))
     text = write_claims(tmp_path, tmp_path / "claims" / "claims.md")

@@ -129,7 +129,10 @@ def test_each_sweep_covers_exactly_its_models_sweep_sparsities():
     filters = OmegaConf.load(CONF_DIR / "experiment" / "fmnist_benchmark.yaml").hydra.sweeper.filters
     assert any("ptsbench.sweep.ModelSparsities" in f for f in filters)
     # pts_methods and its seeds run the claims' cells, inside every model's range
-    claims = {float(s) for s in study_config("claims").fcpts.sparsities} | {float(study_config("claims").unipts.sparsity)}
+    cfg = study_config("claims")
+    named = [*cfg.fcpts.sparsities, *cfg.unipts.sparsities]
+    claims = {float(s) for s in named if s != "discriminating"}
+    assert "discriminating" in named  # and the leaderboard's cells: each model's discriminating_sparsities
     for experiment in ("pts_methods", "pts_methods_seeds"):
         grid = experiment_grid(experiment)
         assert {float(s) for s in grid["sparsity"]} == claims, experiment
@@ -149,8 +152,11 @@ def test_the_studies_lists_are_consistent():
     matrix = study_config("technique_matrix")
     assert matrix.source == "pts_methods" and set(matrix.learned) <= set(methods)
     claims = study_config("claims")
+    run = set(methods) | set(experiment_algorithms("fmnist_benchmark"))  # what the claims' studies run
+    run |= {a for study in ("leaderboard", "budget_curves") for curve in study_config(study).curves
+            for a in curve.algorithms}
     assert {claims.fcpts.method, *claims.fcpts.baselines, claims.unipts.method, claims.unipts.against,
-            claims.unipts.plain_kd} <= set(methods)
+            claims.unipts.plain_kd, *claims.heuristics} <= run
     experiment_algorithms("oneshot")  # every algorithm it names exists
 
 

@@ -3,31 +3,41 @@
     python -m ptsbench.analysis.claims [--results results] [--out results/claims/claims.md]
 
 Reads the studies that conf/study/claims.yaml lists (records.jsonl of each, whatever has been run) and
-results/technique_matrix, and writes a table per claim with the measured numbers and a plain verdict:
+results/technique_matrix, and writes a table per claim. A cell is a model and a sparsity; in a cell every
+budget of the claimed method that ran gets a row, compared with
 
-* **holds**: the effect is there and at least as large as the paper's;
-* **holds in direction only**: the method wins, by less than the paper reports;
-* **does not hold here**: no gain (within `tie` points) or a loss.
+* the strongest baseline run **at equal or lower cost** (mean pruning seconds and passes, each within
+  `cost_slack` of the claimed run's): the comparison that decides the verdict;
+* beside it, the strongest baseline run at any budget, and its gain.
 
-Each cell is the mean over the seeds that were run (calibration draw and algorithm randomness; the
-dense model is shared), and a gain is taken seed by seed, so its standard deviation is the seed band. A
-gain whose band reaches zero (mean - std <= tie) does not count as a gain. The column `seeds` says how
-many seeds went in; with one seed a verdict is provisional. A method is matched by its family (the label
-without budget tags), and each cell takes the highest budget measured for it (`budget_fraction`): a claim
-is decided by the most compute any study spent on it, and the table names that run. Which algorithms each claim compares, the
-paper's numbers and `tie` are in conf/study/claims.yaml (learned and heuristic allocations:
-conf/study/technique_matrix.yaml); method labels come from the algorithm classes.
+Gains are paired by seed (the same seed, hence the same calibration draw, on both sides) and carry a
+Student-t interval at `confidence`. The verdict (`verdict`):
+
+* **not testable**: the cell's headroom (dense top-1 minus the best heuristic) is under `min_headroom` or
+  under the paper's effect: no method can show the claimed gain there;
+* **holds**: the interval's lower bound is above 0 and the mean gain reaches the paper's size;
+* **holds in direction only**: the lower bound is above 0;
+* **does not hold**: the upper bound is at or below `tie`;
+* **inconclusive**: otherwise (one seed has no interval: inconclusive).
+
+A side with fewer than `min_seeds` seeds marks the verdict *provisional*. The rule's thresholds, the
+methods each claim compares, the paper's numbers and the cells are in conf/study/claims.yaml; method labels
+come from the algorithm classes.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
+from scipy import stats
 
 from ptsbench.analysis.matrix import (
     MATRIX_RECONSTRUCTIONS,
@@ -36,37 +46,55 @@ from ptsbench.analysis.matrix import (
     cell_reconstruction,
 )
 from ptsbench.analysis.matrix import load_settings as matrix_settings
-from ptsbench.analysis.study import check_names, method_family, study_config, study_records
+from ptsbench.analysis.study import CONF_DIR, check_names, method_family, study_config, study_records
 from ptsbench.errors import ConfigError, PtsbenchError
 from ptsbench.results import RECORDS_FILE, write_atomic
 
 STUDY = "claims"
+DISCRIMINATING = "discriminating"  # in a claim's sparsities: each model's discriminating_sparsities
 
 
 @dataclass(frozen=True)
-class FcptsClaim:
+class VerdictRule:
+    confidence: float = 0.95
+    tie: float = 0.5
+    min_headroom: float = 1.0
+    min_seeds: int = 3
+    cost_slack: float = 1.1
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str  # the table's title word: FCPTS, UniPTS
     method: str  # method families, from the algorithm configs conf/study/claims.yaml names
     baselines: tuple[str, ...]
-    sparsities: tuple[float, ...]
+    sparsities: tuple[float | str, ...]  # numbers, or DISCRIMINATING
     paper_gain: float
-
-
-@dataclass(frozen=True)
-class UniptsClaim:
-    method: str
-    against: str
-    plain_kd: str
-    sparsity: float
-    paper_gain: float
+    plain_kd: str | None = None  # UniPTS: its plain-KD variant, shown beside it
 
 
 @dataclass(frozen=True)
 class ClaimSettings:
-    tie: float
-    fcpts: FcptsClaim
-    unipts: UniptsClaim
-    studies: tuple[str, ...] = ("pts_methods",)  # pooled: each cell uses the highest budget any of them ran
+    rule: VerdictRule
+    heuristics: tuple[str, ...]  # families whose best mean sets a cell's headroom
+    fcpts: Claim
+    unipts: Claim
+    studies: tuple[str, ...] = ("pts_methods",)
     second_dense: str | None = None  # a study of the claims' runs on another dense generation
+
+    @property
+    def tie(self) -> float:
+        return self.rule.tie
+
+
+def _sparsities(values: Sequence) -> tuple[float | str, ...]:
+    out: list[float | str] = []
+    for v in values:
+        if isinstance(v, str) and v == DISCRIMINATING:
+            out.append(v)
+        else:
+            out.append(float(v))
+    return tuple(out)
 
 
 def load_settings() -> ClaimSettings:
@@ -75,154 +103,205 @@ def load_settings() -> ClaimSettings:
     where = f"conf/study/{STUDY}.yaml"
     try:
         f, u = cfg.fcpts, cfg.unipts
-        label = {name: method_family(name) for name in check_names(where, [
-            f.method, *f.baselines, u.method, u.against, u.plain_kd])}
+        names = [f.method, *f.baselines, u.method, u.against, u.plain_kd, *cfg.heuristics]
+        label = {name: method_family(name) for name in check_names(where, names)}
+        rule = VerdictRule(**OmegaConf.to_container(cfg.get("verdict", {})))
         return ClaimSettings(
-            float(cfg.tie),
-            FcptsClaim(label[f.method], tuple(label[b] for b in f.baselines), tuple(float(s) for s in f.sparsities),
-                       float(f.paper_gain)),
-            UniptsClaim(label[u.method], label[u.against], label[u.plain_kd], float(u.sparsity), float(u.paper_gain)),
+            rule, tuple(label[h] for h in cfg.heuristics),
+            Claim("FCPTS", label[f.method], tuple(label[b] for b in f.baselines), _sparsities(f.sparsities),
+                  float(f.paper_gain)),
+            Claim("UniPTS", label[u.method], (label[u.against],), _sparsities(u.sparsities), float(u.paper_gain),
+                  label[u.plain_kd]),
             tuple(str(s) for s in cfg.get("studies", ["pts_methods"])),
             str(cfg.second_dense) if cfg.get("second_dense") else None)
-    except AttributeError as exc:  # OmegaConf's missing-key error on a plain loaded file
+    except (AttributeError, TypeError) as exc:  # a missing key of the loaded file, or an unknown verdict key
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def verdict(gain: float, paper_gain: float, spread: float = 0.0, tie: float = 0.5) -> str:
-    """`gain` is the mean over seeds, `spread` its standard deviation over seeds (0 with one seed)."""
-    if pd.isna(gain):
-        return "not measured"
-    if gain - (0.0 if pd.isna(spread) else spread) <= tie:
-        return "does not hold here"
-    return "holds" if gain >= paper_gain else "holds in direction only"
+@cache
+def discriminating_sparsities() -> dict[str, tuple[float, ...]]:
+    """timm model name -> the discriminating_sparsities of the model config that lists them."""
+    found: dict[str, tuple[float, ...]] = {}
+    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        if cfg.get("discriminating_sparsities"):
+            found.setdefault(str(cfg.name), tuple(float(s) for s in cfg.discriminating_sparsities))
+    return found
+
+
+def claim_cells(records: pd.DataFrame, claim: Claim) -> list[tuple[str, float]]:
+    """(model, sparsity) for every model of the records and every sparsity the claim names."""
+    cells = []
+    for model in sorted(records["model"].unique()):
+        wanted: list[float] = []
+        for s in claim.sparsities:
+            wanted += list(discriminating_sparsities().get(model, ())) if s == DISCRIMINATING else [float(s)]
+        cells += [(model, s) for s in sorted(set(wanted))]
+    return cells
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class Run:
+    """One method label in one cell: its top-1 per seed (the most recent record of a seed) and its cost."""
+
+    label: str
+    family: str
+    top1: pd.Series  # indexed by seed
+    seconds: float  # mean pruning seconds
+    passes: float  # mean images through the model, forward + backward
+    budget: float  # budget_fraction (NaN: the method has none)
+
+    @property
+    def mean(self) -> float:
+        return float(self.top1.mean())
+
+    @property
+    def seeds(self) -> int:
+        return int(len(self.top1))
+
+    def describe(self) -> str:
+        return f"{self.label} {self.mean:.2f} ({self.seeds} seeds, {self.seconds:.0f} s)"
+
+    def costs_no_more_than(self, other: Run, slack: float) -> bool:
+        def within(mine: float, theirs: float) -> bool:
+            return math.isnan(mine) or math.isnan(theirs) or mine <= theirs * slack
+
+        return within(self.seconds, other.seconds) and within(self.passes, other.passes)
+
+
+def _families(records: pd.DataFrame) -> pd.Series:
+    if "method_family" in records:
+        return records["method_family"].fillna(records["method"])
+    return records["method"]
 
 
 def cell_rows(records: pd.DataFrame, model: str, family: str, sparsity: float) -> pd.DataFrame:
-    """The ok records of one method family in one cell (older records without a family: their label)."""
-    families = records["method_family"].fillna(records["method"]) if "method_family" in records else records["method"]
-    return records[(records["model"] == model) & (families == family)
+    """The ok records of one method family in one cell."""
+    return records[(records["model"] == model) & (_families(records) == family)
                    & ((records["target_sparsity"] - sparsity).abs() < 1e-9) & (records["status"] == "ok")]
 
 
-def budgets(rows: pd.DataFrame) -> pd.Series:
-    """Each record's budget_fraction as a number (NaN where a record has none)."""
-    if "budget_fraction" not in rows:
-        return pd.Series(float("nan"), index=rows.index)
-    return pd.to_numeric(rows["budget_fraction"], errors="coerce")
+def _mean(rows: pd.DataFrame, *columns: str) -> float:
+    if not all(c in rows for c in columns):
+        return float("nan")
+    return float(sum(pd.to_numeric(rows[c], errors="coerce").fillna(0.0) for c in columns).mean())
 
 
-def highest_budget(records: pd.DataFrame, model: str, family: str, sparsity: float) -> str | None:
-    """The label of the family's run with the largest budget_fraction in the cell (None: not run)."""
-    rows = cell_rows(records, model, family, sparsity)
-    if rows.empty:
-        return None
-    budget = budgets(rows)
-    if budget.isna().all():
-        return str(rows["method"].iloc[-1])
-    return str(rows.loc[budget.fillna(-1.0).idxmax(), "method"])
+def cell_runs(records: pd.DataFrame, model: str, families: Sequence[str], sparsity: float) -> list[Run]:
+    """Every run (label) of the given families in the cell."""
+    runs = []
+    for family in families:
+        rows = cell_rows(records, model, family, sparsity)
+        if "finished_at" in rows:
+            rows = rows.sort_values("finished_at")
+        for label, g in rows.groupby("method", sort=True):
+            budget = pd.to_numeric(g["budget_fraction"], errors="coerce").max() if "budget_fraction" in g else math.nan
+            runs.append(Run(str(label), family, g.groupby("seed")["top1"].last(), _mean(g, "prune_seconds"),
+                            _mean(g, "forward_passes", "backward_passes"), float(budget)))
+    return runs
 
 
-def most_seeded(records: pd.DataFrame, model: str, family: str, sparsity: float) -> str | None:
-    """The label of the family's run with the most seeds in the cell, the higher budget among equals."""
-    rows = cell_rows(records, model, family, sparsity)
-    if rows.empty:
-        return None
-    runs = rows.assign(_budget=budgets(rows).fillna(-1.0)).groupby("method").agg(seeds=("seed", "nunique"), budget=("_budget", "max"))
-    return str(runs.sort_values(["seeds", "budget"]).index[-1])
+def strongest(runs: Sequence[Run]) -> Run | None:
+    """The highest mean top-1 (more seeds, then lower cost, among equals)."""
+    return max(runs, key=lambda r: (r.mean, r.seeds, -r.seconds)) if runs else None
 
 
-def seed_top1(records: pd.DataFrame, model: str, family: str, sparsity: float, label: str | None = None) -> pd.Series:
-    """Top-1 per seed of one cell at the family's highest budget, or of its run `label` (the most recent
-    record where a seed was run twice)."""
-    label = label or highest_budget(records, model, family, sparsity)
-    rows = cell_rows(records, model, family, sparsity)
-    rows = rows[rows["method"] == label]
-    if "finished_at" in rows:
-        rows = rows.sort_values("finished_at")
-    return rows.groupby("seed")["top1"].last()
+def headroom(records: pd.DataFrame, model: str, sparsity: float, heuristics: Sequence[str]) -> float:
+    """Dense top-1 minus the best heuristic's mean top-1 in the cell (NaN when none ran)."""
+    best = strongest(cell_runs(records, model, heuristics, sparsity))
+    rows = records[(records["model"] == model) & ((records["target_sparsity"] - sparsity).abs() < 1e-9)]
+    if best is None or rows.empty:
+        return float("nan")
+    return float(rows["dense_top1"].iloc[0]) - best.mean
 
 
-def mean_top1(records: pd.DataFrame, model: str, method: str, sparsity: float) -> tuple[float, int]:
-    top1 = seed_top1(records, model, method, sparsity)
-    return (float(top1.mean()) if len(top1) else float("nan")), int(len(top1))
+# ------------------------------------------------------------------------------------------ verdicts
 
 
-def seed_gain(records: pd.DataFrame, model: str, method: str, other: str, sparsity: float,
-              most_seeds: bool = False) -> tuple[float, float, int]:
-    """Mean and standard deviation over seeds of (method - other), paired by seed; each side at its
-    highest budget, or (`most_seeds`) at its run with the most seeds."""
-    def top1(family: str) -> pd.Series:
-        label = most_seeded(records, model, family, sparsity) if most_seeds else None
-        return seed_top1(records, model, family, sparsity, label)
+@dataclass(frozen=True)
+class Gain:
+    mean: float
+    low: float
+    high: float
+    seeds: int  # paired seeds
 
-    diff = (top1(method) - top1(other)).dropna()
-    if diff.empty:
-        return float("nan"), float("nan"), 0
-    return float(diff.mean()), (float(diff.std()) if len(diff) > 1 else 0.0), int(len(diff))
-
-
-def band(mean: float, std: float, n: int) -> str:
-    return "" if pd.isna(mean) else (f"{mean:+.2f}" if n < 2 else f"{mean:+.2f} ± {std:.2f}")
+    def describe(self) -> str:
+        if math.isnan(self.mean):
+            return ""
+        if self.seeds < 2:
+            return f"{self.mean:+.2f} (1 seed)"
+        return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
 
 
-def seeded_band(records: pd.DataFrame, model: str, method: str, other: str, sparsity: float) -> str:
-    """The gain at the runs with the most seeds, when that is not the highest budget's single seed: how
-    far the seed band reaches where the decisive run could not be repeated."""
-    label = most_seeded(records, model, method, sparsity)
-    if label == highest_budget(records, model, method, sparsity):
-        return ""  # the table's own gain and band are already those runs'
-    gain, std, n = seed_gain(records, model, method, other, sparsity, most_seeds=True)
-    if pd.isna(gain) or n < 2:
-        return ""
-    return f"{label}: {band(gain, std, n)} ({n} seeds)"
+def paired_gain(a: Run, b: Run, confidence: float = 0.95) -> Gain:
+    """Mean of (a - b) over the seeds both ran, with its Student-t interval (none with one seed)."""
+    diff = (a.top1 - b.top1).dropna()
+    n = len(diff)
+    if n == 0:
+        return Gain(math.nan, math.nan, math.nan, 0)
+    mean = float(diff.mean())
+    if n < 2:
+        return Gain(mean, -math.inf, math.inf, 1)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(diff.std()) / math.sqrt(n)
+    return Gain(mean, mean - half, mean + half, n)
 
 
-def fcpts_claim(records: pd.DataFrame, claim: FcptsClaim, tie: float = 0.5) -> pd.DataFrame:
-    """FCPTS: '>30 points over post-training baselines at 80%' (ResNet-50/ImageNet). Measured as FCPTS
-    minus the best and the worst post-training baseline at each of the claim's sparsities."""
+def verdict(gain: Gain, headroom: float, paper_gain: float, rule: VerdictRule = VerdictRule(),
+            seeds: tuple[int, int] = (0, 0)) -> str:
+    """The verdict on one comparison (the module docstring's rule); `seeds`: each side's seed count."""
+    if math.isnan(gain.mean):
+        return "not measured"
+    if math.isnan(headroom) or headroom < max(rule.min_headroom, paper_gain):
+        return "not testable"
+    if gain.low > 0:
+        text = "holds" if gain.mean >= paper_gain else "holds in direction only"
+    elif gain.high <= rule.tie:
+        text = "does not hold"
+    else:
+        text = "inconclusive"
+    return text + (" (provisional)" if min(seeds) < rule.min_seeds else "")
+
+
+def claim_table(records: pd.DataFrame, claim: Claim, settings: ClaimSettings) -> pd.DataFrame:
+    """One row per (cell, run of the claimed method): the claimed run against the strongest baseline at equal
+    or lower cost (the verdict) and against the strongest at any budget."""
+    rule = settings.rule
     rows = []
-    for model in sorted(records["model"].unique()):
-        for sparsity in claim.sparsities:
-            f, n = mean_top1(records, model, claim.method, sparsity)
-            base = {b: mean_top1(records, model, b, sparsity)[0] for b in claim.baselines}
-            base = {k: v for k, v in base.items() if not pd.isna(v)}
-            if pd.isna(f) or not base:
-                continue
-            run = highest_budget(records, model, claim.method, sparsity)
-            best = max(base, key=base.get)
-            worst = min(base, key=base.get)
-            g_best = seed_gain(records, model, claim.method, best, sparsity)
-            g_worst = seed_gain(records, model, claim.method, worst, sparsity)
-            rows.append({"model": model, "sparsity": sparsity, "FCPTS run (highest budget)": run,
-                         "FCPTS top-1": f, "seeds": n,
-                         "best baseline": f"{highest_budget(records, model, best, sparsity)} {base[best]:.2f}", "gain over best": g_best[0],
-                         "± (seeds)": band(*g_best),
-                         "gain over best, most seeds": seeded_band(records, model, claim.method, best, sparsity),
-                         "worst baseline": f"{highest_budget(records, model, worst, sparsity)} {base[worst]:.2f}", "gain over worst": g_worst[0],
-                         "verdict (vs best)": verdict(g_best[0], claim.paper_gain, g_best[1], tie)})
+    for model, sparsity in claim_cells(records, claim):
+        room = headroom(records, model, sparsity, settings.heuristics)
+        baselines = cell_runs(records, model, claim.baselines, sparsity)
+        for run in cell_runs(records, model, [claim.method], sparsity):
+            matched = strongest([b for b in baselines if b.costs_no_more_than(run, rule.cost_slack)])
+            best = strongest(baselines)
+            gain = paired_gain(run, matched, rule.confidence) if matched else Gain(math.nan, math.nan, math.nan, 0)
+            any_gain = paired_gain(run, best, rule.confidence) if best else gain
+            dense = cell_rows(records, model, claim.method, sparsity)["dense_top1"].iloc[0]
+            row = {"model": model, "sparsity": sparsity, "dense": dense, "headroom": room,
+                   f"{claim.name} run": run.label, "top-1": run.mean, "seeds": run.seeds, "seconds": run.seconds,
+                   "baseline at <= cost": matched.describe() if matched else "none ran at this cost",
+                   "gain [95% CI]": gain.describe(), "paired seeds": gain.seeds,
+                   "verdict": verdict(gain, room, claim.paper_gain, rule,
+                                      (run.seeds, matched.seeds if matched else 0)),
+                   "strongest baseline, any budget": best.describe() if best else "",
+                   "gain over it": any_gain.describe()}
+            if claim.plain_kd:
+                kd = strongest(cell_runs(records, model, [claim.plain_kd], sparsity))
+                row[f"{claim.name} with plain KD"] = kd.describe() if kd else ""
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
-def unipts_claim(records: pd.DataFrame, claim: UniptsClaim, tie: float = 0.5) -> pd.DataFrame:
+def fcpts_claim(records: pd.DataFrame, settings: ClaimSettings) -> pd.DataFrame:
+    """FCPTS: '>30 points over post-training baselines at 80%' (ResNet-50/ImageNet)."""
+    return claim_table(records, settings.fcpts, settings)
+
+
+def unipts_claim(records: pd.DataFrame, settings: ClaimSettings) -> pd.DataFrame:
     """UniPTS: 68.6% against POT's 3.9% at 90% (ResNet-50/ImageNet), a 64.7-point lead."""
-    rows = []
-    for model in sorted(records["model"].unique()):
-        u, n = mean_top1(records, model, claim.method, claim.sparsity)
-        p, _ = mean_top1(records, model, claim.against, claim.sparsity)
-        if pd.isna(u) or pd.isna(p):
-            continue
-        kl, _ = mean_top1(records, model, claim.plain_kd, claim.sparsity)
-        gain, spread, paired = seed_gain(records, model, claim.method, claim.against, claim.sparsity)
-        rows.append({"model": model, "UniPTS run (highest budget)": highest_budget(records, model, claim.method,
-                                                                                     claim.sparsity),
-                     "UniPTS top-1": u, "POT run": highest_budget(records, model, claim.against, claim.sparsity),
-                     "POT top-1": p, "seeds": min(n, paired),
-                     "UniPTS - POT": gain, "± (seeds)": band(gain, spread, paired),
-                     "UniPTS - POT, most seeds": seeded_band(records, model, claim.method, claim.against,
-                                                             claim.sparsity),
-                     "UniPTS with plain KD (kl)": kl, "POT collapses (< 20%)": p < 20.0,
-                     "verdict": verdict(gain, claim.paper_gain, spread, tie)})
-    return pd.DataFrame(rows)
+    return claim_table(records, settings.unipts, settings)
 
 
 RUN_KEYS = ["model", "method", "target_sparsity", "seed"]
@@ -237,31 +316,22 @@ def same_runs(records: pd.DataFrame, like: pd.DataFrame) -> pd.DataFrame:
 
 
 def second_dense_claims(records: pd.DataFrame, other: pd.DataFrame, claims: ClaimSettings) -> pd.DataFrame:
-    """Each claim's gain on another dense generation (`other`: the same methods, budgets and seeds run on a
+    """Each claim's rows on another dense generation (`other`: the same methods, budgets and seeds run on a
     dense model trained with another seed) beside the same runs on the shipped dense model."""
     shipped = same_runs(records, other)
     rows = []
-    for claim, measure, gain, best in (
-            ("FCPTS - best baseline", lambda r: fcpts_claim(r, claims.fcpts, claims.tie), "gain over best",
-             "best baseline"),
-            ("UniPTS - POT", lambda r: unipts_claim(r, claims.unipts, claims.tie), "UniPTS - POT", "POT run")):
-        a, b = measure(shipped), measure(other)
+    for claim in (claims.fcpts, claims.unipts):
+        a, b = claim_table(shipped, claim, claims), claim_table(other, claim, claims)
         if a.empty or b.empty:
             continue
-        on = [k for k in ("model", "sparsity") if k in a]
+        on = ["model", "sparsity", f"{claim.name} run"]
         both = a.merge(b, on=on, suffixes=(" (shipped)", " (second)"))
-        verdict = "verdict (vs best)" if "verdict (vs best)" in a else "verdict"
         for _, row in both.iterrows():
-            cell = shipped[(shipped["model"] == row["model"])]
-            second = other[(other["model"] == row["model"])]
-            rows.append({"claim": claim, "model": row["model"],
-                         "sparsity": row.get("sparsity", claims.unipts.sparsity),
-                         "seeds": row["seeds (second)"],
-                         "dense top-1 shipped / second": f"{cell['dense_top1'].iloc[0]:.2f} / {second['dense_top1'].iloc[0]:.2f}",
-                         "against (shipped)": row[f"{best} (shipped)"], "gain (shipped)": row[f"{gain} (shipped)"],
-                         "± (shipped)": row["± (seeds) (shipped)"], "verdict (shipped)": row[f"{verdict} (shipped)"],
-                         "against (second)": row[f"{best} (second)"], "gain (second)": row[f"{gain} (second)"],
-                         "± (second)": row["± (seeds) (second)"], "verdict (second)": row[f"{verdict} (second)"]})
+            rows.append({"claim": f"{claim.name} - {' / '.join(claim.baselines) if claim.plain_kd else 'baselines'}",
+                         "model": row["model"], "sparsity": row["sparsity"], "run": row[f"{claim.name} run"],
+                         "dense shipped / second": f"{row['dense (shipped)']:.2f} / {row['dense (second)']:.2f}",
+                         **{f"{key} ({side})": row[f"{key} ({side})"] for side in ("shipped", "second")
+                            for key in ("headroom", "baseline at <= cost", "gain [95% CI]", "verdict")}})
     return pd.DataFrame(rows)
 
 
@@ -310,34 +380,33 @@ def pooled_records(results: Path, studies: Sequence[str]) -> pd.DataFrame:
 def write_claims(results: Path, out: Path) -> str:
     """claims.md from the studies claims.yaml lists and results/technique_matrix."""
     claims, matrix_roles = load_settings(), matrix_settings()
+    rule = claims.rule
     records = pooled_records(results, claims.studies)
     matrix = study_records(results / "technique_matrix")
-    seeds = sorted(records["seed"].unique().tolist()) if not records.empty else []
     parts = [
         "# The papers' headline claims on the embedded benchmark",
         "",
         f"Rebuilt by `python -m ptsbench.analysis.claims` from the studies "
         f"{', '.join(f'`{results}/{s}`' for s in claims.studies)} and `{results}/technique_matrix` (what each "
-        f"claim compares: conf/study/claims.yaml). Fashion-MNIST models trained by the harness; each cell takes "
-        f"the highest budget any study ran for the method (its run is named in the table), seeds present: "
-        f"{seeds}. Verdicts: "
-        f"*holds* (effect at least the paper's size), *holds in direction only*, *does not hold here* (mean gain "
-        f"minus its seed standard deviation <= {claims.tie:g} points). Gains are taken seed by seed; `±` is their "
-        f"standard deviation over the `seeds` column's count (empty with one seed: that verdict is provisional). "
-        f"Where the highest budget ran fewer seeds than another budget of the same cell, the `most seeds` column "
-        f"gives the gain and its band at the runs with the most seeds (each side's own), so a one-seed verdict "
-        f"can be read against the seed noise of the same cell.",
-        "",
-        f"## FCPTS: a large gain over post-training baselines at 80% (paper: > {claims.fcpts.paper_gain:g} points, "
-        f"ResNet-50/ImageNet)",
+        f"claim compares and the rule's thresholds: conf/study/claims.yaml). Fashion-MNIST models trained by "
+        f"the harness. One row per budget of the claimed method that ran in a cell (`run`: its label, mean "
+        f"top-1, seeds and pruning seconds). `headroom`: dense top-1 minus the best heuristic "
+        f"({', '.join(claims.heuristics)}) in the cell. Each row's verdict compares the run with the strongest "
+        f"baseline that cost no more (seconds and passes within {rule.cost_slack:g}x of the run's); the gain is "
+        f"paired by seed with its {rule.confidence:.0%} Student-t interval. *not testable*: headroom under "
+        f"{rule.min_headroom:g} point or under the paper's effect; *holds*: the interval above 0 and the mean at "
+        f"least the paper's effect; *holds in direction only*: the interval above 0; *does not hold*: the "
+        f"interval at or below {rule.tie:g}; *inconclusive*: otherwise (one seed has no interval); "
+        f"*(provisional)*: a side with fewer than {rule.min_seeds} seeds. The strongest baseline at any budget, "
+        f"and the run's gain over it, stand beside.",
         "",
     ]
-    f = fcpts_claim(records, claims.fcpts, claims.tie) if not records.empty else pd.DataFrame()
-    parts += [f.to_markdown(index=False, floatfmt=".2f") if len(f) else f"(no {claims.fcpts.method} rows)", ""]
-    parts += ["## UniPTS: 68.6% against POT's 3.9% at 90% (ResNet-50/ImageNet)", ""]
-    u = unipts_claim(records, claims.unipts, claims.tie) if not records.empty else pd.DataFrame()
-    parts += [u.to_markdown(index=False, floatfmt=".2f") if len(u)
-              else f"(no {claims.unipts.method} and {claims.unipts.against} rows at {claims.unipts.sparsity:g})", ""]
+    for claim, title in ((claims.fcpts, f"## FCPTS: a large gain over post-training baselines at 80% (paper: > "
+                                        f"{claims.fcpts.paper_gain:g} points, ResNet-50/ImageNet)"),
+                         (claims.unipts, "## UniPTS: 68.6% against POT's 3.9% at 90% (ResNet-50/ImageNet)")):
+        table = claim_table(records, claim, claims) if not records.empty else pd.DataFrame()
+        parts += [title, "", f"Baselines: {', '.join(claim.baselines)}.", ""]
+        parts += [table.to_markdown(index=False, floatfmt=".2f") if len(table) else f"(no {claim.method} rows)", ""]
     parts += ["## PTSBench: learned allocation and block-wise reconstruction help most", "",
               "Top-1 differences in points from the technique matrix (magnitude masks + BN re-estimation; see "
               "technique_matrix/technique_matrix.md). Learned allocations: "
@@ -348,9 +417,9 @@ def write_claims(results: Path, out: Path) -> str:
     d = second_dense_claims(records, other, claims) if len(other) and len(records) else pd.DataFrame()
     if len(d):
         parts += ["## With a second dense model", "",
-                  f"The FCPTS and UniPTS claims on a dense model trained with another seed "
-                  f"(`{results}/{claims.second_dense}`), beside the same runs (method, budget, sparsity, seeds) on "
-                  f"the shipped dense model: how far a verdict moves with the dense model it starts from.", "",
+                  f"The claims on a dense model trained with another seed (`{results}/{claims.second_dense}`), "
+                  f"beside the same runs (method, budget, sparsity, seeds) on the shipped dense model: how far a "
+                  f"verdict moves with the dense model it starts from.", "",
                   d.to_markdown(index=False, floatfmt=".2f"), ""]
     text = "\n".join(parts)
     write_atomic(out, text)
