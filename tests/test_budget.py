@@ -10,6 +10,7 @@ import pytest
 
 from ptsbench.analysis.budget import Point, run_points, study_points
 from ptsbench.analysis.study import collect
+from ptsbench.errors import ConfigError
 from ptsbench.report import main as report_main
 from ptsbench.runner import build_algorithm
 from tests.conftest import TINY, compose_config
@@ -81,3 +82,28 @@ def test_a_small_curve_runs_resumes_and_is_joined_in_the_pareto_view(cache_dir, 
     assert (added["target_sparsity"], added["seed"], added["status"]) == (0.5, 1, "ok")
     collect([tmp_path / "fresh"], out, add=True)
     assert len(pd.read_json(out / "records.jsonl", lines=True)) == 3
+
+
+def test_the_leaderboard_pairs_seeds_on_every_row_at_each_models_discriminating_sparsities():
+    from omegaconf import OmegaConf
+
+    from ptsbench.analysis.budget import model_sparsities
+    from ptsbench.analysis.study import CONF_DIR
+
+    points = study_points(study="leaderboard")
+    for model in ("resnet18", "mobilenetv2", "vit_tiny"):
+        listed = sorted(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml").discriminating_sparsities)
+        assert model_sparsities(model, "highest", "x") == listed[-1:]
+        mine = [p for p in points if p.model == model]
+        probe = {(p.algorithm, p.sparsity) for p in mine if p.seed == 0} - {(p.algorithm, p.sparsity) for p in mine
+                                                                             if p.seed == 2}
+        assert all(a.startswith("magnitude_") for a, _ in probe)  # only the heuristics' probe is one seed
+        rows = {(p.algorithm, p.key, p.value, p.sparsity) for p in mine} - {(a, "preset", "", s) for a, s in probe}
+        for row in rows:  # every other row runs seeds 0-2, so every comparison pairs them
+            assert {p.seed for p in mine if (p.algorithm, p.key, p.value, p.sparsity) == row} == {0, 1, 2}, row
+        assert {p.sparsity for p in mine if p.algorithm == "wanda_erk_bn"} == set(listed)
+        assert {p.sparsity for p in mine if p.algorithm == "fcpts"} == {listed[-1]}
+    for point in points[:: max(1, len(points) // 12)]:  # a spread of them composes
+        build_algorithm(compose_config([*point.overrides, f"sparsity={point.sparsity}", f"seed={point.seed}"]))
+    with pytest.raises(ConfigError, match="neither a list nor one of discriminating, highest"):
+        model_sparsities("resnet18", "all", "here")
