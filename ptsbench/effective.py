@@ -8,9 +8,13 @@ zeros reports them as kept. `dense_dead_fraction` is the same count for the dens
 non-zero): the weights the input size alone makes useless.
 
 How: one forward and one backward pass of a *positive surrogate* of the model. Every Conv2d/Linear weight is
-replaced by its indicator (W != 0, or all ones for the dense count), every other parameter and buffer (biases,
-normalisation shifts and scales, class token, position embedding) by zero: constants are not paths. The
-input is all ones, so zero padding reproduces the taps that only read padding. Every op the model calls is
+replaced by its indicator (W != 0, or all ones for the dense count), every other parameter and buffer by
+zero. The input is all ones, so zero padding reproduces the taps that only read padding. A constant is a
+source too: a unit whose every incoming weight is pruned still outputs its bias, and a normalisation outputs
+its shift (BatchNorm in eval: beta - gamma * mean / sqrt(var + eps); LayerNorm and GroupNorm: beta) whatever
+its input, so the weights reading such a unit still move the output. Those layers add the indicator of
+their non-zero constants to their outputs (`sources`); other constants (class token, position embedding)
+are not sources here, which matters only for a unit whose bias is exactly zero. Every op the model calls is
 intercepted (`TorchFunctionMode`) and replaced by a surrogate that maps non-negative inputs to non-negative
 outputs and has a strictly positive derivative wherever the real op can pass influence: activations become
 the identity, max pooling becomes average pooling over the same window (max passes gradient to one element
@@ -128,10 +132,26 @@ def _interpolate_sig(input, size=None, scale_factor=None, mode="nearest", align_
 
 
 class _Surrogate:
-    """Op handlers of the positive surrogate; `weights` holds the indicator leaves conv/linear may use."""
+    """Op handlers of the positive surrogate; `weights` holds the indicator leaves conv/linear may use, and
+    `sources` the indicator of each layer's non-zero constant output, keyed by the id of the tensor the
+    functional op receives (conv/linear: the weight leaf; batch_norm: running_mean; layer/group norm: weight
+    or bias)."""
 
-    def __init__(self, weights: Iterable[torch.Tensor]):
+    def __init__(self, weights: Iterable[torch.Tensor], sources: Mapping[int, torch.Tensor] | None = None):
         self.weight_ids = {id(w) for w in weights}
+        self.sources = dict(sources or {})
+
+    def _plus_source(self, out: torch.Tensor, key: object, channel_dim: int, trailing: int = 1) -> torch.Tensor:
+        """`out` plus the constant source of the layer `key` names, broadcast along `channel_dim` (or, with
+        `channel_dim=-1`, over the last `trailing` dims)."""
+        src = self.sources.get(id(key)) if key is not None else None
+        if src is None:
+            return out
+        if channel_dim == -1:
+            return out + src.reshape(src.shape[-trailing:] if trailing else ())
+        shape = [1] * out.dim()
+        shape[channel_dim] = -1
+        return out + src.reshape(shape)
 
     def _weight(self, w: torch.Tensor, op: str) -> torch.Tensor:
         if id(w) not in self.weight_ids:
@@ -143,29 +163,36 @@ class _Surrogate:
     def conv2d(self, func, args, kwargs):
         a = _bind(_conv2d_sig, args, kwargs)
         w = self._weight(a["weight"], "conv2d")
-        return _binarize(func(a["input"], w, None, a["stride"], a["padding"], a["dilation"], a["groups"]))
+        out = func(a["input"], w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+        return _binarize(self._plus_source(out, w, 1))
 
     def linear(self, func, args, kwargs):
         a = _bind(_linear_sig, args, kwargs)
-        return _binarize(func(a["input"], self._weight(a["weight"], "linear"), None))
+        w = self._weight(a["weight"], "linear")
+        return _binarize(self._plus_source(func(a["input"], w, None), w, -1))
 
     def batch_norm(self, func, args, kwargs):
         a = _bind(_batch_norm_sig, args, kwargs)
         x = a["input"]
         # eval: per channel; batch statistics (training, or no running stats) mix batch and positions
         mixes = a["training"] or a["running_mean"] is None
-        return _binarize(_mix(x, [d for d in range(x.dim()) if d != 1]) if mixes else x)
+        if mixes:
+            return _binarize(_mix(x, [d for d in range(x.dim()) if d != 1]))
+        return _binarize(self._plus_source(x, a["running_mean"], 1))
 
     def layer_norm(self, func, args, kwargs):
         a = _bind(_layer_norm_sig, args, kwargs)
         x = a["input"]
-        return _binarize(_mix(x, list(range(-len(a["normalized_shape"]), 0))))
+        trailing = len(a["normalized_shape"])
+        key = a["weight"] if a["weight"] is not None else a["bias"]
+        return _binarize(self._plus_source(_mix(x, list(range(-trailing, 0))), key, -1, trailing))
 
     def group_norm(self, func, args, kwargs):
         a = _bind(_group_norm_sig, args, kwargs)
         x = a["input"]
         grouped = x.reshape(x.shape[0], int(a["num_groups"]), -1)
-        return _binarize(_mix(grouped, [-1]).reshape(x.shape))
+        key = a["weight"] if a["weight"] is not None else a["bias"]
+        return _binarize(self._plus_source(_mix(grouped, [-1]).reshape(x.shape), key, 1))
 
     def max_pool2d(self, func, args, kwargs):
         a = _bind(_max_pool2d_sig, args, kwargs)
@@ -322,18 +349,41 @@ def _has_weight(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
-def _surrogate_model(model: nn.Module, dense: bool) -> tuple[nn.Module, dict[str, nn.Parameter]]:
-    """A CPU float64 copy: Conv2d/Linear weights as indicator leaves, every other parameter and buffer zero."""
+def _constant_output(module: nn.Module) -> tuple[object, torch.Tensor] | None:
+    """(the tensor its functional op receives, the indicator of its non-zero constant output) for a layer that
+    outputs a constant whatever its input is: a bias, a normalisation's shift."""
+    if _has_weight(module) and getattr(module, "bias", None) is not None:
+        return None  # keyed by the weight leaf, which replaces the weight below
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+        gamma = module.weight if module.weight is not None else torch.ones_like(module.running_mean)
+        beta = module.bias if module.bias is not None else torch.zeros_like(module.running_mean)
+        shift = beta - gamma * module.running_mean / torch.sqrt(module.running_var + module.eps)
+        return module.running_mean, (shift != 0).to(DTYPE)
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and getattr(module, "bias", None) is not None:
+        return (module.weight if module.weight is not None else module.bias), (module.bias != 0).to(DTYPE)
+    return None
+
+
+def _surrogate_model(model: nn.Module, dense: bool
+                     ) -> tuple[nn.Module, dict[str, nn.Parameter], dict[int, torch.Tensor]]:
+    """A CPU float64 copy: Conv2d/Linear weights as indicator leaves, every other parameter and buffer zero;
+    and the constant sources (`_Surrogate.sources`), read before the zeroing."""
     copy_ = copy.deepcopy(model)
     _unparametrize(copy_)
     copy_ = copy_.to(device="cpu", dtype=DTYPE).eval()
     indicators: dict[str, nn.Parameter] = {}
+    sources: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for name, module in copy_.named_modules():
+            constant = _constant_output(module)
+            if constant is not None:
+                sources[id(constant[0])] = constant[1]
             if _has_weight(module):
                 w = module.weight
                 indicators[name] = nn.Parameter(torch.ones_like(w) if dense else (w != 0).to(DTYPE))
                 module.weight = indicators[name]
+                if getattr(module, "bias", None) is not None:
+                    sources[id(indicators[name])] = (module.bias != 0).to(DTYPE)
         leaves = {id(p) for p in indicators.values()}
         for p in copy_.parameters():
             if id(p) not in leaves:
@@ -342,7 +392,7 @@ def _surrogate_model(model: nn.Module, dense: bool) -> tuple[nn.Module, dict[str
         for b in copy_.buffers():
             if b.is_floating_point():
                 b.zero_()
-    return copy_, indicators
+    return copy_, indicators, sources
 
 
 def _output_sum(out: object) -> torch.Tensor:
@@ -362,9 +412,9 @@ def reachable_weights(model: nn.Module, input_shape: Sequence[int], dense: bool 
     `dense=True` treats every weight as non-zero (what the input size alone leaves alive).
     """
     with torch.inference_mode(False), torch.enable_grad():  # callers may evaluate under inference mode
-        surrogate, indicators = _surrogate_model(model, dense)
+        surrogate, indicators, sources = _surrogate_model(model, dense)
         x = torch.ones(tuple(int(s) for s in input_shape), dtype=DTYPE, requires_grad=True)
-        with _SurrogateMode(_Surrogate(indicators.values())):
+        with _SurrogateMode(_Surrogate(indicators.values(), sources)):
             out = surrogate(x)
         total = _output_sum(out)
         names = list(indicators)

@@ -3,6 +3,8 @@ every weight counted ineffective leaves the output unchanged), and the audit's n
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -35,7 +37,7 @@ def test_dead_taps_of_small_convs():
 
 
 def test_units_cut_off_by_the_mask():
-    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    net = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2)).double()
     with torch.no_grad():
         net[0].weight.fill_(1.0)
         net[2].weight.fill_(1.0)
@@ -46,6 +48,10 @@ def test_units_cut_off_by_the_mask():
     assert alive["0"].sum() == 12 - 3 - 3  # row 0 zero, row 1 cut off
     assert alive["2"].sum() == 8 - 2 - 2 - 1  # column 1 zero, column 0 cut off, one zero
     assert not alive["2"][:, 0].any() and not alive["0"][1].any() and bool(alive["0"][2].all())
+    # with a bias, unit 0 emits a constant: a source, so the weights reading it still move the output
+    net[0].bias = nn.Parameter(torch.tensor([0.5, 0.0, 0.0, 0.0], dtype=torch.float64))
+    alive = reachable_weights(net, (1, 3))
+    assert alive["2"][:, 0].tolist() == [True, True] and alive["2"].sum() == 8 - 2 - 1
 
 
 class Gate(nn.Module):
@@ -276,7 +282,7 @@ class Mask(nn.Module):
 def test_masks_under_parametrize_and_inference_mode():
     """Masks still attached (parametrize) count, and an audit called under inference mode still differentiates."""
     from torch.nn.utils import parametrize
-    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    net = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2))  # no bias: unit 0 is silent
     mask = torch.ones(4, 3)
     mask[0] = 0
     parametrize.register_parametrization(net[0], "weight", Mask(mask))
@@ -284,3 +290,39 @@ def test_masks_under_parametrize_and_inference_mode():
         alive = reachable_weights(net, (1, 3))
     assert alive["0"].sum() == 9 and not alive["2"][:, 0].any() and alive["2"].sum() == 6
     assert parametrize.is_parametrized(net[0])  # the model itself is untouched
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "vit_tiny"])
+def test_constant_sources_keep_the_weights_that_read_them(name):
+    """The shipped dense models, pruned by global magnitude to 0.9 with every bias and normalisation shift
+    left as trained: zeroing what the audit calls ineffective leaves the logits where they were, and some
+    weights are effective only because a cut-off unit still emits its bias or BatchNorm shift."""
+    from ptsbench.data import DataSpec
+    from ptsbench.models import create_model, load_checkpoint
+    from tests.conftest import compose_config
+
+    cfg = compose_config([f"model={name}"])
+    size = int(cfg.model.img_size or 28)
+    model = create_model(cfg.model, DataSpec("fashion_mnist", 10, 1, size, (0.286,), (0.353,)))
+    load_checkpoint(model, cfg.model)
+    model = model.double().eval()
+    layers = weight_layers(model)
+    scores = torch.cat([m.weight.detach().abs().flatten() for m in layers.values()])
+    threshold = scores.kthvalue(int(0.9 * scores.numel())).values
+    with torch.no_grad():
+        for m in layers.values():
+            m.weight[m.weight.abs() <= threshold] = 0.0
+    shape = (1, 1, size, size)
+    alive = reachable_weights(model, shape)
+    without_constants = copy.deepcopy(model)
+    zero_constants(without_constants)
+    paths_only = reachable_weights(without_constants, shape)
+    by_sources = sum(int((alive[n] & ~paths_only[n]).sum()) for n in alive)
+    assert by_sources > 0, "no weight reads a constant source: the check below would not test them"
+    assert all(not (paths_only[n] & ~alive[n]).any() for n in alive)  # sources only add effective weights
+    x = torch.randn(8, 1, size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        reference = model(x)
+        assert torch.allclose(_copy_without(model, alive)(x), reference, rtol=0, atol=1e-9)
+        # and the weights that only read a constant do move the logits (the old count called them dead)
+        assert not torch.allclose(_copy_without(model, paths_only)(x), reference, rtol=0, atol=1e-9)
