@@ -174,3 +174,28 @@ def test_study_records_of_an_empty_folder(tmp_path):
     assert study_records(tmp_path).empty
     with pytest.raises(DataError, match="collect the study first"):
         study_allocations(tmp_path)
+
+
+def test_committed_studies_hold_only_records_of_a_clean_tree():
+    from ptsbench.analysis.study import is_dirty
+
+    dirty = {}
+    for path in sorted((ROOT / "results").glob("*/records.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if is_dirty(record):
+                dirty.setdefault(path.parent.name, []).append(record.get("method"))
+    assert not dirty, {study: len(methods) for study, methods in dirty.items()}
+
+
+def test_collect_leaves_out_jobs_of_a_dirty_tree(tmp_path, caplog):
+    from ptsbench.analysis.study import collect_jobs
+
+    for name, commit in (("a", "abc123"), ("b", "abc123-dirty"), ("c", None)):
+        job = tmp_path / "runs" / name
+        job.mkdir(parents=True)
+        (job / "result.json").write_text(json.dumps({"config_hash": name, "method": "m", "model": "x",
+                                                     "target_sparsity": 0.5, "seed": 0, "git_commit": commit,
+                                                     "status": "ok"}))
+    records, _ = collect_jobs([tmp_path / "runs"])
+    assert [r["config_hash"] for r in records] == ["a"] and "Left out 2 job(s)" in caplog.text

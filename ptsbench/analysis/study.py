@@ -116,6 +116,12 @@ def study_jobs(study: str | Path) -> dict[str, tuple[dict[str, Any], pd.DataFram
             for r in read_records_file(path)}
 
 
+def is_dirty(record: Mapping[str, Any]) -> bool:
+    """The record was made by code with uncommitted changes (or by no known commit)."""
+    commit = record.get("git_commit")
+    return not commit or str(commit).endswith("-dirty")
+
+
 def collect_jobs(run_dirs: Iterable[str | Path], methods: Iterable[str] | None = None,
                  keep: str | Path | None = None) -> tuple[list[dict[str, Any]], pd.DataFrame]:
     """(records, long allocation table) of the job folders under `run_dirs`, one per config hash (the
@@ -124,6 +130,7 @@ def collect_jobs(run_dirs: Iterable[str | Path], methods: Iterable[str] | None =
     it ran since), and a job that ran again replaces its record by the same rule."""
     wanted = set(methods) if methods is not None else None
     best: dict[str, tuple[dict[str, Any], pd.DataFrame | None]] = {}
+    dirty: list[str] = []
     if keep is not None:
         best = {k: v for k, v in study_jobs(keep).items() if wanted is None or v[0].get("method") in wanted}
     for run_dir in map(Path, run_dirs):
@@ -133,9 +140,15 @@ def collect_jobs(run_dirs: Iterable[str | Path], methods: Iterable[str] | None =
             record, allocation = read_job(path.parent, run_dir)
             if wanted is not None and record.get("method") not in wanted:
                 continue
+            if is_dirty(record):  # no reader could tell which code made it
+                dirty.append(str(path.parent))
+                continue
             key = str(record.get(JOB_KEY) or record["job"])
             if key not in best or _newest_first(record) > _newest_first(best[key][0]):
                 best[key] = (record, allocation)
+    if dirty:
+        log.warning("Left out %d job(s) run from a tree with uncommitted changes (git_commit ends in -dirty), "
+                    "e.g. %s: commit, then rerun them.", len(dirty), ", ".join(dirty[:3]))
     jobs = sorted(best.values(), key=lambda pair: _sort_key(pair[0]))
     records = [record for record, _ in jobs]
     tables = [table.assign(**{JOB_KEY: record.get(JOB_KEY)}) for record, table in jobs if table is not None]
