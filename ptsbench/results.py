@@ -6,7 +6,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +84,17 @@ def _finished(record: dict[str, Any], config_id: str) -> bool:
     return record.get("config_hash") == config_id and record.get("status") == "ok"
 
 
+def is_dirty(record: Mapping[str, Any]) -> bool:
+    """The record was made by code with uncommitted changes (or by no known commit)."""
+    commit = record.get("git_commit")
+    return not commit or str(commit).endswith("-dirty")
+
+
 def find_finished(config_id: str, dirs: Iterable[Path], studies: Iterable[Path] = ()
                   ) -> tuple[dict[str, Any], Path] | None:
     """(record, where) of a finished job with this config hash and status ok: a result.json under `dirs`,
-    else a record of one of the collected `studies` (records.jsonl; a fresh clone's committed results)."""
+    else a record of one of the collected `studies` (records.jsonl; a fresh clone's committed results) made
+    by a clean tree."""
     for path in find_result_files(d for d in dirs if d.exists()):
         try:
             done = json.loads(path.read_text())
@@ -100,7 +107,8 @@ def find_finished(config_id: str, dirs: Iterable[Path], studies: Iterable[Path] 
         if not path.is_file():
             raise ConfigError(f"resume_studies: {study} holds no {RECORDS_FILE}; it must be a collected study "
                               "folder such as results/pts_methods.")
-        done = next((r for r in read_records_file(path) if _finished(r, config_id)), None)
+        # a collected study's record stands for committed code only: a dirty one is run again
+        done = next((r for r in read_records_file(path) if _finished(r, config_id) and not is_dirty(r)), None)
         if done is not None:
             return done, study
     return None

@@ -72,3 +72,12 @@ def tiny_dense(cache_dir, require_fmnist):
     load_dense_weights(cfg, model, data, cache_dir, torch.device("cpu"), progress=False)
     calib = sample_calibration(data.train, int(cfg.calib.n), int(cfg.calib.seed), int(cfg.calib.batch_size))
     return model.eval(), calib
+
+
+@pytest.fixture(autouse=True)
+def clean_commit(monkeypatch):
+    """Jobs run by tests record a fixed clean commit: collecting a study leaves out records of a dirty tree,
+    and the suite must not depend on whether the checkout it runs in has uncommitted changes."""
+    from ptsbench import runner
+
+    monkeypatch.setattr(runner, "git_commit", lambda: "0" * 40)

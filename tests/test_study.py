@@ -177,7 +177,7 @@ def test_study_records_of_an_empty_folder(tmp_path):
 
 
 def test_committed_studies_hold_only_records_of_a_clean_tree():
-    from ptsbench.analysis.study import is_dirty
+    from ptsbench.results import is_dirty
 
     dirty = {}
     for path in sorted((ROOT / "results").glob("*/records.jsonl")):

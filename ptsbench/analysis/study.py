@@ -39,6 +39,7 @@ from ptsbench.results import (
     RECORDS_FILE,
     _jsonable,
     find_result_files,
+    is_dirty,
     load_records,
     read_records_file,
     write_atomic,
@@ -114,12 +115,6 @@ def study_jobs(study: str | Path) -> dict[str, tuple[dict[str, Any], pd.DataFram
     return {str(r[JOB_KEY]): (r, by_job[r[JOB_KEY]].drop(columns=JOB_KEY).reset_index(drop=True)
                               if r[JOB_KEY] in by_job else None)
             for r in read_records_file(path)}
-
-
-def is_dirty(record: Mapping[str, Any]) -> bool:
-    """The record was made by code with uncommitted changes (or by no known commit)."""
-    commit = record.get("git_commit")
-    return not commit or str(commit).endswith("-dirty")
 
 
 def collect_jobs(run_dirs: Iterable[str | Path], methods: Iterable[str] | None = None,
