@@ -127,7 +127,8 @@ def collect_jobs(run_dirs: Iterable[str | Path], methods: Iterable[str] | None =
     best: dict[str, tuple[dict[str, Any], pd.DataFrame | None]] = {}
     dirty: list[str] = []
     if keep is not None:
-        best = {k: v for k, v in study_jobs(keep).items() if wanted is None or v[0].get("method") in wanted}
+        best = {k: v for k, v in study_jobs(keep).items()
+                if (wanted is None or v[0].get("method") in wanted) and not is_dirty(v[0])}
     for run_dir in map(Path, run_dirs):
         if not run_dir.exists():
             raise DataError(f"Run folder {run_dir} does not exist: run the study's sweep first.")
