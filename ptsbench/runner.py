@@ -99,6 +99,9 @@ def config_hash(cfg: DictConfig) -> str:
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in ("hydra", "logger", "progress", "threads", "compile", "cache_dir", "resume", "resume_studies", "save_sparse"):
         plain.pop(key, None)
+    # where a model is worth sweeping is a property of the studies, not of a job: a range recomputed from
+    # new records must not change the identity of the jobs already run
+    (plain.get("model") or {}).pop("discriminating_sparsities", None)
     return stable_hash(plain, length=16)
 
 
