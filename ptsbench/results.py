@@ -85,9 +85,8 @@ def _finished(record: dict[str, Any], config_id: str) -> bool:
 
 
 def is_dirty(record: Mapping[str, Any]) -> bool:
-    """The record was made by code with uncommitted changes (or by no known commit)."""
-    commit = record.get("git_commit")
-    return not commit or str(commit).endswith("-dirty")
+    """The record was made by a git checkout with uncommitted changes (an installed package records none)."""
+    return str(record.get("git_commit") or "").endswith("-dirty")
 
 
 def find_finished(config_id: str, dirs: Iterable[Path], studies: Iterable[Path] = ()

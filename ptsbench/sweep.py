@@ -13,8 +13,9 @@ the expensive methods only at a few sparsities; `SparsitiesFor` says so in the e
               fcpts: [0.9]     # algorithm name (the class's `name`) -> the sparsities it runs at
 
 Algorithms not named keep every sparsity. `ModelSparsities` keeps, for each model, only the sparsities its
-config lists in `sweep_sparsities` (the range where that model separates the methods), so one grid over the
-union serves models whose discriminating ranges differ. The sweeper logs each skipped job with the reason.
+config lists in `sweep_sparsities` or `discriminating_sparsities`, so one grid over the union serves models
+whose ranges differ; `DiscriminatingFor` keeps the named (expensive) algorithms at the model's discriminating
+sparsities only. The sweeper logs each skipped job with the reason.
 """
 
 from __future__ import annotations
@@ -60,16 +61,39 @@ def _same_sparsity(value: Any, allowed: Sequence[float]) -> bool:
     return any(abs(sparsity - float(s)) < 1e-9 for s in allowed)
 
 
+def _model_sparsities(config: Mapping[str, Any], *keys: str) -> list[float]:
+    model = config.get("model") or {}
+    return sorted({float(s) for key in keys for s in (model.get(key) or ())})
+
+
 class ModelSparsities(AbstractFilter):
-    """Skip a job whose sparsity is not in its model config's `sweep_sparsities` (when the model lists any)."""
+    """Skip a job whose sparsity is in neither its model config's `sweep_sparsities` nor its
+    `discriminating_sparsities` (when the model lists any)."""
+
+    keys = ("sweep_sparsities", "discriminating_sparsities")
 
     def filter(self) -> bool:
-        allowed = (self.config.get("model") or {}).get("sweep_sparsities")
+        allowed = _model_sparsities(self.config, *self.keys)
         return bool(allowed) and not _same_sparsity(self.config.get("sparsity"), allowed)
 
     def reason(self) -> str:
-        model = self.config.get("model") or {}
-        return f"{model.get('name')} is swept at sparsity {', '.join(str(s) for s in model['sweep_sparsities'])}"
+        allowed = _model_sparsities(self.config, *self.keys)
+        return f"{(self.config.get('model') or {}).get('name')} is swept at sparsity {', '.join(map(str, allowed))}"
+
+
+class DiscriminatingFor(AbstractFilter):
+    """Skip a job of the named algorithms (class `name`s) whose sparsity is not one of its model's
+    `discriminating_sparsities`: the expensive methods run only where methods separate."""
+
+    def filter(self, algorithms: Sequence[str]) -> bool:
+        if algorithm_name(self.config) not in set(algorithms):
+            return False
+        allowed = _model_sparsities(self.config, "discriminating_sparsities")
+        return bool(allowed) and not _same_sparsity(self.config.get("sparsity"), allowed)
+
+    def reason(self, algorithms: Sequence[str]) -> str:
+        allowed = _model_sparsities(self.config, "discriminating_sparsities")
+        return f"{algorithm_name(self.config)} runs at the model's discriminating sparsities {allowed} in this sweep"
 
 
 class NMOnlyWhere(AbstractFilter):

@@ -102,10 +102,10 @@ def test_parallel_jobs_take_the_gpus_in_turn():
         assert device_per_job(OmegaConf.create({"device": fixed}), hc(2), gpus=4) is None
 
 
-def test_default_benchmark_grid_runs_learned_methods_at_0_9_only():
+def test_default_benchmark_grid_runs_learned_methods_at_the_discriminating_sparsities():
     """The default benchmark's filters, instantiated and applied the way hydra-filter-sweeper does it (the
-    resolved job config, converted to plain containers), keep each model's own sweep_sparsities for the
-    cheap methods and the learned quick presets at 0.9 only."""
+    resolved job config, converted to plain containers), keep each model's own sweep and discriminating
+    sparsities for the cheap methods and the learned quick presets at the discriminating ones only."""
     import itertools
 
     from hydra import compose, initialize_config_dir
@@ -130,16 +130,17 @@ def test_default_benchmark_grid_runs_learned_methods_at_0_9_only():
                     reasons.add(flt.reason(**kwargs))
             if not skipped:
                 kept.append((model, algorithm, float(sparsity)))
-        ranges = {m: {float(x) for x in compose("config", overrides=[f"model={m}"]).model.sweep_sparsities}
-                  for m in sorted(set(grid[0]))}
+        models_cfg = {m: compose("config", overrides=[f"model={m}"]).model for m in sorted(set(grid[0]))}
+    discriminating = {m: {float(x) for x in c.discriminating_sparsities} for m, c in models_cfg.items()}
+    ranges = {m: {float(x) for x in c.sweep_sparsities} | discriminating[m] for m, c in models_cfg.items()}
     learned_configs = ("fcpts_quick", "fcpts_code_quick", "unipts_quick", "pot_quick")
     learned = sorted((m, a, s) for m, a, s in kept if a in learned_configs)
     models = ("mobilenetv2", "resnet18", "vit_tiny")
-    assert learned == sorted((m, a, 0.9) for m in models for a in learned_configs)
+    assert learned == sorted((m, a, s) for m in models for a in learned_configs for s in discriminating[m])
     cheap = [(m, a, s) for m, a, s in kept if a not in learned_configs]
     assert {(m, s) for m, _, s in cheap} == {(m, s) for m in models for s in ranges[m]}
     assert len(cheap) == 5 * sum(len(r) for r in ranges.values())
-    assert "fcpts runs only at sparsity 0.9 in this sweep" in reasons
+    assert any("fcpts runs at the model's discriminating sparsities" in r for r in reasons)
 
 
 def test_sparsity_filter_keeps_unnamed_algorithms_and_bad_values():

@@ -124,7 +124,8 @@ def test_each_sweep_covers_exactly_its_models_sweep_sparsities():
     grid = experiment_grid("fmnist_benchmark")
     wanted = set()
     for model in grid["model"]:
-        wanted |= set(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml").sweep_sparsities)
+        model_cfg = OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml")
+        wanted |= set(model_cfg.sweep_sparsities) | set(model_cfg.discriminating_sparsities)
     assert {float(s) for s in grid["sparsity"]} == wanted
     filters = OmegaConf.load(CONF_DIR / "experiment" / "fmnist_benchmark.yaml").hydra.sweeper.filters
     assert any("ptsbench.sweep.ModelSparsities" in f for f in filters)
@@ -183,7 +184,7 @@ def test_committed_studies_hold_only_records_of_a_clean_tree():
     for path in sorted((ROOT / "results").glob("*/records.jsonl")):
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            if is_dirty(record):
+            if is_dirty(record) or not record.get("git_commit"):  # committed results name their code
                 dirty.setdefault(path.parent.name, []).append(record.get("method"))
     assert not dirty, {study: len(methods) for study, methods in dirty.items()}
 
@@ -198,4 +199,4 @@ def test_collect_leaves_out_jobs_of_a_dirty_tree(tmp_path, caplog):
                                                      "target_sparsity": 0.5, "seed": 0, "git_commit": commit,
                                                      "status": "ok"}))
     records, _ = collect_jobs([tmp_path / "runs"])
-    assert [r["config_hash"] for r in records] == ["a"] and "Left out 2 job(s)" in caplog.text
+    assert [r["config_hash"] for r in records] == ["a", "c"] and "Left out 1 job(s)" in caplog.text
