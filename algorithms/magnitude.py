@@ -6,6 +6,8 @@ selection without POT's corrections. With `pattern=N:M` (top-level key) every ro
 largest |w| of each M consecutive weights (`ptsbench.patterns`), and the allocation is the pattern's. `reconstruction=layer|block` adds PTSBench's reconstruction axis
 (`ptsbench.reconstruct`): each layer or block is tuned to reproduce the dense one's output, so any
 allocation (including another job's, `allocation=from_file`) can be combined with any reconstruction.
+`allocation=owl` takes OWL's rates from the dense network's Wanda scores (`ptsbench.owl`), as the OWL
+code's magnitude variant.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from ptsbench.bn import recalibrate_batchnorm
-from ptsbench.errors import ConfigError, unknown_choice
+from ptsbench.errors import ConfigError, PtsbenchError, unknown_choice
+from ptsbench.layerwise import dense_input_norms
+from ptsbench.owl import OWLSettings, owl_counts
 from ptsbench.patterns import Pattern, nm_mask, nm_zero_counts
 from ptsbench.reconstruct import (
     RECONSTRUCTION_STREAM,
@@ -45,7 +49,10 @@ from ptsbench.sparsity import (
     rates,
 )
 
-ALLOCATION_CHOICES = ALLOCATIONS + ("from_file",)
+# Allocations that read calibration statistics, not the weights alone: each layer's Wanda input norms
+# from the dense network (`ptsbench.layerwise.dense_input_norms`).
+CALIBRATED_ALLOCATIONS = ("owl",)
+ALLOCATION_CHOICES = ALLOCATIONS + CALIBRATED_ALLOCATIONS + ("from_file",)
 
 
 def read_allocation_file(path: str | Path, layers: list[PrunableLayer], target: float,
@@ -92,6 +99,17 @@ class AllocationChoice:
     erk_power_scale: float = 1.0
     file: str | None = None
     label: str | None = None  # names a from_file allocation in method labels, e.g. "fcpts"
+    owl: OWLSettings | None = None  # OWL's M and lambda, with strategy owl
+
+    @classmethod
+    def read(cls, strategy: str, erk_power_scale: float = 1.0, file: str | None = None, label: str | None = None,
+             owl: OWLSettings | Mapping[str, Any] | None = None) -> AllocationChoice:
+        """The choice from a method's constructor arguments, checked; `owl` (algorithm.owl) only with owl."""
+        if owl is not None and strategy != "owl":
+            raise ConfigError(f"algorithm.owl sets OWL's M and lambda, but algorithm.allocation={strategy}; "
+                              "use algorithm.allocation=owl or drop algorithm.owl.")
+        settings = OWLSettings.read(owl, "algorithm.owl") if strategy == "owl" else None
+        return cls(strategy, float(erk_power_scale), file, label, settings).check()
 
     def check(self) -> AllocationChoice:
         if self.strategy not in ALLOCATION_CHOICES:
@@ -99,6 +117,11 @@ class AllocationChoice:
         if self.strategy == "from_file" and not self.file:
             raise ConfigError("algorithm.allocation=from_file needs algorithm.allocation_file=PATH (an allocation.csv).")
         return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when `counts` needs the layers' dense input norms (`ptsbench.layerwise.dense_input_norms`)."""
+        return self.strategy in CALIBRATED_ALLOCATIONS
 
     def validate(self, layers: list[PrunableLayer], target: float, pattern: Pattern) -> None:
         if pattern.is_nm and self.strategy != "uniform":
@@ -108,12 +131,18 @@ class AllocationChoice:
         if self.strategy == "from_file":
             read_allocation_file(self.file, layers, target)
 
-    def counts(self, layers: list[PrunableLayer], target: float, pattern: Pattern) -> dict[str, int]:
-        """Zeros per layer: the pattern's where it fixes them, else the strategy's (exact counts)."""
+    def counts(self, layers: list[PrunableLayer], target: float, pattern: Pattern,
+               input_norms: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
+        """Zeros per layer: the pattern's where it fixes them, else the strategy's (exact counts).
+        `input_norms` (squared, per layer) feed the calibrated allocations."""
         if pattern.is_nm:
             return nm_zero_counts(layers, pattern)
         if self.strategy == "from_file":
             return counts_from_rates(layers, read_allocation_file(self.file, layers, target))
+        if self.strategy == "owl":
+            if input_norms is None:
+                raise PtsbenchError("allocation=owl needs the layers' dense input norms (dense_input_norms).")
+            return owl_counts(layers, target, input_norms, self.owl or OWLSettings())
         return allocate(layers, target, self.strategy, self.erk_power_scale)
 
     def options(self) -> dict[str, Any]:
@@ -124,6 +153,8 @@ class AllocationChoice:
             opts["allocation_file"] = str(self.file)
             if self.label:
                 opts["allocation_label"] = self.label
+        if self.owl is not None:
+            opts.update(owl_m=self.owl.m, owl_lambda=self.owl.lam)
         return opts
 
     def describe(self, pattern: Pattern) -> str:
@@ -132,6 +163,8 @@ class AllocationChoice:
             return str(pattern)
         if self.strategy == "from_file" and self.label:
             return f"from_{self.label}"
+        if self.owl is not None and self.owl != OWLSettings():
+            return f"owl-m{self.owl.m:g}-l{self.owl.lam:g}"
         return self.strategy if self.strategy != "erk" or self.erk_power_scale == 1.0 else f"erk{self.erk_power_scale:g}"
 
 
@@ -150,8 +183,9 @@ class MagnitudePruning(PTSAlgorithm):
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
                  allocation_label: str | None = None, bn_recalibration: bool = False, bn_batch_size: int = 64,
-                 reconstruction: ReconstructionSettings | Mapping[str, Any] | None = None, budget: float | str = 1.0):
-        self.alloc = AllocationChoice(allocation, float(erk_power_scale), allocation_file, allocation_label).check()
+                 reconstruction: ReconstructionSettings | Mapping[str, Any] | None = None, budget: float | str = 1.0,
+                 owl: OWLSettings | Mapping[str, Any] | None = None):
+        self.alloc = AllocationChoice.read(allocation, erk_power_scale, allocation_file, allocation_label, owl)
         self.bn_recalibration = bool(bn_recalibration)
         self.bn_batch_size = int(bn_batch_size)
         COUNT.check("algorithm.bn_batch_size", self.bn_batch_size)
@@ -183,8 +217,11 @@ class MagnitudePruning(PTSAlgorithm):
         self.alloc.validate(layers, target, self.pattern)
 
     def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
-        # 1. Allocation: how many weights each layer loses (fixed by the pattern under N:M).
-        counts = self.alloc.counts(layers, target, self.pattern)
+        # 1. Allocation: how many weights each layer loses (fixed by the pattern under N:M); OWL's from the
+        # dense network's Wanda scores, one calibration pass.
+        owl_pass = self.alloc.needs_calibration
+        norms = dense_input_norms(model, layers, ctx.calib, self.bn_batch_size) if owl_pass else None
+        counts = self.alloc.counts(layers, target, self.pattern, norms)
         # 2. Masks: the smallest magnitudes of each layer (of each group of M under N:M).
         dense = copy.deepcopy(model).requires_grad_(False) if self.recon.mode != "none" else None
         masks = pattern_masks(layers, counts, self.pattern, {ly.name: ly.weight.detach().abs() for ly in layers})
@@ -204,6 +241,6 @@ class MagnitudePruning(PTSAlgorithm):
         bn_layers = 0
         if self.bn_recalibration:
             bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.bn_batch_size)
-        stats.update(bn_layers_recalibrated=bn_layers, calib_passes=int(self.bn_recalibration))
+        stats.update(bn_layers_recalibrated=bn_layers, calib_passes=int(owl_pass) + int(self.bn_recalibration))
         bake_masks(model)
         return PruneResult(model=model, allocation=rates(layers, counts), masks=masks, stats=stats, tables=tables)
