@@ -7,7 +7,8 @@ largest |w| of each M consecutive weights (`ptsbench.patterns`), and the allocat
 (`ptsbench.reconstruct`): each layer or block is tuned to reproduce the dense one's output, so any
 allocation (including another job's, `allocation=from_file`) can be combined with any reconstruction.
 `allocation=owl` takes OWL's rates from the dense network's Wanda scores (`ptsbench.owl`), as the OWL
-code's magnitude variant.
+code's magnitude variant, and `refine=dsnot` moves each layer's mask with DSnoT (`algorithms.dsnot`)
+on calibration statistics gathered under `calib_protocol`, as the DSnoT code's magnitude start.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
+from algorithms.dsnot import DSnoTSettings, read_refinement, refine_masks
 from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.errors import ConfigError, PtsbenchError, unknown_choice
-from ptsbench.layerwise import dense_input_norms
+from ptsbench.layerwise import CALIB_PROTOCOLS, dense_input_norms
 from ptsbench.owl import OWLSettings, owl_counts
 from ptsbench.patterns import Pattern, nm_mask, nm_zero_counts
 from ptsbench.reconstruct import (
@@ -184,7 +186,8 @@ class MagnitudePruning(PTSAlgorithm):
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
                  allocation_label: str | None = None, bn_recalibration: bool = False, bn_batch_size: int = 64,
                  reconstruction: ReconstructionSettings | Mapping[str, Any] | None = None, budget: float | str = 1.0,
-                 owl: OWLSettings | Mapping[str, Any] | None = None):
+                 owl: OWLSettings | Mapping[str, Any] | None = None, refine: str = "none",
+                 dsnot: DSnoTSettings | Mapping[str, Any] | None = None, calib_protocol: str | None = None):
         self.alloc = AllocationChoice.read(allocation, erk_power_scale, allocation_file, allocation_label, owl)
         self.bn_recalibration = bool(bn_recalibration)
         self.bn_batch_size = int(bn_batch_size)
@@ -192,11 +195,27 @@ class MagnitudePruning(PTSAlgorithm):
         self.budget_scale = read_budget(budget)
         recon = ReconstructionSettings.read(reconstruction, "algorithm.reconstruction")
         self.recon = recon.replace(iterations=scaled(recon.iterations, self.budget_scale, minimum=0))
+        self.dsnot = read_refinement(refine, dsnot)
+        self.calib_protocol = self.default_protocol() if calib_protocol is None else str(calib_protocol)
+        if self.dsnot is None and calib_protocol is not None:
+            raise ConfigError("algorithm.calib_protocol says where DSnoT's statistics come from; magnitude masks "
+                              "need no calibration. Use it with algorithm.refine=dsnot, or drop it.")
+        if self.calib_protocol not in CALIB_PROTOCOLS:
+            raise unknown_choice("algorithm.calib_protocol", self.calib_protocol, CALIB_PROTOCOLS)
+        if self.calib_protocol == "sequential+bn" and not self.bn_recalibration:
+            raise ConfigError("algorithm.calib_protocol=sequential+bn re-estimates BatchNorm along the sequential "
+                              "pass and needs algorithm.bn_recalibration=true.")
+
+    def default_protocol(self) -> str:
+        # DSnoT's reference refines each block on the pruned prefix; BN networks re-estimate BN along it
+        return "sequential+bn" if self.bn_recalibration else "sequential"
 
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {**self.alloc.options(), "bn_recalibration": self.bn_recalibration}
         if self.recon.mode != "none":
             opts.update(self.recon.options(), budget=reconstruction_budget(self.recon))
+        if self.dsnot is not None:
+            opts.update(refine="dsnot", **self.dsnot.options(), calib_protocol=self.calib_protocol)
         return opts
 
     @property
@@ -208,7 +227,10 @@ class MagnitudePruning(PTSAlgorithm):
 
     @property
     def family(self) -> str:
-        label = f"magnitude-{self.alloc.describe(self.pattern)}" + ("+bn" if self.bn_recalibration else "")
+        method = "magnitude" if self.dsnot is None else "magnitude+dsnot"
+        tags = {"dense": "-dense", "sequential": "-seq", "sequential+bn": "-seqbn"}
+        protocol = "" if self.calib_protocol == self.default_protocol() else tags[self.calib_protocol]
+        label = f"{method}-{self.alloc.describe(self.pattern)}{protocol}{'+bn' if self.bn_recalibration else ''}"
         if self.recon.mode != "none":
             label += f"+{self.recon.mode}" + ("-sparseinp" if self.recon.inputs == "sparse" else "")
         return label
@@ -225,8 +247,15 @@ class MagnitudePruning(PTSAlgorithm):
         # 2. Masks: the smallest magnitudes of each layer (of each group of M under N:M).
         dense = copy.deepcopy(model).requires_grad_(False) if self.recon.mode != "none" else None
         masks = pattern_masks(layers, counts, self.pattern, {ly.name: ly.weight.detach().abs() for ly in layers})
-        apply_masks(layers, masks)
         stats: dict[str, Any] = {}
+        passes = int(owl_pass)
+        # 2b. Optional DSnoT: swaps within rows towards each layer's mean output, on calibration statistics.
+        if self.dsnot is not None:
+            masks, refine_stats = refine_masks(model, layers, masks, ctx, self.calib_protocol, self.bn_batch_size,
+                                               self.pattern, self.dsnot)
+            passes += refine_stats.pop("calib_passes")
+            stats.update(refine_stats)
+        apply_masks(layers, masks)
         tables = {}
         # 3. Optional reconstruction of each layer's or block's dense output.
         if dense is not None:
@@ -241,6 +270,6 @@ class MagnitudePruning(PTSAlgorithm):
         bn_layers = 0
         if self.bn_recalibration:
             bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.bn_batch_size)
-        stats.update(bn_layers_recalibrated=bn_layers, calib_passes=int(owl_pass) + int(self.bn_recalibration))
+        stats.update(bn_layers_recalibrated=bn_layers, calib_passes=passes + int(self.bn_recalibration))
         bake_masks(model)
         return PruneResult(model=model, allocation=rates(layers, counts), masks=masks, stats=stats, tables=tables)

@@ -1,4 +1,4 @@
-"""What the layer-wise one-shot methods (Wanda, SparseGPT) share: pruning on calibration statistics.
+"""What the layer-wise one-shot methods (Wanda, SparseGPT, RIA) share: pruning on calibration statistics.
 
 Per-layer counts come from the allocation axis (and the pattern); each layer is pruned by the method's own
 rule on the statistic of its inputs, and the calibration protocol says which network those inputs come from
@@ -12,8 +12,10 @@ On a BatchNorm network `sequential` calibrates every block after the first on a 
 still hold the dense statistics, i.e. on inputs the final, re-estimated network never produces: a labelled
 ablation (`*_stalebn`), not a default.
 
-`allocation=owl` (`ptsbench.owl`) takes the rates from the outlier ratios of the dense network's Wanda
-scores: one extra calibration pass before pruning.
+Two additions from later papers sit on their own axes: `allocation=owl` (`ptsbench.owl`) takes the rates
+from the outlier ratios of the dense network's Wanda scores, one extra calibration pass before pruning;
+`refine=dsnot` (`algorithms.dsnot`) swaps each pruned layer's weights within rows right after the method
+prunes it, on the mean and variance of the same inputs.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ import torch
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
+from algorithms.dsnot import DSnoTSettings, dsnot_layer, read_refinement
 from algorithms.magnitude import AllocationChoice
 from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.errors import ConfigError, unknown_choice
 from ptsbench.layerwise import (
     CALIB_PROTOCOLS,
+    InputMoments,
     InputStatistic,
+    StatisticPair,
     calibrated_prune,
     check_supported,
     dense_input_norms,
@@ -46,8 +51,10 @@ class LayerwiseOneShot(PTSAlgorithm):
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
                  allocation_label: str | None = None, batch_size: int = 64, bn_recalibration: bool = False,
-                 calib_protocol: str | None = None, owl: OWLSettings | Mapping[str, Any] | None = None):
+                 calib_protocol: str | None = None, owl: OWLSettings | Mapping[str, Any] | None = None,
+                 refine: str = "none", dsnot: DSnoTSettings | Mapping[str, Any] | None = None):
         self.alloc = AllocationChoice.read(allocation, erk_power_scale, allocation_file, allocation_label, owl)
+        self.dsnot = read_refinement(refine, dsnot)
         self.batch_size = int(batch_size)  # calibration images per forward pass (memory, not results)
         # Not in the papers (language models have no BatchNorm): on a BN network the pruned layers shift the
         # batch statistics, and re-estimating them on the calibration images is what magnitude+bn does too.
@@ -65,14 +72,16 @@ class LayerwiseOneShot(PTSAlgorithm):
         return "sequential"
 
     def options(self) -> dict[str, Any]:
+        refine = {} if self.dsnot is None else {"refine": "dsnot", **self.dsnot.options()}
         return {**self.alloc.options(), "bn_recalibration": self.bn_recalibration,
-                "calib_protocol": self.calib_protocol}
+                "calib_protocol": self.calib_protocol, **refine}
 
     @property
     def family(self) -> str:
         tags = {"dense": "dense", "sequential": "seq", "sequential+bn": "seqbn"}
         protocol = "" if self.calib_protocol == self.default_protocol() else f"-{tags[self.calib_protocol]}"
-        return f"{self.name}-{self.alloc.describe(self.pattern)}{protocol}{'+bn' if self.bn_recalibration else ''}"
+        method = self.name if self.dsnot is None else f"{self.name}+dsnot"
+        return f"{method}-{self.alloc.describe(self.pattern)}{protocol}{'+bn' if self.bn_recalibration else ''}"
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         check_supported(layers)
@@ -87,17 +96,32 @@ class LayerwiseOneShot(PTSAlgorithm):
         norms = dense_input_norms(model, layers, ctx.calib, self.batch_size) if owl_pass else None
         counts = self.alloc.counts(layers, target, self.pattern, norms)
         masks = {ly.name: magnitude_mask(ly.weight, 0) for ly in layers}
+        swaps = 0
+
+        def begin(layer: PrunableLayer) -> InputStatistic:
+            own = self.statistic(layer)
+            return own if self.dsnot is None else StatisticPair(own, InputMoments(layer))
 
         def finish(layer: PrunableLayer, stat: InputStatistic) -> None:
-            masks[layer.name] = self.prune_layer(layer, stat, counts[layer.name])
+            nonlocal swaps
+            if self.dsnot is None:
+                masks[layer.name] = self.prune_layer(layer, stat, counts[layer.name])
+                return
+            dense = layer.weight.detach().clone()
+            mask = self.prune_layer(layer, stat.first, counts[layer.name])
+            masks[layer.name], n = dsnot_layer(layer, dense, mask, stat.second, len(ctx.calib), self.pattern,
+                                               self.dsnot)
+            swaps += n
 
         todo = [ly for ly in layers if counts[ly.name] > 0]  # dense layers need no statistics
         passes, bn_passes = (0, 0) if not todo else calibrated_prune(
-            self.calib_protocol, model, todo, ctx.calib, self.batch_size, self.statistic, finish, ctx.device,
+            self.calib_protocol, model, todo, ctx.calib, self.batch_size, begin, finish, ctx.device,
             progress=ctx.progress, desc=self.name)
         bn_layers = 0
         if self.bn_recalibration:
             bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.batch_size)
         passes += bn_passes + int(self.bn_recalibration) + int(owl_pass)
-        return PruneResult(model=model, allocation=rates(layers, counts), masks=masks,
-                           stats={"calib_passes": passes, "layers_pruned": len(todo), "bn_layers_recalibrated": bn_layers})
+        stats: dict[str, Any] = {"calib_passes": passes, "layers_pruned": len(todo), "bn_layers_recalibrated": bn_layers}
+        if self.dsnot is not None:
+            stats["dsnot_swaps"] = swaps
+        return PruneResult(model=model, allocation=rates(layers, counts), masks=masks, stats=stats)

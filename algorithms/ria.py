@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from algorithms.dsnot import DSnoTSettings
 from algorithms.magnitude import pattern_masks
 from algorithms.oneshot import LayerwiseOneShot
 from ptsbench.errors import ConfigError
@@ -68,9 +69,10 @@ class RIA(LayerwiseOneShot):
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
                  allocation_label: str | None = None, activation_exponent: float = ACTIVATION_EXPONENT,
                  batch_size: int = 64, bn_recalibration: bool = False, calib_protocol: str | None = None,
-                 owl: OWLSettings | Mapping[str, Any] | None = None):
+                 owl: OWLSettings | Mapping[str, Any] | None = None, refine: str = "none",
+                 dsnot: DSnoTSettings | Mapping[str, Any] | None = None):
         super().__init__(allocation, erk_power_scale, allocation_file, allocation_label, batch_size, bn_recalibration,
-                         calib_protocol, owl)
+                         calib_protocol, owl, refine, dsnot)
         if not float(activation_exponent) >= 0:
             raise ConfigError(f"algorithm.activation_exponent={activation_exponent} must be >= 0 "
                               "(the paper's a, 0.5).")
