@@ -51,7 +51,8 @@ def layer_case(seed: int = 0, rows: int = 24, cols: int = 96, n: int = 2000):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g, dtype=torch.float64) * 0.1
     # ReLU inputs of unequal scale: positive means, as a vision layer reads them
-    x = torch.relu(torch.randn(n, cols, generator=g, dtype=torch.float64) + 0.3) * (torch.rand(cols, generator=g) + 0.2)
+    x = torch.relu(torch.randn(n, cols, generator=g, dtype=torch.float64) + 0.3)
+    x = x * (torch.rand(cols, generator=g) + 0.2)
     return w, x
 
 
@@ -64,7 +65,8 @@ def test_rows_match_a_plain_statement_of_the_reference_loop():
     expanded = [t.expand_as(w) for t in (mean, var, norm)]
     new_w, new_keep, swaps = dsnot_rows(w, w * keep, keep, *expanded, settings)
     for i in range(w.shape[0]):
-        expected = plain_row(w[i].tolist(), keep[i].tolist(), mean.tolist(), var.tolist(), norm.tolist(), 12, 0.1, 1.0)
+        expected = plain_row(w[i].tolist(), keep[i].tolist(), mean.tolist(), var.tolist(), norm.tolist(),
+                             12, 0.1, 1.0)
         assert new_keep[i].tolist() == expected, i
     assert swaps > 0 and torch.equal(new_w, w * new_keep)
     assert torch.equal(new_keep.sum(1), keep.sum(1))  # every row keeps its count
@@ -88,7 +90,7 @@ def test_the_layer_reconstruction_error_drops_from_its_starting_mask():
     def mean_error(m: torch.Tensor) -> torch.Tensor:
         return ((dense.flatten(1) * (1 - m.flatten(1))) @ cols).mean(dim=1).abs()
 
-    # over the layer; a single row may end worse, since unstructured swaps never check the sign (the reference)
+    # over the layer; one row may end worse, since unstructured swaps never check the sign (the reference)
     assert swaps > 0 and mean_error(refined).sum() < 0.25 * mean_error(mask).sum()
     assert int((refined == 0).sum()) == int((mask == 0).sum())
     assert torch.equal(conv.weight.detach(), dense * refined)  # no weight update: the dense values, masked
@@ -108,8 +110,8 @@ def test_nm_groups_keep_n_and_swaps_keep_the_sign_of_the_error():
 
 def small_net() -> nn.Module:
     torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(16 * 25, 10))
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 25, 10))
 
 
 # Statistics from the dense network, so that the method's run without DSnoT prunes every layer from the same
@@ -119,7 +121,8 @@ def small_net() -> nn.Module:
     (lambda: SparseGPT(refine="dsnot", bn_recalibration=True, calib_protocol="dense"),
      "sparsegpt+dsnot-uniform-dense+bn"),
     (lambda: RIA(refine="dsnot", calib_protocol="dense"), "ria+dsnot-uniform-dense"),
-    (lambda: MagnitudePruning(refine="dsnot", allocation="erk", bn_recalibration=True, calib_protocol="dense"),
+    (lambda: MagnitudePruning(refine="dsnot", allocation="erk", bn_recalibration=True,
+                              calib_protocol="dense"),
      "magnitude+dsnot-erk-dense+bn"),
 ])
 def test_refinement_moves_each_method_s_mask_and_keeps_its_counts(make, label):
@@ -155,9 +158,10 @@ def test_refinement_keeps_nm_and_its_options_are_checked():
         result = algorithm.prune(model, layers, 0.5, ctx)
         audit_pattern(layers, Pattern(2, 4))  # raises on a group with more than 2 of 4 kept
         assert result.stats["dsnot_swaps"] > 0
-    # the stem (rows of 27) stays dense under 2:4: a pass for each other layer, BN before the second and at the end
+    # the stem (rows of 27) stays dense under 2:4: a pass per other layer, BN before the second and at the end
     assert result.stats["calib_passes"] == 2 + 1 + 1
-    assert algorithm.options()["calib_protocol"] == "sequential+bn" and algorithm.label == "magnitude+dsnot-2:4+bn"
+    assert algorithm.options()["calib_protocol"] == "sequential+bn"
+    assert algorithm.label == "magnitude+dsnot-2:4+bn"
     wanda = Wanda(refine="dsnot", dsnot={"max_cycles": 5})
     assert wanda.options()["dsnot_max_cycles"] == 5 and wanda.label == "wanda+dsnot-uniform"
     with pytest.raises(ConfigError, match="algorithm.refine=none"):

@@ -85,7 +85,8 @@ def test_counts_are_exact_and_follow_the_dense_wanda_scores():
         assert abs(counts[ly.name] - rates[ly.name] * ly.numel) < 1.0
     # the norms are those of the dense network's inputs, batch by batch
     x = model.eval()[:3](images).detach()
-    unfolded = torch.nn.functional.unfold(x, 3, padding=1).view(24, 8, 9, 25).permute(1, 2, 0, 3).reshape(8, 9, -1)
+    unfolded = torch.nn.functional.unfold(x, 3, padding=1).view(24, 8, 9, 25)  # depthwise: 9 inputs per group
+    unfolded = unfolded.permute(1, 2, 0, 3).reshape(8, 9, -1)
     assert torch.allclose(norms["3"], unfolded.pow(2).sum(-1), rtol=1e-5)
 
 
@@ -101,7 +102,8 @@ def test_owl_under_each_method_prunes_at_the_rates_of_the_dense_network(make):
     layers = find_prunable_layers(model)
     result = algorithm.prune(model, layers, 0.7, ctx)
     dense_layers = find_prunable_layers(dense)
-    expected = owl_counts(dense_layers, 0.7, dense_input_norms(dense, dense_layers, ctx.calib, 64), OWLSettings())
+    norms = dense_input_norms(dense, dense_layers, ctx.calib, 64)
+    expected = owl_counts(dense_layers, 0.7, norms, OWLSettings())
     for ly in layers:
         assert int((result.masks[ly.name] == 0).sum()) == expected[ly.name]
         assert int((ly.weight == 0).sum()) >= expected[ly.name]

@@ -51,7 +51,8 @@ def test_conv_groups_read_their_own_inputs_and_zero_sums_give_no_nan():
         feats = patches[:, 18 * g:18 * (g + 1)].transpose(1, 2).reshape(-1, 18)
         fc = PrunableLayer("l", nn.Linear(18, 3), "linear")
         fc.module.weight.data.copy_(conv.weight.detach()[3 * g:3 * g + 3].flatten(1))
-        assert torch.allclose(scores[3 * g:3 * g + 3].flatten(1), ria_scores(fc.weight, norms_of(fc, feats)), rtol=1e-5)
+        expected = ria_scores(fc.weight, norms_of(fc, feats))
+        assert torch.allclose(scores[3 * g:3 * g + 3].flatten(1), expected, rtol=1e-5)
 
 
 def test_nm_protocol_and_labels_on_a_small_network():
