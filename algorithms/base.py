@@ -76,7 +76,7 @@ class PTSAlgorithm(ABC):
         if pattern.is_nm and not self.supports_nm_pattern:
             raise ConfigError(f"pattern={pattern} cannot be combined with algorithm {self.name}: it chooses its own "
                               f"per-layer sparsities, which an N:M pattern fixes at 1 - N/M = {pattern.sparsity:.4g} "
-                              "in every layer. Use pattern=unstructured, or magnitude, wanda or sparsegpt for N:M.")
+                              "in every layer. Use pattern=unstructured, or magnitude, wanda, sparsegpt or ria for N:M.")
         self.pattern = pattern
 
     @abstractmethod

@@ -6,6 +6,9 @@ selection without POT's corrections. With `pattern=N:M` (top-level key) every ro
 largest |w| of each M consecutive weights (`ptsbench.patterns`), and the allocation is the pattern's. `reconstruction=layer|block` adds PTSBench's reconstruction axis
 (`ptsbench.reconstruct`): each layer or block is tuned to reproduce the dense one's output, so any
 allocation (including another job's, `allocation=from_file`) can be combined with any reconstruction.
+`allocation=owl` takes OWL's rates from the dense network's Wanda scores (`ptsbench.owl`), as the OWL
+code's magnitude variant, and `refine=dsnot` moves each layer's mask with DSnoT (`algorithms.dsnot`)
+on calibration statistics gathered under `calib_protocol`, as the DSnoT code's magnitude start.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import torch
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
+from algorithms.dsnot import DSnoTSettings, read_refinement, refine_masks
 from ptsbench.bn import recalibrate_batchnorm
-from ptsbench.errors import ConfigError, unknown_choice
+from ptsbench.errors import ConfigError, PtsbenchError, unknown_choice
+from ptsbench.layerwise import CALIB_PROTOCOLS, dense_input_norms
+from ptsbench.owl import OWLSettings, owl_counts
 from ptsbench.patterns import Pattern, nm_mask, nm_zero_counts
 from ptsbench.reconstruct import (
     RECONSTRUCTION_STREAM,
@@ -45,7 +51,10 @@ from ptsbench.sparsity import (
     rates,
 )
 
-ALLOCATION_CHOICES = ALLOCATIONS + ("from_file",)
+# Allocations that read calibration statistics, not the weights alone: each layer's Wanda input norms
+# from the dense network (`ptsbench.layerwise.dense_input_norms`).
+CALIBRATED_ALLOCATIONS = ("owl",)
+ALLOCATION_CHOICES = ALLOCATIONS + CALIBRATED_ALLOCATIONS + ("from_file",)
 
 
 def read_allocation_file(path: str | Path, layers: list[PrunableLayer], target: float,
@@ -92,6 +101,17 @@ class AllocationChoice:
     erk_power_scale: float = 1.0
     file: str | None = None
     label: str | None = None  # names a from_file allocation in method labels, e.g. "fcpts"
+    owl: OWLSettings | None = None  # OWL's M and lambda, with strategy owl
+
+    @classmethod
+    def read(cls, strategy: str, erk_power_scale: float = 1.0, file: str | None = None, label: str | None = None,
+             owl: OWLSettings | Mapping[str, Any] | None = None) -> AllocationChoice:
+        """The choice from a method's constructor arguments, checked; `owl` (algorithm.owl) only with owl."""
+        if owl is not None and strategy != "owl":
+            raise ConfigError(f"algorithm.owl sets OWL's M and lambda, but algorithm.allocation={strategy}; "
+                              "use algorithm.allocation=owl or drop algorithm.owl.")
+        settings = OWLSettings.read(owl, "algorithm.owl") if strategy == "owl" else None
+        return cls(strategy, float(erk_power_scale), file, label, settings).check()
 
     def check(self) -> AllocationChoice:
         if self.strategy not in ALLOCATION_CHOICES:
@@ -99,6 +119,11 @@ class AllocationChoice:
         if self.strategy == "from_file" and not self.file:
             raise ConfigError("algorithm.allocation=from_file needs algorithm.allocation_file=PATH (an allocation.csv).")
         return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when `counts` needs the layers' dense input norms (`ptsbench.layerwise.dense_input_norms`)."""
+        return self.strategy in CALIBRATED_ALLOCATIONS
 
     def validate(self, layers: list[PrunableLayer], target: float, pattern: Pattern) -> None:
         if pattern.is_nm and self.strategy != "uniform":
@@ -108,12 +133,18 @@ class AllocationChoice:
         if self.strategy == "from_file":
             read_allocation_file(self.file, layers, target)
 
-    def counts(self, layers: list[PrunableLayer], target: float, pattern: Pattern) -> dict[str, int]:
-        """Zeros per layer: the pattern's where it fixes them, else the strategy's (exact counts)."""
+    def counts(self, layers: list[PrunableLayer], target: float, pattern: Pattern,
+               input_norms: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
+        """Zeros per layer: the pattern's where it fixes them, else the strategy's (exact counts).
+        `input_norms` (squared, per layer) feed the calibrated allocations."""
         if pattern.is_nm:
             return nm_zero_counts(layers, pattern)
         if self.strategy == "from_file":
             return counts_from_rates(layers, read_allocation_file(self.file, layers, target))
+        if self.strategy == "owl":
+            if input_norms is None:
+                raise PtsbenchError("allocation=owl needs the layers' dense input norms (dense_input_norms).")
+            return owl_counts(layers, target, input_norms, self.owl or OWLSettings())
         return allocate(layers, target, self.strategy, self.erk_power_scale)
 
     def options(self) -> dict[str, Any]:
@@ -124,6 +155,8 @@ class AllocationChoice:
             opts["allocation_file"] = str(self.file)
             if self.label:
                 opts["allocation_label"] = self.label
+        if self.owl is not None:
+            opts.update(owl_m=self.owl.m, owl_lambda=self.owl.lam)
         return opts
 
     def describe(self, pattern: Pattern) -> str:
@@ -132,6 +165,8 @@ class AllocationChoice:
             return str(pattern)
         if self.strategy == "from_file" and self.label:
             return f"from_{self.label}"
+        if self.owl is not None and self.owl != OWLSettings():
+            return f"owl-m{self.owl.m:g}-l{self.owl.lam:g}"
         return self.strategy if self.strategy != "erk" or self.erk_power_scale == 1.0 else f"erk{self.erk_power_scale:g}"
 
 
@@ -150,19 +185,37 @@ class MagnitudePruning(PTSAlgorithm):
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
                  allocation_label: str | None = None, bn_recalibration: bool = False, bn_batch_size: int = 64,
-                 reconstruction: ReconstructionSettings | Mapping[str, Any] | None = None, budget: float | str = 1.0):
-        self.alloc = AllocationChoice(allocation, float(erk_power_scale), allocation_file, allocation_label).check()
+                 reconstruction: ReconstructionSettings | Mapping[str, Any] | None = None, budget: float | str = 1.0,
+                 owl: OWLSettings | Mapping[str, Any] | None = None, refine: str = "none",
+                 dsnot: DSnoTSettings | Mapping[str, Any] | None = None, calib_protocol: str | None = None):
+        self.alloc = AllocationChoice.read(allocation, erk_power_scale, allocation_file, allocation_label, owl)
         self.bn_recalibration = bool(bn_recalibration)
         self.bn_batch_size = int(bn_batch_size)
         COUNT.check("algorithm.bn_batch_size", self.bn_batch_size)
         self.budget_scale = read_budget(budget)
         recon = ReconstructionSettings.read(reconstruction, "algorithm.reconstruction")
         self.recon = recon.replace(iterations=scaled(recon.iterations, self.budget_scale, minimum=0))
+        self.dsnot = read_refinement(refine, dsnot)
+        self.calib_protocol = self.default_protocol() if calib_protocol is None else str(calib_protocol)
+        if self.dsnot is None and calib_protocol is not None:
+            raise ConfigError("algorithm.calib_protocol says where DSnoT's statistics come from; magnitude masks "
+                              "need no calibration. Use it with algorithm.refine=dsnot, or drop it.")
+        if self.calib_protocol not in CALIB_PROTOCOLS:
+            raise unknown_choice("algorithm.calib_protocol", self.calib_protocol, CALIB_PROTOCOLS)
+        if self.calib_protocol == "sequential+bn" and not self.bn_recalibration:
+            raise ConfigError("algorithm.calib_protocol=sequential+bn re-estimates BatchNorm along the sequential "
+                              "pass and needs algorithm.bn_recalibration=true.")
+
+    def default_protocol(self) -> str:
+        # DSnoT's reference refines each block on the pruned prefix; BN networks re-estimate BN along it
+        return "sequential+bn" if self.bn_recalibration else "sequential"
 
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {**self.alloc.options(), "bn_recalibration": self.bn_recalibration}
         if self.recon.mode != "none":
             opts.update(self.recon.options(), budget=reconstruction_budget(self.recon))
+        if self.dsnot is not None:
+            opts.update(refine="dsnot", **self.dsnot.options(), calib_protocol=self.calib_protocol)
         return opts
 
     @property
@@ -174,7 +227,10 @@ class MagnitudePruning(PTSAlgorithm):
 
     @property
     def family(self) -> str:
-        label = f"magnitude-{self.alloc.describe(self.pattern)}" + ("+bn" if self.bn_recalibration else "")
+        method = "magnitude" if self.dsnot is None else "magnitude+dsnot"
+        tags = {"dense": "-dense", "sequential": "-seq", "sequential+bn": "-seqbn"}
+        protocol = "" if self.calib_protocol == self.default_protocol() else tags[self.calib_protocol]
+        label = f"{method}-{self.alloc.describe(self.pattern)}{protocol}{'+bn' if self.bn_recalibration else ''}"
         if self.recon.mode != "none":
             label += f"+{self.recon.mode}" + ("-sparseinp" if self.recon.inputs == "sparse" else "")
         return label
@@ -183,13 +239,23 @@ class MagnitudePruning(PTSAlgorithm):
         self.alloc.validate(layers, target, self.pattern)
 
     def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
-        # 1. Allocation: how many weights each layer loses (fixed by the pattern under N:M).
-        counts = self.alloc.counts(layers, target, self.pattern)
+        # 1. Allocation: how many weights each layer loses (fixed by the pattern under N:M); OWL's from the
+        # dense network's Wanda scores, one calibration pass.
+        owl_pass = self.alloc.needs_calibration
+        norms = dense_input_norms(model, layers, ctx.calib, self.bn_batch_size) if owl_pass else None
+        counts = self.alloc.counts(layers, target, self.pattern, norms)
         # 2. Masks: the smallest magnitudes of each layer (of each group of M under N:M).
         dense = copy.deepcopy(model).requires_grad_(False) if self.recon.mode != "none" else None
         masks = pattern_masks(layers, counts, self.pattern, {ly.name: ly.weight.detach().abs() for ly in layers})
-        apply_masks(layers, masks)
         stats: dict[str, Any] = {}
+        passes = int(owl_pass)
+        # 2b. Optional DSnoT: swaps within rows towards each layer's mean output, on calibration statistics.
+        if self.dsnot is not None:
+            masks, refine_stats = refine_masks(model, layers, masks, ctx, self.calib_protocol, self.bn_batch_size,
+                                               self.pattern, self.dsnot)
+            passes += refine_stats.pop("calib_passes")
+            stats.update(refine_stats)
+        apply_masks(layers, masks)
         tables = {}
         # 3. Optional reconstruction of each layer's or block's dense output.
         if dense is not None:
@@ -204,6 +270,6 @@ class MagnitudePruning(PTSAlgorithm):
         bn_layers = 0
         if self.bn_recalibration:
             bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.bn_batch_size)
-        stats.update(bn_layers_recalibrated=bn_layers, calib_passes=int(self.bn_recalibration))
+        stats.update(bn_layers_recalibrated=bn_layers, calib_passes=passes + int(self.bn_recalibration))
         bake_masks(model)
         return PruneResult(model=model, allocation=rates(layers, counts), masks=masks, stats=stats, tables=tables)

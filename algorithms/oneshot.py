@@ -1,4 +1,4 @@
-"""What Wanda and SparseGPT share: one-shot, layer-wise pruning on calibration statistics.
+"""What the layer-wise one-shot methods (Wanda, SparseGPT, RIA) share: pruning on calibration statistics.
 
 Per-layer counts come from the allocation axis (and the pattern); each layer is pruned by the method's own
 rule on the statistic of its inputs, and the calibration protocol says which network those inputs come from
@@ -11,21 +11,37 @@ and its default protocol.
 On a BatchNorm network `sequential` calibrates every block after the first on a prefix whose BN layers
 still hold the dense statistics, i.e. on inputs the final, re-estimated network never produces: a labelled
 ablation (`*_stalebn`), not a default.
+
+Two additions from later papers sit on their own axes: `allocation=owl` (`ptsbench.owl`) takes the rates
+from the outlier ratios of the dense network's Wanda scores, one extra calibration pass before pruning;
+`refine=dsnot` (`algorithms.dsnot`) swaps each pruned layer's weights within rows right after the method
+prunes it, on the mean and variance of the same inputs.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
+from algorithms.dsnot import DSnoTSettings, dsnot_layer, read_refinement
 from algorithms.magnitude import AllocationChoice
 from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.errors import ConfigError, unknown_choice
-from ptsbench.layerwise import CALIB_PROTOCOLS, InputStatistic, check_supported, dense_prune, sequential_prune
+from ptsbench.layerwise import (
+    CALIB_PROTOCOLS,
+    InputMoments,
+    InputStatistic,
+    StatisticPair,
+    calibrated_prune,
+    check_supported,
+    dense_input_norms,
+)
+from ptsbench.owl import OWLSettings
 from ptsbench.sparsity import PrunableLayer, magnitude_mask, rates
 
 
@@ -35,8 +51,10 @@ class LayerwiseOneShot(PTSAlgorithm):
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
                  allocation_label: str | None = None, batch_size: int = 64, bn_recalibration: bool = False,
-                 calib_protocol: str | None = None):
-        self.alloc = AllocationChoice(allocation, float(erk_power_scale), allocation_file, allocation_label).check()
+                 calib_protocol: str | None = None, owl: OWLSettings | Mapping[str, Any] | None = None,
+                 refine: str = "none", dsnot: DSnoTSettings | Mapping[str, Any] | None = None):
+        self.alloc = AllocationChoice.read(allocation, erk_power_scale, allocation_file, allocation_label, owl)
+        self.dsnot = read_refinement(refine, dsnot)
         self.batch_size = int(batch_size)  # calibration images per forward pass (memory, not results)
         # Not in the papers (language models have no BatchNorm): on a BN network the pruned layers shift the
         # batch statistics, and re-estimating them on the calibration images is what magnitude+bn does too.
@@ -54,14 +72,16 @@ class LayerwiseOneShot(PTSAlgorithm):
         return "sequential"
 
     def options(self) -> dict[str, Any]:
+        refine = {} if self.dsnot is None else {"refine": "dsnot", **self.dsnot.options()}
         return {**self.alloc.options(), "bn_recalibration": self.bn_recalibration,
-                "calib_protocol": self.calib_protocol}
+                "calib_protocol": self.calib_protocol, **refine}
 
     @property
     def family(self) -> str:
         tags = {"dense": "dense", "sequential": "seq", "sequential+bn": "seqbn"}
         protocol = "" if self.calib_protocol == self.default_protocol() else f"-{tags[self.calib_protocol]}"
-        return f"{self.name}-{self.alloc.describe(self.pattern)}{protocol}{'+bn' if self.bn_recalibration else ''}"
+        method = self.name if self.dsnot is None else f"{self.name}+dsnot"
+        return f"{method}-{self.alloc.describe(self.pattern)}{protocol}{'+bn' if self.bn_recalibration else ''}"
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         check_supported(layers)
@@ -72,28 +92,36 @@ class LayerwiseOneShot(PTSAlgorithm):
         """Prune `layer` in place to `n_zero` zeros (and the pattern) from its input statistic; return its mask."""
 
     def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
-        counts = self.alloc.counts(layers, target, self.pattern)
+        owl_pass = self.alloc.needs_calibration
+        norms = dense_input_norms(model, layers, ctx.calib, self.batch_size) if owl_pass else None
+        counts = self.alloc.counts(layers, target, self.pattern, norms)
         masks = {ly.name: magnitude_mask(ly.weight, 0) for ly in layers}
+        swaps = 0
+
+        def begin(layer: PrunableLayer) -> InputStatistic:
+            own = self.statistic(layer)
+            return own if self.dsnot is None else StatisticPair(own, InputMoments(layer))
 
         def finish(layer: PrunableLayer, stat: InputStatistic) -> None:
-            masks[layer.name] = self.prune_layer(layer, stat, counts[layer.name])
-
-        def reestimate() -> int:
-            return recalibrate_batchnorm(model, ctx.calib, ctx.device, self.batch_size)
+            nonlocal swaps
+            if self.dsnot is None:
+                masks[layer.name] = self.prune_layer(layer, stat, counts[layer.name])
+                return
+            dense = layer.weight.detach().clone()
+            mask = self.prune_layer(layer, stat.first, counts[layer.name])
+            masks[layer.name], n = dsnot_layer(layer, dense, mask, stat.second, len(ctx.calib), self.pattern,
+                                               self.dsnot)
+            swaps += n
 
         todo = [ly for ly in layers if counts[ly.name] > 0]  # dense layers need no statistics
-        along = self.calib_protocol == "sequential+bn"
-        if not todo:
-            passes = 0
-        elif self.calib_protocol == "dense":
-            passes = dense_prune(model, todo, ctx.calib, self.batch_size, self.statistic, finish,
-                                 progress=ctx.progress, desc=self.name)
-        else:
-            passes = sequential_prune(model, todo, ctx.calib, self.batch_size, self.statistic, finish,
-                                      progress=ctx.progress, desc=self.name,
-                                      before_block=reestimate if along else None)
-        bn_layers = reestimate() if self.bn_recalibration else 0
-        bn_passes = max(passes - 1, 0) if along and bn_layers else 0  # none before the first block
-        return PruneResult(model=model, allocation=rates(layers, counts), masks=masks,
-                           stats={"calib_passes": passes + bn_passes + int(self.bn_recalibration),
-                                  "layers_pruned": len(todo), "bn_layers_recalibrated": bn_layers})
+        passes, bn_passes = (0, 0) if not todo else calibrated_prune(
+            self.calib_protocol, model, todo, ctx.calib, self.batch_size, begin, finish, ctx.device,
+            progress=ctx.progress, desc=self.name)
+        bn_layers = 0
+        if self.bn_recalibration:
+            bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.batch_size)
+        passes += bn_passes + int(self.bn_recalibration) + int(owl_pass)
+        stats: dict[str, Any] = {"calib_passes": passes, "layers_pruned": len(todo), "bn_layers_recalibrated": bn_layers}
+        if self.dsnot is not None:
+            stats["dsnot_swaps"] = swaps
+        return PruneResult(model=model, allocation=rates(layers, counts), masks=masks, stats=stats)

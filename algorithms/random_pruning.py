@@ -15,6 +15,7 @@ from torch import nn
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from algorithms.magnitude import AllocationChoice, pattern_masks
 from ptsbench.bn import recalibrate_batchnorm
+from ptsbench.errors import ConfigError
 from ptsbench.sparsity import PrunableLayer, apply_masks, bake_masks, rates
 
 
@@ -24,6 +25,9 @@ class RandomPruning(PTSAlgorithm):
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, bn_recalibration: bool = False):
         self.alloc = AllocationChoice(allocation, float(erk_power_scale)).check()
+        if self.alloc.needs_calibration:
+            raise ConfigError(f"algorithm.allocation={allocation} reads calibration statistics; the random control "
+                              "takes a weight-only allocation's counts (uniform, erk, global, global_l2norm).")
         self.bn_recalibration = bool(bn_recalibration)
 
     def options(self) -> dict[str, Any]:

@@ -36,13 +36,16 @@ Vision adaptation and count rules (our choices):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from algorithms.dsnot import DSnoTSettings
 from algorithms.oneshot import LayerwiseOneShot
 from ptsbench.errors import ConfigError, PtsbenchError
 from ptsbench.layerwise import grouped_weight, layer_groups
+from ptsbench.owl import OWLSettings
 from ptsbench.patterns import Pattern
 from ptsbench.sparsity import PrunableLayer
 
@@ -190,9 +193,11 @@ class SparseGPT(LayerwiseOneShot):
 
     def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
                  allocation_label: str | None = None, blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
-                 batch_size: int = 64, bn_recalibration: bool = False, calib_protocol: str | None = None):
+                 batch_size: int = 64, bn_recalibration: bool = False, calib_protocol: str | None = None,
+                 owl: OWLSettings | Mapping[str, Any] | None = None, refine: str = "none",
+                 dsnot: DSnoTSettings | Mapping[str, Any] | None = None):
         super().__init__(allocation, erk_power_scale, allocation_file, allocation_label, batch_size, bn_recalibration,
-                         calib_protocol)
+                         calib_protocol, owl, refine, dsnot)
         if int(blocksize) < 1:
             raise ConfigError(f"algorithm.blocksize={blocksize} must be a positive number of columns (default 128).")
         if not float(percdamp) > 0:

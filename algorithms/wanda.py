@@ -26,28 +26,9 @@ import torch
 
 from algorithms.magnitude import pattern_masks
 from algorithms.oneshot import LayerwiseOneShot
-from ptsbench.layerwise import layer_groups
+from ptsbench.layerwise import InputNorms, wanda_scores
 from ptsbench.patterns import Pattern
 from ptsbench.sparsity import PrunableLayer
-
-
-class InputNorms:
-    """Squared L2 norm of each (group, input feature) over all calibration positions."""
-
-    def __init__(self, layer: PrunableLayer):
-        w = layer.module.weight
-        g = layer_groups(layer)
-        self.squares = torch.zeros(g, w[0].numel(), dtype=torch.float32, device=w.device)
-
-    def add(self, x: torch.Tensor) -> None:
-        self.squares += x.float().pow(2).sum(dim=-1)
-
-
-def wanda_scores(weight: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
-    """|W| * ||X_j|| with the weight's shape; row o reads the norms of its own group."""
-    rows = weight.shape[0]
-    norms = squares.sqrt().repeat_interleave(rows // squares.shape[0], dim=0)
-    return (weight.detach().float().reshape(rows, -1).abs() * norms).view(weight.shape)
 
 
 def row_mask(scores: torch.Tensor, n_zero: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The sequential calibration pass shared by the one-shot methods (Wanda, SparseGPT).
+"""The calibration passes shared by the one-shot methods (Wanda, SparseGPT, RIA, DSnoT, OWL's statistics).
 
 A layer computes y = W x. For a Linear, x is a token (a ViT's tokens, or one vector per image); for a
 Conv2d the input is unfolded into patches, so a weight (o, c, ky, kx) multiplies the patch entry
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.data import CalibrationSet
 from ptsbench.distill import find_blocks
 from ptsbench.errors import ConfigError
 from ptsbench.sparsity import PrunableLayer
-
 
 # Which network a layer's calibration inputs come from (algorithms/oneshot.py says why each exists).
 CALIB_PROTOCOLS = ("dense", "sequential", "sequential+bn")
@@ -41,6 +41,62 @@ class InputStatistic(Protocol):
     """What a method accumulates about a layer's inputs: `add` takes one batch as (groups, cols, n)."""
 
     def add(self, x: torch.Tensor) -> None: ...
+
+
+class InputNorms:
+    """Squared L2 norm of each (group, input feature) over all calibration positions (Wanda's statistic)."""
+
+    def __init__(self, layer: PrunableLayer):
+        w = layer.module.weight
+        g = layer_groups(layer)
+        self.squares = torch.zeros(g, w[0].numel(), dtype=torch.float32, device=w.device)
+
+    def add(self, x: torch.Tensor) -> None:
+        self.squares += x.float().pow(2).sum(dim=-1)
+
+
+class InputMoments:
+    """Sum and sum of squares of each (group, input feature) over all calibration positions, and their count:
+    the mean and variance DSnoT reads. Each batch is summed in float32 and accumulated in float64, so the
+    variance (E[x^2] - E[x]^2) keeps its digits over many batches."""
+
+    def __init__(self, layer: PrunableLayer):
+        w = layer.module.weight
+        shape = (layer_groups(layer), w[0].numel())
+        self.sum = torch.zeros(shape, dtype=torch.float64, device=w.device)
+        self.squares = torch.zeros(shape, dtype=torch.float64, device=w.device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        self.sum += x.sum(dim=-1)
+        self.squares += x.pow(2).sum(dim=-1)
+        self.n += x.shape[-1]
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+    def variance(self) -> torch.Tensor:
+        """The population variance over every position of every calibration image."""
+        return (self.squares / max(self.n, 1) - self.mean().pow(2)).clamp_min(0.0)
+
+
+class StatisticPair:
+    """Two statistics of the same layer fed from one pass (a method's own and its refinement's)."""
+
+    def __init__(self, first: InputStatistic, second: InputStatistic):
+        self.first, self.second = first, second
+
+    def add(self, x: torch.Tensor) -> None:
+        self.first.add(x)
+        self.second.add(x)
+
+
+def wanda_scores(weight: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
+    """|W| * ||X_j|| with the weight's shape; row o reads the norms of its own group."""
+    rows = weight.shape[0]
+    norms = squares.sqrt().repeat_interleave(rows // squares.shape[0], dim=0)
+    return (weight.detach().float().reshape(rows, -1).abs() * norms).view(weight.shape)
 
 
 class _AllFired(Exception):
@@ -172,3 +228,36 @@ def dense_prune(model: nn.Module, layers: list[PrunableLayer], calib: Calibratio
     for ly in tqdm(layers, desc=desc, disable=not progress):
         finish(ly, stats.pop(ly.name))  # each statistic freed once its layer is pruned
     return 1
+
+
+def calibrated_prune(protocol: str, model: nn.Module, layers: list[PrunableLayer], calib: CalibrationSet,
+                     batch_size: int, begin: Callable[[PrunableLayer], InputStatistic],
+                     finish: Callable[[PrunableLayer, InputStatistic], None],
+                     device: torch.device | str = "cpu", progress: bool = False,
+                     desc: str = "one-shot pruning") -> tuple[int, int]:
+    """Prune `layers` under a calibration protocol (`CALIB_PROTOCOLS`). Returns (statistics passes, BatchNorm
+    re-estimation passes along the way); `sequential+bn` re-estimates the pruned prefix's BatchNorm before
+    every block's pass but the first."""
+    if protocol == "dense":
+        return dense_prune(model, layers, calib, batch_size, begin, finish, progress=progress, desc=desc), 0
+    bn_passes = 0
+
+    def reestimate() -> None:
+        nonlocal bn_passes
+        bn_passes += int(recalibrate_batchnorm(model, calib, device, batch_size) > 0)
+
+    passes = sequential_prune(model, layers, calib, batch_size, begin, finish, progress=progress, desc=desc,
+                              before_block=reestimate if protocol == "sequential+bn" else None)
+    return passes, bn_passes
+
+
+def dense_input_norms(model: nn.Module, layers: list[PrunableLayer], calib: CalibrationSet,
+                      batch_size: int) -> dict[str, torch.Tensor]:
+    """Every layer's squared input norms (`InputNorms.squares`) from the dense network, in one pass."""
+    was_training = model.training
+    model.eval()
+    try:
+        stats = collect(model, layers, calib, batch_size, InputNorms)
+    finally:
+        model.train(was_training)
+    return {name: stat.squares for name, stat in stats.items()}

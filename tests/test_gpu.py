@@ -13,6 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from algorithms.base import PruneContext
 from algorithms.fcpts import FCPTS
+from algorithms.ria import RIA
+from algorithms.wanda import Wanda
 from ptsbench.cost import count_macs, speed_label
 from ptsbench.data import CalibrationSet, InMemoryImages
 from ptsbench.patterns import Pattern, nm_mask
@@ -62,6 +64,23 @@ def test_fcpts_keeps_its_tensors_on_the_gpu(tiny_dense):
     assert cpu.ops == [], cpu.ops[:10]
     tensors = list(result.model.parameters()) + list(result.model.buffers()) + list(result.masks.values())
     assert {t.device.type for t in tensors} == {"cuda"}
+
+
+@pytest.mark.parametrize("make", [lambda: Wanda(allocation="owl", refine="dsnot", bn_recalibration=True),
+                                  lambda: RIA(refine="dsnot", bn_recalibration=True)])
+def test_owl_ria_and_dsnot_keep_their_tensors_on_the_gpu(tiny_dense, make):
+    dense, calib = tiny_dense
+    model = copy.deepcopy(dense).to(CUDA)
+    on_gpu = CalibrationSet(InMemoryImages(calib.data.images.to(CUDA), calib.data.labels.to(CUDA)),
+                            calib.indices, calib.seed)
+    ctx = PruneContext(calib=on_gpu, device=CUDA, seed=0, progress=False)
+    layers = find_prunable_layers(model)
+    with CpuWork() as cpu:
+        result = make().prune(model, layers, 0.8, ctx)
+    assert cpu.ops == [], cpu.ops[:10]
+    assert {m.device.type for m in result.masks.values()} == {"cuda"} and result.stats["dsnot_swaps"] > 0
+    for ly in layers:
+        assert int((result.masks[ly.name] == 0).sum()) == round(result.allocation[ly.name] * ly.numel)
 
 
 def two_four_model(seed: int = 0) -> tuple[nn.Module, list[PrunableLayer], InMemoryImages]:

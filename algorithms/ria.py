@@ -1,0 +1,93 @@
+"""RIA: relative importance and activations (Zhang et al., "Plug-and-Play", ICLR 2024), one shot, no
+weight update.
+
+Specification (paper, and biomedical-cybernetics/Relative-importance-and-activation-pruning `lib/prune.py`
+`prune_ria`):
+* Relative importance of weight (i, j): |W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|, its share of the
+  total of its input channel j and of its output row i. A weight large for either of its channels
+  survives, so no channel is pruned away entirely ("channel corruption").
+* Score: RI_ij * (||X_j||_2)^a, the input norm over all calibration tokens, a = 0.5 (`--a`).
+* Comparison group: the whole layer, the code's default; `--per_outneuron` would compare within rows as
+  Wanda does. Under N:M every group of M consecutive inputs of a row keeps its N highest scores.
+* No weight update. The code's optional extras are left out: the channel permutation for N:M
+  (`--reallocation`, heuristic channel reallocation, and `--lsa`, linear sum assignment), off by default,
+  and the SparseGPT-style update of the kept weights (`--reconstruction`).
+* Calibration: the code prunes block by block on the already pruned prefix (`calib_protocol=sequential`;
+  `sequential+bn` with BatchNorm re-estimation on vision models, as for SparseGPT).
+
+Vision adaptation (our choices):
+* Conv2d: W is (out, in/groups x kh x kw) over the unfolded input, as for Wanda here. Input channel j is a
+  patch entry (c, ky, kx), and its sum runs over the rows that read it: those of its group. A depthwise
+  conv's column has one row, so its first term is 1 for every nonzero weight and the score ranks by input
+  norm first.
+* An all-zero row or column gives its term 0, not the reference's 0/0.
+* Counts: exactly the allocation's count, the lowest scores of the layer, ties by position. The reference
+  prunes every score <= the one at index int(n p), one weight over p.
+* The per-layer rate comes from the allocation axis (uniform in the paper), N:M from the `pattern` key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from algorithms.dsnot import DSnoTSettings
+from algorithms.magnitude import pattern_masks
+from algorithms.oneshot import LayerwiseOneShot
+from ptsbench.errors import ConfigError
+from ptsbench.layerwise import InputNorms
+from ptsbench.owl import OWLSettings
+from ptsbench.patterns import Pattern
+from ptsbench.sparsity import PrunableLayer, magnitude_mask
+
+ACTIVATION_EXPONENT = 0.5
+
+
+def ria_scores(weight: torch.Tensor, squares: torch.Tensor, a: float = ACTIVATION_EXPONENT) -> torch.Tensor:
+    """(|W_ij| / column sum + |W_ij| / row sum) * ||X_j||^a in the weight's shape; sums within each group."""
+    groups = squares.shape[0]
+    w = weight.detach().float().reshape(groups, weight.shape[0] // groups, -1).abs()
+    tiny = torch.finfo(w.dtype).tiny  # an all-zero row or column: 0 / tiny = 0
+    relative = w / w.sum(dim=1, keepdim=True).clamp_min(tiny) + w / w.sum(dim=2, keepdim=True).clamp_min(tiny)
+    return (relative * squares.sqrt().pow(a)[:, None, :]).view(weight.shape)
+
+
+def ria_mask(layer: PrunableLayer, squares: torch.Tensor, n_zero: int, pattern: Pattern,
+             a: float = ACTIVATION_EXPONENT) -> torch.Tensor:
+    scores = ria_scores(layer.module.weight, squares, a)
+    if pattern.is_nm:
+        return pattern_masks([layer], {layer.name: n_zero}, pattern, {layer.name: scores})[layer.name]
+    return magnitude_mask(layer.module.weight, n_zero, scores)
+
+
+class RIA(LayerwiseOneShot):
+    name = "ria"
+    statistic = InputNorms
+
+    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
+                 allocation_label: str | None = None, activation_exponent: float = ACTIVATION_EXPONENT,
+                 batch_size: int = 64, bn_recalibration: bool = False, calib_protocol: str | None = None,
+                 owl: OWLSettings | Mapping[str, Any] | None = None, refine: str = "none",
+                 dsnot: DSnoTSettings | Mapping[str, Any] | None = None):
+        super().__init__(allocation, erk_power_scale, allocation_file, allocation_label, batch_size, bn_recalibration,
+                         calib_protocol, owl, refine, dsnot)
+        if not float(activation_exponent) >= 0:
+            raise ConfigError(f"algorithm.activation_exponent={activation_exponent} must be >= 0 "
+                              "(the paper's a, 0.5).")
+        self.activation_exponent = float(activation_exponent)
+
+    def default_protocol(self) -> str:
+        # The reference prunes each block on the pruned prefix; on a BN network that prefix is only what the
+        # final network computes once its BatchNorm is re-estimated along the pass (as for SparseGPT).
+        return "sequential+bn" if self.bn_recalibration else "sequential"
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "activation_exponent": self.activation_exponent}
+
+    def prune_layer(self, layer: PrunableLayer, stat: InputNorms, n_zero: int) -> torch.Tensor:
+        mask = ria_mask(layer, stat.squares, n_zero, self.pattern, self.activation_exponent)
+        mask = mask.to(layer.module.weight.dtype)
+        layer.module.weight.data.mul_(mask)  # no weight update: the mask is the method
+        return mask
