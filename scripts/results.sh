@@ -10,6 +10,8 @@
 #   mask_overlap      which weights the methods keep, at 0.8                   conf/experiment/mask_overlap.yaml
 #   oneshot           Wanda, SparseGPT, magnitude; unstructured, 2:4, 4:8      conf/experiment/oneshot.yaml
 #   budget_curves     each method at several budgets; the Pareto view          conf/study/budget_curves.yaml
+#   leaderboard       every method at each model's discriminating sparsities,  conf/study/leaderboard.yaml
+#                     seeds 0-2 paired; the ranking (leaderboard.md)
 #   second_dense_model  the claims' mobilenetv2 cells on a dense model of another training seed
 #                                                                              conf/experiment/second_dense_model.yaml
 #   claims            the papers' headline claims on the studies above         conf/study/claims.yaml
@@ -31,7 +33,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
-STUDIES=(fmnist_benchmark pts_methods unipts technique_matrix mask_overlap oneshot budget_curves second_dense_model claims)
+STUDIES=(fmnist_benchmark leaderboard pts_methods unipts technique_matrix mask_overlap oneshot budget_curves second_dense_model claims)
 common=()  # overrides for every sweep
 [ -n "${MODELS:-}" ] && common+=("model=$MODELS")
 [ -n "${THREADS:-}" ] && common+=("threads=$THREADS")
@@ -89,6 +91,14 @@ budget_curves() {
   [ -n "${MODELS:-}" ] && models=(--models ${MODELS//,/ })
   $PY -m ptsbench.analysis.budget --runs runs/budget_curves --out results/budget_curves ${add[@]+"${add[@]}"} \
     ${models[@]+"${models[@]}"} -- ${THREADS:+"threads=$THREADS"} || status=1
+}
+
+leaderboard() {
+  local models=()
+  [ -n "${MODELS:-}" ] && models=(--models ${MODELS//,/ })
+  $PY -m ptsbench.analysis.budget --study leaderboard --out results/leaderboard ${add[@]+"${add[@]}"} \
+    ${models[@]+"${models[@]}"} -- ${THREADS:+"threads=$THREADS"} || status=1
+  $PY -m ptsbench.analysis.leaderboard || status=1
 }
 
 second_dense_model() {
