@@ -135,8 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--algorithms", nargs="+", help="only the curves of these algorithm configs")
     parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: the curves')")
     parser.add_argument("--values", nargs="+", type=float, help="only the points whose knob has these values")
-    parser.add_argument("--only-highest", action="store_true",
-                        help="only the points at each model's highest discriminating sparsity (run first)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--only-highest", action="store_true",
+                       help="only the points at each model's highest discriminating sparsity (run first)")
+    where.add_argument("--below-highest", action="store_true",
+                       help="only the points below each model's highest discriminating sparsity")
     parser.add_argument("--report-only", action="store_true", help="only collect RUNS and rebuild the tables")
     parser.add_argument("--add", action="store_true",
                         help="keep the jobs OUT already holds, skip their configs and add the new ones")
@@ -152,8 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             points = study_points(args.models, args.algorithms, args.study, args.seeds)
             if args.values:
                 points = [p for p in points if p.key != PRESET and float(p.value) in args.values]
-            if args.only_highest:
-                points = [p for p in points if p.sparsity == model_sparsities(p.model, "highest", args.study)[0]]
+            if args.only_highest or args.below_highest:
+                top = {p.model: model_sparsities(p.model, "highest", args.study)[0] for p in points}
+                points = [p for p in points if (p.sparsity == top[p.model]) == args.only_highest]
             failed = run_points(points, runs, [*skip, *args.overrides], args.study)
         if runs.exists() or not args.add:
             collect([runs], out, add=args.add)
