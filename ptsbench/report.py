@@ -18,6 +18,7 @@ from matplotlib.figure import Figure  # no pyplot: no backend, no global figure 
 from matplotlib.lines import Line2D
 
 from ptsbench.analysis.reference import REFERENCE_CSV, write_reference_comparison
+from ptsbench.analysis.study import method_family, study_config
 from ptsbench.errors import PtsbenchError
 from ptsbench.results import load_records, save_figure, write_atomic, write_csv
 
@@ -114,7 +115,23 @@ def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
     return agg.reset_index()
 
 
-def by_sparsity(summary: pd.DataFrame) -> str:
+def heuristic_families() -> list[str]:
+    """The heuristics whose best sets a cell's headroom (conf/study/claims.yaml `heuristics`)."""
+    return [method_family(name) for name in study_config("claims").heuristics]
+
+
+def headroom_rows(summary: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Per model and target sparsity: dense top-1 minus the best heuristic's mean (what any method can gain)."""
+    families = table.drop_duplicates("method").set_index("method")["method_family"] if "method_family" in table \
+        else pd.Series(dtype=object)
+    heur = summary[summary["method"].map(families).isin(heuristic_families())]
+    if heur.empty:
+        return pd.DataFrame()
+    best = heur.groupby(["model", "target_sparsity"]).agg(top=("top1_mean", "max"), dense=("dense_top1", "mean"))
+    return (best["dense"] - best["top"]).rename("headroom").reset_index()
+
+
+def by_sparsity(summary: pd.DataFrame, headroom: pd.DataFrame | None = None) -> str:
     """Markdown from `seed_summary`: one row per (model, method), one column per target sparsity: top-1
     (mean over seeds, with the number of seeds when more than one), then the mean pruning wall seconds."""
     if summary.empty:
@@ -125,6 +142,9 @@ def by_sparsity(summary: pd.DataFrame) -> str:
 
     summary = summary.assign(cell=summary.apply(cell, axis=1))  # a new frame: the caller's stays as it was
     keys = ["model", "method"]
+    if headroom is not None and len(headroom):  # one more row per model: what any method can still gain
+        summary = pd.concat([summary, headroom.assign(method="(headroom: dense - best heuristic)",
+                                                      cell=headroom["headroom"].map(lambda v: f"{v:.2f}"))])
     top1 = summary.pivot(index=keys, columns="target_sparsity", values="cell").fillna("")
     secs = summary.pivot(index=keys, columns="target_sparsity", values="prune_seconds")
     secs = secs.apply(lambda col: col.map(lambda v: "" if pd.isna(v) else f"{v:.4g}"))
@@ -133,7 +153,9 @@ def by_sparsity(summary: pd.DataFrame) -> str:
     both = top1.join(secs).reset_index()
     return ("Top-1 % per target sparsity (mean over seeds; n = seeds when more than one), then the mean "
             "pruning wall seconds per job (`s`: the algorithm's own time, without dense training and "
-            "evaluation).\n\n" + both.to_markdown(index=False, disable_numparse=True))
+            "evaluation). The headroom row of each model: dense top-1 minus the best magnitude heuristic "
+            "(+BN) in that cell, what any method can still gain there.\n\n"
+            + both.to_markdown(index=False, disable_numparse=True))
 
 
 def select_methods(table: pd.DataFrame, patterns: Sequence[str] | None) -> pd.DataFrame:
@@ -226,7 +248,8 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path, methods: Seque
     summary = seed_summary(table)
     body = markdown_table(table) if len(table) else "(no result files found)"
     if not summary.empty:
-        body = "## By sparsity\n\n" + by_sparsity(summary) + "\n\n## Every job\n\n" + body
+        body = ("## By sparsity\n\n" + by_sparsity(summary, headroom_rows(summary, table))
+                + "\n\n## Every job\n\n" + body)
     if not summary.empty and (summary["seeds"] > 1).any():
         body += "\n\n## Mean over seeds\n\n" + summary.to_markdown(index=False, floatfmt=".4g")
     write_atomic(out / "results.md", header + body + "\n")
