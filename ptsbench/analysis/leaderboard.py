@@ -82,6 +82,15 @@ def summary(board: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _markdown(table: pd.DataFrame) -> str:
+    """Numbers with two decimals, except sparsities as typed (0.995 must not read 0.99)."""
+    shown = table.copy()
+    for column in shown.columns:
+        if pd.api.types.is_float_dtype(shown[column]):
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+    return shown.to_markdown(index=False, disable_numparse=True)
+
+
 def write_leaderboard(studies: Sequence[Path], out: Path) -> str:
     tables = [study_records(s) for s in studies]
     records = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) else None
@@ -94,7 +103,7 @@ def write_leaderboard(studies: Sequence[Path], out: Path) -> str:
              "paired by seed, with its 95% Student-t interval (one seed: no interval). `headroom`: dense top-1 "
              "minus the best heuristic of the cell.", "",
              "## At each model's highest discriminating sparsity", "",
-             summary(board).to_markdown(index=False, floatfmt=".2f"), ""]
+             _markdown(summary(board)), ""]
     for (model, sparsity), cell in board.groupby(["model", "sparsity"], sort=True):
         parts += [f"## {model} at {sparsity:g} (dense {cell['dense'].iloc[0]:.2f}, headroom "
                   f"{cell['headroom'].iloc[0]:.2f})", "",
