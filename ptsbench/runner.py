@@ -34,9 +34,9 @@ from ptsbench.config import check_config, check_constructor_keys
 from ptsbench.cost import PruneCost, inference_cost
 from ptsbench.data import CalibrationSet, DataBundle, sample_calibration
 from ptsbench.dense import build_model, load_data, load_dense_weights
-from ptsbench.errors import ConfigError, DataError, PtsbenchError
+from ptsbench.errors import ConfigError, DataError, NonFiniteError, PtsbenchError
 from ptsbench.evaluate import collect_logits, evaluate, logit_fidelity
-from ptsbench.models import stable_hash
+from ptsbench.models import non_finite_tensors, show_names, stable_hash
 from ptsbench.patterns import check_pattern_target, parse_pattern
 from ptsbench.results import (
     ALLOCATION_FILE,
@@ -171,7 +171,8 @@ def save_and_verify_sparse(model: nn.Module, layers: list[PrunableLayer], cfg: D
     fresh_layers = [PrunableLayer(ly.name, fresh.get_submodule(ly.name), ly.kind) for ly in layers]
     reloaded = audit_model(fresh, fresh_layers, float(cfg.sparsity))
     ev = evaluate(fresh, data.test, device, batch_size=int(cfg.eval.batch_size),
-                  num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last))
+                  num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last),
+                  what="the reloaded sparse checkpoint")
     if abs(ev.top1 - expected_top1) > 1e-9:
         log.warning("Reloaded compact checkpoint gives top-1 %.4f, the pruned model %.4f", ev.top1, expected_top1)
     return {"checkpoint_bytes": dense_bytes, "compact_checkpoint_bytes": compact_bytes,
@@ -287,6 +288,11 @@ def prune_and_audit(cfg: DictConfig, job: JobLog, prep: PreparedJob) -> tuple[Pr
         result = prep.algorithm.prune(prep.model, prep.layers, prep.target, ctx)
     job.record["prune_seconds"] = time.perf_counter() - start
     job.record.update(cost.record())
+    bad = non_finite_tensors(result.model.state_dict())
+    if bad:
+        raise NonFiniteError(f"After the pruning step of {prep.algorithm.label}, the model holds NaN or inf in "
+                             f"{len(bad)} tensor(s): {show_names(bad)}. The job stops before the audit and the "
+                             f"evaluation, which would report the chance accuracy of NaN logits.")
 
     sparse_layers = [PrunableLayer(ly.name, result.model.get_submodule(ly.name), ly.kind) for ly in prep.layers]
     spec = prep.data.spec
@@ -304,7 +310,8 @@ def evaluate_and_save(cfg: DictConfig, job: JobLog, prep: PreparedJob, result: P
     """Top-1/top-5 of the sparse model, the status (ok or target_missed), and the optional checkpoints."""
     record, device = job.record, prep.device
     ev = evaluate(result.model, prep.data.test, device, batch_size=int(cfg.eval.batch_size),
-                  num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last))
+                  num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last),
+                  what=f"the sparse model ({prep.algorithm.label})")
     missed = target_missed(audit, prep.dense_zeros)
     record.update(top1=ev.top1, top5=ev.top5, eval_images=ev.images, eval_seconds=ev.seconds,
                   eval_images_per_second=ev.images_per_second, stats=result.stats,

@@ -224,3 +224,68 @@ def test_named_random_streams():
     other_seed = PruneContext(calib=None, device=torch.device("cpu"), seed=4)
     assert not torch.equal(draw(ctx.generator("reconstruction")), draw(other_seed.generator("reconstruction")))
     assert ctx.generator(31).initial_seed() == 3 * 1_000_003 + 31  # the int form draws what it always drew
+
+
+def _checkpoint_with(tiny_dense, path, change) -> str:
+    """The tiny dense model's state dict, changed by `change(state)`, written as safetensors."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().clone().contiguous() for k, v in tiny_dense[0].state_dict().items()}
+    change(state)
+    save_file(state, str(path))
+    return str(path)
+
+
+def _set(key, index, value):
+    def change(state):
+        state[key].view(-1)[index] = value
+    return change
+
+
+def _to_int8(key):
+    def change(state):
+        state[key] = state[key].mul(100).round().to(torch.int8)
+    return change
+
+
+@pytest.mark.parametrize("change,match", [
+    (_set("layer1.0.conv1.weight", 7, float("nan")), r"NaN or infinite values in 1 tensor\(s\): layer1.0.conv1.weight \(1 NaN\)"),
+    (_set("bn1.running_var", 3, float("inf")), r"bn1.running_var \(1 inf\)"),
+    (_set("fc.weight", 0, float("-inf")), r"fc.weight \(1 inf\)"),
+    (_to_int8("fc.weight"), r"non-float tensors .*: fc.weight \(torch.int8\)"),
+], ids=["nan-conv", "inf-running-var", "inf-classifier", "int8-classifier"])
+def test_non_finite_or_integer_checkpoint_is_refused_before_pruning(tiny_dense, tiny_cfg, tmp_path, change, match):
+    checkpoint = _checkpoint_with(tiny_dense, tmp_path / "bad.safetensors", change)
+    with pytest.raises(JobFailed, match=match):
+        run_job(tiny_cfg(f"model.checkpoint={checkpoint}", "algorithm=sparsegpt"), tmp_path / "job")
+    saved = json.loads((tmp_path / "job" / "result.json").read_text())
+    assert saved["status"] == "failed" and "traceback" not in saved and "CheckpointError" in saved["error"]
+    assert not (tmp_path / "job" / "allocation.csv").exists()  # nothing was pruned
+
+
+def test_non_finite_output_in_evaluation_names_the_module(tiny_dense, tiny_cfg, tmp_path):
+    """A finite but impossible statistic (a negative running variance) gives NaN activations: never an accuracy."""
+    checkpoint = _checkpoint_with(tiny_dense, tmp_path / "negvar.safetensors", _set("layer2.0.bn1.running_var", 0, -1.0))
+    with pytest.raises(JobFailed, match=r"Evaluating the dense model resnet18: the logits of evaluation batch 0 "
+                                         r".*first module with a non-finite output is layer2.0.bn1 \(BatchNorm2d\)"):
+        run_job(tiny_cfg(f"model.checkpoint={checkpoint}"), tmp_path / "job")
+    assert json.loads((tmp_path / "job" / "result.json").read_text())["status"] == "failed"
+
+
+def test_non_finite_weight_after_pruning_fails_naming_the_layer(tiny_cfg, tmp_path, monkeypatch):
+    from algorithms.magnitude import MagnitudePruning
+
+    real_prune = MagnitudePruning.prune
+
+    def prune_then_break(self, model, layers, target, ctx):
+        result = real_prune(self, model, layers, target, ctx)
+        with torch.no_grad():
+            result.model.get_submodule("layer3.1.conv2").weight.view(-1)[5] = float("nan")
+        return result
+
+    monkeypatch.setattr(MagnitudePruning, "prune", prune_then_break)
+    with pytest.raises(JobFailed, match=r"After the pruning step of magnitude-uniform, the model holds NaN or inf "
+                                         r"in 1 tensor\(s\): layer3.1.conv2.weight \(1 NaN\)"):
+        run_job(tiny_cfg("sparsity=0.5"), tmp_path / "job")
+    saved = json.loads((tmp_path / "job" / "result.json").read_text())
+    assert saved["status"] == "failed" and saved.get("top1") is None
