@@ -6,18 +6,19 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from ptsbench.errors import ConfigError
+from ptsbench.errors import ConfigError, ResultsError
 
 RESULT_FILE = "result.json"
 ALLOCATION_FILE = "allocation.csv"
 CALIB_FILE = "calib_indices.json"
 RECORDS_FILE = "records.jsonl"  # a study's records, one per line (ptsbench.analysis.study)
+UNREADABLE = "unreadable"  # the status of a table row standing for a record file (or line) that could not be read
 
 
 def _jsonable(obj: Any) -> Any:
@@ -75,32 +76,80 @@ def find_result_files(dirs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def read_records_file(path: Path) -> list[dict[str, Any]]:
-    """The records of a study's records.jsonl, in file order."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_records_file(path: Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
+    """The records of a study's records.jsonl, in file order.
+
+    A line that is not a JSON object raises ResultsError naming the file and the line; with `problems`, the
+    line is left out and described there instead (a report shows what it could read and says what it could not).
+    """
+    records: list[dict[str, Any]] = []
+    bad: list[str] = []
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        text = ""
+        bad.append(f"{path} cannot be read as text ({type(exc).__name__}: {exc})")
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad.append(f"{path} line {number} is not JSON ({exc.msg}, column {exc.colno})")
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(f"{path} line {number} is not a record (a JSON object) but {type(record).__name__}")
+    if bad and problems is None:
+        raise ResultsError(bad[0] + (f" (and {len(bad) - 1} more lines)" if len(bad) > 1 else "")
+                           + ": the records file is damaged; restore it (git checkout) or collect the study again "
+                           "(python -m ptsbench.analysis.study).")
+    if problems is not None:
+        problems.extend(bad)
+    return records
+
+
+def read_studies(studies: Iterable[str | Path]) -> dict[Path, list[dict[str, Any]]]:
+    """The records of each `resume_studies` folder; a folder without a readable records.jsonl is an error
+    whether or not `resume` is set, so a typo in the list never passes unnoticed."""
+    found: dict[Path, list[dict[str, Any]]] = {}
+    for study in map(Path, studies):
+        path = study / RECORDS_FILE
+        if not path.is_file():
+            raise ConfigError(f"resume_studies: {str(study)!r} holds no {RECORDS_FILE}; each entry must be a "
+                              "collected study folder such as results/pts_methods (python -m ptsbench.analysis.study "
+                              "writes one).")
+        try:
+            found[study] = read_records_file(path)
+        except ResultsError as exc:
+            raise ConfigError(f"resume_studies: {exc}") from None
+    return found
 
 
 def _finished(record: dict[str, Any], config_id: str) -> bool:
     return record.get("config_hash") == config_id and record.get("status") == "ok"
 
 
-def find_finished(config_id: str, dirs: Iterable[Path], studies: Iterable[Path] = ()
+def read_result(path: Path) -> dict[str, Any] | None:
+    """A result.json's record, or None when it cannot be read or is not a record."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def find_finished(config_id: str, dirs: Iterable[Path], studies: Mapping[Path, list[dict[str, Any]]] | None = None
                   ) -> tuple[dict[str, Any], Path] | None:
     """(record, where) of a finished job with this config hash and status ok: a result.json under `dirs`,
-    else a record of one of the collected `studies` (records.jsonl; a fresh clone's committed results)."""
+    else a record of one of the collected `studies` (`read_studies`; a fresh clone's committed results)."""
     for path in find_result_files(d for d in dirs if d.exists()):
-        try:
-            done = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if _finished(done, config_id):
+        done = read_result(path)
+        if done is not None and _finished(done, config_id):
             return done, path.parent
-    for study in studies:
-        path = study / RECORDS_FILE
-        if not path.is_file():
-            raise ConfigError(f"resume_studies: {study} holds no {RECORDS_FILE}; it must be a collected study "
-                              "folder such as results/pts_methods.")
-        done = next((r for r in read_records_file(path) if _finished(r, config_id)), None)
+    for study, records in (studies or {}).items():
+        done = next((r for r in records if _finished(r, config_id)), None)
         if done is not None:
             return done, study
     return None
@@ -115,14 +164,17 @@ def load_records(dirs: Iterable[str | Path]) -> pd.DataFrame:
     for d in map(Path, dirs):
         study = d if d.name == RECORDS_FILE else d / RECORDS_FILE
         if study.is_file():  # the calibration indices (1,024 ints a job) are for reproducing, not for tables
-            rows.extend({k: v for k, v in r.items() if k != "calib_indices"} for r in read_records_file(study))
+            problems: list[str] = []
+            rows.extend({k: v for k, v in r.items() if k != "calib_indices"}
+                        for r in read_records_file(study, problems))
+            rows.extend({"status": UNREADABLE, "error": problem, "job_dir": str(study.parent)} for problem in problems)
         else:
             job_dirs.append(d)
     for path in find_result_files(job_dirs):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            rows.append({"status": "unreadable", "error": f"{path}: {exc}", "job_dir": str(path.parent)})
+        record = read_result(path)
+        if record is None:
+            rows.append({"status": UNREADABLE, "error": f"{path} is not a readable result record (JSON object)",
+                         "job_dir": str(path.parent)})
             continue
         record["job_dir"] = str(path.parent)  # where the files are now (a result folder may have been moved)
         rows.append(record)

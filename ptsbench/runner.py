@@ -43,6 +43,7 @@ from ptsbench.results import (
     CALIB_FILE,
     RESULT_FILE,
     find_finished,
+    read_studies,
     write_csv,
     write_json,
 )
@@ -233,15 +234,18 @@ def recorded(record: dict[str, Any], out_dir: Path, tracker: Tracker) -> Iterato
             tracker.finish(_summary(record), failed=record["status"] != "ok")
 
 
-def prepare(cfg: DictConfig, job: JobLog, sweep: str) -> PreparedJob:
+def prepare(cfg: DictConfig, job: JobLog, sweep: str, refused: PtsbenchError | None = None) -> PreparedJob:
     """Build and check everything (config, data, calibration draw, model, layers), then the dense weights.
 
-    Everything that can be checked is checked before dense training or any other long work.
+    Everything that can be checked is checked before dense training or any other long work; `refused` is an
+    error found before the job's record existed (a bad resume_studies), raised once the record names the method.
     """
     record = job.record
     algorithm = build_algorithm(cfg)  # first, so a failed record still names its method
     record.update(algorithm=algorithm.name, method=algorithm.label, algorithm_options=algorithm.options(),
                   method_family=algorithm.family, budget_fraction=algorithm.budget_fraction)
+    if refused is not None:
+        raise refused
     algorithm.set_pattern(parse_pattern(cfg.get("pattern", "unstructured")))  # refuses N:M if it cannot follow it
     record.update(method=algorithm.label, method_family=algorithm.family)  # they name an N:M pattern
     target = validate_config(cfg)
@@ -342,17 +346,20 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
     record returned.
     """
     record = base_record(cfg)
-    if cfg.get("resume"):
-        studies = [Path(str(s)) for s in cfg.get("resume_studies") or []]
-        done = find_finished(record["config_hash"], resume_dirs or [out_dir], studies)
-        if done is not None:
-            previous, where = done
-            log.info("resume: identical config already finished in %s; skipping", where)
-            return {**previous, "skipped": True}
+    refused: PtsbenchError | None = None
+    try:  # resume_studies is read whatever `resume` says; a bad entry fails the job inside its record
+        studies = read_studies(str(s) for s in cfg.get("resume_studies") or [])
+        done = find_finished(record["config_hash"], resume_dirs or [out_dir], studies) if cfg.get("resume") else None
+    except PtsbenchError as exc:
+        refused, done = exc, None
+    if done is not None:
+        previous, where = done
+        log.info("resume: identical config already finished in %s; skipping", where)
+        return {**previous, "skipped": True}
     out_dir.mkdir(parents=True, exist_ok=True)
     record["job_dir"] = str(out_dir)
     with recorded(record, out_dir, tracker or Tracker()) as job:
-        prep = prepare(cfg, job, sweep)
+        prep = prepare(cfg, job, sweep, refused)
         result, sparse_layers, audit = prune_and_audit(cfg, job, prep)
         evaluate_and_save(cfg, job, prep, result, sparse_layers, audit)
     return record

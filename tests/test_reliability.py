@@ -58,7 +58,6 @@ def test_resume_skips_finished_identical_config(tiny_cfg, tmp_path):
 
 def test_resume_skips_a_config_the_committed_study_holds(tiny_cfg, tmp_path):
     from ptsbench.analysis.study import collect
-    from ptsbench.errors import ConfigError
 
     first = run_job(tiny_cfg("sparsity=0.6"), tmp_path / "runs" / "a")
     collect([tmp_path / "runs"], tmp_path / "study")
@@ -72,7 +71,7 @@ def test_resume_skips_a_config_the_committed_study_holds(tiny_cfg, tmp_path):
     assert not other.get("skipped") and other["status"] == "ok"
     assert other["config_hash"] == run_job(tiny_cfg("sparsity=0.7", "resume=true"), tmp_path / "fresh" / "b",
                                            resume_dirs=[tmp_path / "fresh"])["config_hash"]  # not in the hash
-    with pytest.raises(ConfigError, match="resume_studies: .* holds no records.jsonl"):
+    with pytest.raises(JobFailed, match="resume_studies: .* holds no records.jsonl"):
         run_job(tiny_cfg("sparsity=0.8", "resume=true", f"resume_studies=[{tmp_path / 'nowhere'}]"),
                 tmp_path / "fresh" / "c")
 
@@ -289,3 +288,65 @@ def test_non_finite_weight_after_pruning_fails_naming_the_layer(tiny_cfg, tmp_pa
         run_job(tiny_cfg("sparsity=0.5"), tmp_path / "job")
     saved = json.loads((tmp_path / "job" / "result.json").read_text())
     assert saved["status"] == "failed" and saved.get("top1") is None
+
+
+@pytest.mark.parametrize("resume", ["true", "false"])
+def test_bad_resume_studies_fail_inside_the_record_whatever_resume_says(tiny_cfg, tmp_path, resume):
+    from omegaconf import OmegaConf
+
+    from ptsbench.callbacks import AggregateResults
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "records.jsonl").write_text('{"config_hash": "abc", "status": "ok"}\n{"config_hash": "de\n')
+    sweep = tmp_path / "sweep"
+    for sub, study, match in (("0", tmp_path / "nowhere", r"resume_studies: '.*nowhere' holds no records.jsonl"),
+                              ("1", damaged, r"resume_studies: .*damaged/records.jsonl line 2 is not JSON")):
+        with pytest.raises(JobFailed, match=match):
+            run_job(tiny_cfg(f"resume={resume}", f"resume_studies=[{study}]"), sweep / sub, resume_dirs=[sweep])
+        saved = json.loads((sweep / sub / "result.json").read_text())
+        assert saved["status"] == "failed" and "traceback" not in saved and saved["method"] == "magnitude-uniform"
+    with pytest.raises(SystemExit):  # the sweep's aggregate is still written, with both failures
+        AggregateResults().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    table = (sweep / "results.csv").read_text()
+    assert "holds no records.jsonl" in table and "line 2 is not JSON" in table
+
+
+def _record(method, status="ok", top1=80.0):
+    return {"model": "resnet18", "dataset": "fashion_mnist", "method": method, "algorithm": "magnitude",
+            "target_sparsity": 0.5, "achieved_sparsity": 0.5, "seed": 0, "status": status, "top1": top1,
+            "dense_top1": 90.0, "calib_images": 128, "prune_seconds": 1.0, "config_hash": f"h{method}{status}"}
+
+
+def test_report_names_unreadable_records_and_exits_nonzero(tmp_path, capsys):
+    from ptsbench.report import main as report_main
+
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "records.jsonl").write_text(json.dumps(_record("magnitude-erk")) + "\n[1, 2]\n{broken\n")
+    assert report_main([str(study), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "records.jsonl line 2 is not a record (a JSON object) but list" in err
+    assert "records.jsonl line 3 is not JSON" in err and "2 records could not be read" in err
+    assert "**2 records could not be read**" in (tmp_path / "out" / "results.md").read_text()
+    assert "magnitude-erk" in (tmp_path / "out" / "results.md").read_text()  # the readable one is reported
+
+    only = tmp_path / "runs" / "0"
+    only.mkdir(parents=True)
+    (only / "result.json").write_text("\x00\x01 not json")
+    assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "out2")]) == 1
+    assert "runs/0/result.json is not a readable result record" in capsys.readouterr().err
+
+
+def test_report_method_filter_takes_records_without_a_method(tmp_path, capsys):
+    from ptsbench.report import main as report_main
+
+    for name, record in (("a", _record(None, status="failed")), ("b", _record("magnitude-uniform")),
+                         ("c", _record("wanda-uniform"))):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "result.json").write_text(json.dumps(record))
+    assert report_main([str(tmp_path / "runs"), "--methods", "magnitude*", "--out", str(tmp_path / "out")]) == 0
+    rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert len(rows) == 2 and "magnitude-uniform" in rows[1]
+    assert report_main([str(tmp_path / "runs"), "--methods", "nothing*", "--out", str(tmp_path / "none")]) == 1
+    assert "no result.json files matching" in capsys.readouterr().err
