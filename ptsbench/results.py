@@ -18,6 +18,7 @@ RESULT_FILE = "result.json"
 ALLOCATION_FILE = "allocation.csv"
 CALIB_FILE = "calib_indices.json"
 RECORDS_FILE = "records.jsonl"  # a study's records, one per line (ptsbench.analysis.study)
+IDENTITY_FILE = "job_identity.json"  # the config hash of the one job a folder belongs to
 UNREADABLE = "unreadable"  # the status of a table row standing for a record file (or line) that could not be read
 
 
@@ -153,6 +154,54 @@ def find_finished(config_id: str, dirs: Iterable[Path], studies: Mapping[Path, l
         if done is not None:
             return done, study
     return None
+
+
+def folder_owner(folder: Path) -> str | None:
+    """The config hash of the job `folder` belongs to: its identity file, else (a folder written before
+    identity files existed) its result.json; None when no job has claimed it."""
+    claim = folder / IDENTITY_FILE
+    if claim.exists():
+        owner = read_result(claim)
+        return str(owner["config_hash"]) if owner and owner.get("config_hash") else f"unknown (unreadable {claim})"
+    record = read_result(folder / RESULT_FILE) if (folder / RESULT_FILE).is_file() else None
+    return str(record["config_hash"]) if record and record.get("config_hash") else None
+
+
+def claim_folder(folder: Path, identity: str) -> str | None:
+    """Make `folder` the job `identity`'s (creating it); None when it is, else the hash of the job it belongs to.
+
+    The identity file is written aside and hard-linked into place, which fails if one exists, so of two jobs
+    that claim one folder at once exactly one gets it and the other never sees half a file.
+    """
+    if folder_owner(folder) is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{IDENTITY_FILE}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"config_hash": identity}) + "\n")
+            os.link(tmp, folder / IDENTITY_FILE)
+        except FileExistsError:
+            pass
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    owner = folder_owner(folder)
+    return None if owner == identity else owner
+
+
+def place_job(root: Path, preferred: str, identity: str) -> str:
+    """The folder under `root` (relative to it) for the job `identity` in a sweep: the one the job already
+    owns, so that a sweep reordered or extended finds its finished jobs where they are; else `preferred`
+    (Hydra's job number, or the layout's path) when no other job owns it; else `<preferred>-<hash[:8]>`.
+    Only reads: Hydra and its sweepers may resolve a job's folder before deciding to run the job."""
+    if root.is_dir():
+        for claim in sorted(root.rglob(IDENTITY_FILE)):
+            if folder_owner(claim.parent) == identity:
+                return claim.parent.relative_to(root).as_posix()
+        for path in find_result_files([root]):  # folders of jobs that ran before identity files existed
+            if (not (path.parent / IDENTITY_FILE).exists() and identity.encode() in path.read_bytes()
+                    and folder_owner(path.parent) == identity):
+                return path.parent.relative_to(root).as_posix()
+    return preferred if folder_owner(root / preferred) in (None, identity) else f"{preferred}-{identity[:8]}"
 
 
 def load_records(dirs: Iterable[str | Path]) -> pd.DataFrame:

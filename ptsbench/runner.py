@@ -34,7 +34,7 @@ from ptsbench.config import check_config, check_constructor_keys
 from ptsbench.cost import PruneCost, inference_cost
 from ptsbench.data import CalibrationSet, DataBundle, sample_calibration
 from ptsbench.dense import build_model, load_data, load_dense_weights
-from ptsbench.errors import ConfigError, DataError, NonFiniteError, PtsbenchError
+from ptsbench.errors import ConfigError, DataError, FolderTaken, NonFiniteError, PtsbenchError
 from ptsbench.evaluate import collect_logits, evaluate, logit_fidelity
 from ptsbench.models import non_finite_tensors, show_names, stable_hash
 from ptsbench.patterns import check_pattern_target, parse_pattern
@@ -42,6 +42,7 @@ from ptsbench.results import (
     ALLOCATION_FILE,
     CALIB_FILE,
     RESULT_FILE,
+    claim_folder,
     find_finished,
     read_studies,
     write_csv,
@@ -115,6 +116,14 @@ def build_algorithm(cfg: DictConfig) -> PTSAlgorithm:
     if not isinstance(algorithm, PTSAlgorithm):
         raise ConfigError(f"algorithm._target_={cfg.algorithm._target_!r} is not a PTSAlgorithm subclass.")
     return algorithm
+
+
+def folder_taken(folder: Path, owner: str, identity: str, key: str | None = None) -> str:
+    """The refusal of a job folder that already belongs to another job."""
+    where = f"{key}={str(folder)!r}" if key else f"The job folder {str(folder)!r}"
+    return (f"{where} already belongs to another job (config hash {owner}; this job's is {identity}), and a "
+            f"folder holds one job's files. Give this job its own folder{f' ({key}=...)' if key else ''}, or "
+            f"delete {folder} to reuse it; an identical job (same config hash) may rerun in it.")
 
 
 def base_record(cfg: DictConfig) -> dict[str, Any]:
@@ -343,7 +352,8 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
     A failure is recorded (status failed) and raised as JobFailed. With `cfg.resume`, a job whose config
     hash already finished under `resume_dirs` (default: `out_dir`) or is an ok record of one of the
     collected studies `cfg.resume_studies` (a fresh clone's committed results) is skipped and the earlier
-    record returned.
+    record returned. A folder holds one job: `out_dir` is claimed with the config hash (identity file), and
+    a folder that belongs to another job raises FolderTaken before anything is written into it.
     """
     record = base_record(cfg)
     refused: PtsbenchError | None = None
@@ -356,7 +366,9 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
         previous, where = done
         log.info("resume: identical config already finished in %s; skipping", where)
         return {**previous, "skipped": True}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    owner = claim_folder(out_dir, record["config_hash"])
+    if owner is not None:  # nothing is written there: its files stay the other job's
+        raise FolderTaken(folder_taken(out_dir, owner, record["config_hash"]))
     record["job_dir"] = str(out_dir)
     with recorded(record, out_dir, tracker or Tracker()) as job:
         prep = prepare(cfg, job, sweep, refused)

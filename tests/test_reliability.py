@@ -1,10 +1,11 @@
-"""Sparse checkpoints that stay sparse, resume, non-finite losses, and atomic result files."""
+"""Sparse checkpoints that stay sparse, resume, non-finite values, job folders, record files and atomic result files."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -350,3 +351,99 @@ def test_report_method_filter_takes_records_without_a_method(tmp_path, capsys):
     assert len(rows) == 2 and "magnitude-uniform" in rows[1]
     assert report_main([str(tmp_path / "runs"), "--methods", "nothing*", "--out", str(tmp_path / "none")]) == 1
     assert "no result.json files matching" in capsys.readouterr().err
+
+
+def test_a_job_folder_holds_one_job(tiny_cfg, tmp_path):
+    from ptsbench.errors import FolderTaken
+
+    folder = tmp_path / "job"
+    first = run_job(tiny_cfg("sparsity=0.5"), folder)
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert json.loads(files["job_identity.json"])["config_hash"] == first["config_hash"]
+    with pytest.raises(FolderTaken, match=rf"already belongs to another job \(config hash {first['config_hash']};"):
+        run_job(tiny_cfg("sparsity=0.7"), folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == files  # nothing touched
+    again = run_job(tiny_cfg("sparsity=0.5", "progress=true"), folder)  # the same job (progress is not identity)
+    assert again["status"] == "ok" and again["config_hash"] == first["config_hash"]
+    legacy = tmp_path / "legacy"  # a folder from before identity files: its result.json names its job
+    run_job(tiny_cfg("sparsity=0.5"), legacy)
+    (legacy / "job_identity.json").unlink()
+    with pytest.raises(FolderTaken):
+        run_job(tiny_cfg("sparsity=0.6"), legacy)
+
+
+def _with_hydra(overrides, cache_dir):
+    """The full config Hydra's launcher resolves a job's folders from (its `hydra` node included)."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF, TINY
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY, f"cache_dir={cache_dir}", *overrides], return_hydra_config=True)
+    return cfg
+
+
+def test_numbered_sweep_reordered_finds_its_finished_jobs(cache_dir, require_fmnist, tmp_path):
+    """Hydra's sweep folder of a job is found by what the job is (config hash), as Hydra resolves it for the
+    launcher: rerunning sparsity=0.5,0.7 as 0.6,0.5,0.7 skips both finished jobs and overwrites neither."""
+    from omegaconf import OmegaConf, open_dict
+
+    import ptsbench.cli  # noqa: F401  (registers the ptsbench.* resolvers, as the entry point does)
+
+    sweep = tmp_path / "sweep"
+
+    def launch(num, *overrides):
+        cfg = _with_hydra([*overrides, f"hydra.sweep.dir={sweep}"], cache_dir)
+        with open_dict(cfg):
+            cfg.hydra.job.num = num
+        sub = OmegaConf.select(cfg, "hydra.sweep.subdir")
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(sweep / sub)
+        provenance = OmegaConf.select(cfg, "hydra.output_subdir")  # resolved before the job runs, as Hydra does
+        task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        return sub, run_job(task, sweep / sub, resume_dirs=[sweep]), provenance
+
+    assert [launch(0, "sparsity=0.5")[0], launch(1, "sparsity=0.7")[0]] == ["0", "1"]
+    finished = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    sub, record, provenance = launch(0, "sparsity=0.6", "resume=true")
+    assert sub == f"0-{record['config_hash'][:8]}" and record["status"] == "ok" and provenance == ".hydra"
+    for num, sparsity, where in ((1, 0.5, "0"), (2, 0.7, "1")):
+        sub, record, provenance = launch(num, f"sparsity={sparsity}", "resume=true")
+        assert (sub, record.get("skipped"), provenance) == (where, True, None)  # no .hydra rewritten either
+    assert {p: p.read_bytes() for p in finished} == finished
+
+
+def test_run_folder_errors_are_one_paragraph_before_hydra_writes(cache_dir, require_fmnist, tmp_path, capsys,
+                                                                 monkeypatch):
+    import errno
+
+    from ptsbench.callbacks import JobFolders
+
+    (tmp_path / "a_file").write_text("")
+    cases = [(str(tmp_path / "a_file"), r"a file, not a folder, is already at that path"),
+             (str(tmp_path / "a_file" / "sub"), r"a file, not a folder, is in the way on that path"),
+             (str(tmp_path / ("x" * 300)), r"a name on that path is longer than the file system allows")]
+    for run_dir, match in cases:
+        with pytest.raises(SystemExit) as stop:
+            JobFolders().on_run_start(_with_hydra([f"hydra.run.dir={run_dir}"], cache_dir))
+        assert stop.value.code == 1
+        assert re.search(rf"^ptsbench: hydra.run.dir='.*' cannot hold the job's files: {match}", capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        JobFolders().on_multirun_start(_with_hydra([f"hydra.sweep.dir={tmp_path / 'a_file'}"], cache_dir))
+    assert "hydra.sweep.dir=" in capsys.readouterr().err
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(SystemExit):
+        JobFolders().on_run_start(_with_hydra([f"hydra.run.dir={tmp_path / 'full'}"], cache_dir))
+    assert "cannot hold the job's files: the disk is full (No space left on device)" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    JobFolders().on_run_start(_with_hydra(["sparsity=0.5", f"hydra.run.dir={tmp_path / 'run'}"], cache_dir))
+    assert (tmp_path / "run" / "job_identity.json").is_file()  # claimed before Hydra writes anything there
+    JobFolders().on_run_start(_with_hydra(["sparsity=0.5", f"hydra.run.dir={tmp_path / 'run'}"], cache_dir))
+    with pytest.raises(SystemExit):
+        JobFolders().on_run_start(_with_hydra(["sparsity=0.9", f"hydra.run.dir={tmp_path / 'run'}"], cache_dir))
+    assert "hydra.run.dir=" in (err := capsys.readouterr().err) and "already belongs to another job" in err
