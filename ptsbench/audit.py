@@ -130,6 +130,10 @@ def audit_model(model: nn.Module, layers: list[PrunableLayer], target: float,
         layers=pd.DataFrame(rows),
         pattern=audit_pattern(layers, pattern),
     )
+    if audit.pattern.get("pattern_dense_layers"):
+        log.info("pattern=%s leaves %d layer(s) dense by its rule (rows not a multiple of %d), out of the target's "
+                 "count: %s", pattern, len(audit.pattern["pattern_dense_layers"]), pattern.m,
+                 _names(audit.pattern["pattern_dense_layers"]))
     if reach:
         audit.dense_dead_fraction = sum(r.dense_dead for r in reach.values()) / prunable
         audit.effective_sparsity = 1.0 - sum(r.effective for r in reach.values()) / prunable
@@ -181,9 +185,14 @@ def target_missed(audit: Audit, dense_zeros: Mapping[str, int]) -> str | None:
     if unplanned:
         reasons.append(f"the method gave no allocation for layers {_names(unplanned)}")
     # An N:M pattern leaves the layers whose rows do not split into groups of M dense, by its rule.
-    excess = audit.zeros - audit.target * (audit.prunable_params - audit.pattern.get("pattern_dense_params", 0))
+    out_of_count = audit.pattern.get("pattern_dense_layers") or []
+    counted = audit.prunable_params - audit.pattern.get("pattern_dense_params", 0)
+    excess = audit.zeros - audit.target * counted
     if abs(excess) > len(rows) + 1e-6:
-        reasons.append(f"achieved sparsity {audit.achieved:.6f} is {abs(excess):.0f} weights "
-                       f"{'above' if excess > 0 else 'below'} the target {audit.target:g} "
-                       f"(tolerance: {len(rows)} weights, one per layer)")
+        achieved = f"achieved sparsity {audit.achieved:.6f}"
+        if out_of_count:
+            achieved += (f" ({audit.zeros / counted:.6f} over the {counted} weights the target counts: pattern "
+                         f"{audit.pattern['pattern']} leaves layers {_names(out_of_count)} dense, out of the count)")
+        reasons.append(f"{achieved} is {abs(excess):.0f} weights {'above' if excess > 0 else 'below'} the target "
+                       f"{audit.target:g} (tolerance: {len(rows)} weights, one per layer)")
     return "Target missed: " + "; ".join(reasons) + "." if reasons else None

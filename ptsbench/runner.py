@@ -151,9 +151,9 @@ def base_record(cfg: DictConfig) -> dict[str, Any]:
 
 
 def validate_config(cfg: DictConfig) -> float:
-    """Cheap checks that run before anything is loaded or trained; returns the target sparsity."""
-    target = check_sparsity(cfg.sparsity)
-    check_pattern_target(parse_pattern(cfg.get("pattern", "unstructured")), target)
+    """Cheap checks that run before anything is loaded or trained; returns the target sparsity (under N:M,
+    exactly 1 - N/M)."""
+    target = check_pattern_target(parse_pattern(cfg.get("pattern", "unstructured")), check_sparsity(cfg.sparsity))
     check_config(cfg)
     if int(cfg.calib.n) < int(cfg.calib.batch_size):
         raise ConfigError(f"calib.n={cfg.calib.n} is below one calibration batch (calib.batch_size={cfg.calib.batch_size}).")
