@@ -33,7 +33,7 @@ from ptsbench.reconstruct import (
     reconstruction_budget,
     summarise,
 )
-from ptsbench.settings import COUNT, read_budget, scaled
+from ptsbench.settings import COUNT, count_text, read_budget, scaled
 from ptsbench.sparsity import (
     ALLOCATIONS,
     PrunableLayer,
@@ -168,6 +168,12 @@ class MagnitudePruning(PTSAlgorithm):
     @property
     def budget_fraction(self) -> float | None:
         return self.recon.iterations / REFERENCE_STEPS if self.recon.mode != "none" else None
+
+    def budget_work(self) -> str | None:
+        if self.recon.mode == "none":
+            return None
+        steps = count_text(self.recon.iterations)
+        return f"{steps} reconstruction steps per {self.recon.mode} (reference: {REFERENCE_STEPS:,})"
 
     def budget_tags(self) -> list[str]:
         return [f"x{self.budget_scale:g}"] if self.recon.mode != "none" and self.budget_scale != 1.0 else []

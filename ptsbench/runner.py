@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import platform
 import subprocess
 import time
@@ -48,6 +49,7 @@ from ptsbench.results import (
     write_csv,
     write_json,
 )
+from ptsbench.settings import count_text
 from ptsbench.sparsity import (
     PrunableLayer,
     PrunePolicy,
@@ -99,7 +101,8 @@ def git_commit() -> str | None:
 def config_hash(cfg: DictConfig) -> str:
     """Identity of a job: the resolved config minus what does not change the result."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("hydra", "logger", "progress", "threads", "compile", "cache_dir", "resume", "resume_studies", "save_sparse"):
+    for key in ("hydra", "logger", "progress", "threads", "compile", "cache_dir", "resume", "resume_studies", "save_sparse",
+                "max_budget"):
         plain.pop(key, None)
     return stable_hash(plain, length=16)
 
@@ -124,6 +127,18 @@ def folder_taken(folder: Path, owner: str, identity: str, key: str | None = None
     return (f"{where} already belongs to another job (config hash {owner}; this job's is {identity}), and a "
             f"folder holds one job's files. Give this job its own folder{f' ({key}=...)' if key else ''}, or "
             f"delete {folder} to reuse it; an identical job (same config hash) may rerun in it.")
+
+
+def check_budget(cfg: DictConfig, algorithm: PTSAlgorithm) -> None:
+    """A budget far above the method's reference (algorithm.budget=1e9: years of FCPTS iterations) is a typo
+    more often than a plan: refused, with the work it asks for, unless `max_budget` is raised for it."""
+    fraction, limit = algorithm.budget_fraction, float(cfg.get("max_budget", 10))
+    if fraction is not None and fraction > limit:
+        raise_it = f", or set max_budget={math.ceil(fraction)} to run it as asked" if fraction < 1e6 else ""
+        raise ConfigError(
+            f"algorithm.budget={cfg.algorithm.get('budget', 1)} asks {algorithm.name} for {algorithm.budget_work()}: "
+            f"{count_text(fraction) if fraction >= 100 else f'{fraction:.3g}'} times its reference budget, above "
+            f"max_budget={limit:g}. Lower algorithm.budget (or the preset's step counts){raise_it}.")
 
 
 def base_record(cfg: DictConfig) -> dict[str, Any]:
@@ -256,6 +271,7 @@ def prepare(cfg: DictConfig, job: JobLog, sweep: str, refused: PtsbenchError | N
     if refused is not None:
         raise refused
     algorithm.set_pattern(parse_pattern(cfg.get("pattern", "unstructured")))  # refuses N:M if it cannot follow it
+    check_budget(cfg, algorithm)
     record.update(method=algorithm.label, method_family=algorithm.family)  # they name an N:M pattern
     target = validate_config(cfg)
     name = f"{cfg.model.name}-{algorithm.label}-{target:g}-s{cfg.seed}"

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ptsbench.checkpoint import read_compact_form, save_compact_form
-from ptsbench.errors import CheckpointError, NonFiniteLossError, ensure_finite
+from ptsbench.errors import CheckpointError, ConfigError, NonFiniteLossError, ensure_finite
 from ptsbench.results import write_json
 from ptsbench.runner import JobFailed, run_job
 
@@ -447,3 +447,26 @@ def test_run_folder_errors_are_one_paragraph_before_hydra_writes(cache_dir, requ
     with pytest.raises(SystemExit):
         JobFolders().on_run_start(_with_hydra(["sparsity=0.9", f"hydra.run.dir={tmp_path / 'run'}"], cache_dir))
     assert "hydra.run.dir=" in (err := capsys.readouterr().err) and "already belongs to another job" in err
+
+
+def test_budget_far_above_the_reference_is_refused_with_the_work_it_asks(tiny_cfg, tmp_path):
+    from ptsbench.runner import build_algorithm, check_budget, config_hash
+
+    with pytest.raises(JobFailed, match=r"algorithm.budget=1000000000.0 asks fcpts for 64,000,000,000 optimisation "
+                                         r"iterations \(reference: 1,600\): 40,000,000 times its reference budget, "
+                                         r"above max_budget=10\. Lower algorithm.budget"):
+        run_job(tiny_cfg("algorithm=fcpts_quick", "algorithm.budget=1e9"), tmp_path / "fcpts")
+    assert not (tmp_path / "fcpts" / "calib_indices.json").exists()  # refused before any work
+    with pytest.raises(JobFailed, match=r"asks unipts for 25,000 search generations of 8 candidates"):
+        run_job(tiny_cfg("algorithm=unipts_quick", "algorithm.budget=5000"), tmp_path / "unipts")
+    with pytest.raises(JobFailed, match=r"asks pot for 2e\+302 calibration steps per layer .*: 1e\+298 times"):
+        run_job(tiny_cfg("algorithm=pot_quick", "algorithm.budget=1e300"), tmp_path / "pot")
+    with pytest.raises(JobFailed, match=r"algorithm.budget=1e\+307 times the preset's 200 steps is not a finite"):
+        run_job(tiny_cfg("algorithm=pot_quick", "algorithm.budget=1e307"), tmp_path / "pot_inf")
+    allowed = tiny_cfg("algorithm=pot_quick", "algorithm.budget=150", "max_budget=2")  # 30,000 steps: 1.5x
+    check_budget(allowed, build_algorithm(allowed))
+    assert config_hash(allowed) == config_hash(tiny_cfg("algorithm=pot_quick", "algorithm.budget=150"))
+    with pytest.raises(ConfigError, match=r"30,000 calibration steps per layer \(reference: 20,000\): 1.5 times .* "
+                                          r"set max_budget=2 to run it as asked"):
+        tight = tiny_cfg("algorithm=pot_quick", "algorithm.budget=150", "max_budget=1")
+        check_budget(tight, build_algorithm(tight))
