@@ -15,7 +15,7 @@ from torch import nn
 
 from ptsbench.effective import EffectiveSparsityError, LayerReach, layer_reach
 from ptsbench.patterns import UNSTRUCTURED, Pattern, audit_pattern
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.sparsity import TARGET_SLACK_PER_LAYER, PrunableLayer
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +188,11 @@ def target_missed(audit: Audit, dense_zeros: Mapping[str, int]) -> str | None:
     out_of_count = audit.pattern.get("pattern_dense_layers") or []
     counted = audit.prunable_params - audit.pattern.get("pattern_dense_params", 0)
     excess = audit.zeros - audit.target * counted
-    if abs(excess) > len(rows) + 1e-6:
+    if abs(excess) > TARGET_SLACK_PER_LAYER * len(rows) + 1e-6:
         achieved = f"achieved sparsity {audit.achieved:.6f}"
         if out_of_count:
             achieved += (f" ({audit.zeros / counted:.6f} over the {counted} weights the target counts: pattern "
                          f"{audit.pattern['pattern']} leaves layers {_names(out_of_count)} dense, out of the count)")
         reasons.append(f"{achieved} is {abs(excess):.0f} weights {'above' if excess > 0 else 'below'} the target "
-                       f"{audit.target:g} (tolerance: {len(rows)} weights, one per layer)")
+                       f"{audit.target:g} (tolerance: {TARGET_SLACK_PER_LAYER * len(rows)} weights, one per layer)")
     return "Target missed: " + "; ".join(reasons) + "." if reasons else None
