@@ -216,7 +216,7 @@ class PreparedJob:
     calib: CalibrationSet
     model: nn.Module
     layers: list[PrunableLayer]
-    dense_zeros: dict[str, int]  # zeros per prunable layer before pruning: explains a missed target
+    dense_zeros: dict[str, int]  # zeros per prunable layer before pruning: each layer's floor
     dense_logits: torch.Tensor | None
     compile: bool  # the job's `compile` key: fuse the methods' weight-sized elementwise chains
 
@@ -296,6 +296,7 @@ def prepare(cfg: DictConfig, job: JobLog, sweep: str, refused: PtsbenchError | N
                   dense_sha256=dense.sha256,
                   dense_train_seconds=dense.info.get("train_seconds"))
     dense_zeros = {ly.name: int((ly.weight == 0).sum()) for ly in layers}
+    report_dense_zeros(record, dense_zeros)
     # On a probe set (a few dozen images) top-1 moves in coarse steps, so the dense logits are kept to
     # measure how closely the sparse model follows them; the algorithm may change `model` in place.
     dense_logits = (collect_logits(model, data.test, device, int(cfg.eval.batch_size))
@@ -305,6 +306,18 @@ def prepare(cfg: DictConfig, job: JobLog, sweep: str, refused: PtsbenchError | N
     write_json(job.out_dir / CALIB_FILE, {"seed": calib.seed, "n": len(calib), "indices": calib.indices,
                                           "split": "train", "dataset": cfg.data.name})
     return PreparedJob(algorithm, target, device, data, calib, model, layers, dense_zeros, dense_logits, compile_)
+
+
+def report_dense_zeros(record: dict[str, Any], dense_zeros: dict[str, int]) -> None:
+    """Exact zeros the dense weights already hold (the shipped fp16 resnet18 has 4): how many and where, in the
+    record and the log. The audit counts them as each layer's floor (`ptsbench.audit.target_missed`)."""
+    where = [[name, count] for name, count in dense_zeros.items() if count]
+    record.update(dense_zero_weights=sum(count for _, count in where), dense_zero_layers=where)
+    if where:
+        listing = ", ".join(f"{name}: {count}" for name, count in where[:6]) + (" ..." if len(where) > 6 else "")
+        log.info("The dense weights already hold %d zero weights in %d prunable layers (%s); where the "
+                 "allocation asks for fewer, they are the layer's floor, not a miss.",
+                 record["dense_zero_weights"], len(where), listing)
 
 
 def prune_and_audit(cfg: DictConfig, job: JobLog, prep: PreparedJob) -> tuple[PruneResult, list[PrunableLayer], Audit]:

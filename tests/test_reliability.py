@@ -117,23 +117,53 @@ def test_paths_never_leave_their_root(tmp_path):
         safe_child(root, "link", "file")
 
 
-def test_presparse_checkpoint_misses_the_target_and_is_flagged(tiny_dense, tiny_cfg, tmp_path):
-    """Uniform 0.5 cannot be met in a layer that is already 80% zeros: the job says so, never ok."""
-    from omegaconf import OmegaConf
-
-    from ptsbench.callbacks import AggregateResults
+def test_presparse_checkpoint_is_the_allocations_floor_and_reported(tiny_dense, tiny_cfg, tmp_path):
+    """Uniform 0.5 on a checkpoint whose layer1.0.conv1 is already 80% zeros: those zeros are that layer's floor
+    (no miss of the method's), and the record says how many there were and where."""
     from ptsbench.models import save_state
 
     model = copy.deepcopy(tiny_dense[0])
     weight = model.get_submodule("layer1.0.conv1").weight
     with torch.no_grad():
         weight[torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) < 0.8] = 0
+    zeros = int((weight == 0).sum())
     save_state(model, tmp_path / "presparse.safetensors")
+    record = run_job(tiny_cfg(f"model.checkpoint={tmp_path / 'presparse.safetensors'}", "sparsity=0.5"), tmp_path / "0")
+    assert record["status"] == "ok" and record["error"] is None
+    assert record["dense_zero_weights"] == zeros and record["dense_zero_layers"] == [["layer1.0.conv1", zeros]]
+    assert record["achieved_sparsity"] > 0.5  # reported as achieved, above the target by those zeros
+
+
+def test_shipped_checkpoint_at_sparsity_zero_is_the_dense_control(tiny_cfg, tmp_path):
+    """The shipped fp16 resnet18 holds 4 exact zeros (2 in layer4.1.conv1): sparsity=0 runs as the dense control."""
+    record = run_job(tiny_cfg("model.checkpoint=pkg:ptsbench/zoo/resnet18-fashion_mnist.safetensors", "sparsity=0"),
+                     tmp_path / "control")
+    assert record["status"] == "ok" and record["top1"] == record["dense_top1"]
+    assert record["dense_zero_weights"] == 4 and ["layer4.1.conv1", 2] in record["dense_zero_layers"]
+
+
+def test_missed_target_is_flagged_in_the_sweep(tiny_cfg, tmp_path, monkeypatch):
+    """A method that hands back fewer zeros than it allocated ends target_missed, never ok; the aggregate flags
+    it and the sweep exits non-zero."""
+    from omegaconf import OmegaConf
+
+    from algorithms.magnitude import MagnitudePruning
+    from ptsbench.callbacks import AggregateResults
+
+    real_prune = MagnitudePruning.prune
+
+    def prune_then_regrow(self, model, layers, target, ctx):
+        result = real_prune(self, model, layers, target, ctx)
+        with torch.no_grad():
+            result.model.get_submodule("layer1.0.conv1").weight.add_(1e-3)  # every pruned weight back
+        return result
+
+    monkeypatch.setattr(MagnitudePruning, "prune", prune_then_regrow)
     sweep = tmp_path / "sweep"
-    record = run_job(tiny_cfg(f"model.checkpoint={tmp_path / 'presparse.safetensors'}", "sparsity=0.5"), sweep / "0")
+    record = run_job(tiny_cfg("sparsity=0.5"), sweep / "0")
     assert record["status"] == "target_missed"
-    assert "already sparser than this allocation in layers layer1.0.conv1 " in record["error"]
-    assert "above the target 0.5" in record["error"]
+    assert "layers layer1.0.conv1 have fewer zeros than their allocation" in record["error"]
+    assert "below the target 0.5" in record["error"]
     assert json.loads((sweep / "0" / "result.json").read_text())["status"] == "target_missed"
     with pytest.raises(SystemExit) as exit_info:
         AggregateResults().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
@@ -159,6 +189,12 @@ def test_target_check_counts_zeros_per_layer_and_globally():
     message = target_missed(audit_model(model, layers, 0.5, plan), {})
     assert message is not None and "layers 1 have fewer zeros than their allocation" in message
     assert "16 weights below the target 0.5 (tolerance: 2 weights" in message
+    with torch.no_grad():
+        model[1].weight.view(-1)[:24] = 0  # 8 more zeros than the 16 allocated
+    assert target_missed(audit_model(model, layers, 0.5, plan), {"1": 24}) is None  # all in the dense model: the floor
+    message = target_missed(audit_model(model, layers, 0.5, plan), {"1": 20})
+    assert "layers 1 have more zeros than their allocation" in message
+    assert "4 weights above the target 0.5 beyond the 4 zeros the dense weights already held" in message
 
 
 def test_corrupt_dense_cache_entry_is_retrained(tmp_path, require_fmnist, caplog):
