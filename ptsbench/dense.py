@@ -72,7 +72,7 @@ def build_model(cfg: DictConfig, data: DataBundle) -> nn.Module:
     torch.manual_seed(int(cfg.train.seed))
     from_hub = bool(cfg.model.get("pretrained")) and not cfg.model.get("checkpoint")
     model = create_model(cfg.model, data.spec, pretrained=from_hub)
-    check_input_size(model, data.spec)
+    check_input_size(model, data.spec, bool(cfg.model.get("img_size_arg", False)))
     return model
 
 

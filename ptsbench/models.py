@@ -69,17 +69,20 @@ def create_model(model_cfg: DictConfig, spec: DataSpec, pretrained: bool = False
         ) from exc
 
 
-def check_input_size(model: nn.Module, spec: DataSpec) -> None:
-    """Run one tiny forward so an image size the model cannot take fails before any expensive work."""
+def check_input_size(model: nn.Module, spec: DataSpec, img_size_arg: bool = True) -> None:
+    """Run one tiny forward so an image size the model cannot take fails before any expensive work; without
+    `img_size_arg`, the hint names it (a ViT or DeiT fixes its input size when it is built)."""
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             model(torch.zeros(1, spec.in_chans, spec.img_size, spec.img_size, device=next(model.parameters()).device))
     except Exception as exc:
+        hint = "" if img_size_arg else (" An architecture that fixes its input size when it is built (ViT, DeiT) "
+                                        "takes the data's with model.img_size_arg=true.")
         raise ConfigError(
             f"The model cannot take {spec.in_chans}x{spec.img_size}x{spec.img_size} inputs ({exc}). "
-            f"Change model.img_size or data.img_size."
+            f"Change model.img_size or data.img_size.{hint}"
         ) from exc
     finally:
         model.train(was_training)
@@ -115,6 +118,34 @@ def resolve_checkpoint_path(spec: str | Path) -> Path:
             f"shipped configs use)."
         )
     return Path(list(found.submodule_search_locations)[0]) / inner
+
+
+def check_checkpoint_fits(model_cfg: DictConfig, data_name: str) -> None:
+    """Weights written by `python -m ptsbench.zoo` name, in their safetensors header, the timm architecture and
+    the data they were trained for. A model config's shipped checkpoint kept under another `model.name` (or
+    another data set) would only fail later with hundreds of missing keys: refused before any work instead."""
+    spec = model_cfg.get("checkpoint")
+    if not spec:
+        return
+    try:
+        path = resolve_checkpoint_path(spec)
+        if path.suffix != ".safetensors" or not path.is_file():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # missing or unreadable: reported, with its own reason, where the weights load
+        return
+    for key, given, trained in (("model.name", model_cfg.name, meta.get("model")), ("data", data_name, meta.get("data"))):
+        if trained and trained != given:
+            raise CheckpointError(
+                f"{key}={given!r}, but model.checkpoint={str(spec)!r} holds weights trained for "
+                f"{'the architecture' if key == 'model.name' else 'the data set'} {trained!r} (a model config's "
+                f"shipped dense weights belong to its own architecture and data). Set model.checkpoint=null to "
+                f"train {model_cfg.name!r} on {data_name} with the harness's recipe, or model.checkpoint=PATH to "
+                f"weights of that model."
+            )
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ from ptsbench.data import CalibrationSet, DataBundle, sample_calibration
 from ptsbench.dense import build_model, load_data, load_dense_weights
 from ptsbench.errors import ConfigError, DataError, FolderTaken, NonFiniteError, PtsbenchError
 from ptsbench.evaluate import collect_logits, evaluate, logit_fidelity
-from ptsbench.models import non_finite_tensors, show_names, stable_hash
+from ptsbench.models import check_checkpoint_fits, non_finite_tensors, show_names, stable_hash
 from ptsbench.patterns import check_pattern_target, parse_pattern
 from ptsbench.results import (
     ALLOCATION_FILE,
@@ -170,6 +170,7 @@ def validate_config(cfg: DictConfig) -> float:
     exactly 1 - N/M)."""
     target = check_pattern_target(parse_pattern(cfg.get("pattern", "unstructured")), check_sparsity(cfg.sparsity))
     check_config(cfg)
+    check_checkpoint_fits(cfg.model, str(cfg.data.name))
     if int(cfg.calib.n) < int(cfg.calib.batch_size):
         raise ConfigError(f"calib.n={cfg.calib.n} is below one calibration batch (calib.batch_size={cfg.calib.batch_size}).")
     return target
