@@ -65,15 +65,17 @@ def read_allocation_file(path: str | Path, layers: list[PrunableLayer], target: 
         raise ConfigError(f"{key} is empty; give the allocation.csv of a job (a row per layer).") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:160]
-        raise ConfigError(f"{key} is not a CSV table ({type(exc).__name__}: {reason}); give the allocation.csv "
-                          "of a job.") from None
+        raise ConfigError(f"{key} is not a CSV table ({type(exc).__name__}: {reason}); give the "
+                          "allocation.csv of a job.") from None
     column = "achieved_sparsity" if "achieved_sparsity" in table else "target_sparsity"
     if "name" not in table or column not in table:
-        raise ConfigError(f"{key} has no 'name' and 'achieved_sparsity' columns (found: "
-                          f"{', '.join(map(str, table.columns[:8])) or 'none'}); give the allocation.csv of a job.")
+        found = ", ".join(map(str, table.columns[:8])) or "none"
+        raise ConfigError(f"{key} has no 'name' and 'achieved_sparsity' columns (found: {found}); give the "
+                          "allocation.csv of a job.")
 
     def rows(where: pd.Series) -> str:  # the header is line 1
-        found = [f"line {i + 2} ({table.at[i, 'name']!r}: {table.at[i, column]!r})" for i in table.index[where]]
+        found = [f"line {i + 2} ({table.at[i, 'name']!r}: {table.at[i, column]!r})"
+                 for i in table.index[where]]
         return ", ".join(found[:5]) + (f" ... ({len(found)} rows in all)" if len(found) > 5 else "")
 
     repeated = table["name"].duplicated(keep=False)
@@ -82,8 +84,8 @@ def read_allocation_file(path: str | Path, layers: list[PrunableLayer], target: 
     values = pd.to_numeric(table[column], errors="coerce")
     outside = values.isna() | (values < 0) | (values > 1)
     if outside.any():
-        raise ConfigError(f"{key}: column {column!r} must hold a sparsity in [0, 1] in every row; it does not in "
-                          f"{rows(outside)}.")
+        raise ConfigError(f"{key}: column {column!r} must hold a sparsity in [0, 1] in every row; it "
+                          f"does not in {rows(outside)}.")
     given = dict(zip(table["name"], values, strict=True))
     names = {ly.name for ly in layers}
     unknown = sorted(map(str, set(given) - names))
@@ -100,9 +102,9 @@ def read_allocation_file(path: str | Path, layers: list[PrunableLayer], target: 
     if abs(zeros - target * total) > slack:
         raise ConfigError(
             f"{key} gives global sparsity {zeros / total:.8g} ({zeros} of {total} weights), "
-            f"{abs(zeros - target * total):.0f} weights from the target sparsity={target}; the audit allows {slack} "
-            f"(one per layer), so the job would end target_missed. Use the file with sparsity={zeros / total:.8g}, "
-            f"or pick another file."
+            f"{abs(zeros - target * total):.0f} weights from the target sparsity={target}; the audit allows "
+            f"{slack} (one per layer), so the job would end target_missed. Use the file with "
+            f"sparsity={zeros / total:.8g}, or pick another file."
         )
     return layer_rates
 

@@ -131,8 +131,8 @@ def audit_model(model: nn.Module, layers: list[PrunableLayer], target: float,
         pattern=audit_pattern(layers, pattern),
     )
     if audit.pattern.get("pattern_dense_layers"):
-        log.info("pattern=%s leaves %d layer(s) dense by its rule (rows not a multiple of %d), out of the target's "
-                 "count: %s", pattern, len(audit.pattern["pattern_dense_layers"]), pattern.m,
+        log.info("pattern=%s leaves %d layer(s) dense by its rule (rows not a multiple of %d), out of the "
+                 "target's count: %s", pattern, len(audit.pattern["pattern_dense_layers"]), pattern.m,
                  _names(audit.pattern["pattern_dense_layers"]))
     if reach:
         audit.dense_dead_fraction = sum(r.dense_dead for r in reach.values()) / prunable
@@ -187,10 +187,13 @@ def target_missed(audit: Audit, dense_zeros: Mapping[str, int]) -> str | None:
     if abs(excess) > TARGET_SLACK_PER_LAYER * len(rows) + 1e-6:
         achieved = f"achieved sparsity {audit.achieved:.6f}"
         if out_of_count:
-            achieved += (f" ({audit.zeros / counted:.6f} over the {counted} weights the target counts: pattern "
-                         f"{audit.pattern['pattern']} leaves layers {_names(out_of_count)} dense, out of the count)")
-        beyond = f" beyond the {raised:.0f} zeros the dense weights already held" if raised and excess > 0 else ""
-        reasons.append(f"{achieved} is {abs(excess):.0f} weights {'above' if excess > 0 else 'below'} the target "
-                       f"{audit.target:g}{beyond} (tolerance: {TARGET_SLACK_PER_LAYER * len(rows)} weights, one per "
-                       f"layer)")
+            achieved += (f" ({audit.zeros / counted:.6f} over the {counted} weights the target counts: "
+                         f"pattern {audit.pattern['pattern']} leaves layers {_names(out_of_count)} dense, "
+                         f"out of the count)")
+        beyond = ""
+        if raised and excess > 0:
+            beyond = f" beyond the {raised:.0f} zeros the dense weights already held"
+        reasons.append(f"{achieved} is {abs(excess):.0f} weights {'above' if excess > 0 else 'below'} the "
+                       f"target {audit.target:g}{beyond} (tolerance: {TARGET_SLACK_PER_LAYER * len(rows)} "
+                       f"weights, one per layer)")
     return "Target missed: " + "; ".join(reasons) + "." if reasons else None

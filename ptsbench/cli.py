@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ptsbench.config import check_constructor_keys, register_configs
-from ptsbench.errors import PtsbenchError
+from ptsbench.errors import FolderTaken, PtsbenchError
 from ptsbench.paths import why_unwritable
 from ptsbench.results import RESULT_FILE, folder_owner, place_job, read_result
 from ptsbench.runner import JobFailed, config_hash, run_job
@@ -84,7 +84,7 @@ def job_dir_resolver(preferred: object, *, _root_: DictConfig) -> str:
     (`ptsbench.results.place_job`), so that Hydra's logs and .hydra files land there from the start."""
     try:
         return place_job(Path(str(_root_.hydra.sweep.dir)), str(preferred), job_identity(_root_))
-    except Exception:  # a config that does not resolve: the job reports it; the runner still checks its folder
+    except Exception:  # a config that does not resolve: the job reports it, the runner checks its folder
         return str(preferred)
 
 
@@ -97,30 +97,34 @@ def provenance_resolver(subdir: object, *, _root_: DictConfig) -> str | None:
         return str(subdir)
     if folder_owner(folder) not in (None, identity):
         return None
-    done = read_result(folder / RESULT_FILE) if _root_.get("resume") and (folder / RESULT_FILE).is_file() else None
-    return None if done and done.get("config_hash") == identity and done.get("status") == "ok" else str(subdir)
+    done = read_result(folder / RESULT_FILE) if _root_.get("resume") else None
+    skipped = done is not None and done.get("config_hash") == identity and done.get("status") == "ok"
+    return None if skipped else str(subdir)
 
 
 OmegaConf.register_new_resolver("ptsbench.job_dir", job_dir_resolver, replace=True)
 OmegaConf.register_new_resolver("ptsbench.provenance", provenance_resolver, replace=True)
 
 
-def beside_other_job(out_dir: Path, cfg: DictConfig, hc) -> Path:
-    """A sweep folder that belongs to another job (a layout written without ptsbench.job_dir, e.g.
-    hydra.sweep.subdir=${sparsity} swept over two allocations): this job runs in `<folder>-<hash[:8]>`,
-    with its provenance files, and leaves the other job's files alone."""
+def run_in_own_folder(cfg: DictConfig, out_dir: Path, hc, **kwargs) -> dict:
+    """`run_job` in `out_dir`; in a sweep whose folder belongs to another job (a layout written without
+    ptsbench.job_dir, e.g. hydra.sweep.subdir=${sparsity} over two allocations), in `<folder>-<hash[:8]>`
+    with its own provenance files, leaving the other job's files alone. A single run's folder is refused."""
+    try:
+        return run_job(cfg, out_dir, **kwargs)
+    except FolderTaken:
+        if hc.mode != RunMode.MULTIRUN:
+            raise
     identity = config_hash(cfg)
-    if folder_owner(out_dir) in (None, identity):
-        return out_dir
     moved = out_dir.with_name(f"{out_dir.name}-{identity[:8]}")
     log.warning("%s belongs to another job; this job (config hash %s) runs in %s. Write the layout as "
                 "hydra.sweep.subdir='${ptsbench.job_dir:<layout>}' to place each job by what it is.",
                 out_dir, identity, moved)
+    (moved / ".hydra").mkdir(parents=True, exist_ok=True)
     for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hc})),
                        ("overrides.yaml", hc.overrides.task)):
-        (moved / ".hydra").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(node, moved / ".hydra" / name)
-    return moved
+    return run_job(cfg, moved, **kwargs)
 
 
 def sweep_name(hc) -> str:
@@ -145,11 +149,12 @@ def app(cfg: DictConfig) -> None:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         resume_dirs = [Path(hc.sweep.dir)] if multirun else [out_dir]
-        if multirun:
-            out_dir = beside_other_job(out_dir, cfg, hc)
-        record = run_job(cfg, out_dir, tracker, sweep=sweep_name(hc), resume_dirs=resume_dirs)
+        record = run_in_own_folder(cfg, out_dir, hc, tracker=tracker, sweep=sweep_name(hc),
+                                   resume_dirs=resume_dirs)
+        out_dir = Path(record.get("job_dir") or out_dir)
     except JobFailed as failure:
-        log.error("Job failed: %s (recorded in %s)", failure.record["error"], out_dir / "result.json")
+        log.error("Job failed: %s (recorded in %s)", failure.record["error"],
+                  Path(failure.record.get("job_dir") or out_dir) / "result.json")
         if not multirun:
             print(f"ptsbench: {failure.record['error']}", file=sys.stderr)
             sys.exit(1)

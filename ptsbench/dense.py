@@ -110,8 +110,8 @@ def load_dense_weights(cfg: DictConfig, model: nn.Module, data: DataBundle, cach
         sha256 = file_sha256(weights)
     bad = non_finite_tensors(model.state_dict())  # a checkpoint is checked as it loads; hub and recipe here
     if bad:
-        raise NonFiniteError(f"The dense weights of {cfg.model.name} ({source}) hold NaN or inf in {len(bad)} "
-                             f"tensor(s): {show_names(bad)}. Nothing is pruned from them.")
+        raise NonFiniteError(f"The dense weights of {cfg.model.name} ({source}) hold NaN or inf in "
+                             f"{len(bad)} tensor(s): {show_names(bad)}. Nothing is pruned from them.")
     model.to(device).eval()
     top1, top5 = _dense_accuracy(model, data, key, cfg, dense_dir, device)
     return Dense(source, key, top1, top5, info, sha256)
@@ -142,7 +142,8 @@ def _dense_accuracy(model: nn.Module, data: DataBundle, key: str, cfg: DictConfi
             cached = json.loads(path.read_text())
             return float(cached["top1"]), float(cached["top5"])
         result = evaluate(model, data.test, device, batch_size=int(cfg.eval.batch_size),
-                          num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last),
+                          num_workers=int(cfg.data.get("num_workers", 0)),
+                          channels_last=bool(cfg.eval.channels_last),
                           what=f"the dense model {cfg.model.name}")
         write_json(path, result.as_dict())
     log.info("Dense %s: top-1 %.2f%% top-5 %.2f%% on %d images", cfg.model.name, result.top1, result.top5, result.images)

@@ -34,14 +34,14 @@ def is_convolutional(model: nn.Module) -> bool:
 
 
 def first_non_finite_module(model: nn.Module, images: torch.Tensor) -> str | None:
-    """The first module (in execution order) whose output holds NaN or inf on `images`, to name in an error."""
+    """The first module (in execution order) whose output holds NaN or inf on `images`, named in errors."""
     found: list[str] = []
 
     def check(name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> None:
             outputs = output if isinstance(output, (tuple, list)) else (output,)
-            if not found and any(isinstance(o, torch.Tensor) and o.is_floating_point() and not bool(torch.isfinite(o).all())
-                                 for o in outputs):
+            tensors = [o for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+            if not found and not all(bool(torch.isfinite(t).all()) for t in tensors):
                 found.append(f"{name} ({type(module).__name__})")
         return hook
 
@@ -73,8 +73,9 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "c
     correct1 = correct5 = total = 0
     start = time.perf_counter()
     with torch.inference_mode():
-        for batch, (images, labels) in enumerate(iterate_batches(dataset, batch_size, num_workers=num_workers,
-                                                                 pin_memory=torch.device(device).type == "cuda")):
+        batches = iterate_batches(dataset, batch_size, num_workers=num_workers,
+                                  pin_memory=torch.device(device).type == "cuda")
+        for batch, (images, labels) in enumerate(batches):
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
             logits = model(images)
@@ -82,8 +83,9 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "c
                 module = first_non_finite_module(model, images)
                 model.train(was_training)
                 raise NonFiniteError(
-                    f"Evaluating {what}: the logits of evaluation batch {batch} (images {total}-{total + len(labels) - 1}) "
-                    f"hold NaN or inf; the first module with a non-finite output is {module or 'not found'}. "
+                    f"Evaluating {what}: the logits of evaluation batch {batch} (images {total}-"
+                    f"{total + len(labels) - 1}) hold NaN or inf; the first module with a non-finite "
+                    f"output is {module or 'not found'}. "
                     f"The job stops rather than report the chance accuracy of NaN logits."
                 )
             k = min(5, logits.shape[1])

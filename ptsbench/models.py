@@ -78,8 +78,8 @@ def check_input_size(model: nn.Module, spec: DataSpec, img_size_arg: bool = True
         with torch.inference_mode():
             model(torch.zeros(1, spec.in_chans, spec.img_size, spec.img_size, device=next(model.parameters()).device))
     except Exception as exc:
-        hint = "" if img_size_arg else (" An architecture that fixes its input size when it is built (ViT, DeiT) "
-                                        "takes the data's with model.img_size_arg=true.")
+        hint = "" if img_size_arg else (" An architecture that fixes its input size when it is built (ViT, "
+                                        "DeiT) takes the data's with model.img_size_arg=true.")
         raise ConfigError(
             f"The model cannot take {spec.in_chans}x{spec.img_size}x{spec.img_size} inputs ({exc}). "
             f"Change model.img_size or data.img_size.{hint}"
@@ -121,9 +121,9 @@ def resolve_checkpoint_path(spec: str | Path) -> Path:
 
 
 def check_checkpoint_fits(model_cfg: DictConfig, data_name: str) -> None:
-    """Weights written by `python -m ptsbench.zoo` name, in their safetensors header, the timm architecture and
-    the data they were trained for. A model config's shipped checkpoint kept under another `model.name` (or
-    another data set) would only fail later with hundreds of missing keys: refused before any work instead."""
+    """Weights written by `python -m ptsbench.zoo` name, in their safetensors header, the timm architecture
+    and the data they were trained for. A model config's shipped checkpoint kept under another `model.name`
+    (or data set) would only fail later with hundreds of missing keys: refused before any work instead."""
     spec = model_cfg.get("checkpoint")
     if not spec:
         return
@@ -137,14 +137,14 @@ def check_checkpoint_fits(model_cfg: DictConfig, data_name: str) -> None:
             meta = f.metadata() or {}
     except Exception:  # missing or unreadable: reported, with its own reason, where the weights load
         return
-    for key, given, trained in (("model.name", model_cfg.name, meta.get("model")), ("data", data_name, meta.get("data"))):
+    for key, what, given, trained in (("model.name", "the architecture", model_cfg.name, meta.get("model")),
+                                      ("data", "the data set", data_name, meta.get("data"))):
         if trained and trained != given:
             raise CheckpointError(
-                f"{key}={given!r}, but model.checkpoint={str(spec)!r} holds weights trained for "
-                f"{'the architecture' if key == 'model.name' else 'the data set'} {trained!r} (a model config's "
-                f"shipped dense weights belong to its own architecture and data). Set model.checkpoint=null to "
-                f"train {model_cfg.name!r} on {data_name} with the harness's recipe, or model.checkpoint=PATH to "
-                f"weights of that model."
+                f"{key}={given!r}, but model.checkpoint={str(spec)!r} holds weights trained for {what} "
+                f"{trained!r} (a model config's shipped dense weights belong to its own architecture and "
+                f"data). Set model.checkpoint=null to train {model_cfg.name!r} on {data_name} with the "
+                f"harness's recipe, or model.checkpoint=PATH to weights of that model."
             )
 
 
@@ -195,7 +195,8 @@ def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
             continue
         nan = int(torch.isnan(tensor).sum())
         inf = tensor.numel() - int(finite.sum()) - nan
-        bad.append(f"{name} ({', '.join(p for p in (f'{nan} NaN' if nan else '', f'{inf} inf' if inf else '') if p)})")
+        counts = [f"{nan} NaN"] * bool(nan) + [f"{inf} inf"] * bool(inf)
+        bad.append(f"{name} ({', '.join(counts)})")
     return bad
 
 
@@ -213,10 +214,12 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
                   for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or mis_shaped:
         raise CheckpointError(
-            f"Checkpoint {source} does not match {type(model).__name__}: missing keys: {show_names(missing)}; "
-            f"unexpected keys: {show_names(unexpected)}; shape mismatches: {show_names(mis_shaped)}."
+            f"Checkpoint {source} does not match {type(model).__name__}: missing keys: "
+            f"{show_names(missing)}; unexpected keys: {show_names(unexpected)}; shape mismatches: "
+            f"{show_names(mis_shaped)}."
         )
-    not_float = [f"{k} ({state[k].dtype})" for k in own if own[k].is_floating_point() and not state[k].is_floating_point()]
+    not_float = [f"{k} ({state[k].dtype})" for k in own
+                 if own[k].is_floating_point() and not state[k].is_floating_point()]
     if not_float:
         raise CheckpointError(
             f"Checkpoint {source} holds non-float tensors where {type(model).__name__} has float weights or "

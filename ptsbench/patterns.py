@@ -91,8 +91,8 @@ def check_pattern_target(pattern: Pattern, target: float) -> float:
     typed = round(pattern.sparsity, TARGET_DECIMALS)
     if abs(target - pattern.sparsity) > 0.5 * 10.0 ** -TARGET_DECIMALS + 1e-12:
         raise ConfigError(f"pattern={pattern} keeps {pattern.n} of every {pattern.m} weights, i.e. sparsity "
-                          f"1 - {pattern.n}/{pattern.m} = {typed:g} in every layer it applies to, but sparsity={target}. "
-                          f"Set sparsity={typed:g} (or use pattern=unstructured).")
+                          f"1 - {pattern.n}/{pattern.m} = {typed:g} in every layer it applies to, but "
+                          f"sparsity={target}. Set sparsity={typed:g} (or use pattern=unstructured).")
     return pattern.sparsity
 
 

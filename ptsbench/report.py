@@ -219,8 +219,8 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path, methods: Seque
     header = f"# Results\n\n{len(table)} jobs from {', '.join(map(str, dirs))}; {n_failed - n_missed} failed.\n\n"
     n_unreadable = int((table["status"] == UNREADABLE).sum()) if len(table) else 0
     if n_unreadable:
-        header += (f"**{n_unreadable} records could not be read** (status `{UNREADABLE}`, file and line in the "
-                   f"status column): they are left out of every summary.\n\n")
+        header += (f"**{n_unreadable} records could not be read** (status `{UNREADABLE}`, file and line in "
+                   f"the status column): they are left out of every summary.\n\n")
     if n_missed:  # measured, but at another sparsity than asked: kept out of the by-sparsity summary
         header += (f"**{n_missed} jobs missed their sparsity target** (status `target_missed`, reason in the "
                    f"status column): their rows are listed below but left out of the summaries.\n\n")

@@ -19,7 +19,7 @@ ALLOCATION_FILE = "allocation.csv"
 CALIB_FILE = "calib_indices.json"
 RECORDS_FILE = "records.jsonl"  # a study's records, one per line (ptsbench.analysis.study)
 IDENTITY_FILE = "job_identity.json"  # the config hash of the one job a folder belongs to
-UNREADABLE = "unreadable"  # the status of a table row standing for a record file (or line) that could not be read
+UNREADABLE = "unreadable"  # the status of a table row standing for a record file (or line) not read
 
 
 def _jsonable(obj: Any) -> Any:
@@ -81,7 +81,7 @@ def read_records_file(path: Path, problems: list[str] | None = None) -> list[dic
     """The records of a study's records.jsonl, in file order.
 
     A line that is not a JSON object raises ResultsError naming the file and the line; with `problems`, the
-    line is left out and described there instead (a report shows what it could read and says what it could not).
+    line is left out and described there instead (a report shows what it could read, and says what not).
     """
     records: list[dict[str, Any]] = []
     bad: list[str] = []
@@ -104,8 +104,8 @@ def read_records_file(path: Path, problems: list[str] | None = None) -> list[dic
             bad.append(f"{path} line {number} is not a record (a JSON object) but {type(record).__name__}")
     if bad and problems is None:
         raise ResultsError(bad[0] + (f" (and {len(bad) - 1} more lines)" if len(bad) > 1 else "")
-                           + ": the records file is damaged; restore it (git checkout) or collect the study again "
-                           "(python -m ptsbench.analysis.study).")
+                           + ": the records file is damaged; restore it (git checkout) or collect the study "
+                           "again (python -m ptsbench.analysis.study).")
     if problems is not None:
         problems.extend(bad)
     return records
@@ -118,9 +118,9 @@ def read_studies(studies: Iterable[str | Path]) -> dict[Path, list[dict[str, Any
     for study in map(Path, studies):
         path = study / RECORDS_FILE
         if not path.is_file():
-            raise ConfigError(f"resume_studies: {str(study)!r} holds no {RECORDS_FILE}; each entry must be a "
-                              "collected study folder such as results/pts_methods (python -m ptsbench.analysis.study "
-                              "writes one).")
+            raise ConfigError(f"resume_studies: {str(study)!r} holds no {RECORDS_FILE}; each entry must be "
+                              "a collected study folder such as results/pts_methods (python -m "
+                              "ptsbench.analysis.study writes one).")
         try:
             found[study] = read_records_file(path)
         except ResultsError as exc:
@@ -141,7 +141,10 @@ def read_result(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def find_finished(config_id: str, dirs: Iterable[Path], studies: Mapping[Path, list[dict[str, Any]]] | None = None
+Records = list[dict[str, Any]]
+
+
+def find_finished(config_id: str, dirs: Iterable[Path], studies: Mapping[Path, Records] | None = None
                   ) -> tuple[dict[str, Any], Path] | None:
     """(record, where) of a finished job with this config hash and status ok: a result.json under `dirs`,
     else a record of one of the collected `studies` (`read_studies`; a fresh clone's committed results)."""
@@ -162,13 +165,15 @@ def folder_owner(folder: Path) -> str | None:
     claim = folder / IDENTITY_FILE
     if claim.exists():
         owner = read_result(claim)
-        return str(owner["config_hash"]) if owner and owner.get("config_hash") else f"unknown (unreadable {claim})"
+        if owner and owner.get("config_hash"):
+            return str(owner["config_hash"])
+        return f"unknown ({claim} unreadable)"
     record = read_result(folder / RESULT_FILE) if (folder / RESULT_FILE).is_file() else None
     return str(record["config_hash"]) if record and record.get("config_hash") else None
 
 
 def claim_folder(folder: Path, identity: str) -> str | None:
-    """Make `folder` the job `identity`'s (creating it); None when it is, else the hash of the job it belongs to.
+    """Make `folder` the job `identity`'s (creating it); None when it is, else the hash of its job.
 
     The identity file is written aside and hard-linked into place, which fails if one exists, so of two jobs
     that claim one folder at once exactly one gets it and the other never sees half a file.
@@ -216,14 +221,15 @@ def load_records(dirs: Iterable[str | Path]) -> pd.DataFrame:
             problems: list[str] = []
             rows.extend({k: v for k, v in r.items() if k != "calib_indices"}
                         for r in read_records_file(study, problems))
-            rows.extend({"status": UNREADABLE, "error": problem, "job_dir": str(study.parent)} for problem in problems)
+            rows.extend({"status": UNREADABLE, "error": problem, "job_dir": str(study.parent)}
+                        for problem in problems)
         else:
             job_dirs.append(d)
     for path in find_result_files(job_dirs):
         record = read_result(path)
         if record is None:
-            rows.append({"status": UNREADABLE, "error": f"{path} is not a readable result record (JSON object)",
-                         "job_dir": str(path.parent)})
+            rows.append({"status": UNREADABLE, "job_dir": str(path.parent),
+                         "error": f"{path} is not a readable result record (JSON object)"})
             continue
         record["job_dir"] = str(path.parent)  # where the files are now (a result folder may have been moved)
         rows.append(record)

@@ -101,8 +101,8 @@ def git_commit() -> str | None:
 def config_hash(cfg: DictConfig) -> str:
     """Identity of a job: the resolved config minus what does not change the result."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("hydra", "logger", "progress", "threads", "compile", "cache_dir", "resume", "resume_studies", "save_sparse",
-                "max_budget"):
+    for key in ("hydra", "logger", "progress", "threads", "compile", "cache_dir", "resume", "resume_studies",
+                "save_sparse", "max_budget"):
         plain.pop(key, None)
     return stable_hash(plain, length=16)
 
@@ -135,10 +135,11 @@ def check_budget(cfg: DictConfig, algorithm: PTSAlgorithm) -> None:
     fraction, limit = algorithm.budget_fraction, float(cfg.get("max_budget", 10))
     if fraction is not None and fraction > limit:
         raise_it = f", or set max_budget={math.ceil(fraction)} to run it as asked" if fraction < 1e6 else ""
+        times = count_text(fraction) if fraction >= 100 else f"{fraction:.3g}"
         raise ConfigError(
-            f"algorithm.budget={cfg.algorithm.get('budget', 1)} asks {algorithm.name} for {algorithm.budget_work()}: "
-            f"{count_text(fraction) if fraction >= 100 else f'{fraction:.3g}'} times its reference budget, above "
-            f"max_budget={limit:g}. Lower algorithm.budget (or the preset's step counts){raise_it}.")
+            f"algorithm.budget={cfg.algorithm.get('budget', 1)} asks {algorithm.name} for "
+            f"{algorithm.budget_work()}: {times} times its reference budget, above max_budget={limit:g}. "
+            f"Lower algorithm.budget (or the preset's step counts){raise_it}.")
 
 
 def base_record(cfg: DictConfig) -> dict[str, Any]:
@@ -168,7 +169,8 @@ def base_record(cfg: DictConfig) -> dict[str, Any]:
 def validate_config(cfg: DictConfig) -> float:
     """Cheap checks that run before anything is loaded or trained; returns the target sparsity (under N:M,
     exactly 1 - N/M)."""
-    target = check_pattern_target(parse_pattern(cfg.get("pattern", "unstructured")), check_sparsity(cfg.sparsity))
+    pattern = parse_pattern(cfg.get("pattern", "unstructured"))
+    target = check_pattern_target(pattern, check_sparsity(cfg.sparsity))
     check_config(cfg)
     check_checkpoint_fits(cfg.model, str(cfg.data.name))
     if int(cfg.calib.n) < int(cfg.calib.batch_size):
@@ -263,7 +265,8 @@ def prepare(cfg: DictConfig, job: JobLog, sweep: str, refused: PtsbenchError | N
     """Build and check everything (config, data, calibration draw, model, layers), then the dense weights.
 
     Everything that can be checked is checked before dense training or any other long work; `refused` is an
-    error found before the job's record existed (a bad resume_studies), raised once the record names the method.
+    error found before the job's record existed (a bad resume_studies), raised once the record names the
+    method.
     """
     record = job.record
     algorithm = build_algorithm(cfg)  # first, so a failed record still names its method
@@ -310,12 +313,13 @@ def prepare(cfg: DictConfig, job: JobLog, sweep: str, refused: PtsbenchError | N
 
 
 def report_dense_zeros(record: dict[str, Any], dense_zeros: dict[str, int]) -> None:
-    """Exact zeros the dense weights already hold (the shipped fp16 resnet18 has 4): how many and where, in the
-    record and the log. The audit counts them as each layer's floor (`ptsbench.audit.target_missed`)."""
+    """Exact zeros the dense weights already hold (the shipped fp16 resnet18 has 4): how many and where, in
+    the record and the log. The audit counts them as each layer's floor (`ptsbench.audit.target_missed`)."""
     where = [[name, count] for name, count in dense_zeros.items() if count]
     record.update(dense_zero_weights=sum(count for _, count in where), dense_zero_layers=where)
     if where:
-        listing = ", ".join(f"{name}: {count}" for name, count in where[:6]) + (" ..." if len(where) > 6 else "")
+        listing = ", ".join(f"{name}: {count}" for name, count in where[:6])
+        listing += " ..." if len(where) > 6 else ""
         log.info("The dense weights already hold %d zero weights in %d prunable layers (%s); where the "
                  "allocation asks for fewer, they are the layer's floor, not a miss.",
                  record["dense_zero_weights"], len(where), listing)
@@ -333,9 +337,9 @@ def prune_and_audit(cfg: DictConfig, job: JobLog, prep: PreparedJob) -> tuple[Pr
     job.record.update(cost.record())
     bad = non_finite_tensors(result.model.state_dict())
     if bad:
-        raise NonFiniteError(f"After the pruning step of {prep.algorithm.label}, the model holds NaN or inf in "
-                             f"{len(bad)} tensor(s): {show_names(bad)}. The job stops before the audit and the "
-                             f"evaluation, which would report the chance accuracy of NaN logits.")
+        raise NonFiniteError(f"After the pruning step of {prep.algorithm.label}, the model holds NaN or inf "
+                             f"in {len(bad)} tensor(s): {show_names(bad)}. The job stops before the audit "
+                             f"and the evaluation, which would report the chance accuracy of NaN logits.")
 
     sparse_layers = [PrunableLayer(ly.name, result.model.get_submodule(ly.name), ly.kind) for ly in prep.layers]
     spec = prep.data.spec
@@ -389,7 +393,8 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
     refused: PtsbenchError | None = None
     try:  # resume_studies is read whatever `resume` says; a bad entry fails the job inside its record
         studies = read_studies(str(s) for s in cfg.get("resume_studies") or [])
-        done = find_finished(record["config_hash"], resume_dirs or [out_dir], studies) if cfg.get("resume") else None
+        done = (find_finished(record["config_hash"], resume_dirs or [out_dir], studies)
+                if cfg.get("resume") else None)
     except PtsbenchError as exc:
         refused, done = exc, None
     if done is not None:

@@ -150,6 +150,7 @@ def scaled(count: int, budget: float, minimum: int = 1) -> int:
     if count == 0 or budget == 1.0:  # a stage switched off stays off
         return count
     if not math.isfinite(count * budget):
-        raise ConfigError(f"algorithm.budget={budget:g} times the preset's {count:,} steps is not a finite number; "
-                          f"algorithm.budget is a factor on the preset's steps, epochs and generations.")
+        raise ConfigError(f"algorithm.budget={budget:g} times the preset's {count:,} steps is not a finite "
+                          "number; algorithm.budget is a factor on the preset's steps, epochs and "
+                          "generations.")
     return max(minimum, round(count * budget))

@@ -218,7 +218,8 @@ class FCPTS(PTSAlgorithm):
         return self.optim.iterations / REFERENCE_ITERATIONS
 
     def budget_work(self) -> str:
-        return f"{count_text(self.optim.iterations)} optimisation iterations (reference: {REFERENCE_ITERATIONS:,})"
+        iterations = count_text(self.optim.iterations)
+        return f"{iterations} optimisation iterations (reference: {REFERENCE_ITERATIONS:,})"
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         erk_allocation(layers, check_sparsity(target), self.erk_power_scale)

@@ -178,9 +178,10 @@ class UniPTS(PTSAlgorithm):
 
     def budget_work(self) -> str:
         ref_population, ref_generations, ref_epochs = BUDGETS["reference"]
-        return (f"{count_text(self.search.generations)} search generations of {self.search.population_size} candidates "
-                f"and {count_text(self.training.epochs)} training epochs (reference: {ref_generations} generations of "
-                f"{ref_population}, {ref_epochs} epochs)")
+        generations, epochs = count_text(self.search.generations), count_text(self.training.epochs)
+        return (f"{generations} search generations of {self.search.population_size} candidates and {epochs} "
+                f"training epochs (reference: {ref_generations} generations of {ref_population}, "
+                f"{ref_epochs} epochs)")
 
     def budget_tags(self) -> list[str]:
         """What a label says of the budget: nothing for the reference one (as FCPTS's labels), else its
