@@ -58,7 +58,8 @@ def read_allocation_file(path: str | Path, layers: list[PrunableLayer], target: 
     key = f"algorithm.allocation_file={str(path)!r}"
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"{key} does not exist; give the allocation.csv of a job.")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError(f"{key} {what}; give the allocation.csv of a job.")
     try:
         table = pd.read_csv(path)
     except pd.errors.EmptyDataError:
