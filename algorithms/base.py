@@ -107,6 +107,11 @@ class PTSAlgorithm(ABC):
         """The work this run's budget buys, as a share of the method's reference budget (None: no knob)."""
         return None
 
+    def budget_work(self) -> str | None:
+        """This run's work in the method's own units beside the reference's, e.g. '3,200 optimisation
+        iterations (reference: 1,600)', for the harness's message about a budget (None: no knob)."""
+        return None
+
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         """Check options against the model before any expensive work; raise ConfigError on bad input."""
         return None

@@ -39,9 +39,10 @@ from ptsbench.reconstruct import (
     reconstruction_budget,
     summarise,
 )
-from ptsbench.settings import COUNT, read_budget, scaled
+from ptsbench.settings import COUNT, count_text, read_budget, scaled
 from ptsbench.sparsity import (
     ALLOCATIONS,
+    TARGET_SLACK_PER_LAYER,
     PrunableLayer,
     allocate,
     apply_masks,
@@ -57,35 +58,63 @@ CALIBRATED_ALLOCATIONS = ("owl",)
 ALLOCATION_CHOICES = ALLOCATIONS + CALIBRATED_ALLOCATIONS + ("from_file",)
 
 
-def read_allocation_file(path: str | Path, layers: list[PrunableLayer], target: float,
-                         tolerance: float = 5e-3) -> dict[str, float]:
-    """Per-layer sparsities from another job's allocation.csv (its audited `achieved_sparsity` column)."""
+def read_allocation_file(path: str | Path, layers: list[PrunableLayer], target: float) -> dict[str, float]:
+    """Per-layer sparsities from another job's allocation.csv (its audited `achieved_sparsity` column).
+
+    Checked before any work as strictly as the final audit checks the job: one row per model layer, each a
+    number in [0, 1], and the zeros they give within one weight per layer of target x weights.
+    """
+    key = f"algorithm.allocation_file={str(path)!r}"
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"algorithm.allocation_file={str(path)!r} does not exist.")
-    table = pd.read_csv(path)
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError(f"{key} {what}; give the allocation.csv of a job.")
+    try:
+        table = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ConfigError(f"{key} is empty; give the allocation.csv of a job (a row per layer).") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:160]
+        raise ConfigError(f"{key} is not a CSV table ({type(exc).__name__}: {reason}); give the "
+                          "allocation.csv of a job.") from None
     column = "achieved_sparsity" if "achieved_sparsity" in table else "target_sparsity"
     if "name" not in table or column not in table:
-        raise ConfigError(f"{path} has no 'name' and 'achieved_sparsity' columns (an allocation.csv from a job).")
-    given = dict(zip(table["name"], table[column], strict=True))
+        found = ", ".join(map(str, table.columns[:8])) or "none"
+        raise ConfigError(f"{key} has no 'name' and 'achieved_sparsity' columns (found: {found}); give the "
+                          "allocation.csv of a job.")
+
+    def rows(where: pd.Series) -> str:  # the header is line 1
+        found = [f"line {i + 2} ({table.at[i, 'name']!r}: {table.at[i, column]!r})"
+                 for i in table.index[where]]
+        return ", ".join(found[:5]) + (f" ... ({len(found)} rows in all)" if len(found) > 5 else "")
+
+    repeated = table["name"].duplicated(keep=False)
+    if repeated.any():
+        raise ConfigError(f"{key} lists a layer more than once: {rows(repeated)}. One row per layer, please.")
+    values = pd.to_numeric(table[column], errors="coerce")
+    outside = values.isna() | (values < 0) | (values > 1)
+    if outside.any():
+        raise ConfigError(f"{key}: column {column!r} must hold a sparsity in [0, 1] in every row; it "
+                          f"does not in {rows(outside)}.")
+    given = dict(zip(table["name"], values, strict=True))
     names = {ly.name for ly in layers}
-    unknown = sorted(set(given) - names)
+    unknown = sorted(map(str, set(given) - names))
     missing = sorted(names - set(given))
     if unknown or missing:
         raise ConfigError(
-            f"Allocation file {path} does not fit this model: layers the model does not have: "
-            f"{unknown[:8] or 'none'}; model layers the file lacks: {missing[:8] or 'none'}."
+            f"{key} does not fit this model: layers the model does not have: {unknown[:8] or 'none'}; model "
+            f"layers the file lacks: {missing[:8] or 'none'}."
         )
     layer_rates = {name: float(given[name]) for name in names}
-    bad = {name: v for name, v in layer_rates.items() if not 0.0 <= v <= 1.0}
-    if bad:
-        raise ConfigError(f"Allocation file {path} has layer sparsities outside [0, 1]: {dict(list(bad.items())[:5])}.")
     total = sum(ly.numel for ly in layers)
-    reached = sum(layer_rates[ly.name] * ly.numel for ly in layers) / total
-    if abs(reached - target) > tolerance:
+    zeros = sum(counts_from_rates(layers, layer_rates).values())
+    slack = TARGET_SLACK_PER_LAYER * len(layers)
+    if abs(zeros - target * total) > slack:
         raise ConfigError(
-            f"Allocation file {path} gives global sparsity {reached:.4f}, not the target {target} "
-            f"(tolerance {tolerance}). Use the file with sparsity={reached:.4f} or pick another file."
+            f"{key} gives global sparsity {zeros / total:.8g} ({zeros} of {total} weights), "
+            f"{abs(zeros - target * total):.0f} weights from the target sparsity={target}; the audit allows "
+            f"{slack} (one per layer), so the job would end target_missed. Use the file with "
+            f"sparsity={zeros / total:.8g}, or pick another file."
         )
     return layer_rates
 
@@ -221,6 +250,12 @@ class MagnitudePruning(PTSAlgorithm):
     @property
     def budget_fraction(self) -> float | None:
         return self.recon.iterations / REFERENCE_STEPS if self.recon.mode != "none" else None
+
+    def budget_work(self) -> str | None:
+        if self.recon.mode == "none":
+            return None
+        steps = count_text(self.recon.iterations)
+        return f"{steps} reconstruction steps per {self.recon.mode} (reference: {REFERENCE_STEPS:,})"
 
     def budget_tags(self) -> list[str]:
         return [f"x{self.budget_scale:g}"] if self.recon.mode != "none" and self.budget_scale != 1.0 else []

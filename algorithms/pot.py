@@ -44,7 +44,7 @@ from ptsbench.reconstruct import (
     reconstruction_tags,
     summarise,
 )
-from ptsbench.settings import read_budget, scaled
+from ptsbench.settings import count_text, read_budget, scaled
 from ptsbench.sparsity import (
     ALLOCATIONS,
     PrunableLayer,
@@ -91,6 +91,10 @@ class POT(PTSAlgorithm):
     @property
     def budget_fraction(self) -> float:
         return self.recon.iterations / REFERENCE_STEPS
+
+    def budget_work(self) -> str:
+        steps = count_text(self.recon.iterations)
+        return f"{steps} calibration steps per {self.recon.mode} (reference: {REFERENCE_STEPS:,})"
 
     def budget_tags(self) -> list[str]:
         """Nothing at msbench's 20,000 steps per layer, 'quick' at pot_quick's 200, else the steps (and rates)."""

@@ -11,10 +11,13 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ptsbench.config import check_constructor_keys, register_configs
-from ptsbench.runner import JobFailed, run_job
+from ptsbench.errors import FolderTaken, PtsbenchError
+from ptsbench.paths import why_unwritable
+from ptsbench.results import RESULT_FILE, folder_owner, place_job, read_result
+from ptsbench.runner import JobFailed, config_hash, run_job
 from ptsbench.tracking import Tracker, sweep_group
 
 log = logging.getLogger("ptsbench")
@@ -65,6 +68,65 @@ def device_per_job(cfg: DictConfig, hc, gpus: int | None = None) -> str | None:
     return f"cuda:{int(hc.job.num) % gpus}"
 
 
+def job_identity(root: DictConfig) -> str:
+    """The config hash that the job of this full config (Hydra's node included) records: its task config as
+    `app` runs it, with the launcher's device placement (threads are not part of a job's identity)."""
+    task = OmegaConf.masked_copy(root, [k for k in root if k != "hydra"])
+    task = OmegaConf.create(OmegaConf.to_container(task, resolve=True))
+    device = device_per_job(task, root.hydra)
+    if device:
+        task.device = device
+    return config_hash(task)
+
+
+def job_dir_resolver(preferred: object, *, _root_: DictConfig) -> str:
+    """`${ptsbench.job_dir:<layout>}` in hydra.sweep.subdir: the job's folder found by what the job is
+    (`ptsbench.results.place_job`), so that Hydra's logs and .hydra files land there from the start."""
+    try:
+        return place_job(Path(str(_root_.hydra.sweep.dir)), str(preferred), job_identity(_root_))
+    except Exception:  # a config that does not resolve: the job reports it, the runner checks its folder
+        return str(preferred)
+
+
+def provenance_resolver(subdir: object, *, _root_: DictConfig) -> str | None:
+    """`${ptsbench.provenance:.hydra}` in hydra.output_subdir: no provenance files are written into a folder
+    that belongs to another job, nor over a finished one that `resume=true` will skip."""
+    try:
+        folder, identity = Path(str(_root_.hydra.runtime.output_dir)), job_identity(_root_)
+    except Exception:  # resolved outside a job (a sweeper's filter): nothing is written then
+        return str(subdir)
+    if folder_owner(folder) not in (None, identity):
+        return None
+    done = read_result(folder / RESULT_FILE) if _root_.get("resume") else None
+    skipped = done is not None and done.get("config_hash") == identity and done.get("status") == "ok"
+    return None if skipped else str(subdir)
+
+
+OmegaConf.register_new_resolver("ptsbench.job_dir", job_dir_resolver, replace=True)
+OmegaConf.register_new_resolver("ptsbench.provenance", provenance_resolver, replace=True)
+
+
+def run_in_own_folder(cfg: DictConfig, out_dir: Path, hc, **kwargs) -> dict:
+    """`run_job` in `out_dir`; in a sweep whose folder belongs to another job (a layout written without
+    ptsbench.job_dir, e.g. hydra.sweep.subdir=${sparsity} over two allocations), in `<folder>-<hash[:8]>`
+    with its own provenance files, leaving the other job's files alone. A single run's folder is refused."""
+    try:
+        return run_job(cfg, out_dir, **kwargs)
+    except FolderTaken:
+        if hc.mode != RunMode.MULTIRUN:
+            raise
+    identity = config_hash(cfg)
+    moved = out_dir.with_name(f"{out_dir.name}-{identity[:8]}")
+    log.warning("%s belongs to another job; this job (config hash %s) runs in %s. Write the layout as "
+                "hydra.sweep.subdir='${ptsbench.job_dir:<layout>}' to place each job by what it is.",
+                out_dir, identity, moved)
+    (moved / ".hydra").mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hc})),
+                       ("overrides.yaml", hc.overrides.task)):
+        OmegaConf.save(node, moved / ".hydra" / name)
+    return run_job(cfg, moved, **kwargs)
+
+
 def sweep_name(hc) -> str:
     if hc.mode == RunMode.MULTIRUN:
         return sweep_group(hc.sweep.dir)
@@ -84,13 +146,25 @@ def app(cfg: DictConfig) -> None:
             cfg.threads = threads
         if device:
             cfg.device = device
+    multirun = hc.mode == RunMode.MULTIRUN
     try:
-        resume_dirs = [Path(hc.sweep.dir)] if hc.mode == RunMode.MULTIRUN else [out_dir]
-        record = run_job(cfg, out_dir, tracker, sweep=sweep_name(hc), resume_dirs=resume_dirs)
+        resume_dirs = [Path(hc.sweep.dir)] if multirun else [out_dir]
+        record = run_in_own_folder(cfg, out_dir, hc, tracker=tracker, sweep=sweep_name(hc),
+                                   resume_dirs=resume_dirs)
+        out_dir = Path(record.get("job_dir") or out_dir)
     except JobFailed as failure:
-        log.error("Job failed: %s (recorded in %s)", failure.record["error"], out_dir / "result.json")
-        if hc.mode != RunMode.MULTIRUN:
+        log.error("Job failed: %s (recorded in %s)", failure.record["error"],
+                  Path(failure.record.get("job_dir") or out_dir) / "result.json")
+        if not multirun:
             print(f"ptsbench: {failure.record['error']}", file=sys.stderr)
+            sys.exit(1)
+        return
+    except (PtsbenchError, OSError) as exc:  # nothing could be recorded in the job's folder
+        message = str(exc) if isinstance(exc, PtsbenchError) else (
+            f"the job's files could not be written in {out_dir}: {why_unwritable(exc)}.")
+        log.error("Job not run: %s", message)
+        if not multirun:
+            print(f"ptsbench: {message}", file=sys.stderr)
             sys.exit(1)
         return
     if record.get("skipped"):

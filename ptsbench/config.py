@@ -109,6 +109,7 @@ class PtsbenchConfig:
     save_sparse: bool = False  # write the pruned model (safetensors + compact bit-mask form) and re-check it
     resume: bool = False  # skip jobs whose identical config already finished in this sweep
     resume_studies: list[str] = field(default_factory=list)  # and those already in these collected studies
+    max_budget: float = 10.0  # the most work a job may ask of a method, in multiples of its reference budget
     cache_dir: str = MISSING
     experiment_name: str = "default"
 
@@ -133,6 +134,7 @@ RANGES: dict[str, Range] = {
     "calib.n": COUNT,
     "calib.batch_size": COUNT,
     "eval.batch_size": COUNT,
+    "max_budget": POSITIVE,
 }
 # The dense training recipe; checked after `model.train_overrides` is applied, so an override is named.
 TRAIN_RANGES: dict[str, Range] = {

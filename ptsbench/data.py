@@ -224,10 +224,11 @@ def build_cifar10(cfg, img_size: int | None, cache_dir: Path, model_name: str | 
     try:
         tr = CIFAR10(str(cfg.root), train=True, download=bool(cfg.get("download", False)))
         te = CIFAR10(str(cfg.root), train=False, download=False)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # torchvision's own hint names its argument, not this config's key
         raise DataError(
-            f"CIFAR-10 not found under {cfg.root!r}: expected {cfg.root}/cifar-10-batches-py with the python "
-            f"batches (torchvision's on-disk format). {exc}"
+            f"CIFAR-10 not found under data.root={cfg.root!r}: expected {cfg.root}/cifar-10-batches-py with "
+            f"the python batches (torchvision's on-disk format). Set data.download=true to download it there "
+            f"(needs network), or point data.root at a folder holding it."
         ) from exc
     size = img_size or 32
     spec = DataSpec("cifar10", 10, 3, size, CIFAR10_MEAN, CIFAR10_STD)

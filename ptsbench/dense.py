@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ptsbench.data import DataBundle, build_data
-from ptsbench.errors import CheckpointError
+from ptsbench.errors import CheckpointError, NonFiniteError
 from ptsbench.evaluate import evaluate
 from ptsbench.models import (
     check_input_size,
@@ -23,9 +23,11 @@ from ptsbench.models import (
     file_sha256,
     load_checkpoint,
     load_state_strict,
+    non_finite_tensors,
     plain,
     read_state_dict,
     save_state,
+    show_names,
     stable_hash,
     verify_checkpoint,
 )
@@ -70,7 +72,7 @@ def build_model(cfg: DictConfig, data: DataBundle) -> nn.Module:
     torch.manual_seed(int(cfg.train.seed))
     from_hub = bool(cfg.model.get("pretrained")) and not cfg.model.get("checkpoint")
     model = create_model(cfg.model, data.spec, pretrained=from_hub)
-    check_input_size(model, data.spec)
+    check_input_size(model, data.spec, bool(cfg.model.get("img_size_arg", False)))
     return model
 
 
@@ -106,6 +108,10 @@ def load_dense_weights(cfg: DictConfig, model: nn.Module, data: DataBundle, cach
                 log.info("Dense %s trained in %.0f s, cached at %s", cfg.model.name, info["train_seconds"], weights)
         info["weights"] = str(weights)
         sha256 = file_sha256(weights)
+    bad = non_finite_tensors(model.state_dict())  # a checkpoint is checked as it loads; hub and recipe here
+    if bad:
+        raise NonFiniteError(f"The dense weights of {cfg.model.name} ({source}) hold NaN or inf in "
+                             f"{len(bad)} tensor(s): {show_names(bad)}. Nothing is pruned from them.")
     model.to(device).eval()
     top1, top5 = _dense_accuracy(model, data, key, cfg, dense_dir, device)
     return Dense(source, key, top1, top5, info, sha256)
@@ -136,7 +142,9 @@ def _dense_accuracy(model: nn.Module, data: DataBundle, key: str, cfg: DictConfi
             cached = json.loads(path.read_text())
             return float(cached["top1"]), float(cached["top5"])
         result = evaluate(model, data.test, device, batch_size=int(cfg.eval.batch_size),
-                          num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last))
+                          num_workers=int(cfg.data.get("num_workers", 0)),
+                          channels_last=bool(cfg.eval.channels_last),
+                          what=f"the dense model {cfg.model.name}")
         write_json(path, result.as_dict())
     log.info("Dense %s: top-1 %.2f%% top-5 %.2f%% on %d images", cfg.model.name, result.top1, result.top5, result.images)
     return result.top1, result.top5

@@ -22,7 +22,19 @@ class CheckpointError(PtsbenchError):
     """A checkpoint is missing, unreadable, or does not match the model."""
 
 
-class NonFiniteLossError(PtsbenchError):
+class ResultsError(PtsbenchError):
+    """A result or record file (result.json, a study's records.jsonl) cannot be read."""
+
+
+class FolderTaken(ConfigError):
+    """A job's folder already belongs to another job (another config hash)."""
+
+
+class NonFiniteError(PtsbenchError):
+    """A weight, a statistic or an output became NaN or infinite: the job stops rather than report garbage."""
+
+
+class NonFiniteLossError(NonFiniteError):
     """An algorithm's loss became NaN or infinite."""
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ptsbench.data import iterate_batches
+from ptsbench.errors import NonFiniteError
 
 
 @dataclass
@@ -32,13 +33,36 @@ def is_convolutional(model: nn.Module) -> bool:
     return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
 
 
+def first_non_finite_module(model: nn.Module, images: torch.Tensor) -> str | None:
+    """The first module (in execution order) whose output holds NaN or inf on `images`, named in errors."""
+    found: list[str] = []
+
+    def check(name: str):
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            tensors = [o for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+            if not found and not all(bool(torch.isfinite(t).all()) for t in tensors):
+                found.append(f"{name} ({type(module).__name__})")
+        return hook
+
+    handles = [m.register_forward_hook(check(n)) for n, m in model.named_modules() if n]
+    try:
+        model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
+
+
 def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 500,
-             num_workers: int = 0, channels_last: bool = False) -> EvalResult:
+             num_workers: int = 0, channels_last: bool = False, what: str | None = None) -> EvalResult:
     """Accuracy of `model` on `dataset`; the model's train/eval mode is restored afterwards.
 
     `channels_last` runs a CNN's convolutions in NHWC layout (1.3-1.9x faster on this CPU); the model's
     memory format is restored afterwards. Models with at most one convolution (ViTs) keep the default
-    layout, where NHWC only adds conversions.
+    layout, where NHWC only adds conversions. With `what` (e.g. "the sparse model"), logits holding NaN or
+    inf raise NonFiniteError naming the batch and the first module that produced one: their argmax scores
+    chance and would be reported as an accuracy. A search's candidates pass None and simply score low.
     """
     channels_last = channels_last and is_convolutional(model)
     was_training = model.training
@@ -49,11 +73,21 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "c
     correct1 = correct5 = total = 0
     start = time.perf_counter()
     with torch.inference_mode():
-        for images, labels in iterate_batches(dataset, batch_size, num_workers=num_workers,
-                                              pin_memory=torch.device(device).type == "cuda"):
+        batches = iterate_batches(dataset, batch_size, num_workers=num_workers,
+                                  pin_memory=torch.device(device).type == "cuda")
+        for batch, (images, labels) in enumerate(batches):
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
             logits = model(images)
+            if what is not None and not bool(torch.isfinite(logits).all()):
+                module = first_non_finite_module(model, images)
+                model.train(was_training)
+                raise NonFiniteError(
+                    f"Evaluating {what}: the logits of evaluation batch {batch} (images {total}-"
+                    f"{total + len(labels) - 1}) hold NaN or inf; the first module with a non-finite "
+                    f"output is {module or 'not found'}. "
+                    f"The job stops rather than report the chance accuracy of NaN logits."
+                )
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices
             hits = top.eq(labels.unsqueeze(1))

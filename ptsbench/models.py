@@ -69,17 +69,20 @@ def create_model(model_cfg: DictConfig, spec: DataSpec, pretrained: bool = False
         ) from exc
 
 
-def check_input_size(model: nn.Module, spec: DataSpec) -> None:
-    """Run one tiny forward so an image size the model cannot take fails before any expensive work."""
+def check_input_size(model: nn.Module, spec: DataSpec, img_size_arg: bool = True) -> None:
+    """Run one tiny forward so an image size the model cannot take fails before any expensive work; without
+    `img_size_arg`, the hint names it (a ViT or DeiT fixes its input size when it is built)."""
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             model(torch.zeros(1, spec.in_chans, spec.img_size, spec.img_size, device=next(model.parameters()).device))
     except Exception as exc:
+        hint = "" if img_size_arg else (" An architecture that fixes its input size when it is built (ViT, "
+                                        "DeiT) takes the data's with model.img_size_arg=true.")
         raise ConfigError(
             f"The model cannot take {spec.in_chans}x{spec.img_size}x{spec.img_size} inputs ({exc}). "
-            f"Change model.img_size or data.img_size."
+            f"Change model.img_size or data.img_size.{hint}"
         ) from exc
     finally:
         model.train(was_training)
@@ -117,6 +120,34 @@ def resolve_checkpoint_path(spec: str | Path) -> Path:
     return Path(list(found.submodule_search_locations)[0]) / inner
 
 
+def check_checkpoint_fits(model_cfg: DictConfig, data_name: str) -> None:
+    """Weights written by `python -m ptsbench.zoo` name, in their safetensors header, the timm architecture
+    and the data they were trained for. A model config's shipped checkpoint kept under another `model.name`
+    (or data set) would only fail later with hundreds of missing keys: refused before any work instead."""
+    spec = model_cfg.get("checkpoint")
+    if not spec:
+        return
+    try:
+        path = resolve_checkpoint_path(spec)
+        if path.suffix != ".safetensors" or not path.is_file():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # missing or unreadable: reported, with its own reason, where the weights load
+        return
+    for key, what, given, trained in (("model.name", "the architecture", model_cfg.name, meta.get("model")),
+                                      ("data", "the data set", data_name, meta.get("data"))):
+        if trained and trained != given:
+            raise CheckpointError(
+                f"{key}={given!r}, but model.checkpoint={str(spec)!r} holds weights trained for {what} "
+                f"{trained!r} (a model config's shipped dense weights belong to its own architecture and "
+                f"data). Set model.checkpoint=null to train {model_cfg.name!r} on {data_name} with the "
+                f"harness's recipe, or model.checkpoint=PATH to weights of that model."
+            )
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors or a weights-only torch file (common wrappers unwrapped)."""
     path = resolve_checkpoint_path(path)
@@ -146,19 +177,61 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def show_names(names: list[str], limit: int = 8) -> str:
+    """The first `limit` names, then how many there are in all ('none' for none)."""
+    if not names:
+        return "none"
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """'name (k NaN, j inf)' for every floating-point tensor that holds a NaN or an infinity."""
+    bad = []
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            continue
+        finite = torch.isfinite(tensor)
+        if bool(finite.all()):
+            continue
+        nan = int(torch.isnan(tensor).sum())
+        inf = tensor.numel() - int(finite.sum()) - nan
+        counts = [f"{nan} NaN"] * bool(nan) + [f"{inf} inf"] * bool(inf)
+        bad.append(f"{name} ({', '.join(counts)})")
+    return bad
+
+
 def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strict loading with an error that lists missing, unexpected and mis-shaped keys."""
+    """Strict loading with an error that lists missing, unexpected and mis-shaped keys.
+
+    Like safetensors, which loads nothing but tensors, only float tensors are taken for float weights and
+    statistics (an int8 or bool tensor would be cast silently), and none may hold NaN or inf: a model with
+    one evaluates to NaN logits, whose argmax scores chance, and methods fail on it for misleading reasons.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mis_shaped = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or mis_shaped:
-        def show(keys):
-            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "") if keys else "none"
         raise CheckpointError(
-            f"Checkpoint {source} does not match {type(model).__name__}: missing keys: {show(missing)}; "
-            f"unexpected keys: {show(unexpected)}; shape mismatches: {show(mis_shaped)}."
+            f"Checkpoint {source} does not match {type(model).__name__}: missing keys: "
+            f"{show_names(missing)}; unexpected keys: {show_names(unexpected)}; shape mismatches: "
+            f"{show_names(mis_shaped)}."
+        )
+    not_float = [f"{k} ({state[k].dtype})" for k in own
+                 if own[k].is_floating_point() and not state[k].is_floating_point()]
+    if not_float:
+        raise CheckpointError(
+            f"Checkpoint {source} holds non-float tensors where {type(model).__name__} has float weights or "
+            f"statistics: {show_names(not_float)}. Only float checkpoints are loaded (a quantized or integer "
+            f"tensor would be cast silently); convert it to float first."
+        )
+    bad = non_finite_tensors({k: state[k] for k in own})
+    if bad:
+        raise CheckpointError(
+            f"Checkpoint {source} holds NaN or infinite values in {len(bad)} tensor(s): {show_names(bad)}. "
+            f"Nothing is pruned from it: such a model evaluates to NaN logits (chance accuracy). Repair or "
+            f"replace the checkpoint."
         )
     model.load_state_dict(state, strict=True)
 

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 from pathlib import Path
 
 from ptsbench.errors import ConfigError
+
+PROBE_BYTES = 1 << 16  # about what a job writes first (.hydra, the identity file, the calibration indices)
 
 
 def safe_child(root: Path, *parts: str) -> Path:
@@ -27,3 +32,34 @@ def safe_subdir(root: Path, *parts: str) -> Path:
     path = safe_child(root, *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def why_unwritable(exc: OSError) -> str:
+    """The reason behind a failed folder creation or write, in words."""
+    reasons = {
+        errno.EEXIST: "a file, not a folder, is already at that path",
+        errno.ENOTDIR: "a file, not a folder, is in the way on that path",
+        errno.ENAMETOOLONG: "a name on that path is longer than the file system allows",
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is used up",
+        errno.EACCES: "there is no permission to write there",
+        errno.EPERM: "there is no permission to write there",
+        errno.EROFS: "the file system is read-only",
+    }
+    return f"{reasons.get(exc.errno, 'the system refused it')} ({exc.strerror or exc})"
+
+
+def check_output_dir(path: str | Path, key: str) -> Path:
+    """Create the output folder `path` with its parents and write a small file in it: a path that is a file,
+    a name too long, a full disk or a read-only place is a ConfigError naming `key`, before any job runs."""
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"\0" * PROBE_BYTES)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise ConfigError(f"{key}={str(path)!r} cannot hold the job's files: {why_unwritable(exc)}. "
+                          f"Set {key} to a folder that can be created and written.") from None
+    return folder

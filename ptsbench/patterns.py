@@ -13,8 +13,9 @@ Rules chosen here, and why:
   (`pattern_dense_layers`), never silently: padding a row would give hardware groups that straddle
   output channels.
 * The pattern fixes each layer's rate, so the global target is not free: `sparsity` must equal 1 - N/M
-  (checked before any work). The achieved sparsity over all prunable weights is then a little lower when
-  some layers stay dense; the record says by how much.
+  to the 4 decimals a user types (0.6667 for 1:3, checked before any work), and the job's target is then
+  1 - N/M exactly, which the layers the pattern applies to meet to the weight. The achieved sparsity over
+  all prunable weights is a little lower when some layers stay dense; the record and the audit name them.
 * Allocation strategies that vary per-layer rates (ERK, global, learned, from a file) contradict N:M and
   are refused with that reason.
 """
@@ -30,7 +31,7 @@ from ptsbench.errors import ConfigError, PtsbenchError
 from ptsbench.sparsity import PrunableLayer
 
 PRESETS = ("unstructured", "2:4", "4:8")
-TARGET_TOLERANCE = 5e-3  # lets sparsity=0.67 stand for 1:3
+TARGET_DECIMALS = 4  # sparsity=0.6667 stands for 1:3's 2/3; a value that rounds elsewhere is refused
 
 
 class PatternViolation(PtsbenchError):
@@ -82,12 +83,17 @@ def parse_pattern(value: object) -> Pattern:
     return Pattern(n, m)
 
 
-def check_pattern_target(pattern: Pattern, target: float) -> None:
-    """With N:M the sparsity is not a free choice: refuse a target the pattern cannot mean."""
-    if pattern.is_nm and abs(target - pattern.sparsity) > TARGET_TOLERANCE:
+def check_pattern_target(pattern: Pattern, target: float) -> float:
+    """The job's target: `target` itself, or under N:M exactly 1 - N/M, which `target` must give to
+    TARGET_DECIMALS decimals (with N:M the sparsity is not a free choice)."""
+    if not pattern.is_nm:
+        return target
+    typed = round(pattern.sparsity, TARGET_DECIMALS)
+    if abs(target - pattern.sparsity) > 0.5 * 10.0 ** -TARGET_DECIMALS + 1e-12:
         raise ConfigError(f"pattern={pattern} keeps {pattern.n} of every {pattern.m} weights, i.e. sparsity "
-                          f"{pattern.sparsity:.4g} in every layer it applies to, but sparsity={target}. "
-                          f"Set sparsity={pattern.sparsity:.4g} (or use pattern=unstructured).")
+                          f"1 - {pattern.n}/{pattern.m} = {typed:g} in every layer it applies to, but "
+                          f"sparsity={target}. Set sparsity={typed:g} (or use pattern=unstructured).")
+    return pattern.sparsity
 
 
 def row_length(weight: torch.Tensor) -> int:

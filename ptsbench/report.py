@@ -20,7 +20,7 @@ from matplotlib.lines import Line2D
 from ptsbench.analysis.reference import REFERENCE_CSV, write_reference_comparison
 from ptsbench.analysis.study import method_family, study_config
 from ptsbench.errors import PtsbenchError
-from ptsbench.results import load_records, save_figure, write_atomic, write_csv
+from ptsbench.results import UNREADABLE, load_records, save_figure, write_atomic, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,17 @@ def by_sparsity(summary: pd.DataFrame, headroom: pd.DataFrame | None = None) -> 
 
 
 def select_methods(table: pd.DataFrame, patterns: Sequence[str] | None) -> pd.DataFrame:
-    """The rows whose method label matches one of the shell-style `patterns` (all rows if none given)."""
+    """The rows whose method label matches one of the shell-style `patterns` (all rows if none given).
+
+    A job that failed before its method was built has no label and matches no pattern; a record that could
+    not be read stays, since it might have been of any method."""
     if not patterns or table.empty:
         return table
-    keep = table["method"].astype(str).map(lambda m: any(fnmatch.fnmatchcase(m, p) for p in patterns))
+
+    def matches(method: object) -> bool:
+        return isinstance(method, str) and any(fnmatch.fnmatchcase(method, p) for p in patterns)
+
+    keep = table["method"].map(matches) | (table["status"] == UNREADABLE)
     return table[keep].reset_index(drop=True)
 
 
@@ -232,6 +239,10 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path, methods: Seque
     n_failed = int((table["status"] != "ok").sum()) if len(table) else 0
     n_missed = int((table["status"] == "target_missed").sum()) if len(table) else 0
     header = f"# Results\n\n{len(table)} jobs from {', '.join(map(str, dirs))}; {n_failed - n_missed} failed.\n\n"
+    n_unreadable = int((table["status"] == UNREADABLE).sum()) if len(table) else 0
+    if n_unreadable:
+        header += (f"**{n_unreadable} records could not be read** (status `{UNREADABLE}`, file and line in "
+                   f"the status column): they are left out of every summary.\n\n")
     if n_missed:  # measured, but at another sparsity than asked: kept out of the by-sparsity summary
         header += (f"**{n_missed} jobs missed their sparsity target** (status `target_missed`, reason in the "
                    f"status column): their rows are listed below but left out of the summaries.\n\n")
@@ -288,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = f"matching {args.methods} " if args.methods else ""
         print(f"ptsbench-report: no result.json files {what}under {', '.join(args.dirs)}", file=sys.stderr)
         return 1
+    unreadable = table.loc[table["status"] == UNREADABLE, "error"].tolist()
+    for problem in unreadable:
+        print(f"ptsbench-report: left out: {problem}", file=sys.stderr)
     log.info("%d jobs (%d failed) -> %s/results.{csv,md}, accuracy_vs_sparsity.png",
              len(table), int((table["status"] != "ok").sum()), out)
     from ptsbench.analysis.pareto import write_pareto  # here, not on top: pareto builds on this module
@@ -306,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         log.info("%d measured rows, %d with a published counterpart -> %s/reference_comparison.{csv,md}",
                  len(comparison), int(comparison["published_method"].notna().sum()), out)
+    if unreadable:  # the tables are written, but they are not the whole of what was asked for
+        print(f"ptsbench-report: {len(unreadable)} records could not be read and are left out of the tables "
+              f"(status {UNREADABLE} in results.md).", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import platform
 import subprocess
 import time
@@ -34,18 +35,21 @@ from ptsbench.config import check_config, check_constructor_keys
 from ptsbench.cost import PruneCost, inference_cost
 from ptsbench.data import CalibrationSet, DataBundle, sample_calibration
 from ptsbench.dense import build_model, load_data, load_dense_weights
-from ptsbench.errors import ConfigError, DataError, PtsbenchError
+from ptsbench.errors import ConfigError, DataError, FolderTaken, NonFiniteError, PtsbenchError
 from ptsbench.evaluate import collect_logits, evaluate, logit_fidelity
-from ptsbench.models import stable_hash
+from ptsbench.models import check_checkpoint_fits, non_finite_tensors, show_names, stable_hash
 from ptsbench.patterns import check_pattern_target, parse_pattern
 from ptsbench.results import (
     ALLOCATION_FILE,
     CALIB_FILE,
     RESULT_FILE,
+    claim_folder,
     find_finished,
+    read_studies,
     write_csv,
     write_json,
 )
+from ptsbench.settings import count_text
 from ptsbench.sparsity import (
     PrunableLayer,
     PrunePolicy,
@@ -97,7 +101,8 @@ def git_commit() -> str | None:
 def config_hash(cfg: DictConfig) -> str:
     """Identity of a job: the resolved config minus what does not change the result."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("hydra", "logger", "progress", "threads", "compile", "cache_dir", "resume", "resume_studies", "save_sparse"):
+    for key in ("hydra", "logger", "progress", "threads", "compile", "cache_dir", "resume", "resume_studies",
+                "save_sparse", "max_budget"):
         plain.pop(key, None)
     # where a model is worth sweeping is a property of the studies, not of a job: a range recomputed from
     # new records must not change the identity of the jobs already run
@@ -117,6 +122,27 @@ def build_algorithm(cfg: DictConfig) -> PTSAlgorithm:
     if not isinstance(algorithm, PTSAlgorithm):
         raise ConfigError(f"algorithm._target_={cfg.algorithm._target_!r} is not a PTSAlgorithm subclass.")
     return algorithm
+
+
+def folder_taken(folder: Path, owner: str, identity: str, key: str | None = None) -> str:
+    """The refusal of a job folder that already belongs to another job."""
+    where = f"{key}={str(folder)!r}" if key else f"The job folder {str(folder)!r}"
+    return (f"{where} already belongs to another job (config hash {owner}; this job's is {identity}), and a "
+            f"folder holds one job's files. Give this job its own folder{f' ({key}=...)' if key else ''}, or "
+            f"delete {folder} to reuse it; an identical job (same config hash) may rerun in it.")
+
+
+def check_budget(cfg: DictConfig, algorithm: PTSAlgorithm) -> None:
+    """A budget far above the method's reference (algorithm.budget=1e9: years of FCPTS iterations) is a typo
+    more often than a plan: refused, with the work it asks for, unless `max_budget` is raised for it."""
+    fraction, limit = algorithm.budget_fraction, float(cfg.get("max_budget", 10))
+    if fraction is not None and fraction > limit:
+        raise_it = f", or set max_budget={math.ceil(fraction)} to run it as asked" if fraction < 1e6 else ""
+        times = count_text(fraction) if fraction >= 100 else f"{fraction:.3g}"
+        raise ConfigError(
+            f"algorithm.budget={cfg.algorithm.get('budget', 1)} asks {algorithm.name} for "
+            f"{algorithm.budget_work()}: {times} times its reference budget, above max_budget={limit:g}. "
+            f"Lower algorithm.budget (or the preset's step counts){raise_it}.")
 
 
 def base_record(cfg: DictConfig) -> dict[str, Any]:
@@ -144,10 +170,12 @@ def base_record(cfg: DictConfig) -> dict[str, Any]:
 
 
 def validate_config(cfg: DictConfig) -> float:
-    """Cheap checks that run before anything is loaded or trained; returns the target sparsity."""
-    target = check_sparsity(cfg.sparsity)
-    check_pattern_target(parse_pattern(cfg.get("pattern", "unstructured")), target)
+    """Cheap checks that run before anything is loaded or trained; returns the target sparsity (under N:M,
+    exactly 1 - N/M)."""
+    pattern = parse_pattern(cfg.get("pattern", "unstructured"))
+    target = check_pattern_target(pattern, check_sparsity(cfg.sparsity))
     check_config(cfg)
+    check_checkpoint_fits(cfg.model, str(cfg.data.name))
     if int(cfg.calib.n) < int(cfg.calib.batch_size):
         raise ConfigError(f"calib.n={cfg.calib.n} is below one calibration batch (calib.batch_size={cfg.calib.batch_size}).")
     return target
@@ -174,7 +202,8 @@ def save_and_verify_sparse(model: nn.Module, layers: list[PrunableLayer], cfg: D
     fresh_layers = [PrunableLayer(ly.name, fresh.get_submodule(ly.name), ly.kind) for ly in layers]
     reloaded = audit_model(fresh, fresh_layers, float(cfg.sparsity))
     ev = evaluate(fresh, data.test, device, batch_size=int(cfg.eval.batch_size),
-                  num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last))
+                  num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last),
+                  what="the reloaded sparse checkpoint")
     if abs(ev.top1 - expected_top1) > 1e-9:
         log.warning("Reloaded compact checkpoint gives top-1 %.4f, the pruned model %.4f", ev.top1, expected_top1)
     return {"checkpoint_bytes": dense_bytes, "compact_checkpoint_bytes": compact_bytes,
@@ -193,7 +222,7 @@ class PreparedJob:
     calib: CalibrationSet
     model: nn.Module
     layers: list[PrunableLayer]
-    dense_zeros: dict[str, int]  # zeros per prunable layer before pruning: explains a missed target
+    dense_zeros: dict[str, int]  # zeros per prunable layer before pruning: each layer's floor
     dense_logits: torch.Tensor | None
     compile: bool  # the job's `compile` key: fuse the methods' weight-sized elementwise chains
 
@@ -235,16 +264,21 @@ def recorded(record: dict[str, Any], out_dir: Path, tracker: Tracker) -> Iterato
             tracker.finish(_summary(record), failed=record["status"] != "ok")
 
 
-def prepare(cfg: DictConfig, job: JobLog, sweep: str) -> PreparedJob:
+def prepare(cfg: DictConfig, job: JobLog, sweep: str, refused: PtsbenchError | None = None) -> PreparedJob:
     """Build and check everything (config, data, calibration draw, model, layers), then the dense weights.
 
-    Everything that can be checked is checked before dense training or any other long work.
+    Everything that can be checked is checked before dense training or any other long work; `refused` is an
+    error found before the job's record existed (a bad resume_studies), raised once the record names the
+    method.
     """
     record = job.record
     algorithm = build_algorithm(cfg)  # first, so a failed record still names its method
     record.update(algorithm=algorithm.name, method=algorithm.label, algorithm_options=algorithm.options(),
                   method_family=algorithm.family, budget_fraction=algorithm.budget_fraction)
+    if refused is not None:
+        raise refused
     algorithm.set_pattern(parse_pattern(cfg.get("pattern", "unstructured")))  # refuses N:M if it cannot follow it
+    check_budget(cfg, algorithm)
     record.update(method=algorithm.label, method_family=algorithm.family)  # they name an N:M pattern
     target = validate_config(cfg)
     name = f"{cfg.model.name}-{algorithm.label}-{target:g}-s{cfg.seed}"
@@ -269,6 +303,7 @@ def prepare(cfg: DictConfig, job: JobLog, sweep: str) -> PreparedJob:
                   dense_sha256=dense.sha256,
                   dense_train_seconds=dense.info.get("train_seconds"))
     dense_zeros = {ly.name: int((ly.weight == 0).sum()) for ly in layers}
+    report_dense_zeros(record, dense_zeros)
     # On a probe set (a few dozen images) top-1 moves in coarse steps, so the dense logits are kept to
     # measure how closely the sparse model follows them; the algorithm may change `model` in place.
     dense_logits = (collect_logits(model, data.test, device, int(cfg.eval.batch_size))
@@ -278,6 +313,19 @@ def prepare(cfg: DictConfig, job: JobLog, sweep: str) -> PreparedJob:
     write_json(job.out_dir / CALIB_FILE, {"seed": calib.seed, "n": len(calib), "indices": calib.indices,
                                           "split": "train", "dataset": cfg.data.name})
     return PreparedJob(algorithm, target, device, data, calib, model, layers, dense_zeros, dense_logits, compile_)
+
+
+def report_dense_zeros(record: dict[str, Any], dense_zeros: dict[str, int]) -> None:
+    """Exact zeros the dense weights already hold (the shipped fp16 resnet18 has 4): how many and where, in
+    the record and the log. The audit counts them as each layer's floor (`ptsbench.audit.target_missed`)."""
+    where = [[name, count] for name, count in dense_zeros.items() if count]
+    record.update(dense_zero_weights=sum(count for _, count in where), dense_zero_layers=where)
+    if where:
+        listing = ", ".join(f"{name}: {count}" for name, count in where[:6])
+        listing += " ..." if len(where) > 6 else ""
+        log.info("The dense weights already hold %d zero weights in %d prunable layers (%s); where the "
+                 "allocation asks for fewer, they are the layer's floor, not a miss.",
+                 record["dense_zero_weights"], len(where), listing)
 
 
 def prune_and_audit(cfg: DictConfig, job: JobLog, prep: PreparedJob) -> tuple[PruneResult, list[PrunableLayer], Audit]:
@@ -290,6 +338,11 @@ def prune_and_audit(cfg: DictConfig, job: JobLog, prep: PreparedJob) -> tuple[Pr
         result = prep.algorithm.prune(prep.model, prep.layers, prep.target, ctx)
     job.record["prune_seconds"] = time.perf_counter() - start
     job.record.update(cost.record())
+    bad = non_finite_tensors(result.model.state_dict())
+    if bad:
+        raise NonFiniteError(f"After the pruning step of {prep.algorithm.label}, the model holds NaN or inf "
+                             f"in {len(bad)} tensor(s): {show_names(bad)}. The job stops before the audit "
+                             f"and the evaluation, which would report the chance accuracy of NaN logits.")
 
     sparse_layers = [PrunableLayer(ly.name, result.model.get_submodule(ly.name), ly.kind) for ly in prep.layers]
     spec = prep.data.spec
@@ -307,7 +360,8 @@ def evaluate_and_save(cfg: DictConfig, job: JobLog, prep: PreparedJob, result: P
     """Top-1/top-5 of the sparse model, the status (ok or target_missed), and the optional checkpoints."""
     record, device = job.record, prep.device
     ev = evaluate(result.model, prep.data.test, device, batch_size=int(cfg.eval.batch_size),
-                  num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last))
+                  num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last),
+                  what=f"the sparse model ({prep.algorithm.label})")
     missed = target_missed(audit, prep.dense_zeros)
     record.update(top1=ev.top1, top5=ev.top5, eval_images=ev.images, eval_seconds=ev.seconds,
                   eval_images_per_second=ev.images_per_second, stats=result.stats,
@@ -335,20 +389,27 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
     A failure is recorded (status failed) and raised as JobFailed. With `cfg.resume`, a job whose config
     hash already finished under `resume_dirs` (default: `out_dir`) or is an ok record of one of the
     collected studies `cfg.resume_studies` (a fresh clone's committed results) is skipped and the earlier
-    record returned.
+    record returned. A folder holds one job: `out_dir` is claimed with the config hash (identity file), and
+    a folder that belongs to another job raises FolderTaken before anything is written into it.
     """
     record = base_record(cfg)
-    if cfg.get("resume"):
-        studies = [Path(str(s)) for s in cfg.get("resume_studies") or []]
-        done = find_finished(record["config_hash"], resume_dirs or [out_dir], studies)
-        if done is not None:
-            previous, where = done
-            log.info("resume: identical config already finished in %s; skipping", where)
-            return {**previous, "skipped": True}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    refused: PtsbenchError | None = None
+    try:  # resume_studies is read whatever `resume` says; a bad entry fails the job inside its record
+        studies = read_studies(str(s) for s in cfg.get("resume_studies") or [])
+        done = (find_finished(record["config_hash"], resume_dirs or [out_dir], studies)
+                if cfg.get("resume") else None)
+    except PtsbenchError as exc:
+        refused, done = exc, None
+    if done is not None:
+        previous, where = done
+        log.info("resume: identical config already finished in %s; skipping", where)
+        return {**previous, "skipped": True}
+    owner = claim_folder(out_dir, record["config_hash"])
+    if owner is not None:  # nothing is written there: its files stay the other job's
+        raise FolderTaken(folder_taken(out_dir, owner, record["config_hash"]))
     record["job_dir"] = str(out_dir)
     with recorded(record, out_dir, tracker or Tracker()) as job:
-        prep = prepare(cfg, job, sweep)
+        prep = prepare(cfg, job, sweep, refused)
         result, sparse_layers, audit = prune_and_audit(cfg, job, prep)
         evaluate_and_save(cfg, job, prep, result, sparse_layers, audit)
     return record

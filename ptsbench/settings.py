@@ -140,8 +140,17 @@ def read_budget(budget: Any, key: str = "algorithm.budget") -> float:
     return float(budget)
 
 
+def count_text(count: float) -> str:
+    """A count for a message: 64,000,000,000 in full, 2e+302 once no digit of it means anything."""
+    return f"{count:,.0f}" if count < 1e15 else f"{count:.3g}"
+
+
 def scaled(count: int, budget: float, minimum: int = 1) -> int:
     """A count of steps, epochs or generations times the budget factor, never below `minimum`."""
     if count == 0 or budget == 1.0:  # a stage switched off stays off
         return count
+    if not math.isfinite(count * budget):
+        raise ConfigError(f"algorithm.budget={budget:g} times the preset's {count:,} steps is not a finite "
+                          "number; algorithm.budget is a factor on the preset's steps, epochs and "
+                          "generations.")
     return max(minimum, round(count * budget))

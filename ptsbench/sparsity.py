@@ -21,6 +21,9 @@ from ptsbench.errors import ConfigError, unknown_choice
 log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("uniform", "erk", "global", "global_l2norm")
+# The audit's tolerance around target x weights, in weights per prunable layer (each layer's count is rounded
+# once); an allocation read from outside is held to it before any work, so a job never misses it at the end.
+TARGET_SLACK_PER_LAYER = 1
 
 
 @dataclass

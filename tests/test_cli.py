@@ -197,3 +197,37 @@ def test_submitit_local_launcher_runs_the_sweep(cache_dir, require_fmnist, tmp_p
     assert {r["status"] for r in records.values()} == {"ok"} and len(records) == 2
     assert len(pd.read_csv(sweep / "results.csv")) == 2
     assert list(sweep.glob(".submitit/*/*_log.out")) or list(sweep.glob("**/*.out"))  # submitit ran the jobs
+
+
+@pytest.mark.slow
+def test_rerun_sweep_in_another_order_skips_finished_jobs_and_keeps_folders_apart(cache_dir, require_fmnist,
+                                                                                  tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", *TINY, "sparsity=0.5,0.7", f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    finished = {p: p.read_bytes() for p in sweep.glob("[0-9]*/**/*") if p.is_file() and p.suffix != ".log"}
+    again = ["-m", *TINY, "sparsity=0.6,0.5,0.7", "resume=true", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli(again, cache_dir, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p: p.read_bytes() for p in finished} == finished  # result, allocation, indices, .hydra untouched
+    records = [json.loads(p.read_text()) for p in sweep.glob("*/result.json")]
+    assert sorted(r["target_sparsity"] for r in records) == [0.5, 0.6, 0.7]
+    assert len(pd.read_csv(sweep / "results.csv")) == 3
+
+    layout = tmp_path / "layout"  # a layout of the user's that puts two different jobs in one folder
+    proc = run_cli(["-m", *TINY, "sparsity=0.5", "algorithm.allocation=uniform,erk",
+                    "hydra.sweep.subdir=${sparsity}", f"hydra.sweep.dir={layout}"], cache_dir, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folders = {p.parent.name: json.loads(p.read_text())["method"] for p in layout.glob("*/result.json")}
+    assert folders["0.5"] == "magnitude-uniform" and len(folders) == 2 and "magnitude-erk" in folders.values()
+    assert "allocation=uniform" in (layout / "0.5" / ".hydra" / "overrides.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_run_folder_that_cannot_be_made_is_one_paragraph(cache_dir, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for mode, folder in (([], f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"),
+                         (["-m"], f"hydra.sweep.dir={tmp_path / 'a_file'}")):
+        proc = run_cli([*mode, *TINY, folder], cache_dir, tmp_path)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "cannot hold the job's files: a file, not a folder" in proc.stderr

@@ -179,6 +179,13 @@ BAD_INPUT = [
     ("+prune_policy.depthwsie=false", r"Unknown config key 'prune_policy.depthwsie'.*Did you mean: depthwise"),
     ("+model.train_overrides.lrr=1", r"Unknown config key 'model.train_overrides.lrr'.*Did you mean: lr\?"),
     ("+algorithm.foo=1", r"Unknown config key 'algorithm.foo': algorithm._target_=algorithms.magnitude.Magnitude"),
+    ("max_budget=0", r"max_budget=0.0 is not allowed: it must be a number > 0"),
+    # the model group's shipped weights kept under another architecture or data set
+    ("model.name=efficientnet_b0",
+     r"model.name='efficientnet_b0', but model.checkpoint='pkg:ptsbench/zoo/resnet18-fashion_mnist"
+     r".safetensors' holds weights trained for the architecture 'resnet18'.* Set model.checkpoint=null "
+     r"to train 'efficientnet_b0' on fashion_mnist"),
+    ("data=cifar10", r"data='cifar10', but model.checkpoint=.* trained for the data set 'fashion_mnist'"),
 ]
 
 
@@ -221,3 +228,10 @@ def test_execution_settings_are_not_part_of_a_jobs_identity():
     assert config_hash(compose_config(["algorithm=fcpts_code_quick"])) != base
     with pytest.raises(ConfigCompositionException):
         compose_config(["compile=sometimes"])
+
+
+def test_any_timm_name_trains_the_recipe_without_the_shipped_weights():
+    from ptsbench.runner import validate_config
+
+    assert validate_config(compose_config(["model.name=efficientnet_b0", "model.checkpoint=null"])) == 0.5
+    assert validate_config(compose_config(["model=mobilenetv2"])) == 0.5  # its own shipped weights

@@ -42,8 +42,17 @@ def test_unknown_model_suggests_names():
 
 def test_image_size_the_model_cannot_take():
     vit = create_model(model_cfg(name="vit_tiny_patch16_224", kwargs={"patch_size": 7}, img_size_arg=True), SPEC)
-    with pytest.raises(ConfigError, match=r"cannot take 1x32x32"):
+    with pytest.raises(ConfigError, match=r"cannot take 1x32x32") as refused:
         check_input_size(vit, DataSpec("x", 10, 1, 32, (0.5,), (0.5,)))
+    assert "img_size_arg" not in str(refused.value)  # it is set: the hint would be wrong
+
+
+def test_architecture_built_for_another_size_is_pointed_at_img_size_arg(tiny_cfg, tmp_path):
+    from ptsbench.runner import JobFailed, run_job
+
+    with pytest.raises(JobFailed, match=r"cannot take 1x56x56 inputs .* \(ViT, DeiT\) takes the data's with "
+                                         r"model.img_size_arg=true"):
+        run_job(tiny_cfg("model.name=deit_tiny_patch16_224"), tmp_path / "deit")
 
 
 def test_checkpoint_round_trip_safetensors_and_torch(tmp_path):

@@ -37,9 +37,11 @@ def test_parse_presets_and_any_n_below_m():
 
 
 def test_sparsity_must_be_the_patterns():
-    check_pattern_target(Pattern(2, 4), 0.5)
-    check_pattern_target(Pattern(1, 3), 0.67)  # 1 - 1/3 within the tolerance
-    check_pattern_target(UNSTRUCTURED, 0.9)
+    assert check_pattern_target(Pattern(2, 4), 0.5) == 0.5
+    assert check_pattern_target(Pattern(1, 3), 0.6667) == 1 - 1 / 3  # what a user types, to 4 decimals
+    assert check_pattern_target(UNSTRUCTURED, 0.9) == 0.9
+    with pytest.raises(ConfigError, match=r"1 - 1/3 = 0.6667 .* sparsity=0.67\. Set sparsity=0.6667"):
+        check_pattern_target(Pattern(1, 3), 0.67)  # rounds to another value: refused, not met by surprise
     with pytest.raises(ConfigError, match=r"pattern=2:4 keeps 2 of every 4 .* sparsity=0.7\. Set sparsity=0.5"):
         check_pattern_target(Pattern(2, 4), 0.7)
 
@@ -101,3 +103,28 @@ def test_nm_job_records_the_pattern_and_its_dense_layers(tiny_cfg, tmp_path):
     assert 0.499 < record["achieved_sparsity"] < 0.5
     with pytest.raises(JobFailed, match="Set sparsity=0.5"):
         run_job(tiny_cfg("pattern=2:4", "sparsity=0.7"), tmp_path / "wrong")
+
+
+def test_nm_sparsity_typed_to_four_decimals_is_met(tiny_cfg, tmp_path):
+    """1:3 leaves the 1-channel 7x7 stem (rows of 49), the 1x1 downsampling convs and the classifier (rows of
+    64-512) dense: the target counts the other layers, at exactly 2/3, so sparsity=0.6667 ends ok and the
+    record names the layers left out."""
+    record = run_job(tiny_cfg("pattern=1:3", "sparsity=0.6667"), tmp_path / "nm")
+    assert record["status"] == "ok" and record["error"] is None
+    assert record["target_sparsity"] == pytest.approx(2 / 3, abs=1e-12)
+    assert record["pattern_dense_layers"][0] == "conv1" and record["pattern_dense_layers"][-1] == "fc"
+    assert record["achieved_sparsity"] < 0.66  # over all prunable weights, the dense layers included
+
+
+def test_missed_nm_target_names_the_layers_out_of_the_count():
+    from ptsbench.audit import audit_model, target_missed
+    from ptsbench.sparsity import find_prunable_layers
+
+    model = torch.nn.Sequential(torch.nn.Linear(7, 30), torch.nn.Linear(30, 30))  # rows of 7 do not fit 1:3
+    layers = find_prunable_layers(model)
+    with torch.no_grad():
+        model[1].weight.mul_(nm_mask(model[1].weight.abs(), 1, 3))
+    audit = audit_model(model, layers, 0.6, {"0": 0.0, "1": 2 / 3}, pattern=Pattern(1, 3))
+    message = target_missed(audit, {})
+    assert "over the 900 weights the target counts: pattern 1:3 leaves layers 0 dense, out of the" in message
+    assert "60 weights above the target 0.6" in message

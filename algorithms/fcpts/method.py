@@ -60,7 +60,17 @@ from algorithms.fcpts.thresholds import (
 from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.distill import BlockOutputs, block_mse, find_blocks, kd_kl
 from ptsbench.errors import ConfigError, ensure_finite
-from ptsbench.settings import COUNT, NON_NEGATIVE, POSITIVE, Range, Settings, option, read_budget, scaled
+from ptsbench.settings import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    Range,
+    Settings,
+    count_text,
+    option,
+    read_budget,
+    scaled,
+)
 from ptsbench.sparsity import (
     PrunableLayer,
     apply_masks,
@@ -206,6 +216,10 @@ class FCPTS(PTSAlgorithm):
     @property
     def budget_fraction(self) -> float:
         return self.optim.iterations / REFERENCE_ITERATIONS
+
+    def budget_work(self) -> str:
+        iterations = count_text(self.optim.iterations)
+        return f"{iterations} optimisation iterations (reference: {REFERENCE_ITERATIONS:,})"
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         erk_allocation(layers, check_sparsity(target), self.erk_power_scale)

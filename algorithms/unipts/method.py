@@ -52,7 +52,7 @@ from algorithms.unipts.search import (
 from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.data import CalibrationSet
 from ptsbench.errors import ConfigError
-from ptsbench.settings import read_budget, scaled
+from ptsbench.settings import count_text, read_budget, scaled
 from ptsbench.sparsity import (
     PrunableLayer,
     allocate,
@@ -175,6 +175,13 @@ class UniPTS(PTSAlgorithm):
         if self.training.epochs > 0:
             shares.append(self.training.epochs / ref_epochs)
         return sum(shares) / len(shares) if shares else 0.0
+
+    def budget_work(self) -> str:
+        ref_population, ref_generations, ref_epochs = BUDGETS["reference"]
+        generations, epochs = count_text(self.search.generations), count_text(self.training.epochs)
+        return (f"{generations} search generations of {self.search.population_size} candidates and {epochs} "
+                f"training epochs (reference: {ref_generations} generations of {ref_population}, "
+                f"{ref_epochs} epochs)")
 
     def budget_tags(self) -> list[str]:
         """What a label says of the budget: nothing for the reference one (as FCPTS's labels), else its

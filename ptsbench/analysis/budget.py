@@ -109,6 +109,7 @@ def study_points(models: Sequence[str] | None = None, algorithms: Sequence[str] 
 def run_points(points: Sequence[Point], runs: Path, extra: Sequence[str], study: str = STUDY) -> int:
     """Compose every point first (a bad override fails before any job runs), then run them; the number failed."""
     from ptsbench.cli import compose_job_config
+    from ptsbench.errors import FolderTaken
     from ptsbench.runner import JobFailed, run_job
 
     configs = [compose_job_config([*p.overrides, f"sparsity={p.sparsity}", f"seed={p.seed}", "resume=true",
@@ -119,7 +120,7 @@ def run_points(points: Sequence[Point], runs: Path, extra: Sequence[str], study:
         job_dir = point.job_dir(runs)
         try:
             run_job(cfg, job_dir, sweep=study, resume_dirs=[runs])
-        except JobFailed as exc:
+        except (JobFailed, FolderTaken) as exc:  # a folder of another job is left as it is
             failed += 1
             log.error("%s failed: %s", job_dir, exc)
     return failed

@@ -240,6 +240,7 @@ def run_cells(cells: Sequence[Cell], extra: Sequence[str]) -> int:
     """Compose every cell first (a bad override fails before any job runs), then run them; the number
     that failed."""
     from ptsbench.cli import compose_job_config
+    from ptsbench.errors import FolderTaken
     from ptsbench.runner import JobFailed, run_job
 
     configs = [compose_job_config([f"model={cell.model_group}", "resume=true", f"experiment_name={STUDY}",
@@ -250,7 +251,7 @@ def run_cells(cells: Sequence[Cell], extra: Sequence[str]) -> int:
             write_csv(cell.allocation_file, cell.source_allocation)
         try:
             run_job(cfg, cell.job_dir, sweep=STUDY)
-        except JobFailed as exc:
+        except (JobFailed, FolderTaken) as exc:  # a folder of another job is left as it is
             failed += 1
             log.error("%s failed: %s", cell.job_dir, exc)
     return failed
