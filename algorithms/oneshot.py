@@ -14,7 +14,7 @@ ablation (`*_stalebn`), not a default.
 
 Two additions from later papers sit on their own axes: `allocation=owl` (`ptsbench.owl`) takes the rates
 from the outlier ratios of the dense network's Wanda scores, one extra calibration pass before pruning;
-`refine=dsnot` (`algorithms.dsnot`) swaps each pruned layer's weights within rows right after the method
+`refine=dsnot` (`ptsbench.dsnot`) swaps each pruned layer's weights within rows right after the method
 prunes it, on the mean and variance of the same inputs.
 """
 
@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
-from algorithms.dsnot import DSnoTSettings, dsnot_layer, read_refinement
-from algorithms.magnitude import AllocationChoice
+from ptsbench.allocation import AllocationChoice
 from ptsbench.bn import recalibrate_batchnorm
+from ptsbench.dsnot import DSnoTSettings, dsnot_layer, read_refinement
 from ptsbench.errors import ConfigError, unknown_choice
 from ptsbench.layerwise import (
     CALIB_PROTOCOLS,

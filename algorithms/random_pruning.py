@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
-from algorithms.magnitude import AllocationChoice, pattern_masks
+from ptsbench.allocation import AllocationChoice, pattern_masks
 from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.errors import ConfigError
 from ptsbench.sparsity import PrunableLayer, apply_masks, bake_masks, rates

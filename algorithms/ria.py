@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from algorithms.dsnot import DSnoTSettings
-from algorithms.magnitude import pattern_masks
 from algorithms.oneshot import LayerwiseOneShot
+from ptsbench.allocation import pattern_masks
+from ptsbench.dsnot import DSnoTSettings
 from ptsbench.errors import ConfigError
 from ptsbench.layerwise import InputNorms
 from ptsbench.owl import OWLSettings

@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from algorithms.dsnot import DSnoTSettings
 from algorithms.oneshot import LayerwiseOneShot
+from ptsbench.dsnot import DSnoTSettings
 from ptsbench.errors import ConfigError, PtsbenchError
 from ptsbench.layerwise import grouped_weight, layer_groups
 from ptsbench.owl import OWLSettings

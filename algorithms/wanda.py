@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from algorithms.magnitude import pattern_masks
 from algorithms.oneshot import LayerwiseOneShot
+from ptsbench.allocation import pattern_masks
 from ptsbench.layerwise import InputNorms, wanda_scores
 from ptsbench.patterns import Pattern
 from ptsbench.sparsity import PrunableLayer

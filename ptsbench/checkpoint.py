@@ -8,7 +8,7 @@ shrinks with sparsity. Both load back into the timm model with no pickle involve
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +18,68 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ptsbench.errors import CheckpointError
-from ptsbench.models import load_state_strict
 
 MASK_SUFFIX = ".__mask_bits"
 VALUES_SUFFIX = ".__values"
+
+
+def show_names(names: list[str], limit: int = 8) -> str:
+    """The first `limit` names, then how many there are in all ('none' for none)."""
+    if not names:
+        return "none"
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """'name (k NaN, j inf)' for every floating-point tensor that holds a NaN or an infinity."""
+    bad = []
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            continue
+        finite = torch.isfinite(tensor)
+        if bool(finite.all()):
+            continue
+        nan = int(torch.isnan(tensor).sum())
+        inf = tensor.numel() - int(finite.sum()) - nan
+        counts = [f"{nan} NaN"] * bool(nan) + [f"{inf} inf"] * bool(inf)
+        bad.append(f"{name} ({', '.join(counts)})")
+    return bad
+
+
+def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strict loading with an error that lists missing, unexpected and mis-shaped keys.
+
+    Like safetensors, which loads nothing but tensors, only float tensors are taken for float weights and
+    statistics (an int8 or bool tensor would be cast silently), and none may hold NaN or inf: a model with
+    one evaluates to NaN logits, whose argmax scores chance, and methods fail on it for misleading reasons.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mis_shaped = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mis_shaped:
+        raise CheckpointError(
+            f"Checkpoint {source} does not match {type(model).__name__}: missing keys: "
+            f"{show_names(missing)}; unexpected keys: {show_names(unexpected)}; shape mismatches: "
+            f"{show_names(mis_shaped)}."
+        )
+    not_float = [f"{k} ({state[k].dtype})" for k in own
+                 if own[k].is_floating_point() and not state[k].is_floating_point()]
+    if not_float:
+        raise CheckpointError(
+            f"Checkpoint {source} holds non-float tensors where {type(model).__name__} has float weights or "
+            f"statistics: {show_names(not_float)}. Only float checkpoints are loaded (a quantized or integer "
+            f"tensor would be cast silently); convert it to float first."
+        )
+    bad = non_finite_tensors({k: state[k] for k in own})
+    if bad:
+        raise CheckpointError(
+            f"Checkpoint {source} holds NaN or infinite values in {len(bad)} tensor(s): {show_names(bad)}. "
+            f"Nothing is pruned from it: such a model evaluates to NaN logits (chance accuracy). Repair or "
+            f"replace the checkpoint."
+        )
+    model.load_state_dict(state, strict=True)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ptsbench.config import check_constructor_keys, register_configs
+from ptsbench.config import CONF_DIR, check_constructor_keys, register_configs
 from ptsbench.errors import FolderTaken, PtsbenchError
 from ptsbench.paths import why_unwritable
 from ptsbench.results import RESULT_FILE, folder_owner, place_job, read_result
@@ -23,15 +22,6 @@ from ptsbench.tracking import Tracker, sweep_group
 log = logging.getLogger("ptsbench")
 
 register_configs()
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def compose_job_config(overrides: list[str]) -> DictConfig:
-    """One job's config from the harness's config directory, for drivers that call `run_job` in-process."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
 
 def launcher_jobs(hc) -> int | None:
     """The launcher's `n_jobs` (joblib: parallel jobs on this machine; -1 = one per core), None for the others."""
@@ -133,7 +123,7 @@ def sweep_name(hc) -> str:
     return "single"
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)

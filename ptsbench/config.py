@@ -13,15 +13,25 @@ import dataclasses
 import inspect
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ptsbench.errors import ConfigError, unknown_key
 from ptsbench.settings import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, Range, settings_type
 from ptsbench.sparsity import PrunePolicy
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the harness's Hydra config directory
+
+
+def compose_job_config(overrides: list[str]) -> DictConfig:
+    """One job's config from the harness's config directory, for drivers that call `run_job` in-process."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
 
 
 @dataclass

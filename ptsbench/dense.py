@@ -13,6 +13,7 @@ from filelock import FileLock
 from omegaconf import DictConfig
 from torch import nn
 
+from ptsbench.checkpoint import load_state_strict, non_finite_tensors, show_names
 from ptsbench.data import DataBundle, build_data
 from ptsbench.errors import CheckpointError, NonFiniteError
 from ptsbench.evaluate import evaluate
@@ -22,12 +23,9 @@ from ptsbench.models import (
     dense_key,
     file_sha256,
     load_checkpoint,
-    load_state_strict,
-    non_finite_tensors,
     plain,
     read_state_dict,
     save_state,
-    show_names,
     stable_hash,
     verify_checkpoint,
 )

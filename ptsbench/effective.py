@@ -467,7 +467,7 @@ def dense_dead_table(model: nn.Module, layers: Sequence, input_shape: Sequence[i
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m ptsbench.effective model=<cfg> [overrides]`: the dense model's dead weights at its input size."""
-    from ptsbench.cli import compose_job_config
+    from ptsbench.config import compose_job_config
     from ptsbench.dense import build_model, load_data
     from ptsbench.sparsity import PrunePolicy, find_prunable_layers
 

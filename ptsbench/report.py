@@ -12,11 +12,12 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import matplotlib
 import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no backend, no global figure state
 from matplotlib.lines import Line2D
 
+from ptsbench.analysis.pareto import write_pareto
+from ptsbench.analysis.plotting import legend_columns, method_styles
 from ptsbench.analysis.reference import REFERENCE_CSV, write_reference_comparison
 from ptsbench.analysis.study import method_family, study_config
 from ptsbench.errors import PtsbenchError
@@ -173,24 +174,6 @@ def select_methods(table: pd.DataFrame, patterns: Sequence[str] | None) -> pd.Da
     return table[keep].reset_index(drop=True)
 
 
-MARKERS = "osD^vP*Xph<>"
-
-
-def method_styles(methods: Iterable[str]) -> dict[str, dict[str, object]]:
-    """One colour and marker per method, the same in every panel (tab10, or tab20 beyond ten methods)."""
-    methods = sorted(set(methods))
-    cmap = matplotlib.colormaps.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    return {m: {"color": cmap(i % cmap.N), "marker": MARKERS[i % len(MARKERS)]} for i, m in enumerate(methods)}
-
-
-def legend_columns(labels: Sequence[str], width_in: float, fontsize: float) -> int:
-    """How many legend columns of these labels fit across a figure `width_in` inches wide (a column is a
-    marker and its longest label; a character is taken as 0.62 em, wider than the average one)."""
-    char_in = 0.62 * fontsize / 72
-    column_in = 0.75 + char_in * max((len(label) for label in labels), default=1)
-    return max(1, min(len(labels), int(width_in // column_in)))
-
-
 def plot_accuracy_vs_sparsity(table: pd.DataFrame, path: Path) -> None:
     """One panel per model, one line per method (mean over seeds, band = one std), dense as a reference;
     a method keeps its colour and marker across panels, and one legend below the panels names them."""
@@ -304,7 +287,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ptsbench-report: left out: {problem}", file=sys.stderr)
     log.info("%d jobs (%d failed) -> %s/results.{csv,md}, accuracy_vs_sparsity.png",
              len(table), int((table["status"] != "ok").sum()), out)
-    from ptsbench.analysis.pareto import write_pareto  # here, not on top: pareto builds on this module
 
     command = shlex.join(["ptsbench-report", *args.dirs, *(["--out", args.out] if args.out else []),
                           *(["--methods", *args.methods] if args.methods else [])])

@@ -30,14 +30,20 @@ from torch import nn
 import ptsbench
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from ptsbench.audit import Audit, audit_model, target_missed
-from ptsbench.checkpoint import load_compact_form, save_compact_form, save_dense_form
+from ptsbench.checkpoint import (
+    load_compact_form,
+    non_finite_tensors,
+    save_compact_form,
+    save_dense_form,
+    show_names,
+)
 from ptsbench.config import check_config, check_constructor_keys
 from ptsbench.cost import PruneCost, inference_cost
 from ptsbench.data import CalibrationSet, DataBundle, sample_calibration
 from ptsbench.dense import build_model, load_data, load_dense_weights
 from ptsbench.errors import ConfigError, DataError, FolderTaken, NonFiniteError, PtsbenchError
 from ptsbench.evaluate import collect_logits, evaluate, logit_fidelity
-from ptsbench.models import check_checkpoint_fits, non_finite_tensors, show_names, stable_hash
+from ptsbench.models import check_checkpoint_fits, stable_hash
 from ptsbench.patterns import check_pattern_target, parse_pattern
 from ptsbench.results import (
     ALLOCATION_FILE,

@@ -39,7 +39,7 @@ def export_dense(config_name: str, overrides: list[str], out_dir: Path = ZOO_DIR
 
     Returns the file, its sha256 and the dense top-1 of the fp32 model it was rounded from.
     """
-    from ptsbench.cli import compose_job_config
+    from ptsbench.config import compose_job_config
     from ptsbench.runner import execution_device
 
     cfg = compose_job_config([f"model={config_name}", "model.checkpoint=null", "model.checkpoint_sha256=null",

@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from algorithms.dsnot import DSnoTSettings, dsnot_layer
 from algorithms.ria import ria_mask
 from algorithms.sparsegpt import Hessian, prune_layer
 from algorithms.wanda import InputNorms, wanda_mask
+from ptsbench.dsnot import DSnoTSettings, dsnot_layer
 from ptsbench.layerwise import InputMoments, unfold_input
 from ptsbench.owl import owl_rates, owl_ratios
 from ptsbench.patterns import UNSTRUCTURED

@@ -88,7 +88,7 @@ def test_the_leaderboard_pairs_seeds_on_every_row_at_each_models_discriminating_
     from omegaconf import OmegaConf
 
     from ptsbench.analysis.budget import model_sparsities
-    from ptsbench.analysis.study import CONF_DIR
+    from ptsbench.config import CONF_DIR
 
     points = study_points(study="leaderboard")
     for model in ("resnet18", "mobilenetv2", "vit_tiny"):

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from algorithms.base import PruneContext
-from algorithms.dsnot import DSnoTSettings, dsnot_layer, dsnot_rows
 from algorithms.magnitude import MagnitudePruning
 from algorithms.ria import RIA
 from algorithms.sparsegpt import SparseGPT
 from algorithms.wanda import Wanda, wanda_mask
+from ptsbench.dsnot import DSnoTSettings, dsnot_layer, dsnot_rows
 from ptsbench.errors import ConfigError
 from ptsbench.layerwise import InputMoments, unfold_input
 from ptsbench.patterns import UNSTRUCTURED, Pattern, audit_pattern, nm_mask

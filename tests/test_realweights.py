@@ -62,7 +62,7 @@ def test_checkpoint_errors_name_the_problem(track, tmp_path):
     cfg, _, model, _ = track
     state = read_state_dict(cfg.model.checkpoint)
     state["_blocks.3._extra.weight"] = torch.zeros(1)
-    from ptsbench.models import load_state_strict
+    from ptsbench.checkpoint import load_state_strict
 
     with pytest.raises(CheckpointError, match=r"unexpected keys: _blocks\.3\._extra\.weight"):
         load_state_strict(model, lukemelas_efficientnet_to_timm(state, model), "test")

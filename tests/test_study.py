@@ -12,7 +12,6 @@ import pytest
 from omegaconf import OmegaConf
 
 from ptsbench.analysis.study import (
-    CONF_DIR,
     calibration_indices,
     check_names,
     collect,
@@ -24,6 +23,7 @@ from ptsbench.analysis.study import (
     study_config,
     study_records,
 )
+from ptsbench.config import CONF_DIR
 from ptsbench.errors import ConfigError, DataError
 from ptsbench.report import write_report
 from ptsbench.results import RECORDS_FILE, load_records, write_json

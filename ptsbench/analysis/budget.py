@@ -29,7 +29,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ptsbench.analysis.study import CONF_DIR, check_names, collect, study_config
+from ptsbench.analysis.study import check_names, collect, study_config
+from ptsbench.config import CONF_DIR
 from ptsbench.errors import ConfigError, PtsbenchError
 from ptsbench.report import main as report_main
 from ptsbench.results import RECORDS_FILE
@@ -108,7 +109,7 @@ def study_points(models: Sequence[str] | None = None, algorithms: Sequence[str] 
 
 def run_points(points: Sequence[Point], runs: Path, extra: Sequence[str], study: str = STUDY) -> int:
     """Compose every point first (a bad override fails before any job runs), then run them; the number failed."""
-    from ptsbench.cli import compose_job_config
+    from ptsbench.config import compose_job_config
     from ptsbench.errors import FolderTaken
     from ptsbench.runner import JobFailed, run_job
 

@@ -46,7 +46,8 @@ from ptsbench.analysis.matrix import (
     cell_reconstruction,
 )
 from ptsbench.analysis.matrix import load_settings as matrix_settings
-from ptsbench.analysis.study import CONF_DIR, check_names, method_family, study_config, study_records
+from ptsbench.analysis.study import check_names, method_family, study_config, study_records
+from ptsbench.config import CONF_DIR
 from ptsbench.errors import ConfigError, PtsbenchError
 from ptsbench.results import RECORDS_FILE, write_atomic
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from ptsbench.analysis.claims import cell_runs, pooled_records, strongest
-from ptsbench.analysis.study import CONF_DIR, check_names, method_family, study_config
+from ptsbench.analysis.study import check_names, method_family, study_config
+from ptsbench.config import CONF_DIR
 from ptsbench.errors import ConfigError, PtsbenchError
 from ptsbench.results import write_atomic
 

@@ -101,7 +101,7 @@ class ModelInfo:
 
 
 def model_info(group: str, overrides: Sequence[str] = ()) -> ModelInfo:
-    from ptsbench.cli import compose_job_config
+    from ptsbench.config import compose_job_config
 
     cfg = compose_job_config([f"model={group}", *overrides])
     return ModelInfo(group, str(cfg.model.name), int(cfg.seed),
@@ -239,7 +239,7 @@ def cell_extra(cell: Cell, extra: Sequence[str]) -> list[str]:
 def run_cells(cells: Sequence[Cell], extra: Sequence[str]) -> int:
     """Compose every cell first (a bad override fails before any job runs), then run them; the number
     that failed."""
-    from ptsbench.cli import compose_job_config
+    from ptsbench.config import compose_job_config
     from ptsbench.errors import FolderTaken
     from ptsbench.runner import JobFailed, run_job
 

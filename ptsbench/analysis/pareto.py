@@ -22,7 +22,7 @@ from matplotlib.figure import Figure  # no pyplot: no backend, no global figure 
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
-from ptsbench.report import legend_columns, method_styles
+from ptsbench.analysis.plotting import legend_columns, method_styles
 from ptsbench.results import save_figure, write_atomic, write_csv
 
 CELL = ["model", "target_sparsity", "pattern"]

@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from ptsbench.config import CONF_DIR
 from ptsbench.errors import ConfigError, DataError, PtsbenchError, unknown_choice
 from ptsbench.results import (
     ALLOCATION_FILE,
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 ALLOCATIONS_FILE = "allocations.csv"
 JOB_KEY = "config_hash"  # identifies a job in records.jsonl and allocations.csv
 SORT_KEYS = ("model", "method", "target_sparsity", "seed", JOB_KEY)
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 
 
@@ -248,7 +248,7 @@ def experiment_algorithms(name: str) -> list[str]:
 
 @cache
 def _label(algorithm: str, overrides: tuple[str, ...], family: bool = False) -> str:
-    from ptsbench.cli import compose_job_config
+    from ptsbench.config import compose_job_config
     from ptsbench.runner import build_algorithm
 
     built = build_algorithm(compose_job_config([f"algorithm={algorithm}", *overrides]))

@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from algorithms.base import PruneContext
+from ptsbench.data import CalibrationSet
 from ptsbench.errors import ConfigError, unknown_choice
 from ptsbench.layerwise import InputMoments, calibrated_prune, layer_groups
 from ptsbench.patterns import Pattern
@@ -174,8 +174,8 @@ def dsnot_layer(layer: PrunableLayer, dense: torch.Tensor, mask: torch.Tensor, m
 
 
 def refine_masks(model: torch.nn.Module, layers: list[PrunableLayer], masks: Mapping[str, torch.Tensor],
-                 ctx: PruneContext, protocol: str, batch_size: int, pattern: Pattern,
-                 settings: DSnoTSettings) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+                 calib: CalibrationSet, device: torch.device, progress: bool, protocol: str, batch_size: int,
+                 pattern: Pattern, settings: DSnoTSettings) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """DSnoT on masks chosen without calibration data (magnitude): each layer is pruned in place under the
     calibration protocol, then refined. Returns the refined masks and the pass's statistics."""
     refined = dict(masks)
@@ -185,11 +185,11 @@ def refine_masks(model: torch.nn.Module, layers: list[PrunableLayer], masks: Map
         nonlocal swaps
         dense = layer.weight.detach().clone()
         layer.module.weight.data.mul_(masks[layer.name])
-        refined[layer.name], n = dsnot_layer(layer, dense, masks[layer.name], moments, len(ctx.calib),
+        refined[layer.name], n = dsnot_layer(layer, dense, masks[layer.name], moments, len(calib),
                                              pattern, settings)
         swaps += n
 
     todo = [ly for ly in layers if bool((masks[ly.name] == 0).any())]
     passes, bn_passes = (0, 0) if not todo else calibrated_prune(
-        protocol, model, todo, ctx.calib, batch_size, InputMoments, finish, ctx.device, ctx.progress, "DSnoT")
+        protocol, model, todo, calib, batch_size, InputMoments, finish, device, progress, "DSnoT")
     return refined, {"calib_passes": passes + bn_passes, "dsnot_swaps": swaps}

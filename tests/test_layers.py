@@ -1,0 +1,92 @@
+"""The three layers of the tree, and who may import whom (ast, every import including those inside
+functions): the toolkit methods may use, the job path, the analysis. No cycles."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# What a method may import beside the contract: the shared mechanics of pruning (masks, scores, allocations,
+# patterns, BN, layer-wise calibration, reconstruction, refinement, distillation) and, shared with the job
+# path, the calibration set (data, with its file checks in paths), top-1 (evaluate, UniPTS's fitness) and the
+# training step (train).
+TOOLKIT = {f"ptsbench.{m}" for m in (
+    "errors", "settings", "sparsity", "patterns", "allocation", "owl", "dsnot", "bn", "bnfold", "layerwise",
+    "reconstruct", "distill", "compiled", "data", "evaluate", "train", "paths")}
+CONTRACT = {"algorithms.base", "algorithms.oneshot"}  # the method interface, and the layer-wise one-shot base
+ANALYSIS_PREFIXES = ("ptsbench.analysis", "ptsbench.report")
+CALLBACK = "ptsbench.callbacks"  # the end-of-sweep aggregation: the one door from the job path to analysis
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in [*ROOT.glob("ptsbench/**/*.py"), *ROOT.glob("algorithms/**/*.py")]:
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        found[name] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = modules()
+    graph: dict[str, set[str]] = defaultdict(set)
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in mods and t != name}
+    return graph
+
+
+def is_analysis(name: str) -> bool:
+    return name.startswith(ANALYSIS_PREFIXES)
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for name in sorted(modules()):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, [" -> ".join(c) for c in cycles]
+
+
+def test_imports_follow_the_layers():
+    graph = import_graph()
+    wrong = []
+    for name, targets in graph.items():
+        for target in targets:
+            if name.startswith("algorithms."):
+                package = name.rsplit(".", 1)[0]  # a method's own package (algorithms.fcpts.*)
+                own = target.startswith(f"{name}.") or (package != "algorithms" and target.startswith(package))
+                allowed = target in TOOLKIT | CONTRACT or own
+                if not allowed:
+                    wrong.append(f"method {name} imports {target}")
+            elif name in TOOLKIT and not (target in TOOLKIT):
+                wrong.append(f"toolkit {name} imports {target}")
+            elif not is_analysis(name) and name != CALLBACK and is_analysis(target):
+                wrong.append(f"job path {name} imports analysis {target}")
+    assert not wrong, wrong
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path):
+    tree = ast.parse("def f():\n    from ptsbench.cli import main\n")
+    found = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert found == ["ptsbench.cli"]
