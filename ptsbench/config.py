@@ -30,6 +30,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the harness's Hydr
 
 def compose_job_config(overrides: list[str]) -> DictConfig:
     """One job's config from the harness's config directory, for drivers that call `run_job` in-process."""
+    register_configs()  # the schema the config's defaults name, whoever calls first
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 

@@ -90,3 +90,13 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     tree = ast.parse("def f():\n    from ptsbench.cli import main\n")
     found = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert found == ["ptsbench.cli"]
+
+
+def test_an_analysis_command_composes_configs_in_a_fresh_interpreter():
+    """compose_job_config registers the schema itself: a command that never imports the cli still composes."""
+    import subprocess
+    import sys
+
+    code = "from ptsbench.config import compose_job_config; print(compose_job_config(['model=vit_tiny']).model.name)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "vit_tiny_patch16_224", out.stderr[-500:]
