@@ -50,7 +50,7 @@ def test_verdict_rule_on_paired_intervals_and_headroom():
     assert verdict(Gain(-1.0, -2.0, 0.0, 3), 0.3, 30.0, rule, (3, 3)) == "not testable"
     assert verdict(up, 20.0, 30.0, rule, (3, 3)) == "not testable"
     assert verdict(up, math.nan, 3.0, rule, (3, 3)) == "not testable"
-    assert verdict(Gain(math.nan, math.nan, math.nan, 0), 50.0, 3.0) == "not measured"
+    assert verdict(Gain(math.nan, math.nan, math.nan, 0), 50.0, 3.0) == "no baseline at this cost"
 
 
 def test_paired_gain_interval_is_student_t_over_the_shared_seeds():

@@ -18,7 +18,8 @@ Student-t interval at `confidence`. The verdict (`verdict`):
 * **holds**: the interval's lower bound is above 0 and the mean gain reaches the paper's size;
 * **holds in direction only**: the lower bound is above 0;
 * **does not hold**: the upper bound is at or below `tie`;
-* **inconclusive**: otherwise (one seed has no interval: inconclusive).
+* **inconclusive**: otherwise (one seed has no interval: inconclusive);
+* **no baseline at this cost**: no baseline run costs as little as the claimed run.
 
 A side with fewer than `min_seeds` seeds marks the verdict *provisional*. The rule's thresholds, the
 methods each claim compares, the paper's numbers and the cells are in conf/study/claims.yaml; method labels
@@ -219,6 +220,17 @@ def headroom(records: pd.DataFrame, model: str, sparsity: float, heuristics: Seq
     return float(rows["dense_top1"].iloc[0]) - best.mean
 
 
+def markdown(table: pd.DataFrame) -> str:
+    """Numbers with two decimals, except sparsities as typed (0.995 must not read 0.99)."""
+    shown = table.copy()
+    for column in shown.columns:
+        if column in ("sparsity", "target_sparsity"):
+            shown[column] = shown[column].map(lambda v: f"{v:g}")
+        elif pd.api.types.is_float_dtype(shown[column]):
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+    return shown.to_markdown(index=False, disable_numparse=True)
+
+
 # ------------------------------------------------------------------------------------------ verdicts
 
 
@@ -254,7 +266,7 @@ def verdict(gain: Gain, headroom: float, paper_gain: float, rule: VerdictRule = 
             seeds: tuple[int, int] = (0, 0)) -> str:
     """The verdict on one comparison (the module docstring's rule); `seeds`: each side's seed count."""
     if math.isnan(gain.mean):
-        return "not measured"
+        return "no baseline at this cost"
     if math.isnan(headroom) or headroom < max(rule.min_headroom, paper_gain):
         return "not testable"
     if gain.low > 0:
@@ -407,13 +419,13 @@ def write_claims(results: Path, out: Path) -> str:
                          (claims.unipts, "## UniPTS: 68.6% against POT's 3.9% at 90% (ResNet-50/ImageNet)")):
         table = claim_table(records, claim, claims) if not records.empty else pd.DataFrame()
         parts += [title, "", f"Baselines: {', '.join(claim.baselines)}.", ""]
-        parts += [table.to_markdown(index=False, floatfmt=".2f") if len(table) else f"(no {claim.method} rows)", ""]
+        parts += [markdown(table) if len(table) else f"(no {claim.method} rows)", ""]
     parts += ["## PTSBench: learned allocation and block-wise reconstruction help most", "",
               "Top-1 differences in points from the technique matrix (magnitude masks + BN re-estimation; see "
               "technique_matrix/technique_matrix.md). Learned allocations: "
               f"{', '.join(matrix_roles.learned)}; heuristic: {', '.join(matrix_roles.heuristic)}.", ""]
     m = matrix_claim(matrix, matrix_roles)
-    parts += [m.to_markdown(index=False, floatfmt=".2f") if len(m) else "(technique matrix not run)", ""]
+    parts += [markdown(m) if len(m) else "(technique matrix not run)", ""]
     other = study_records(results / claims.second_dense) if claims.second_dense else pd.DataFrame()
     d = second_dense_claims(records, other, claims) if len(other) and len(records) else pd.DataFrame()
     if len(d):
@@ -421,7 +433,7 @@ def write_claims(results: Path, out: Path) -> str:
                   f"The claims on a dense model trained with another seed (`{results}/{claims.second_dense}`), "
                   f"beside the same runs (method, budget, sparsity, seeds) on the shipped dense model: how far a "
                   f"verdict moves with the dense model it starts from.", "",
-                  d.to_markdown(index=False, floatfmt=".2f"), ""]
+                  markdown(d), ""]
     text = "\n".join(parts)
     write_atomic(out, text)
     return text

@@ -25,6 +25,7 @@ from ptsbench.analysis.claims import (
     discriminating_sparsities,
     headroom,
     load_settings,
+    markdown,
     paired_gain,
     strongest,
 )
@@ -82,15 +83,6 @@ def summary(board: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _markdown(table: pd.DataFrame) -> str:
-    """Numbers with two decimals, except sparsities as typed (0.995 must not read 0.99)."""
-    shown = table.copy()
-    for column in shown.columns:
-        if pd.api.types.is_float_dtype(shown[column]):
-            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-    return shown.to_markdown(index=False, disable_numparse=True)
-
-
 def write_leaderboard(studies: Sequence[Path], out: Path) -> str:
     tables = [study_records(s) for s in studies]
     records = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) else None
@@ -103,12 +95,11 @@ def write_leaderboard(studies: Sequence[Path], out: Path) -> str:
              "paired by seed, with its 95% Student-t interval (one seed: no interval). `headroom`: dense top-1 "
              "minus the best heuristic of the cell.", "",
              "## At each model's highest discriminating sparsity", "",
-             _markdown(summary(board)), ""]
+             markdown(summary(board)), ""]
     for (model, sparsity), cell in board.groupby(["model", "sparsity"], sort=True):
         parts += [f"## {model} at {sparsity:g} (dense {cell['dense'].iloc[0]:.2f}, headroom "
                   f"{cell['headroom'].iloc[0]:.2f})", "",
-                  cell.drop(columns=["model", "sparsity", "dense", "headroom"]).to_markdown(index=False,
-                                                                                            floatfmt=".2f"), ""]
+                  markdown(cell.drop(columns=["model", "sparsity", "dense", "headroom"])), ""]
     text = "\n".join(parts)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "leaderboard.md", text)
