@@ -79,7 +79,7 @@ def test_imports_follow_the_layers():
                 allowed = target in TOOLKIT | CONTRACT or own
                 if not allowed:
                     wrong.append(f"method {name} imports {target}")
-            elif name in TOOLKIT and not (target in TOOLKIT):
+            elif name in TOOLKIT and target not in TOOLKIT:
                 wrong.append(f"toolkit {name} imports {target}")
             elif not is_analysis(name) and name != CALLBACK and is_analysis(target):
                 wrong.append(f"job path {name} imports analysis {target}")
