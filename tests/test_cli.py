@@ -53,16 +53,16 @@ def test_multirun_of_two_jobs_aggregates(cache_dir, require_fmnist, tmp_path):
 def test_default_benchmark_sweep_skips_the_filtered_cells(cache_dir, require_fmnist, tmp_path):
     """experiment=fmnist_benchmark through the real CLI and hydra-filter-sweeper, its grid replaced from the
     command line (as in `bash scripts/bench.sh model=...`): magnitude runs at both sparsities, FCPTS only
-    at 0.9, and the skipped cell is logged with its reason."""
+    at resnet18's discriminating 0.98, and the skipped cell is logged with its reason."""
     sweep = tmp_path / "sweep"
     proc = run_cli(["experiment=fmnist_benchmark", *TINY, "model=resnet18", "algorithm=magnitude_erk_bn,fcpts_quick",
-                    "sparsity=0.5,0.9", f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path)
+                    "sparsity=0.5,0.98", f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(sweep / "results.csv")
     cells = sorted(zip(table["algorithm"], table["target_sparsity"], strict=True))
-    assert cells == [("fcpts", 0.9), ("magnitude", 0.5), ("magnitude", 0.9)]
+    assert cells == [("fcpts", 0.98), ("magnitude", 0.5), ("magnitude", 0.98)]
     assert set(table["status"]) == {"ok"}
-    assert "fcpts runs only at sparsity 0.9 in this sweep" in proc.stdout + proc.stderr
+    assert "fcpts runs at the model's discriminating sparsities" in proc.stdout + proc.stderr
     assert len(list(sweep.rglob("result.json"))) == 3  # one folder per job, named for what the job is
 
 

@@ -136,7 +136,9 @@ def test_default_benchmark_grid_runs_learned_methods_at_the_discriminating_spars
     learned_configs = ("fcpts_quick", "fcpts_code_quick", "unipts_quick", "pot_quick")
     learned = sorted((m, a, s) for m, a, s in kept if a in learned_configs)
     models = ("mobilenetv2", "resnet18", "vit_tiny")
-    assert learned == sorted((m, a, s) for m in models for a in learned_configs for s in discriminating[m])
+    # UniPTS is not defined above 0.95 (every layer reduced to the target + 0.05): resnet18's cells go
+    assert learned == sorted((m, a, s) for m in models for a in learned_configs for s in discriminating[m]
+                             if not (a == "unipts_quick" and s > 0.95))
     cheap = [(m, a, s) for m, a, s in kept if a not in learned_configs]
     assert {(m, s) for m, _, s in cheap} == {(m, s) for m in models for s in ranges[m]}
     assert len(cheap) == 5 * sum(len(r) for r in ranges.values())
