@@ -19,10 +19,20 @@ HISTOGRAM_BINS = 100  # the released code's bridge histogram
 KDE_BINS = 8192  # binned KDE grid over [-max|w|, max|w|]; bin width is a small fraction of the bandwidth
 
 
+def flat_weights(weight: torch.Tensor) -> torch.Tensor:
+    """A weight's entries as one 1-D view in memory order, for statistics that do not depend on the order
+    (extremes, histogram counts): reshape(-1) would copy a channels_last (NHWC) conv weight into NCHW order,
+    one weight-sized copy per layer and step."""
+    w = weight.detach()
+    if w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+        w = w.permute(0, 2, 3, 1)
+    return w.reshape(-1)
+
+
 def histogram_density(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Density of |w| at t from the released code's estimator: f(t) + f(-t), f a 100-bin histogram of the
     signed weights over [min w, max w] normalised to integrate to one (zero outside that range)."""
-    w = weight.detach().reshape(-1).float()
+    w = flat_weights(weight).float()
     lo, hi = (float(v) for v in torch.aminmax(w))
     if hi <= lo:
         return torch.zeros((), device=w.device)
@@ -96,9 +106,9 @@ def abs_weight_density(weight: torch.Tensor, t: torch.Tensor, bridge: str, bandw
 
 
 def count_at_or_below(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """#{|w| <= t}, exact; summed in int32 (a layer has far fewer than 2^31 weights), which spares the
-    int64 copy of the boolean tensor that a plain sum makes."""
-    return (weight.abs() <= threshold).sum(dtype=torch.int32)
+    """#{|w| <= t}, exact. count_nonzero reads the booleans as they are; a sum, even with dtype=int32,
+    first copies them into a weight-sized integer tensor."""
+    return torch.count_nonzero(weight.abs() <= threshold)
 
 
 class BridgeSparsity(torch.autograd.Function):
