@@ -12,6 +12,7 @@ import math
 import torch
 
 from ptsbench.compiled import maybe_compiled
+from ptsbench.sparsity import flat_view
 
 BRIDGES = ("kde", "histogram")
 BANDWIDTHS = ("silverman", "scott")
@@ -19,20 +20,10 @@ HISTOGRAM_BINS = 100  # the released code's bridge histogram
 KDE_BINS = 8192  # binned KDE grid over [-max|w|, max|w|]; bin width is a small fraction of the bandwidth
 
 
-def flat_weights(weight: torch.Tensor) -> torch.Tensor:
-    """A weight's entries as one 1-D view in memory order, for statistics that do not depend on the order
-    (extremes, histogram counts): reshape(-1) would copy a channels_last (NHWC) conv weight into NCHW order,
-    one weight-sized copy per layer and step."""
-    w = weight.detach()
-    if w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
-        w = w.permute(0, 2, 3, 1)
-    return w.reshape(-1)
-
-
 def histogram_density(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Density of |w| at t from the released code's estimator: f(t) + f(-t), f a 100-bin histogram of the
     signed weights over [min w, max w] normalised to integrate to one (zero outside that range)."""
-    w = flat_weights(weight).float()
+    w = flat_view(weight.detach()).float()
     lo, hi = (float(v) for v in torch.aminmax(w))
     if hi <= lo:
         return torch.zeros((), device=w.device)
