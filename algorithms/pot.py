@@ -112,7 +112,8 @@ class POT(PTSAlgorithm):
             parts.append("exactwc")
         return "-".join(parts)
 
-    def prune_and_correct(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext
+    def prune_and_correct(self, model: nn.Module, layers: list[PrunableLayer], target: float,
+                          ctx: PruneContext
                           ) -> tuple[nn.Module, dict[str, int], dict[str, torch.Tensor], dict[str, str]]:
         """Steps 1-3 on the model in eval mode: the folded dense model (the targets of 4 and 5), the counts,
         the masks (attached), and which folded BatchNorm carries each convolution's bias."""

@@ -107,7 +107,8 @@ def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool = False,
             if order is None:
                 yield dataset.images[start:start + batch_size], dataset.labels[start:start + batch_size]
             else:
-                idx = order[start:start + batch_size]  # index_select copies these rows ~4x faster than images[idx]
+                # index_select copies these rows about 4x faster than images[idx]
+                idx = order[start:start + batch_size]
                 yield (dataset.images.index_select(0, idx.to(dataset.images.device)),
                        dataset.labels.index_select(0, idx.to(dataset.labels.device)))
         return

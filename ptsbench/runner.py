@@ -252,7 +252,8 @@ def prepare(cfg: DictConfig, job: JobLog, sweep: str) -> PreparedJob:
                       tags=[cfg.model.name, cfg.data.name, algorithm.name], dir=str(job.out_dir))
     device = execution_device(cfg)
     record["device"] = str(device)
-    # the seconds a record reports depend on it; a parallel sweep gives each job cores // jobs (cli.threads_per_job)
+    # the seconds a record reports depend on it; a parallel sweep gives each job cores // jobs
+    # (cli.threads_per_job)
     record["torch_threads"] = torch.get_num_threads()
     compile_ = record["compile"] = bool(cfg.get("compile", False))
     cache_dir = Path(str(cfg.cache_dir)).expanduser()

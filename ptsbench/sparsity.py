@@ -328,7 +328,7 @@ def kth_smallest(scores: torch.Tensor, k: int, hint: torch.Tensor | None = None)
     the narrow band of scores around it: weights move little per step, so the band nearly always holds it."""
     if hint is not None:
         lo, hi = hint * (1.0 - THRESHOLD_BAND), hint * (1.0 + THRESHOLD_BAND)
-        n_lo = int(torch.count_nonzero(scores < lo))  # a sum would first copy the booleans to integers
+        n_lo = int(torch.count_nonzero(scores < lo))  # a sum would copy the booleans to integers first
         if n_lo < k:
             band = scores[(scores >= lo) & (scores <= hi)]
             if n_lo + band.numel() >= k:
@@ -340,7 +340,8 @@ def flat_view(tensor: torch.Tensor) -> torch.Tensor:
     """A tensor's entries as one 1-D view in memory order, for what does not depend on the order (counts,
     extremes, order statistics, histograms): reshape(-1) would copy a channels_last (NHWC) conv weight into
     NCHW order, one weight-sized copy per call."""
-    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+    channels_last = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
+    if channels_last and not tensor.is_contiguous():
         tensor = tensor.permute(0, 2, 3, 1)
     return tensor.reshape(-1)
 
@@ -357,13 +358,18 @@ def topk_magnitude_mask(weight: torch.Tensor, n_zero: int,
         return magnitude_mask(weight, n_zero), None
     magnitude = weight.detach().abs()
     scores = flat_view(magnitude)
+
+    def kept(threshold: torch.Tensor) -> torch.Tensor:
+        mask = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        return mask.copy_(magnitude > threshold)
+
     if hint is not None and int(torch.count_nonzero(scores <= hint)) == n_zero:
         # still exactly the n_zero smallest: every kept score is above them
-        return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device).copy_(magnitude > hint), hint
+        return kept(hint), hint
     threshold = kth_smallest(scores, n_zero, hint)
     excess = int(torch.count_nonzero(scores <= threshold)) - n_zero
     if excess <= 0:
-        return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device).copy_(magnitude > threshold), threshold
+        return kept(threshold), threshold
     # ties at the threshold: the later positions stay, as in a stable sort
     scores = magnitude.reshape(-1)
     pruned = scores <= threshold

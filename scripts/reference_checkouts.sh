@@ -11,7 +11,9 @@ dir="${1:?usage: scripts/reference_checkouts.sh DIR (a folder outside the projec
 root="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
-case "$dir/" in "$root"/*) echo "reference_checkouts: $dir is inside the project; pick a folder outside it" >&2; exit 1;; esac
+case "$dir/" in
+  "$root"/*) echo "reference_checkouts: $dir is inside the project; pick a folder outside it" >&2; exit 1;;
+esac
 
 checkout() {  # name, GitHub repository, commit
   if [ ! -d "$dir/$1/.git" ]; then

@@ -303,7 +303,8 @@ class FCPTS(PTSAlgorithm):
         augment = ctx.generator(AUGMENT_STREAM) if self.optim.augment else None
         return calibration_stream(ctx.calib, self.optim.batch_size, ctx.device, ctx.generator(DATA_STREAM), augment)
 
-    def start(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> Optimisation:
+    def start(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext
+              ) -> Optimisation:
         """Everything before the first iteration: the working memory format, the frozen teacher, the
         thresholds at the ERK allocation, the optimiser and its schedule."""
         if self.channels_last:  # NHWC convolutions: faster for CNNs on CPU; restored at the end (speed only)
@@ -313,9 +314,11 @@ class FCPTS(PTSAlgorithm):
         model.requires_grad_(True).train()
         optimizer, scheduler = self._optimizer(model, gates, len(ctx.calib) // self.optim.batch_size)
         blocks = find_blocks(teacher) if self.objective.block_loss_weight > 0 else []
-        return Optimisation(self, model, teacher, layers, gates, target, ctx.compile, optimizer, scheduler, blocks)
+        return Optimisation(self, model, teacher, layers, gates, target, ctx.compile, optimizer, scheduler,
+                            blocks)
 
-    def _optimise(self, run: Optimisation, ctx: PruneContext) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    def _optimise(self, run: Optimisation, ctx: PruneContext
+                  ) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """The joint optimisation of thresholds, weights and BN affine parameters on calibration batches."""
         history: list[dict[str, Any]] = []
         last: dict[str, float] = {}
@@ -365,7 +368,8 @@ class Optimisation:
     watch: Stopwatch = field(default_factory=Stopwatch)
 
     def step(self, step: int, images: torch.Tensor) -> tuple[dict[str, float], list[torch.Tensor]]:
-        """One iteration on a batch: the losses it saw and the bridged per-layer sparsities (before the update)."""
+        """One iteration on a batch: the losses it saw and the bridged per-layer sparsities (before the
+        update)."""
         objective, bridge, watch = self.algo.objective, self.algo.bridge, self.watch
         with watch.time("teacher"), torch.no_grad(), FCPTS._hooks(self.teacher, self.blocks) as t_blocks:
             t_logits = self.teacher(images)
@@ -378,7 +382,8 @@ class Optimisation:
             self.optimizer.zero_grad(set_to_none=True)
             rec.backward()
         with watch.time("bridge"):
-            per_layer = layer_sparsities(self.layers, self.gates, bridge.kind, bridge.kde_bandwidth, self.compiled)
+            per_layer = layer_sparsities(self.layers, self.gates, bridge.kind, bridge.kde_bandwidth,
+                                         self.compiled)
             s_global = global_sparsity(self.layers, per_layer)
             l_c = sparsity_loss(s_global, self.target, objective.sparsity_loss)
             ensure_finite(l_c.item(), "FCPTS sparsity loss", step)
