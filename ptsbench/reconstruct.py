@@ -335,7 +335,8 @@ def summarise(reports: list[UnitReport]) -> tuple[pd.DataFrame, dict[str, float 
 
 class SquaredError(torch.autograd.Function):
     """(y - t)^2 with the gradient 2 (y - t) g of `(y - t).pow(2)`, bit for bit (pow(d, 2) is d * d, and
-    doubling is exact), in two passes instead of pow's three (it copies d.pow(1) first); t gets no gradient."""
+    doubling is exact), in two passes instead of pow's three (it copies d.pow(1) first); t gets no
+    gradient."""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
