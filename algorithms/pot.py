@@ -116,11 +116,11 @@ class POT(PTSAlgorithm):
             parts.append("exactwc")
         return "-".join(parts)
 
-    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
-        was_training = model.training
-        model.eval()
-        stats: dict[str, Any] = {}
-
+    def prune_and_correct(self, model: nn.Module, layers: list[PrunableLayer], target: float,
+                          ctx: PruneContext
+                          ) -> tuple[nn.Module, dict[str, int], dict[str, torch.Tensor], dict[str, str]]:
+        """Steps 1-3 on the model in eval mode: the folded dense model (the targets of 4 and 5), the counts,
+        the masks (attached), and which folded BatchNorm carries each convolution's bias."""
         # 1. Fold BatchNorm into the convolutions (found on one calibration batch).
         carriers: dict[str, str] = {}
         if self.fold_bn:
@@ -128,8 +128,7 @@ class POT(PTSAlgorithm):
             pairs = find_conv_bn_pairs(model, example)
             fold_batchnorm(model, pairs)
             carriers = {p.conv: p.bn for p in pairs}
-        stats["bn_folded"] = len(carriers)
-        dense = copy.deepcopy(model).requires_grad_(False)  # the folded dense model: targets for 4 and 5
+        dense = copy.deepcopy(model).requires_grad_(False)
 
         # 2. Allocation and masks on the folded weights.
         counts = allocate(layers, target, self.allocation)
@@ -141,6 +140,14 @@ class POT(PTSAlgorithm):
                 if self.weight_correction != "none":
                     ly.weight.copy_(correct_weights(ly.weight, masks[ly.name], self.weight_correction))
         apply_masks(layers, masks)
+        return dense, counts, masks, carriers
+
+    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
+        was_training = model.training
+        model.eval()
+        stats: dict[str, Any] = {}
+        dense, counts, masks, carriers = self.prune_and_correct(model, layers, target, ctx)
+        stats["bn_folded"] = len(carriers)
 
         # 4 + 5. Bias correction and layer-wise (or block-wise) calibration, unit by unit. Bias correction
         # is per layer: with block units it gets its own pass over the layers first.

@@ -292,6 +292,9 @@ def prepare(cfg: DictConfig, job: JobLog, sweep: str, refused: PtsbenchError | N
                       tags=[cfg.model.name, cfg.data.name, algorithm.name], dir=str(job.out_dir))
     device = execution_device(cfg)
     record["device"] = str(device)
+    # the seconds a record reports depend on it; a parallel sweep gives each job cores // jobs
+    # (cli.threads_per_job)
+    record["torch_threads"] = torch.get_num_threads()
     compile_ = record["compile"] = bool(cfg.get("compile", False))
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
 

@@ -331,7 +331,7 @@ def kth_smallest(scores: torch.Tensor, k: int, hint: torch.Tensor | None = None)
     the narrow band of scores around it: weights move little per step, so the band nearly always holds it."""
     if hint is not None:
         lo, hi = hint * (1.0 - THRESHOLD_BAND), hint * (1.0 + THRESHOLD_BAND)
-        n_lo = int((scores < lo).sum())
+        n_lo = int(torch.count_nonzero(scores < lo))  # a sum would copy the booleans to integers first
         if n_lo < k:
             band = scores[(scores >= lo) & (scores <= hi)]
             if n_lo + band.numel() >= k:
@@ -339,22 +339,43 @@ def kth_smallest(scores: torch.Tensor, k: int, hint: torch.Tensor | None = None)
     return scores.kthvalue(k).values
 
 
+def flat_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's entries as one 1-D view in memory order, for what does not depend on the order (counts,
+    extremes, order statistics, histograms): reshape(-1) would copy a channels_last (NHWC) conv weight into
+    NCHW order, one weight-sized copy per call."""
+    channels_last = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
+    if channels_last and not tensor.is_contiguous():
+        tensor = tensor.permute(0, 2, 3, 1)
+    return tensor.reshape(-1)
+
+
 def topk_magnitude_mask(weight: torch.Tensor, n_zero: int,
                         hint: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The mask of `magnitude_mask` (exactly `n_zero` zeros, ties broken by position) and its threshold,
     found by selection instead of a full sort, for masks recomputed from the weights at every step
-    (dynamic sparse training); pass the returned threshold back as `hint` on the next step."""
+    (dynamic sparse training); pass the returned threshold back as `hint` on the next step.
+
+    Counts and the selection read |w| in memory order (no copy of an NHWC weight, no integer copy of the
+    comparison); only ties, broken by NCHW position, need the NCHW order. The mask is NCHW-contiguous."""
     if n_zero <= 0 or n_zero >= weight.numel():
         return magnitude_mask(weight, n_zero), None
-    scores = weight.detach().abs().reshape(-1)
-    if hint is not None:
-        pruned = scores <= hint
-        if int(pruned.sum()) == n_zero:  # still exactly the n_zero smallest: every kept score is above them
-            return (~pruned).to(weight.dtype).view_as(weight), hint
+    magnitude = weight.detach().abs()
+    scores = flat_view(magnitude)
+
+    def kept(threshold: torch.Tensor) -> torch.Tensor:
+        mask = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        return mask.copy_(magnitude > threshold)
+
+    if hint is not None and int(torch.count_nonzero(scores <= hint)) == n_zero:
+        # still exactly the n_zero smallest: every kept score is above them
+        return kept(hint), hint
     threshold = kth_smallest(scores, n_zero, hint)
+    excess = int(torch.count_nonzero(scores <= threshold)) - n_zero
+    if excess <= 0:
+        return kept(threshold), threshold
+    # ties at the threshold: the later positions stay, as in a stable sort
+    scores = magnitude.reshape(-1)
     pruned = scores <= threshold
-    excess = int(pruned.sum()) - n_zero
-    if excess > 0:  # ties at the threshold: the later positions stay, as in a stable sort
-        ties = (scores == threshold).nonzero().squeeze(1)
-        pruned[ties[-excess:]] = False
+    ties = (scores == threshold).nonzero().squeeze(1)
+    pruned[ties[-excess:]] = False
     return (~pruned).to(weight.dtype).view_as(weight), threshold

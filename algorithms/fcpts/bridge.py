@@ -12,6 +12,7 @@ import math
 import torch
 
 from ptsbench.compiled import maybe_compiled
+from ptsbench.sparsity import flat_view
 
 BRIDGES = ("kde", "histogram")
 BANDWIDTHS = ("silverman", "scott")
@@ -22,7 +23,7 @@ KDE_BINS = 8192  # binned KDE grid over [-max|w|, max|w|]; bin width is a small 
 def histogram_density(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Density of |w| at t from the released code's estimator: f(t) + f(-t), f a 100-bin histogram of the
     signed weights over [min w, max w] normalised to integrate to one (zero outside that range)."""
-    w = weight.detach().reshape(-1).float()
+    w = flat_view(weight.detach()).float()
     lo, hi = (float(v) for v in torch.aminmax(w))
     if hi <= lo:
         return torch.zeros((), device=w.device)
@@ -96,9 +97,9 @@ def abs_weight_density(weight: torch.Tensor, t: torch.Tensor, bridge: str, bandw
 
 
 def count_at_or_below(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """#{|w| <= t}, exact; summed in int32 (a layer has far fewer than 2^31 weights), which spares the
-    int64 copy of the boolean tensor that a plain sum makes."""
-    return (weight.abs() <= threshold).sum(dtype=torch.int32)
+    """#{|w| <= t}, exact. count_nonzero reads the booleans as they are; a sum, even with dtype=int32,
+    first copies them into a weight-sized integer tensor."""
+    return torch.count_nonzero(weight.abs() <= threshold)
 
 
 class BridgeSparsity(torch.autograd.Function):

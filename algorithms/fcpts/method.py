@@ -233,18 +233,15 @@ class FCPTS(PTSAlgorithm):
             raise ConfigError(f"FCPTS needs at least one full batch: calib.n={len(ctx.calib)} is below "
                               f"algorithm.batch_size={self.optim.batch_size}.")
         was_training = model.training
-        if self.channels_last:  # NHWC convolutions: faster for CNNs on CPU; restored at the end (speed only)
-            model.to(memory_format=torch.channels_last)
-        teacher = frozen_teacher(model)
-        gates = self._init_thresholds(layers, target, ctx.compile)
-        init_sparsity = zeros_at_thresholds(layers, gates) / sum(layer_size(ly) for ly in layers)
-        model.requires_grad_(True).train()
+        run = self.start(model, layers, target, ctx)
+        init_sparsity = zeros_at_thresholds(layers, run.gates) / sum(layer_size(ly) for ly in layers)
 
         rng_devices = [ctx.device] if ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(ctx.generator(RNG_STREAM).initial_seed())
-            history, watch, last = self._optimise(model, teacher, layers, gates, target, ctx)
-        del teacher
+            history, last = self._optimise(run, ctx)
+        gates, watch = run.gates, run.watch
+        del run
 
         correction, masks = self._exact_ending(model, layers, gates, target)
         bn_layers = self._recalibrate_if_masks_changed(model, correction, ctx)
@@ -320,49 +317,40 @@ class FCPTS(PTSAlgorithm):
         augment = ctx.generator(AUGMENT_STREAM) if self.optim.augment else None
         return calibration_stream(ctx.calib, self.optim.batch_size, ctx.device, ctx.generator(DATA_STREAM), augment)
 
-    def _optimise(self, model: nn.Module, teacher: nn.Module, layers: list[PrunableLayer],
-                  gates: list[ThresholdMask], target: float, ctx: PruneContext
-                  ) -> tuple[list[dict[str, Any]], Stopwatch, dict[str, float]]:
-        """The joint optimisation of thresholds, weights and BN affine parameters on calibration batches."""
+    def start(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext
+              ) -> Optimisation:
+        """Everything before the first iteration: the working memory format, the frozen teacher, the
+        thresholds at the ERK allocation, the optimiser and its schedule."""
+        if self.channels_last:  # NHWC convolutions: faster for CNNs on CPU; restored at the end (speed only)
+            model.to(memory_format=torch.channels_last)
+        teacher = frozen_teacher(model)
+        gates = self._init_thresholds(layers, target, ctx.compile)
+        model.requires_grad_(True).train()
         optimizer, scheduler = self._optimizer(model, gates, len(ctx.calib) // self.optim.batch_size)
         blocks = find_blocks(teacher) if self.objective.block_loss_weight > 0 else []
-        watch = Stopwatch()
+        return Optimisation(self, model, teacher, layers, gates, target, ctx.compile, optimizer, scheduler,
+                            blocks)
+
+    def _optimise(self, run: Optimisation, ctx: PruneContext
+                  ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """The joint optimisation of thresholds, weights and BN affine parameters on calibration batches."""
         history: list[dict[str, Any]] = []
         last: dict[str, float] = {}
         bar = tqdm(total=self.optim.iterations, desc=self.label, disable=not ctx.progress, leave=False)
         batches = self._batches(ctx)
         for step in range(self.optim.iterations):
-            with watch.time("data"):
+            with run.watch.time("data"):
                 images = next(batches)
-            with watch.time("teacher"), torch.no_grad(), self._hooks(teacher, blocks) as t_blocks:
-                t_logits = teacher(images)
-            with watch.time("student"), self._hooks(model, blocks) as s_blocks:
-                s_logits = model(images)
-                rec = kd_kl(s_logits, t_logits, self.objective.temperature)
-                if blocks:
-                    rec = rec + self.objective.block_loss_weight * block_mse(s_blocks.outputs, t_blocks.outputs)
-                ensure_finite(rec.item(), "FCPTS reconstruction loss", step)
-                optimizer.zero_grad(set_to_none=True)
-                rec.backward()
-            with watch.time("bridge"):
-                per_layer = layer_sparsities(layers, gates, self.bridge.kind, self.bridge.kde_bandwidth, ctx.compile)
-                s_global = global_sparsity(layers, per_layer)
-                l_c = sparsity_loss(s_global, target, self.objective.sparsity_loss)
-                ensure_finite(l_c.item(), "FCPTS sparsity loss", step)
-                (self.objective.sparsity_lambda * l_c).backward()
-            last = {"rec_loss": rec.item(), "sparsity_loss": l_c.item(), "global_sparsity": s_global.item()}
-            with watch.time("student"):
-                optimizer.step()
-            scheduler.step_update(step + 1)
+            last, per_layer = run.step(step, images)
             bar.update()
             bar.set_postfix(rec=f"{last['rec_loss']:.4f}", sp=f"{last['sparsity_loss']:.2e}",
                             S=f"{last['global_sparsity']:.4f}", refresh=False)
             if step % self.log_every == 0 or step == self.optim.iterations - 1:
-                history.extend(self._trajectory_rows(step, layers, gates, per_layer))
+                history.extend(self._trajectory_rows(step, run.layers, run.gates, per_layer))
                 ctx.log_metrics({f"fcpts/{k}": v for k, v in last.items()}
-                                | {"fcpts/lr": optimizer.param_groups[0]["lr"]}, step)
+                                | {"fcpts/lr": run.optimizer.param_groups[0]["lr"]}, step)
         bar.close()
-        return history, watch, last
+        return history, last
 
     @staticmethod
     def _hooks(model: nn.Module, blocks: list[str]):
@@ -374,3 +362,48 @@ class FCPTS(PTSAlgorithm):
         """Per-layer sparsity and threshold at this iteration (before the optimiser step's update)."""
         return [{"iteration": step, "layer": ly.name, "sparsity": s.item(), "threshold": g.threshold().item()}
                 for ly, g, s in zip(layers, gates, per_layer, strict=True)]
+
+
+@dataclass
+class Optimisation:
+    """The state of one FCPTS optimisation; `step` is one iteration (teacher, student, bridge, update),
+    the unit `FCPTS._optimise` loops and the reference benchmark times."""
+
+    algo: FCPTS
+    model: nn.Module
+    teacher: nn.Module
+    layers: list[PrunableLayer]
+    gates: list[ThresholdMask]
+    target: float
+    compiled: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    blocks: list[str]
+    watch: Stopwatch = field(default_factory=Stopwatch)
+
+    def step(self, step: int, images: torch.Tensor) -> tuple[dict[str, float], list[torch.Tensor]]:
+        """One iteration on a batch: the losses it saw and the bridged per-layer sparsities (before the
+        update)."""
+        objective, bridge, watch = self.algo.objective, self.algo.bridge, self.watch
+        with watch.time("teacher"), torch.no_grad(), FCPTS._hooks(self.teacher, self.blocks) as t_blocks:
+            t_logits = self.teacher(images)
+        with watch.time("student"), FCPTS._hooks(self.model, self.blocks) as s_blocks:
+            s_logits = self.model(images)
+            rec = kd_kl(s_logits, t_logits, objective.temperature)
+            if self.blocks:
+                rec = rec + objective.block_loss_weight * block_mse(s_blocks.outputs, t_blocks.outputs)
+            ensure_finite(rec.item(), "FCPTS reconstruction loss", step)
+            self.optimizer.zero_grad(set_to_none=True)
+            rec.backward()
+        with watch.time("bridge"):
+            per_layer = layer_sparsities(self.layers, self.gates, bridge.kind, bridge.kde_bandwidth,
+                                         self.compiled)
+            s_global = global_sparsity(self.layers, per_layer)
+            l_c = sparsity_loss(s_global, self.target, objective.sparsity_loss)
+            ensure_finite(l_c.item(), "FCPTS sparsity loss", step)
+            (objective.sparsity_lambda * l_c).backward()
+        last = {"rec_loss": rec.item(), "sparsity_loss": l_c.item(), "global_sparsity": s_global.item()}
+        with watch.time("student"):
+            self.optimizer.step()
+        self.scheduler.step_update(step + 1)
+        return last, per_layer

@@ -53,8 +53,8 @@ def ste_masked(weight: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
 
 def detached_masked(weight: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     """W * 1[|W| > sigmoid(s)] with the mask built under no_grad: s gets no gradient from this path."""
-    with torch.no_grad():
-        mask = (weight.abs() > torch.sigmoid(score)).to(weight.dtype)
+    with torch.no_grad():  # the comparison in place on |W|: a 0/1 mask in W's dtype without a boolean copy
+        mask = weight.abs().gt_(torch.sigmoid(score))
     return weight * mask
 
 
