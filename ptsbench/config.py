@@ -19,6 +19,7 @@ from typing import Any
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ptsbench.errors import ConfigError, unknown_key
@@ -31,6 +32,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the harness's Hydr
 def compose_job_config(overrides: list[str]) -> DictConfig:
     """One job's config from the harness's config directory, for drivers that call `run_job` in-process."""
     register_configs()  # the schema the config's defaults name, whoever calls first
+    if GlobalHydra.instance().is_initialized():
+        # inside the ptsbench app (its end-of-sweep callback): Hydra is set up on this config directory,
+        # and initialising it again would raise
+        return compose("config", overrides=list(overrides))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
