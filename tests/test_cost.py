@@ -70,7 +70,8 @@ def test_wanda_partial_passes_are_counted_once_per_block(tiny_dense):
     from algorithms.wanda import Wanda
 
     dense, calib = tiny_dense
-    result, _, cost = prune_with_cost(Wanda(), copy.deepcopy(dense), calib, target=0.5)
+    # the protocol that stops a pass per block (Wanda's default takes every norm in one dense pass)
+    result, _, cost = prune_with_cost(Wanda(calib_protocol="sequential"), copy.deepcopy(dense), calib, target=0.5)
     assert result.stats["calib_passes"] > 1
     assert cost["forward_passes"] == result.stats["calib_passes"] * len(calib)
     assert cost["backward_passes"] == 0
@@ -78,6 +79,8 @@ def test_wanda_partial_passes_are_counted_once_per_block(tiny_dense):
     with PassCounter(dense) as counter:
         dense(calib.data.images[:3])
     assert counter.record()["forward_passes"] == 3
+    one, _, cost = prune_with_cost(Wanda(), copy.deepcopy(dense), calib, target=0.5)
+    assert one.stats["calib_passes"] == 1 and cost["forward_passes"] == len(calib)
 
 
 def test_blocks_alone_and_nested_modules_of_the_same_class_are_not_passes():
