@@ -213,18 +213,25 @@ def sequential_prune(model: nn.Module, layers: list[PrunableLayer], calib: Calib
     return len(passes)
 
 
+def collect_in_eval(model: nn.Module, layers: list[PrunableLayer], calib: CalibrationSet, batch_size: int,
+                    begin: Callable[[PrunableLayer], InputStatistic]) -> dict[str, InputStatistic]:
+    """`collect` in one pass with the model in eval mode (BatchNorm on its running statistics), its mode
+    restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        return collect(model, layers, calib, batch_size, begin)
+    finally:
+        model.train(was_training)
+
+
 def dense_prune(model: nn.Module, layers: list[PrunableLayer], calib: CalibrationSet, batch_size: int,
                 begin: Callable[[PrunableLayer], InputStatistic],
                 finish: Callable[[PrunableLayer, InputStatistic], None],
                 progress: bool = False, desc: str = "one-shot pruning") -> int:
     """Prune `layers` with `finish(layer, statistic)`, every statistic taken from the dense network: one
     calibration pass collects them all before the first layer is pruned. Returns the passes (one)."""
-    was_training = model.training
-    model.eval()
-    try:
-        stats = collect(model, layers, calib, batch_size, begin)
-    finally:
-        model.train(was_training)
+    stats = collect_in_eval(model, layers, calib, batch_size, begin)
     for ly in tqdm(layers, desc=desc, disable=not progress):
         finish(ly, stats.pop(ly.name))  # each statistic freed once its layer is pruned
     return 1
@@ -254,10 +261,5 @@ def calibrated_prune(protocol: str, model: nn.Module, layers: list[PrunableLayer
 def dense_input_norms(model: nn.Module, layers: list[PrunableLayer], calib: CalibrationSet,
                       batch_size: int) -> dict[str, torch.Tensor]:
     """Every layer's squared input norms (`InputNorms.squares`) from the dense network, in one pass."""
-    was_training = model.training
-    model.eval()
-    try:
-        stats = collect(model, layers, calib, batch_size, InputNorms)
-    finally:
-        model.train(was_training)
+    stats = collect_in_eval(model, layers, calib, batch_size, InputNorms)
     return {name: stat.squares for name, stat in stats.items()}
