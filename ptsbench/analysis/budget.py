@@ -38,7 +38,7 @@ from ptsbench.results import RECORDS_FILE
 log = logging.getLogger(__name__)
 
 STUDY = "budget_curves"
-KEYS = ("algorithm.budget", "calib.n")  # the knobs a curve may turn
+KEYS = ("algorithm.budget", "calib.n", "algorithm.owl.lam")  # the knobs a curve may turn
 PRESET = "preset"  # the key of a curve that turns no knob
 SPARSITY_WORDS = ("discriminating", "highest")
 
