@@ -27,7 +27,7 @@ from ptsbench.allocation import AllocationChoice, pattern_masks
 from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.dsnot import DSnoTSettings, read_refinement, refine_masks
 from ptsbench.errors import ConfigError, unknown_choice
-from ptsbench.layerwise import CALIB_PROTOCOLS, dense_input_norms
+from ptsbench.layerwise import CALIB_PROTOCOLS, check_supported, dense_input_norms
 from ptsbench.owl import OWLSettings
 from ptsbench.reconstruct import (
     RECONSTRUCTION_STREAM,
@@ -123,6 +123,8 @@ class ScorePruning(PTSAlgorithm):
         return label
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
+        if self.score.needs_calibration:  # its input norms come from each layer's unfolded input
+            check_supported(layers)
         self.alloc.validate(layers, target, self.pattern)
 
     def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float,

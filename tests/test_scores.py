@@ -23,7 +23,7 @@ from ptsbench.runner import build_algorithm
 from ptsbench.scores import available_scores, get_score, register_score
 from ptsbench.scores.ria import ria_scores
 from ptsbench.scores.wanda import wanda_scores
-from ptsbench.sparsity import find_prunable_layers, magnitude_mask
+from ptsbench.sparsity import PrunableLayer, find_prunable_layers, magnitude_mask
 from tests.conftest import compose_config
 from tests.test_owl import small_net
 from tests.test_sparsegpt import tiny_calib
@@ -102,6 +102,9 @@ def test_a_calibrated_score_on_magnitudes_path_reads_the_dense_norms_once(name):
     # with OWL's rates the one pass serves the allocation and the score
     owl, _, _ = prune(MagnitudePruning(allocation="owl", score=name))
     assert owl.stats["calib_passes"] == 1
+    not_unfoldable = PrunableLayer("norm", torch.nn.BatchNorm2d(2), "conv")
+    with pytest.raises(ConfigError, match="take Conv2d and Linear"):  # refused before the calibration pass
+        algorithm.validate([*find_prunable_layers(small_net()), not_unfoldable], 0.7)
     nm = MagnitudePruning(score=name)
     nm.set_pattern(Pattern(2, 4))
     model = small_net()
