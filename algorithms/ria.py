@@ -6,7 +6,8 @@ Specification (paper, and biomedical-cybernetics/Relative-importance-and-activat
 * Relative importance of weight (i, j): |W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|, its share of the
   total of its input channel j and of its output row i. A weight large for either of its channels
   survives, so no channel is pruned away entirely ("channel corruption").
-* Score: RI_ij * (||X_j||_2)^a, the input norm over all calibration tokens, a = 0.5 (`--a`).
+* Score: RI_ij * (||X_j||_2)^a, the input norm over all calibration tokens, a = 0.5 (`--a`)
+  (`ptsbench.scores.ria`, shared with the score axis of magnitude pruning).
 * Comparison group: the whole layer, the code's default; `--per_outneuron` would compare within rows as
   Wanda does. Under N:M every group of M consecutive inputs of a row keeps its N highest scores.
 * No weight update. The code's optional extras are left out: the channel permutation for N:M
@@ -40,23 +41,14 @@ from ptsbench.errors import ConfigError
 from ptsbench.layerwise import InputNorms
 from ptsbench.owl import OWLSettings
 from ptsbench.patterns import Pattern
+from ptsbench.scores import get_score
+from ptsbench.scores.ria import ACTIVATION_EXPONENT
 from ptsbench.sparsity import PrunableLayer, magnitude_mask
-
-ACTIVATION_EXPONENT = 0.5
-
-
-def ria_scores(weight: torch.Tensor, squares: torch.Tensor, a: float = ACTIVATION_EXPONENT) -> torch.Tensor:
-    """(|W_ij| / column sum + |W_ij| / row sum) * ||X_j||^a in the weight's shape; sums within each group."""
-    groups = squares.shape[0]
-    w = weight.detach().float().reshape(groups, weight.shape[0] // groups, -1).abs()
-    tiny = torch.finfo(w.dtype).tiny  # an all-zero row or column: 0 / tiny = 0
-    relative = w / w.sum(dim=1, keepdim=True).clamp_min(tiny) + w / w.sum(dim=2, keepdim=True).clamp_min(tiny)
-    return (relative * squares.sqrt().pow(a)[:, None, :]).view(weight.shape)
 
 
 def ria_mask(layer: PrunableLayer, squares: torch.Tensor, n_zero: int, pattern: Pattern,
              a: float = ACTIVATION_EXPONENT) -> torch.Tensor:
-    scores = ria_scores(layer.module.weight, squares, a)
+    scores = get_score("ria")(layer, squares, options={"activation_exponent": a})
     if pattern.is_nm:
         return pattern_masks([layer], {layer.name: n_zero}, pattern, {layer.name: scores})[layer.name]
     return magnitude_mask(layer.module.weight, n_zero, scores)
@@ -66,13 +58,14 @@ class RIA(LayerwiseOneShot):
     name = "ria"
     statistic = InputNorms
 
-    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
-                 allocation_label: str | None = None, activation_exponent: float = ACTIVATION_EXPONENT,
-                 batch_size: int = 64, bn_recalibration: bool = False, calib_protocol: str | None = None,
+    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0,
+                 allocation_file: str | None = None, allocation_label: str | None = None,
+                 activation_exponent: float = ACTIVATION_EXPONENT, batch_size: int = 64,
+                 bn_recalibration: bool = False, calib_protocol: str | None = None,
                  owl: OWLSettings | Mapping[str, Any] | None = None, refine: str = "none",
                  dsnot: DSnoTSettings | Mapping[str, Any] | None = None):
-        super().__init__(allocation, erk_power_scale, allocation_file, allocation_label, batch_size, bn_recalibration,
-                         calib_protocol, owl, refine, dsnot)
+        super().__init__(allocation, erk_power_scale, allocation_file, allocation_label, batch_size,
+                         bn_recalibration, calib_protocol, owl, refine, dsnot)
         if not float(activation_exponent) >= 0:
             raise ConfigError(f"algorithm.activation_exponent={activation_exponent} must be >= 0 "
                               "(the paper's a, 0.5).")

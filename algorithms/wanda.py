@@ -2,7 +2,7 @@
 
 Specification (paper, and locuslab/wanda `lib/prune.py`, `image_classifiers/prune_utils.py`):
 * Score of weight (o, j): S_oj = |W_oj| * ||X_j||_2, the norm of input feature j over every calibration
-  token or position.
+  token or position (`ptsbench.scores.wanda`, shared with OWL and the score axis of magnitude pruning).
 * Comparison group: each output row separately; a row loses its lowest-scoring weights. Under N:M each
   group of M consecutive inputs of a row keeps its N highest scores.
 * No weight update. Input statistics from the dense network by default (`calib_protocol=dense`, one pass
@@ -26,8 +26,9 @@ import torch
 
 from algorithms.oneshot import LayerwiseOneShot
 from ptsbench.allocation import pattern_masks
-from ptsbench.layerwise import InputNorms, wanda_scores
+from ptsbench.layerwise import InputNorms
 from ptsbench.patterns import Pattern
+from ptsbench.scores import get_score
 from ptsbench.sparsity import PrunableLayer
 
 
@@ -50,7 +51,7 @@ def row_mask(scores: torch.Tensor, n_zero: int) -> torch.Tensor:
 
 
 def wanda_mask(layer: PrunableLayer, squares: torch.Tensor, n_zero: int, pattern: Pattern) -> torch.Tensor:
-    scores = wanda_scores(layer.module.weight, squares)
+    scores = get_score("wanda")(layer, squares)
     if pattern.is_nm:
         return pattern_masks([layer], {layer.name: n_zero}, pattern, {layer.name: scores})[layer.name]
     return row_mask(scores, n_zero)
@@ -61,7 +62,8 @@ class Wanda(LayerwiseOneShot):
     statistic = InputNorms
 
     def default_protocol(self) -> str:
-        return "dense"  # locuslab/wanda's image-classifier code takes every layer's norms from the dense model
+        # locuslab/wanda's image-classifier code takes every layer's norms from the dense model
+        return "dense"
 
     def prune_layer(self, layer: PrunableLayer, stat: InputNorms, n_zero: int) -> torch.Tensor:
         mask = wanda_mask(layer, stat.squares, n_zero, self.pattern).to(layer.module.weight.dtype)

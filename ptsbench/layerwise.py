@@ -92,13 +92,6 @@ class StatisticPair:
         self.second.add(x)
 
 
-def wanda_scores(weight: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
-    """|W| * ||X_j|| with the weight's shape; row o reads the norms of its own group."""
-    rows = weight.shape[0]
-    norms = squares.sqrt().repeat_interleave(rows // squares.shape[0], dim=0)
-    return (weight.detach().float().reshape(rows, -1).abs() * norms).view(weight.shape)
-
-
 class _AllFired(Exception):
     """Raised by a hook once every layer of the block has seen the batch: the rest of the forward is waste."""
 
@@ -110,12 +103,15 @@ def check_supported(layers: list[PrunableLayer]) -> None:
         if isinstance(module, nn.Conv2d):
             # timm's Conv2dSame pads inside its own forward, so the hooked input lacks that padding.
             if type(module).forward is not nn.Conv2d.forward or module.padding_mode != "zeros":
-                raise ConfigError(f"Layer {ly.name} ({type(module).__name__}, padding_mode={module.padding_mode!r}) "
-                                  "pads its input itself; the one-shot methods unfold plain zero-padded Conv2d only.")
+                raise ConfigError(f"Layer {ly.name} ({type(module).__name__}, "
+                                  f"padding_mode={module.padding_mode!r}) pads its input itself; the "
+                                  "one-shot methods unfold plain zero-padded Conv2d only.")
             if isinstance(module.padding, str) and module.padding != "valid":
-                raise ConfigError(f"Layer {ly.name} uses padding={module.padding!r}; give explicit padding sizes.")
+                raise ConfigError(f"Layer {ly.name} uses padding={module.padding!r}; give explicit padding "
+                                  "sizes.")
         elif not isinstance(module, nn.Linear):
-            raise ConfigError(f"Layer {ly.name} is a {type(module).__name__}; the one-shot methods take Conv2d and Linear.")
+            raise ConfigError(f"Layer {ly.name} is a {type(module).__name__}; the one-shot methods take "
+                              "Conv2d and Linear.")
 
 
 def layer_groups(layer: PrunableLayer) -> int:

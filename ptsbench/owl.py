@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ptsbench.layerwise import wanda_scores
+from ptsbench.scores.wanda import wanda_scores
 from ptsbench.settings import POSITIVE, Range, Settings, option
 from ptsbench.sparsity import PrunableLayer, check_sparsity, counts_from_rates
 

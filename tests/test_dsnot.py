@@ -170,6 +170,6 @@ def test_refinement_keeps_nm_and_its_options_are_checked():
         SparseGPT(refine="swap")
     with pytest.raises(ConfigError, match="algorithm.dsnot.max_cycles"):
         Wanda(refine="dsnot", dsnot={"max_cycles": 0})
-    with pytest.raises(ConfigError, match="magnitude masks need no calibration"):
+    with pytest.raises(ConfigError, match="says where DSnoT.s statistics come from"):
         MagnitudePruning(calib_protocol="dense")
     assert MagnitudePruning(refine="dsnot", calib_protocol="dense").label == "magnitude+dsnot-uniform-dense"

@@ -16,7 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOLKIT = {f"ptsbench.{m}" for m in (
     "errors", "settings", "sparsity", "patterns", "allocation", "owl", "dsnot", "bn", "bnfold", "layerwise",
     "reconstruct", "distill", "compiled", "data", "evaluate", "train", "paths")}
-CONTRACT = {"algorithms.base", "algorithms.oneshot"}  # the method interface, and the layer-wise one-shot base
+# Registries whose every module is toolkit, so a module added to them needs no entry here.
+TOOLKIT_PACKAGES = ("ptsbench.scores",)
+# the method interface, the layer-wise one-shot base and the score-then-allocation base
+CONTRACT = {"algorithms.base", "algorithms.oneshot", "algorithms.scored"}
 ANALYSIS_PREFIXES = ("ptsbench.analysis", "ptsbench.report")
 CALLBACK = "ptsbench.callbacks"  # the end-of-sweep aggregation: the one door from the job path to analysis
 
@@ -42,6 +45,10 @@ def import_graph() -> dict[str, set[str]]:
                 continue
             graph[name] |= {t for t in targets if t in mods and t != name}
     return graph
+
+
+def in_toolkit(name: str) -> bool:
+    return name in TOOLKIT or any(name == p or name.startswith(f"{p}.") for p in TOOLKIT_PACKAGES)
 
 
 def is_analysis(name: str) -> bool:
@@ -75,11 +82,12 @@ def test_imports_follow_the_layers():
         for target in targets:
             if name.startswith("algorithms."):
                 package = name.rsplit(".", 1)[0]  # a method's own package (algorithms.fcpts.*)
-                own = target.startswith(f"{name}.") or (package != "algorithms" and target.startswith(package))
-                allowed = target in TOOLKIT | CONTRACT or own
+                own = target.startswith(f"{name}.") or (package != "algorithms"
+                                                         and target.startswith(package))
+                allowed = in_toolkit(target) or target in CONTRACT or own
                 if not allowed:
                     wrong.append(f"method {name} imports {target}")
-            elif name in TOOLKIT and target not in TOOLKIT:
+            elif in_toolkit(name) and not in_toolkit(target):
                 wrong.append(f"toolkit {name} imports {target}")
             elif not is_analysis(name) and name != CALLBACK and is_analysis(target):
                 wrong.append(f"job path {name} imports analysis {target}")
@@ -97,6 +105,7 @@ def test_an_analysis_command_composes_configs_in_a_fresh_interpreter():
     import subprocess
     import sys
 
-    code = "from ptsbench.config import compose_job_config; print(compose_job_config(['model=vit_tiny']).model.name)"
+    code = ("from ptsbench.config import compose_job_config; "
+            "print(compose_job_config(['model=vit_tiny']).model.name)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "vit_tiny_patch16_224", out.stderr[-500:]

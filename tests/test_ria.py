@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.base import PruneContext
-from algorithms.ria import RIA, ria_mask, ria_scores
+from algorithms.ria import RIA, ria_mask
 from ptsbench.errors import ConfigError
 from ptsbench.layerwise import InputNorms, unfold_input
 from ptsbench.patterns import UNSTRUCTURED, Pattern, audit_pattern
+from ptsbench.scores.ria import ria_scores
 from ptsbench.sparsity import PrunableLayer, find_prunable_layers
 from tests.test_sparsegpt import tiny_calib
 

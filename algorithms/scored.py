@@ -1,0 +1,170 @@
+"""Pruning by a score: split the global target across layers (an allocation), then remove each layer's
+lowest-scoring weights, optionally re-estimating BatchNorm statistics on the calibration set.
+
+The methods built on it (magnitude, the random control) differ only in their default score; any score of
+the registry (`ptsbench.scores`) can be chosen with `algorithm.score`. A score that reads calibration
+statistics (`wanda`, `ria`) takes the dense network's input norms from one pass and compares the whole
+layer, unlike the layer-wise methods of those names (`algorithms.oneshot`). With `pattern=N:M` (top-level
+key) every row of a layer keeps the N highest scores of each M consecutive weights (`ptsbench.patterns`),
+and the allocation is the pattern's. `reconstruction=layer|block` adds PTSBench's reconstruction axis
+(`ptsbench.reconstruct`): each layer or block is tuned to reproduce the dense one's output, so any
+allocation (including another job's, `allocation=from_file`) can be combined with any reconstruction.
+`allocation=owl` takes OWL's rates from the dense network's Wanda scores (`ptsbench.owl`), as the OWL
+code's magnitude variant, and `refine=dsnot` moves each layer's mask with DSnoT (`ptsbench.dsnot`)
+on calibration statistics gathered under `calib_protocol`, as the DSnoT code's magnitude start.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from torch import nn
+
+from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
+from ptsbench.allocation import AllocationChoice, pattern_masks
+from ptsbench.bn import recalibrate_batchnorm
+from ptsbench.dsnot import DSnoTSettings, read_refinement, refine_masks
+from ptsbench.errors import ConfigError, unknown_choice
+from ptsbench.layerwise import CALIB_PROTOCOLS, check_supported, dense_input_norms
+from ptsbench.owl import OWLSettings
+from ptsbench.reconstruct import (
+    RECONSTRUCTION_STREAM,
+    REFERENCE_STEPS,
+    ReconstructionSettings,
+    make_units,
+    process_units,
+    reconstruction_budget,
+    summarise,
+)
+from ptsbench.scores import get_score
+from ptsbench.settings import COUNT, count_text, read_budget, scaled
+from ptsbench.sparsity import (
+    PrunableLayer,
+    apply_masks,
+    bake_masks,
+    rates,
+)
+
+
+class ScorePruning(PTSAlgorithm):
+    supports_nm_pattern = True
+    # the score when `algorithm.score` is not given: a class default rather than a yaml key, so the
+    # shipped configs keep their config hashes
+    default_score: ClassVar[str]
+
+    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0,
+                 allocation_file: str | None = None, allocation_label: str | None = None,
+                 bn_recalibration: bool = False, bn_batch_size: int = 64,
+                 reconstruction: ReconstructionSettings | Mapping[str, Any] | None = None,
+                 budget: float | str = 1.0, owl: OWLSettings | Mapping[str, Any] | None = None,
+                 refine: str = "none", dsnot: DSnoTSettings | Mapping[str, Any] | None = None,
+                 calib_protocol: str | None = None, score: str | None = None):
+        self.score = get_score(self.default_score if score is None else str(score))
+        self.alloc = AllocationChoice.read(allocation, erk_power_scale, allocation_file, allocation_label,
+                                           owl)
+        self.bn_recalibration = bool(bn_recalibration)
+        self.bn_batch_size = int(bn_batch_size)
+        COUNT.check("algorithm.bn_batch_size", self.bn_batch_size)
+        self.budget_scale = read_budget(budget)
+        recon = ReconstructionSettings.read(reconstruction, "algorithm.reconstruction")
+        self.recon = recon.replace(iterations=scaled(recon.iterations, self.budget_scale, minimum=0))
+        self.dsnot = read_refinement(refine, dsnot)
+        self.calib_protocol = self.default_protocol() if calib_protocol is None else str(calib_protocol)
+        if self.dsnot is None and calib_protocol is not None:
+            raise ConfigError("algorithm.calib_protocol says where DSnoT's statistics come from; the score "
+                              "reads the dense network's inputs, if any. Use it with algorithm.refine=dsnot, "
+                              "or drop it.")
+        if self.calib_protocol not in CALIB_PROTOCOLS:
+            raise unknown_choice("algorithm.calib_protocol", self.calib_protocol, CALIB_PROTOCOLS)
+        if self.calib_protocol == "sequential+bn" and not self.bn_recalibration:
+            raise ConfigError("algorithm.calib_protocol=sequential+bn re-estimates BatchNorm along the "
+                              "sequential pass and needs algorithm.bn_recalibration=true.")
+
+    def default_protocol(self) -> str:
+        # DSnoT's reference refines each block on the pruned prefix; BN networks re-estimate BN along it
+        return "sequential+bn" if self.bn_recalibration else "sequential"
+
+    def options(self) -> dict[str, Any]:
+        score = {} if self.score.name == self.default_score else {"score": self.score.name}
+        opts: dict[str, Any] = {**score, **self.alloc.options(), "bn_recalibration": self.bn_recalibration}
+        if self.recon.mode != "none":
+            opts.update(self.recon.options(), budget=reconstruction_budget(self.recon))
+        if self.dsnot is not None:
+            opts.update(refine="dsnot", **self.dsnot.options(), calib_protocol=self.calib_protocol)
+        return opts
+
+    @property
+    def budget_fraction(self) -> float | None:
+        return self.recon.iterations / REFERENCE_STEPS if self.recon.mode != "none" else None
+
+    def budget_work(self) -> str | None:
+        if self.recon.mode == "none":
+            return None
+        steps = count_text(self.recon.iterations)
+        return f"{steps} reconstruction steps per {self.recon.mode} (reference: {REFERENCE_STEPS:,})"
+
+    def budget_tags(self) -> list[str]:
+        return [f"x{self.budget_scale:g}"] if self.recon.mode != "none" and self.budget_scale != 1.0 else []
+
+    @property
+    def family(self) -> str:
+        # a calibrated score compares whole layers on dense statistics here: not the layer-wise method
+        # of the same name, so not its label
+        method = f"{self.score.name}_score" if self.score.needs_calibration else self.score.name
+        method += "" if self.dsnot is None else "+dsnot"
+        tags = {"dense": "-dense", "sequential": "-seq", "sequential+bn": "-seqbn"}
+        protocol = "" if self.calib_protocol == self.default_protocol() else tags[self.calib_protocol]
+        bn = "+bn" if self.bn_recalibration else ""
+        label = f"{method}-{self.alloc.describe(self.pattern)}{protocol}{bn}"
+        if self.recon.mode != "none":
+            label += f"+{self.recon.mode}" + ("-sparseinp" if self.recon.inputs == "sparse" else "")
+        return label
+
+    def validate(self, layers: list[PrunableLayer], target: float) -> None:
+        if self.score.needs_calibration:  # its input norms come from each layer's unfolded input
+            check_supported(layers)
+        self.alloc.validate(layers, target, self.pattern)
+
+    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float,
+              ctx: PruneContext) -> PruneResult:
+        # 1. Allocation: how many weights each layer loses (fixed by the pattern under N:M); OWL's from the
+        # dense network's Wanda scores, one calibration pass, which a calibrated score shares.
+        norms_pass = self.alloc.needs_calibration or self.score.needs_calibration
+        norms = dense_input_norms(model, layers, ctx.calib, self.bn_batch_size) if norms_pass else None
+        counts = self.alloc.counts(layers, target, self.pattern, norms)
+        # 2. Masks: the lowest scores of each layer (of each group of M under N:M).
+        dense = copy.deepcopy(model).requires_grad_(False) if self.recon.mode != "none" else None
+        generator = ctx.generator(f"{self.score.name} scores")
+        scores = {ly.name: self.score(ly, norms[ly.name] if self.score.needs_calibration else None, generator)
+                  for ly in layers}
+        masks = pattern_masks(layers, counts, self.pattern, scores)
+        stats: dict[str, Any] = {}
+        passes = int(norms_pass)
+        # 2b. Optional DSnoT: swaps within rows towards each layer's mean output, on calibration statistics.
+        if self.dsnot is not None:
+            masks, refine_stats = refine_masks(model, layers, masks, ctx.calib, ctx.device, ctx.progress,
+                                               self.calib_protocol, self.bn_batch_size,
+                                               self.pattern, self.dsnot)
+            passes += refine_stats.pop("calib_passes")
+            stats.update(refine_stats)
+        apply_masks(layers, masks)
+        tables = {}
+        # 3. Optional reconstruction of each layer's or block's dense output.
+        if dense is not None:
+            reports = process_units(model, dense, make_units(self.recon.mode, model, layers), ctx.calib,
+                                    self.recon, ctx.device, ctx.generator(RECONSTRUCTION_STREAM),
+                                    progress=ctx.progress, desc=f"{self.recon.mode}-wise reconstruction")
+            tables["reconstruction"], recon_stats = summarise(reports)
+            stats.update(recon_stats)
+        # 4. Optional BatchNorm re-estimation on the calibration images, last: reconstruction brings each
+        # layer's output back towards the dense one, so statistics taken before it would no longer fit
+        # (results/README.md, "Measurements behind the defaults").
+        bn_layers = 0
+        if self.bn_recalibration:
+            bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.bn_batch_size)
+        stats.update(bn_layers_recalibrated=bn_layers, calib_passes=passes + int(self.bn_recalibration))
+        bake_masks(model)
+        return PruneResult(model=model, allocation=rates(layers, counts), masks=masks, stats=stats,
+                           tables=tables)
