@@ -42,7 +42,7 @@ class RandomPruning(PTSAlgorithm):
 
     def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
         counts = self.alloc.counts(layers, target, self.pattern)
-        generator = ctx.generator("random scores")
+        generator = ctx.generator("random.scores")
         scores = {ly.name: torch.rand(ly.weight.shape, generator=generator).to(ly.weight.device) for ly in layers}
         masks = pattern_masks(layers, counts, self.pattern, scores)
         apply_masks(layers, masks)

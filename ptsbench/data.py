@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ptsbench.errors import ConfigError, DataError, unknown_choice
 from ptsbench.paths import safe_subdir
+from ptsbench.streams import stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ def sample_calibration(train: Dataset, n: int, seed: int, batch_size: int = 1) -
         raise ConfigError(f"calib.n={n} is larger than the train split ({len(train)} images).")
     if n < batch_size:
         raise ConfigError(f"calib.n={n} is below one calibration batch (calib.batch_size={batch_size}).")
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(stream_seed("calib.draw", seed))
     indices = torch.randperm(len(train), generator=g)[:n]
     if isinstance(train, InMemoryImages):
         subset = train.subset(indices)

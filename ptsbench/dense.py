@@ -31,6 +31,7 @@ from ptsbench.models import (
 )
 from ptsbench.paths import safe_child, safe_subdir
 from ptsbench.results import write_json
+from ptsbench.streams import stream_seed
 from ptsbench.train import train_dense
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def build_model(cfg: DictConfig, data: DataBundle) -> nn.Module:
     process, and the harness's dense training must give the same weights on every machine. A checkpoint
     wins over the hub, so `model.checkpoint=PATH` works offline with configs that say `pretrained: true`.
     """
-    torch.manual_seed(int(cfg.train.seed))
+    torch.manual_seed(stream_seed("dense.init", int(cfg.train.seed)))
     from_hub = bool(cfg.model.get("pretrained")) and not cfg.model.get("checkpoint")
     model = create_model(cfg.model, data.spec, pretrained=from_hub)
     check_input_size(model, data.spec, bool(cfg.model.get("img_size_arg", False)))

@@ -45,9 +45,8 @@ REFERENCE_STEPS = 20_000  # msbench's Adam steps per unit (conf/reconstruction/m
 QUICK_STEPS = 200  # conf/reconstruction/quick.yaml, the CPU benchmark's budget
 REFERENCE_RATES = (1e-5, 1e-4)  # msbench's (weights, biases) learning rates
 QUICK_RATES = (1e-4, 1e-3)  # 10x, to move as far in the quick preset's 100x fewer steps
-# The random stream of the reconstruction batches (ctx.generator); an offset, not a name, so that results
-# stay those of the committed runs.
-RECONSTRUCTION_STREAM = 31
+# The random stream of the reconstruction batches (ctx.generator; ptsbench/streams.py).
+RECONSTRUCTION_STREAM = "reconstruction.batches"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ptsbench.data import InMemoryImages, iterate_batches
 from ptsbench.errors import ConfigError, ensure_finite
 from ptsbench.evaluate import is_convolutional
+from ptsbench.streams import stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ def train_dense(model: nn.Module, train_set: InMemoryImages, recipe: Mapping, se
     steps_per_epoch = len(train_set) // batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size={batch_size} is larger than the train split ({len(train_set)} images).")
-    g = torch.Generator().manual_seed(int(seed))
-    torch.manual_seed(int(seed))
+    g = torch.Generator().manual_seed(stream_seed("dense.train", seed))
+    torch.manual_seed(stream_seed("dense.train.torch", seed))
     if recipe.get("zero_init_head", False):
         zero_classifier(model)
     # NHWC pays off for CNNs only; a ViT's one convolution (the patch embedding) gains nothing from it.
