@@ -104,7 +104,8 @@ def load_dense_weights(cfg: DictConfig, model: nn.Module, data: DataBundle, cach
                 info.update({"recipe": recipe, "key": key_obj})
                 save_state(model, weights, {"key": key})
                 write_json(meta_path, info)
-                log.info("Dense %s trained in %.0f s, cached at %s", cfg.model.name, info["train_seconds"], weights)
+                log.info("Dense %s trained in %.0f s, cached at %s", cfg.model.name, info["train_seconds"],
+                         weights)
         info["weights"] = str(weights)
         sha256 = file_sha256(weights)
     bad = non_finite_tensors(model.state_dict())  # a checkpoint is checked as it loads; hub and recipe here
@@ -145,5 +146,6 @@ def _dense_accuracy(model: nn.Module, data: DataBundle, key: str, cfg: DictConfi
                           channels_last=bool(cfg.eval.channels_last),
                           what=f"the dense model {cfg.model.name}")
         write_json(path, result.as_dict())
-    log.info("Dense %s: top-1 %.2f%% top-5 %.2f%% on %d images", cfg.model.name, result.top1, result.top5, result.images)
+    log.info("Dense %s: top-1 %.2f%% top-5 %.2f%% on %d images", cfg.model.name, result.top1, result.top5,
+             result.images)
     return result.top1, result.top5

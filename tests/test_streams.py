@@ -135,7 +135,8 @@ def test_streams_are_independent(seed):
 
 def test_unknown_names_ints_and_harness_streams_are_refused():
     ctx = PruneContext(calib=None, device=torch.device("cpu"), seed=0)
-    with pytest.raises(ValueError, match=r"'reconstruction' is not a registered random stream.*ptsbench/streams.py"):
+    with pytest.raises(ValueError,
+                       match=r"'reconstruction' is not a registered random stream.*ptsbench/streams.py"):
         ctx.generator("reconstruction")
     with pytest.raises(ValueError, match="31 is not a registered random stream"):
         ctx.generator(31)
@@ -152,7 +153,8 @@ def test_records_carry_the_scheme_outside_the_job_identity(tiny_cfg, tmp_path):
     assert record["config_hash"] == config_hash(cfg) and "rng_scheme" not in cfg
     # records written before the field still load, next to new ones
     for name, rec in (("old", {"model": "resnet18", "status": "ok", "top1": 80.0}),
-                      ("new", {"model": "resnet18", "status": "ok", "top1": 81.0, "rng_scheme": RNG_SCHEME_VERSION})):
+                      ("new", {"model": "resnet18", "status": "ok", "top1": 81.0,
+                               "rng_scheme": RNG_SCHEME_VERSION})):
         (tmp_path / name).mkdir()
         (tmp_path / name / "result.json").write_text(json.dumps(rec))
     table = load_records([tmp_path]).sort_values("top1")
