@@ -8,7 +8,6 @@ statistics. The harness, not the algorithm, times it, audits the zeros and evalu
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from ptsbench.data import CalibrationSet
 from ptsbench.errors import ConfigError
 from ptsbench.patterns import UNSTRUCTURED, Pattern
 from ptsbench.sparsity import PrunableLayer
+from ptsbench.streams import stream, stream_generator
 
 
 def _no_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -41,16 +41,13 @@ class PruneContext:
     log_metrics: Callable[[dict[str, float], int | None], None] = _no_metrics
     workdir: Path | None = None
 
-    def generator(self, stream: str | int = 0) -> torch.Generator:
-        """A CPU generator seeded from the job seed, one independent stream per name ("reconstruction").
-
-        A name is hashed with the seed (sha256), so streams need no central numbering; an int is the older
-        offset form, kept so that existing methods draw exactly the same numbers.
-        """
-        if isinstance(stream, str):
-            digest = hashlib.sha256(f"{int(self.seed)}:{stream}".encode()).digest()
-            return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
-        return torch.Generator().manual_seed(int(self.seed) * 1_000_003 + stream)
+    def generator(self, name: str) -> torch.Generator:
+        """A CPU generator on the job-seeded stream `name`, registered in ptsbench/streams.py."""
+        entry = stream(name)
+        if entry.seed_key != "seed":
+            raise ValueError(f"Stream {name!r} is seeded from {entry.seed_key}, not the job seed; the "
+                             "harness draws it, not a method.")
+        return stream_generator(name, self.seed)
 
 
 @dataclass
@@ -74,13 +71,16 @@ class PTSAlgorithm(ABC):
     def set_pattern(self, pattern: Pattern) -> None:
         """Take the job's pattern, or refuse it before any work when the method cannot follow it."""
         if pattern.is_nm and not self.supports_nm_pattern:
-            raise ConfigError(f"pattern={pattern} cannot be combined with algorithm {self.name}: it chooses its own "
-                              f"per-layer sparsities, which an N:M pattern fixes at 1 - N/M = {pattern.sparsity:.4g} "
-                              "in every layer. Use pattern=unstructured, or magnitude, wanda, sparsegpt or ria for N:M.")
+            raise ConfigError(f"pattern={pattern} cannot be combined with algorithm {self.name}: it chooses "
+                              "its own per-layer sparsities, which an N:M pattern fixes at 1 - N/M = "
+                              f"{pattern.sparsity:.4g} "
+                              "in every layer. Use pattern=unstructured, or magnitude, wanda, sparsegpt or "
+                              "ria for N:M.")
         self.pattern = pattern
 
     @abstractmethod
-    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
+    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float,
+              ctx: PruneContext) -> PruneResult:
         """Return `model` (or a new model) pruned to global sparsity `target` over `layers`."""
 
     def options(self) -> dict[str, Any]:
@@ -89,8 +89,8 @@ class PTSAlgorithm(ABC):
 
     @property
     def label(self) -> str:
-        """A short method name for tables and plot legends, e.g. 'magnitude-erk+bn' or 'fcpts-ste-kde-quick-64it':
-        the family and what differs from the reference budget."""
+        """A short method name for tables and plot legends, e.g. 'magnitude-erk+bn' or
+        'fcpts-ste-kde-quick-64it': the family and what differs from the reference budget."""
         return "-".join([self.family, *self.budget_tags()])
 
     @property
@@ -99,7 +99,8 @@ class PTSAlgorithm(ABC):
         return self.name
 
     def budget_tags(self) -> list[str]:
-        """The label's words for a budget other than the reference (none for methods without a budget knob)."""
+        """The label's words for a budget other than the reference (none for methods without a budget
+        knob)."""
         return []
 
     @property

@@ -136,7 +136,8 @@ class ScorePruning(PTSAlgorithm):
         counts = self.alloc.counts(layers, target, self.pattern, norms)
         # 2. Masks: the lowest scores of each layer (of each group of M under N:M).
         dense = copy.deepcopy(model).requires_grad_(False) if self.recon.mode != "none" else None
-        generator = ctx.generator(f"{self.score.name} scores")
+        # one stream for any score that draws (the random control), under its historical label
+        generator = ctx.generator("random.scores")
         scores = {ly.name: self.score(ly, norms[ly.name] if self.score.needs_calibration else None, generator)
                   for ly in layers}
         masks = pattern_masks(layers, counts, self.pattern, scores)

@@ -149,7 +149,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, zeros: torch.Te
         mask1 = torch.zeros_like(w1, dtype=torch.bool)
         if not nm:
             saliency = w1.pow(2) / denom
-            mask1 = lowest_per_group(saliency if dead1 is None else saliency.masked_fill(dead1, 0.0), per_block[:, b])
+            mask1 = lowest_per_group(saliency if dead1 is None else saliency.masked_fill(dead1, 0.0),
+                                     per_block[:, b])
         for i in range(i2 - i1):
             if nm and i % pattern.m == 0:
                 span = slice(i, i + pattern.m)
@@ -191,17 +192,20 @@ class SparseGPT(LayerwiseOneShot):
     name = "sparsegpt"
     statistic = Hessian
 
-    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
+    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0,
+                 allocation_file: str | None = None,
                  allocation_label: str | None = None, blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
                  batch_size: int = 64, bn_recalibration: bool = False, calib_protocol: str | None = None,
                  owl: OWLSettings | Mapping[str, Any] | None = None, refine: str = "none",
                  dsnot: DSnoTSettings | Mapping[str, Any] | None = None):
-        super().__init__(allocation, erk_power_scale, allocation_file, allocation_label, batch_size, bn_recalibration,
-                         calib_protocol, owl, refine, dsnot)
+        super().__init__(allocation, erk_power_scale, allocation_file, allocation_label, batch_size,
+                         bn_recalibration, calib_protocol, owl, refine, dsnot)
         if int(blocksize) < 1:
-            raise ConfigError(f"algorithm.blocksize={blocksize} must be a positive number of columns (default 128).")
+            raise ConfigError(f"algorithm.blocksize={blocksize} must be a positive number of columns "
+                              "(default 128).")
         if not float(percdamp) > 0:
-            raise ConfigError(f"algorithm.percdamp={percdamp} must be > 0 (a fraction of the mean Hessian diagonal).")
+            raise ConfigError(f"algorithm.percdamp={percdamp} must be > 0 (a fraction of the mean Hessian "
+                              "diagonal).")
         self.blocksize = int(blocksize)
         self.percdamp = float(percdamp)
 

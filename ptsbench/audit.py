@@ -38,7 +38,8 @@ class Audit:
     # Over prunable weights, at the model's input size (None when no input shape was given):
     dense_dead_fraction: float | None = None  # weights of the dense model that cannot influence the output
     effective_sparsity: float | None = None  # weights that are zero or cannot influence the output
-    pattern: dict = field(default_factory=dict)  # the pattern and the layers it leaves dense (ptsbench.patterns)
+    # the pattern and the layers it leaves dense (ptsbench.patterns)
+    pattern: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {
@@ -145,8 +146,8 @@ def warn_if_ineffective(audit: Audit) -> None:
     """Say so when kept weights cannot influence the output: the achieved sparsity flatters the mask."""
     if audit.effective_sparsity is None or audit.effective_sparsity <= audit.achieved + EFFECTIVE_GAP_WARNING:
         return
-    log.warning("Effective sparsity %.4f exceeds the achieved %.4f: %.2f%% of the prunable weights are kept but "
-                "cannot influence the output (dense model at this input size: %.2f%% dead by structure).",
+    log.warning("Effective sparsity %.4f exceeds the achieved %.4f: %.2f%% of the prunable weights are kept "
+                "but cannot influence the output (dense model at this input size: %.2f%% dead by structure).",
                 audit.effective_sparsity, audit.achieved, 100 * (audit.effective_sparsity - audit.achieved),
                 100 * (audit.dense_dead_fraction or 0.0))
 

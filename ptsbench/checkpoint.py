@@ -130,7 +130,8 @@ def read_compact_form(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != "ptsbench-compact":
-                raise CheckpointError(f"{path} is not a ptsbench compact checkpoint (format={meta.get('format')!r}).")
+                raise CheckpointError(f"{path} is not a ptsbench compact checkpoint "
+                                      f"(format={meta.get('format')!r}).")
             shapes = json.loads(meta["shapes"])
             raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (OSError, ValueError, KeyError) as exc:
@@ -141,7 +142,8 @@ def read_compact_form(path: Path) -> dict[str, torch.Tensor]:
         bits = np.unpackbits(raw[key + MASK_SUFFIX].numpy())[:numel].astype(bool)
         values = raw[key + VALUES_SUFFIX]
         if int(bits.sum()) != values.numel():
-            raise CheckpointError(f"{path}: {key} has {int(bits.sum())} mask bits set but {values.numel()} values.")
+            raise CheckpointError(f"{path}: {key} has {int(bits.sum())} mask bits set but {values.numel()} "
+                                  "values.")
         flat = torch.zeros(numel, dtype=values.dtype)
         flat[torch.from_numpy(bits)] = values
         state[key] = flat.view(shape)

@@ -24,7 +24,8 @@ log = logging.getLogger("ptsbench")
 register_configs()
 
 def launcher_jobs(hc) -> int | None:
-    """The launcher's `n_jobs` (joblib: parallel jobs on this machine; -1 = one per core), None for the others."""
+    """The launcher's `n_jobs` (joblib: parallel jobs on this machine; -1 = one per core), None for the
+    others."""
     n_jobs = hc.launcher.get("n_jobs") if hc.launcher is not None else None
     return int(n_jobs) if n_jobs else None
 
@@ -42,9 +43,10 @@ def threads_per_job(cfg: DictConfig, hc) -> int | None:
 
 
 def device_per_job(cfg: DictConfig, hc, gpus: int | None = None) -> str | None:
-    """The GPU of one job of a parallel sweep on one machine: jobs of the joblib launcher take the visible GPUs
-    in turn (job number modulo their count) instead of all landing on cuda:0. An explicit `device=cuda:N` or
-    `cpu`, a sequential launcher and Slurm (which hands each job its own GPU as cuda:0) keep `cfg.device`."""
+    """The GPU of one job of a parallel sweep on one machine: jobs of the joblib launcher take the visible
+    GPUs in turn (job number modulo their count) instead of all landing on cuda:0. An explicit
+    `device=cuda:N` or `cpu`, a sequential launcher and Slurm (which hands each job its own GPU as cuda:0)
+    keep `cfg.device`."""
     if str(cfg.get("device", "auto")) not in ("auto", "cuda"):
         return None
     if launcher_jobs(hc) in (None, 1):
@@ -128,7 +130,8 @@ def app(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     if cfg.get("logger"):
-        check_constructor_keys(cfg.logger, "logger")  # before instantiate turns `+logger.foo=1` into a TypeError
+        # before instantiate turns `+logger.foo=1` into a TypeError
+        check_constructor_keys(cfg.logger, "logger")
     tracker = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else Tracker()
     threads, device = threads_per_job(cfg, hc), device_per_job(cfg, hc)
     with open_dict(cfg):

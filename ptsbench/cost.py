@@ -196,7 +196,8 @@ class PeakMemory:
             self.values.update(peak_memory_mb=torch.cuda.max_memory_allocated(self.device) / 2**20,
                                peak_memory_source="cuda_max_memory_allocated")
         else:
-            self.values.update(peak_memory_mb=rss_mb, peak_memory_source=f"rss:{self.values['peak_rss_source']}")
+            self.values.update(peak_memory_mb=rss_mb,
+                               peak_memory_source=f"rss:{self.values['peak_rss_source']}")
 
 
 class PruneCost:
@@ -257,7 +258,8 @@ def count_macs(model: nn.Module, layers: list[PrunableLayer], x: torch.Tensor) -
         w = ly.module.weight
         per_weight, rest = divmod(layer_macs, w.numel())
         if rest:  # not one use per weight per output position: not a plain conv/linear call
-            raise ValueError(f"layer {ly.name}: {layer_macs} MACs is not a multiple of its {w.numel()} weights")
+            raise ValueError(f"layer {ly.name}: {layer_macs} MACs is not a multiple of its {w.numel()} "
+                             "weights")
         macs_dense += layer_macs
         macs_sparse += per_weight * int(torch.count_nonzero(w.detach()))
     return {"macs_model": total // 2, "macs_dense": macs_dense, "macs_sparse": macs_sparse}
@@ -309,7 +311,8 @@ def _linear_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[
     return seen
 
 
-def measure_semi_structured(model: nn.Module, layers: list[PrunableLayer], test: Dataset, device: torch.device,
+def measure_semi_structured(model: nn.Module, layers: list[PrunableLayer], test: Dataset,
+                            device: torch.device,
                             batch_size: int) -> dict[str, Any]:
     """Convert the 2:4 Linear weights of an fp16 copy of `model` to PyTorch's semi-structured kernel; time
     those layers and the whole model against the dense fp16 copy on one evaluation batch, and evaluate
@@ -326,7 +329,8 @@ def measure_semi_structured(model: nn.Module, layers: list[PrunableLayer], test:
     for name in names:
         linear = sparse.get_submodule(name)
         try:
-            linear.weight = nn.Parameter(to_sparse_semi_structured(linear.weight.detach()), requires_grad=False)
+            linear.weight = nn.Parameter(to_sparse_semi_structured(linear.weight.detach()),
+                                         requires_grad=False)
             with torch.no_grad():
                 linear(inputs[name])
         except (RuntimeError, ValueError) as exc:  # shape or dtype outside the kernel's constraints
@@ -334,29 +338,33 @@ def measure_semi_structured(model: nn.Module, layers: list[PrunableLayer], test:
             linear.weight = dense.get_submodule(name).weight
             continue
         converted.append(name)
-        backend = type(linear.weight).__name__.removeprefix("SparseSemiStructuredTensor").lower() or "semi_structured"
+        backend = (type(linear.weight).__name__.removeprefix("SparseSemiStructuredTensor").lower()
+                   or "semi_structured")
     if not converted:
-        raise RuntimeError("no prunable Linear layer is 2:4 along its inputs within the kernel's shape limits")
+        raise RuntimeError("no prunable Linear layer is 2:4 along its inputs within the kernel's shape "
+                           "limits")
     with torch.no_grad():
         lin_dense = sum(_latency_ms(lambda n=n: dense.get_submodule(n)(inputs[n]), device) for n in converted)
-        lin_sparse = sum(_latency_ms(lambda n=n: sparse.get_submodule(n)(inputs[n]), device) for n in converted)
+        lin_sparse = sum(_latency_ms(lambda n=n: sparse.get_submodule(n)(inputs[n]),
+                                     device) for n in converted)
         model_dense = _latency_ms(lambda: dense(x), device)
         model_sparse = _latency_ms(lambda: sparse(x), device)
     ev = evaluate(_HalfInputs(sparse), test, device, batch_size=batch_size)
     return {"speed": f"measured:{backend}", "speed_layers": len(converted), "speed_batch": int(x.shape[0]),
-            "linear_dense_ms": lin_dense, "linear_sparse_ms": lin_sparse, "linear_speedup": lin_dense / lin_sparse,
+            "linear_dense_ms": lin_dense, "linear_sparse_ms": lin_sparse,
+            "linear_speedup": lin_dense / lin_sparse,
             "model_fp16_dense_ms": model_dense, "model_fp16_sparse_ms": model_sparse,
             "model_speedup": model_dense / model_sparse, "top1_semi_structured": ev.top1}
 
 
-def speed_label(pattern: Pattern, macs: dict[str, int], model: nn.Module, layers: list[PrunableLayer], test: Dataset,
-                device: torch.device, batch_size: int) -> dict[str, Any]:
+def speed_label(pattern: Pattern, macs: dict[str, int], model: nn.Module, layers: list[PrunableLayer],
+                test: Dataset, device: torch.device, batch_size: int) -> dict[str, Any]:
     """`none` for unstructured; for N:M the MAC ratio, and a measurement where a 2:4 kernel runs here."""
     if not pattern.is_nm:
         return {"speed": "none"}
+    sparse_macs = macs["macs_model"] - macs["macs_dense"] + macs["macs_sparse"]
     out: dict[str, Any] = {"speed": "theoretical",
-                           "speedup_theoretical": macs["macs_model"] / max(1, macs["macs_model"] - macs["macs_dense"]
-                                                                          + macs["macs_sparse"])}
+                           "speedup_theoretical": macs["macs_model"] / max(1, sparse_macs)}
     if pattern != SEMI_STRUCTURED or device.type != "cuda":
         return out
     try:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ptsbench.errors import ConfigError, DataError, unknown_choice
 from ptsbench.paths import safe_subdir
+from ptsbench.streams import stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,14 @@ class CalibrationSet:
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
                 drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iterate_batches(self.data, batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last)
+        return iterate_batches(self.data, batch_size, shuffle=shuffle, generator=generator,
+                               drop_last=drop_last)
 
 
 def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool = False,
                     generator: torch.Generator | None = None, drop_last: bool = False,
-                    num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                    num_workers: int = 0,
+                    pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (images, labels) batches; in-memory sets are sliced, others go through a DataLoader.
 
     `pin_memory` (DataLoader only) page-locks the batches so that non_blocking copies to a GPU overlap.
@@ -157,7 +160,8 @@ def load_fashion_mnist_arrays(root: str) -> dict[str, tuple[np.ndarray, np.ndarr
             )
         images, labels = read_idx(img_path), read_idx(lbl_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(f"Fashion-MNIST {split} under {root!r} has images {images.shape}, labels {labels.shape}.")
+            raise DataError(f"Fashion-MNIST {split} under {root!r} has images {images.shape}, labels "
+                            f"{labels.shape}.")
         out[split] = (images, labels)
     return out
 
@@ -208,12 +212,14 @@ def fashion_mnist_tensors(root: str, size: int) -> tuple[InMemoryImages, InMemor
     return train, test
 
 
-def build_fashion_mnist(cfg, img_size: int | None, cache_dir: Path, model_name: str | None = None) -> DataBundle:
+def build_fashion_mnist(cfg, img_size: int | None, cache_dir: Path,
+                        model_name: str | None = None) -> DataBundle:
     root = Path(cfg.root)
     if _find_idx(root, FASHION_MNIST_FILES["train"][0]) is None and cfg.get("download", False):
         root = _download_fashion_mnist(cache_dir)
     size = int(img_size or 28)
-    train, test = (ds.copy() for ds in fashion_mnist_tensors(str(root), size))  # a job's own tensors, not the cache's
+    # a job's own tensors, not the cache's
+    train, test = (ds.copy() for ds in fashion_mnist_tensors(str(root), size))
     spec = DataSpec("fashion_mnist", 10, 1, size, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
     return DataBundle(spec, train, test)
 
@@ -222,7 +228,8 @@ def build_cifar10(cfg, img_size: int | None, cache_dir: Path, model_name: str | 
     from torchvision.datasets import CIFAR10
 
     if cfg.root is None:
-        raise DataError("data=cifar10 needs data.root: a folder holding cifar-10-batches-py (torchvision's format).")
+        raise DataError("data=cifar10 needs data.root: a folder holding cifar-10-batches-py (torchvision's "
+                        "format).")
     try:
         tr = CIFAR10(str(cfg.root), train=True, download=bool(cfg.get("download", False)))
         te = CIFAR10(str(cfg.root), train=False, download=False)
@@ -247,7 +254,8 @@ def timm_eval_transform(cfg, img_size: int | None, model_name: str | None):
     import timm.data
 
     pretrained_cfg = timm.get_pretrained_cfg(model_name) if model_name and timm.is_model(model_name) else None
-    data_cfg = dict(timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())) if pretrained_cfg else {}
+    data_cfg = (dict(timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict()))
+                if pretrained_cfg else {})
     if img_size:
         data_cfg["input_size"] = (3, img_size, img_size)
     data_cfg.setdefault("input_size", (3, 224, 224))
@@ -278,7 +286,8 @@ def build_image_folder(cfg, img_size: int | None, cache_dir: Path, model_name: s
     if train.classes != val.classes:
         raise DataError(f"{root}: the train and val splits have different class folders.")
     spec = DataSpec(cfg.name, len(train.classes), 3, data_cfg["input_size"][-1],
-                    tuple(data_cfg.get("mean", (0.485, 0.456, 0.406))), tuple(data_cfg.get("std", (0.229, 0.224, 0.225))))
+                    tuple(data_cfg.get("mean", (0.485, 0.456, 0.406))),
+                    tuple(data_cfg.get("std", (0.229, 0.224, 0.225))))
     return DataBundle(spec, train, val)
 
 
@@ -311,8 +320,8 @@ def build_imagenet_probe(cfg, img_size: int | None, cache_dir: Path, model_name:
     files = sorted(p for p in root.glob("*") if PROBE_FILE.match(p.name)) if root.is_dir() else []
     if not files:
         raise DataError(
-            f"No probe images under {str(root)!r}: expected files named imagenet_<index>_<label>.jpg with the "
-            f"ImageNet class index (0-999) as <label>, as in foolbox's data folder."
+            f"No probe images under {str(root)!r}: expected files named imagenet_<index>_<label>.jpg with "
+            f"the ImageNet class index (0-999) as <label>, as in foolbox's data folder."
         )
     transform, data_cfg = timm_eval_transform(cfg, img_size, model_name)
     images, labels = [], []
@@ -325,7 +334,8 @@ def build_imagenet_probe(cfg, img_size: int | None, cache_dir: Path, model_name:
         labels.append(label)
     probe = InMemoryImages(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
     spec = DataSpec("imagenet_probe", 1000, 3, data_cfg["input_size"][-1],
-                    tuple(data_cfg.get("mean", (0.485, 0.456, 0.406))), tuple(data_cfg.get("std", (0.229, 0.224, 0.225))))
+                    tuple(data_cfg.get("mean", (0.485, 0.456, 0.406))),
+                    tuple(data_cfg.get("std", (0.229, 0.224, 0.225))))
     return DataBundle(spec, probe, probe)
 
 
@@ -339,7 +349,8 @@ DATASET_BUILDERS = {
 }
 
 
-def build_data(cfg, cache_dir: Path, img_size: int | None = None, model_name: str | None = None) -> DataBundle:
+def build_data(cfg, cache_dir: Path, img_size: int | None = None,
+               model_name: str | None = None) -> DataBundle:
     """Build the dataset named by `cfg.name`; `img_size` overrides the native size (from the model config).
 
     Folder datasets take their preprocessing from timm's pretrained config for `model_name`.
@@ -361,7 +372,7 @@ def sample_calibration(train: Dataset, n: int, seed: int, batch_size: int = 1) -
         raise ConfigError(f"calib.n={n} is larger than the train split ({len(train)} images).")
     if n < batch_size:
         raise ConfigError(f"calib.n={n} is below one calibration batch (calib.batch_size={batch_size}).")
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(stream_seed("calib.draw", seed))
     indices = torch.randperm(len(train), generator=g)[:n]
     if isinstance(train, InMemoryImages):
         subset = train.subset(indices)

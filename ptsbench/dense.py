@@ -31,6 +31,7 @@ from ptsbench.models import (
 )
 from ptsbench.paths import safe_child, safe_subdir
 from ptsbench.results import write_json
+from ptsbench.streams import stream_seed
 from ptsbench.train import train_dense
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def build_model(cfg: DictConfig, data: DataBundle) -> nn.Module:
     process, and the harness's dense training must give the same weights on every machine. A checkpoint
     wins over the hub, so `model.checkpoint=PATH` works offline with configs that say `pretrained: true`.
     """
-    torch.manual_seed(int(cfg.train.seed))
+    torch.manual_seed(stream_seed("dense.init", int(cfg.train.seed)))
     from_hub = bool(cfg.model.get("pretrained")) and not cfg.model.get("checkpoint")
     model = create_model(cfg.model, data.spec, pretrained=from_hub)
     check_input_size(model, data.spec, bool(cfg.model.get("img_size_arg", False)))
@@ -103,7 +104,8 @@ def load_dense_weights(cfg: DictConfig, model: nn.Module, data: DataBundle, cach
                 info.update({"recipe": recipe, "key": key_obj})
                 save_state(model, weights, {"key": key})
                 write_json(meta_path, info)
-                log.info("Dense %s trained in %.0f s, cached at %s", cfg.model.name, info["train_seconds"], weights)
+                log.info("Dense %s trained in %.0f s, cached at %s", cfg.model.name, info["train_seconds"],
+                         weights)
         info["weights"] = str(weights)
         sha256 = file_sha256(weights)
     bad = non_finite_tensors(model.state_dict())  # a checkpoint is checked as it loads; hub and recipe here
@@ -144,5 +146,6 @@ def _dense_accuracy(model: nn.Module, data: DataBundle, key: str, cfg: DictConfi
                           channels_last=bool(cfg.eval.channels_last),
                           what=f"the dense model {cfg.model.name}")
         write_json(path, result.as_dict())
-    log.info("Dense %s: top-1 %.2f%% top-5 %.2f%% on %d images", cfg.model.name, result.top1, result.top5, result.images)
+    log.info("Dense %s: top-1 %.2f%% top-5 %.2f%% on %d images", cfg.model.name, result.top1, result.top5,
+             result.images)
     return result.top1, result.top5

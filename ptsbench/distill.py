@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+          temperature: float = 4.0) -> torch.Tensor:
     """T^2 * sum_c p_t (log p_t - log p_s) / B with both softmaxes at temperature T."""
     t = float(temperature)
     log_p_s = F.log_softmax(student_logits / t, dim=1)

@@ -57,7 +57,8 @@ DTYPE = torch.float64  # CPU float64 convolutions are plain im2col + GEMM: no Wi
 
 
 class EffectiveSparsityError(PtsbenchError):
-    """The model calls an op whose positive surrogate is unknown, so effective sparsity cannot be vouched for."""
+    """The model calls an op whose positive surrogate is unknown, so effective sparsity cannot be vouched
+    for."""
 
 
 class _Binarize(torch.autograd.Function):
@@ -141,7 +142,8 @@ class _Surrogate:
         self.weight_ids = {id(w) for w in weights}
         self.sources = dict(sources or {})
 
-    def _plus_source(self, out: torch.Tensor, key: object, channel_dim: int, trailing: int = 1) -> torch.Tensor:
+    def _plus_source(self, out: torch.Tensor, key: object, channel_dim: int,
+                     trailing: int = 1) -> torch.Tensor:
         """`out` plus the constant source of the layer `key` names, broadcast along `channel_dim` (or, with
         `channel_dim=-1`, over the last `trailing` dims)."""
         src = self.sources.get(id(key)) if key is not None else None
@@ -156,8 +158,8 @@ class _Surrogate:
     def _weight(self, w: torch.Tensor, op: str) -> torch.Tensor:
         if id(w) not in self.weight_ids:
             raise EffectiveSparsityError(
-                f"{op} is called with a weight that is not a Conv2d/Linear module's own weight (a computed or "
-                f"standardised weight): its surrogate would not follow the mask.")
+                f"{op} is called with a weight that is not a Conv2d/Linear module's own weight (a computed "
+                f"or standardised weight): its surrogate would not follow the mask.")
         return w
 
     def conv2d(self, func, args, kwargs):
@@ -198,8 +200,8 @@ class _Surrogate:
         a = _bind(_max_pool2d_sig, args, kwargs)
         if a["return_indices"] or a["dilation"] not in (1, (1, 1), [1, 1]):
             raise EffectiveSparsityError("max_pool2d with return_indices or dilation has no surrogate here.")
-        return _binarize(torch.nn.functional.avg_pool2d(a["input"], a["kernel_size"], a["stride"], a["padding"],
-                                                        a["ceil_mode"], count_include_pad=True))
+        return _binarize(torch.nn.functional.avg_pool2d(a["input"], a["kernel_size"], a["stride"],
+                                                        a["padding"], a["ceil_mode"], count_include_pad=True))
 
     def adaptive_max_pool2d(self, func, args, kwargs):
         a = _bind(_adaptive_max_sig, args, kwargs)
@@ -220,7 +222,8 @@ class _Surrogate:
         combination of a constant is that constant whatever the weights: hence value * (1 + query + key)."""
         a = _bind(_sdpa_sig, args, kwargs)
         if a["enable_gqa"]:
-            raise EffectiveSparsityError("scaled_dot_product_attention with enable_gqa has no surrogate here.")
+            raise EffectiveSparsityError("scaled_dot_product_attention with enable_gqa has no surrogate "
+                                         "here.")
         q, k, v = a["query"], a["key"], a["value"]
         out = v.mean(-2, keepdim=True) * (1 + q.mean(-1, keepdim=True) + k.mean((-2, -1), keepdim=True))
         return _binarize(out.expand(*out.shape[:-2], q.shape[-2], v.shape[-1]).contiguous())
@@ -319,7 +322,8 @@ class _SurrogateMode(TorchFunctionMode):
             attribute = getattr(getattr(func, "__self__", None), "__name__", "")
             out = func(*args, **kwargs)
             if _is_tensor(out) and out.is_floating_point() and attribute not in _VIEW_ATTRIBUTES:
-                raise EffectiveSparsityError(f"attribute .{attribute} of a tensor on the path has no surrogate.")
+                raise EffectiveSparsityError(f"attribute .{attribute} of a tensor on the path has no "
+                                             "surrogate.")
             return out
         if not _path_tensors(args, kwargs):
             return _zero_floats(func(*args, **kwargs))
@@ -346,7 +350,8 @@ def _unparametrize(model: nn.Module) -> None:
 
 
 def _has_weight(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(getattr(module, "weight", None), torch.Tensor)
+    return (isinstance(module, (nn.Conv2d, nn.Linear))
+            and isinstance(getattr(module, "weight", None), torch.Tensor))
 
 
 def _constant_output(module: nn.Module) -> tuple[object, torch.Tensor] | None:
@@ -406,7 +411,8 @@ def _output_sum(out: object) -> torch.Tensor:
     raise EffectiveSparsityError(f"The model returned a {type(out).__name__}, not tensors.")
 
 
-def reachable_weights(model: nn.Module, input_shape: Sequence[int], dense: bool = False) -> dict[str, torch.Tensor]:
+def reachable_weights(model: nn.Module, input_shape: Sequence[int],
+                      dense: bool = False) -> dict[str, torch.Tensor]:
     """Per Conv2d/Linear module name: a bool tensor, True where the weight can influence the output.
 
     `dense=True` treats every weight as non-zero (what the input size alone leaves alive).
@@ -421,13 +427,15 @@ def reachable_weights(model: nn.Module, input_shape: Sequence[int], dense: bool 
         if not total.requires_grad:  # nothing reaches the output
             return {n: torch.zeros_like(indicators[n], dtype=torch.bool) for n in names}
         grads = torch.autograd.grad(total, [indicators[n] for n in names], allow_unused=True)
-    return {n: (indicators[n] > 0) & (g > 0) if g is not None else torch.zeros_like(indicators[n], dtype=torch.bool)
+    return {n: (indicators[n] > 0) & (g > 0) if g is not None
+            else torch.zeros_like(indicators[n], dtype=torch.bool)
             for n, g in zip(names, grads, strict=True)}
 
 
 @dataclass
 class LayerReach:
-    """Per weight tensor: how many weights the input size alone kills, and how many can influence the output."""
+    """Per weight tensor: how many weights the input size alone kills, and how many can influence the
+    output."""
 
     params: int
     dense_dead: int
@@ -442,14 +450,16 @@ class LayerReach:
         return 1.0 - self.effective / self.params
 
 
-def layer_reach(model: nn.Module, layer_names: Sequence[str], input_shape: Sequence[int]) -> dict[str, LayerReach]:
+def layer_reach(model: nn.Module, layer_names: Sequence[str],
+                input_shape: Sequence[int]) -> dict[str, LayerReach]:
     """Dense-dead and effective counts for the named Conv2d/Linear modules (two surrogate passes)."""
     dense = reachable_weights(model, input_shape, dense=True)
     actual = reachable_weights(model, input_shape, dense=False)
     missing = [n for n in layer_names if n not in actual]
     if missing:
         raise EffectiveSparsityError(f"Layers {missing[:5]} are not Conv2d/Linear modules of the model.")
-    return {n: LayerReach(actual[n].numel(), int((~dense[n]).sum()), int(actual[n].sum())) for n in layer_names}
+    return {n: LayerReach(actual[n].numel(), int((~dense[n]).sum()),
+                          int(actual[n].sum())) for n in layer_names}
 
 
 # ------------------------------------------------------------------------------------ command
@@ -458,7 +468,8 @@ def layer_reach(model: nn.Module, layer_names: Sequence[str], input_shape: Seque
 def dense_dead_table(model: nn.Module, layers: Sequence, input_shape: Sequence[int]) -> pd.DataFrame:
     """dense_dead_fraction per layer kind and in total (`layers`: PrunableLayer list)."""
     dead = reachable_weights(model, input_shape, dense=True)
-    rows = pd.DataFrame([{"kind": ly.kind, "params": ly.numel, "dead": int((~dead[ly.name]).sum())} for ly in layers])
+    rows = pd.DataFrame([{"kind": ly.kind, "params": ly.numel,
+                          "dead": int((~dead[ly.name]).sum())} for ly in layers])
     table = rows.groupby("kind", sort=True)[["params", "dead"]].sum()
     table.loc["total"] = table.sum()
     table["dense_dead_fraction"] = table["dead"] / table["params"]
@@ -466,7 +477,8 @@ def dense_dead_table(model: nn.Module, layers: Sequence, input_shape: Sequence[i
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m ptsbench.effective model=<cfg> [overrides]`: the dense model's dead weights at its input size."""
+    """`python -m ptsbench.effective model=<cfg> [overrides]`: the dense model's dead weights at its input
+    size."""
     from ptsbench.config import compose_job_config
     from ptsbench.dense import build_model, load_data
     from ptsbench.sparsity import PrunePolicy, find_prunable_layers

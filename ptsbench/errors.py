@@ -42,7 +42,8 @@ def _allowed_text(value: object, allowed: Iterable[str], hint: str) -> str:
     """' Allowed: a, b, c. Did you mean: b? hint' for the tail of an unknown-name error."""
     allowed = sorted(allowed)
     close = difflib.get_close_matches(str(value), allowed, n=3, cutoff=0.5)
-    listing = ", ".join(allowed) if len(allowed) <= 30 else ", ".join(allowed[:30]) + f", ... ({len(allowed)} in all)"
+    listing = (", ".join(allowed) if len(allowed) <= 30
+               else ", ".join(allowed[:30]) + f", ... ({len(allowed)} in all)")
     msg = f" Allowed: {listing}."
     if close:
         msg += f" Did you mean: {', '.join(close)}?"
@@ -59,7 +60,8 @@ def unknown_choice(what: str, value: object, allowed: Iterable[str], hint: str =
 def unknown_key(key: str, owner: str, allowed: Iterable[str], hint: str = "") -> ConfigError:
     """Build the error for a config key that `owner` (a config node or a constructor) does not take."""
     name = key.rpartition(".")[2]
-    return ConfigError(f"Unknown config key {key!r}: {owner} has no option {name!r}." + _allowed_text(name, allowed, hint))
+    return ConfigError(f"Unknown config key {key!r}: {owner} has no option {name!r}."
+                       + _allowed_text(name, allowed, hint))
 
 
 def ensure_finite(value: float, what: str, step: int | None = None) -> float:
@@ -68,5 +70,6 @@ def ensure_finite(value: float, what: str, step: int | None = None) -> float:
 
     if not math.isfinite(value):
         where = f" at step {step}" if step is not None else ""
-        raise NonFiniteLossError(f"{what} became {value}{where}; the job stops instead of training on garbage.")
+        raise NonFiniteLossError(f"{what} became {value}{where}; the job stops instead of training on "
+                                 "garbage.")
     return value

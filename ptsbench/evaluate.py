@@ -29,7 +29,8 @@ class EvalResult:
 
 
 def is_convolutional(model: nn.Module) -> bool:
-    """More than one Conv2d: a CNN, where NHWC pays off, not a ViT whose one convolution is the patch embedding."""
+    """More than one Conv2d: a CNN, where NHWC pays off, not a ViT whose one convolution is the patch
+    embedding."""
     return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
 
 
@@ -103,7 +104,8 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "c
     return EvalResult(100.0 * correct1 / total, 100.0 * correct5 / total, total, seconds)
 
 
-def collect_logits(model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 500,
+def collect_logits(model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu",
+                   batch_size: int = 500,
                    num_workers: int = 0) -> torch.Tensor:
     """The model's logits on every image of `dataset`, in order, as a float32 CPU tensor."""
     was_training = model.training
@@ -123,7 +125,8 @@ def logit_fidelity(dense_logits: torch.Tensor, sparse_logits: torch.Tensor) -> d
     images of KL(p_dense || p_sparse) in nats, the divergence a distillation loss minimises.
     """
     if dense_logits.shape != sparse_logits.shape or dense_logits.numel() == 0:
-        raise ValueError(f"logit shapes differ or are empty: {tuple(dense_logits.shape)} vs {tuple(sparse_logits.shape)}")
+        raise ValueError(f"logit shapes differ or are empty: {tuple(dense_logits.shape)} vs "
+                         f"{tuple(sparse_logits.shape)}")
     agree = (dense_logits.argmax(dim=1) == sparse_logits.argmax(dim=1)).double().mean().item()
     log_p = torch.log_softmax(dense_logits.double(), dim=1)
     log_q = torch.log_softmax(sparse_logits.double(), dim=1)

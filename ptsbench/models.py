@@ -77,7 +77,8 @@ def check_input_size(model: nn.Module, spec: DataSpec, img_size_arg: bool = True
     model.eval()
     try:
         with torch.inference_mode():
-            model(torch.zeros(1, spec.in_chans, spec.img_size, spec.img_size, device=next(model.parameters()).device))
+            model(torch.zeros(1, spec.in_chans, spec.img_size, spec.img_size,
+                              device=next(model.parameters()).device))
     except Exception as exc:
         hint = "" if img_size_arg else (" An architecture that fixes its input size when it is built (ViT, "
                                         "DeiT) takes the data's with model.img_size_arg=true.")
@@ -177,7 +178,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def lukemelas_efficientnet_to_timm(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def lukemelas_efficientnet_to_timm(state: Mapping[str, torch.Tensor],
+                                   model: nn.Module) -> dict[str, torch.Tensor]:
     """Rename an EfficientNet state dict from the lukemelas/EfficientNet-PyTorch layout to timm's.
 
     That layout numbers the blocks flat (`_blocks.<i>`) where timm nests them by stage
@@ -193,7 +195,8 @@ def lukemelas_efficientnet_to_timm(state: Mapping[str, torch.Tensor], model: nn.
             f"(e.g. model.name=tf_efficientnet_lite0), not {type(model).__name__}."
         )
     flat = [f"blocks.{s}.{b}" for s, stage in enumerate(stages) for b in range(len(stage))]
-    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+           "_fc": "classifier"}
     inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
                 "_project_conv": "conv_pwl", "_bn2": "bn3"}
     separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
@@ -278,14 +281,15 @@ def verify_checkpoint(model_cfg: DictConfig) -> str:
     shipped = str(model_cfg.checkpoint).startswith(PACKAGE_PREFIX)
     if shipped and expected and str(expected).lower() != actual:
         raise CheckpointError(
-            f"model.checkpoint={str(model_cfg.checkpoint)!r} ({path}) has sha256 {actual}, but the model config "
-            f"pins model.checkpoint_sha256={expected}: the file is not the one the config was written for. "
-            f"Restore it (git checkout) or set model.checkpoint_sha256=null to accept another file."
+            f"model.checkpoint={str(model_cfg.checkpoint)!r} ({path}) has sha256 {actual}, but the model "
+            f"config pins model.checkpoint_sha256={expected}: the file is not the one the config was written "
+            f"for. Restore it (git checkout) or set model.checkpoint_sha256=null to accept another file."
         )
     return actual
 
 
-def dense_key(model_cfg: DictConfig, data_cfg: DictConfig, spec: DataSpec, recipe: Mapping, seed: int) -> dict:
+def dense_key(model_cfg: DictConfig, data_cfg: DictConfig, spec: DataSpec, recipe: Mapping,
+              seed: int) -> dict:
     """Everything that determines the dense weights and hence the dense accuracy."""
     if model_cfg.get("checkpoint"):
         source: dict = {"checkpoint": file_fingerprint(model_cfg.checkpoint)}

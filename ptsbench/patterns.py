@@ -73,13 +73,16 @@ def parse_pattern(value: object) -> Pattern:
     match = re.fullmatch(r"(\d+):(\d+)", text)
     if match is None:
         # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124.
-        hint = " In a YAML file quote it (pattern: '2:4'): unquoted, YAML reads 2:4 as 124." if text.isdigit() else ""
+        hint = (" In a YAML file quote it (pattern: '2:4'): unquoted, YAML reads 2:4 as 124."
+                if text.isdigit() else "")
         raise ConfigError(f"pattern={value!r} is not a sparsity pattern. Allowed: unstructured, or N:M with "
-                          f"0 < N < M (N weights kept in every M consecutive ones), e.g. {', '.join(PRESETS[1:])}."
+                          "0 < N < M (N weights kept in every M consecutive ones), e.g. "
+                          f"{', '.join(PRESETS[1:])}."
                           + hint)
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
-        raise ConfigError(f"pattern={value!r}: N:M needs 0 < N < M (N = weights kept of every M); got N={n}, M={m}.")
+        raise ConfigError(f"pattern={value!r}: N:M needs 0 < N < M (N = weights kept of every M); got N={n}, "
+                          f"M={m}.")
     return Pattern(n, m)
 
 
@@ -103,7 +106,8 @@ def row_length(weight: torch.Tensor) -> int:
 
 def nm_zero_counts(layers: list[PrunableLayer], pattern: Pattern) -> dict[str, int]:
     """Zeros per layer under N:M: (M - N) per group where the rows fit, none where they do not."""
-    return {ly.name: ly.numel // pattern.m * (pattern.m - pattern.n) if pattern.fits(ly) else 0 for ly in layers}
+    return {ly.name: ly.numel // pattern.m * (pattern.m - pattern.n) if pattern.fits(ly) else 0
+            for ly in layers}
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -45,9 +45,8 @@ REFERENCE_STEPS = 20_000  # msbench's Adam steps per unit (conf/reconstruction/m
 QUICK_STEPS = 200  # conf/reconstruction/quick.yaml, the CPU benchmark's budget
 REFERENCE_RATES = (1e-5, 1e-4)  # msbench's (weights, biases) learning rates
 QUICK_RATES = (1e-4, 1e-3)  # 10x, to move as far in the quick preset's 100x fewer steps
-# The random stream of the reconstruction batches (ctx.generator); an offset, not a name, so that results
-# stay those of the committed runs.
-RECONSTRUCTION_STREAM = 31
+# The random stream of the reconstruction batches (ctx.generator; ptsbench/streams.py).
+RECONSTRUCTION_STREAM = "reconstruction.batches"
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,10 @@ class ReconstructionSettings(Settings):
     of batch 64 per unit; `algorithm.budget` scales the steps.
     """
 
-    mode: str = option("none", RECONSTRUCTIONS)  # none | layer (one conv/linear) | block (residual or transformer)
-    inputs: str = option("dense", RECON_INPUTS)  # dense: the dense model's activations; sparse: the sparse model's
+    # none | layer (one conv/linear) | block (residual or transformer)
+    mode: str = option("none", RECONSTRUCTIONS)
+    # dense: the dense model's activations; sparse: the sparse model's
+    inputs: str = option("dense", RECON_INPUTS)
     iterations: int = option(REFERENCE_STEPS, NON_NEGATIVE_COUNT)  # Adam steps per unit
     lr: float = option(REFERENCE_RATES[0], NON_NEGATIVE)  # weights (tensors with two or more dimensions)
     bias_lr: float = option(REFERENCE_RATES[1], NON_NEGATIVE)  # biases and normalisation parameters
@@ -216,7 +217,8 @@ def output_error(model: nn.Module, unit: Unit, inputs: torch.Tensor, targets: to
 
 @torch.no_grad()
 def correct_weights(dense_weight: torch.Tensor, mask: torch.Tensor, method: str = "msbench") -> torch.Tensor:
-    """The masked weight after per-output-channel weight correction (`WEIGHT_CORRECTIONS`); zeros stay zero."""
+    """The masked weight after per-output-channel weight correction (`WEIGHT_CORRECTIONS`); zeros stay
+    zero."""
     if method == "msbench":
         return msbench_weight_correction(dense_weight, mask)
     if method == "exact_moments":
@@ -330,7 +332,8 @@ def summarise(reports: list[UnitReport]) -> tuple[pd.DataFrame, dict[str, float 
     if table.empty:
         return table, {}
     return table, {"units": len(table), "mean_error_before": float(table["error_before"].mean()),
-                   "mean_error_after": float(table["error_after"].mean()), "recon_steps": int(table["steps"].sum())}
+                   "mean_error_after": float(table["error_after"].mean()),
+                   "recon_steps": int(table["steps"].sum())}
 
 
 class SquaredError(torch.autograd.Function):
@@ -378,7 +381,8 @@ def tune_unit(model: nn.Module, unit: Unit, inputs: torch.Tensor, targets: torch
     try:
         with torch.enable_grad():
             for step in range(settings.iterations):
-                idx = torch.randint(len(inputs), (min(settings.batch_size, len(inputs)),), generator=generator)
+                idx = torch.randint(len(inputs), (min(settings.batch_size, len(inputs)),),
+                                    generator=generator)
                 idx = idx.to(inputs.device)
                 # index_select: the same rows as inputs[idx], copied about 4x faster than advanced indexing
                 y = unit.output(model, inputs.index_select(0, idx))

@@ -68,7 +68,8 @@ def results_table(records: pd.DataFrame) -> pd.DataFrame:
     for col in TABLE_COLUMNS:
         if col not in df:
             df[col] = None
-    df["top1_drop"] = pd.to_numeric(df["dense_top1"], errors="coerce") - pd.to_numeric(df["top1"], errors="coerce")
+    df["top1_drop"] = (pd.to_numeric(df["dense_top1"], errors="coerce")
+                       - pd.to_numeric(df["top1"], errors="coerce"))
     df["method"] = name_calibration_sizes(df)
     extra = [c for c in df.columns if c not in TABLE_COLUMNS]
     df = df[TABLE_COLUMNS + extra]
@@ -84,7 +85,8 @@ def probe_rows(table: pd.DataFrame) -> pd.Series:
 
 def markdown_table(table: pd.DataFrame) -> str:
     columns = dict(MD_COLUMNS)
-    if pd.to_numeric(table["effective_sparsity"], errors="coerce").isna().all():  # records older than the audit's
+    # records older than the audit's
+    if pd.to_numeric(table["effective_sparsity"], errors="coerce").isna().all():
         columns.pop("effective_sparsity")
     if probe_rows(table).any():
         at = list(columns).index("top5") + 1
@@ -122,13 +124,15 @@ def heuristic_families() -> list[str]:
 
 
 def headroom_rows(summary: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """Per model and target sparsity: dense top-1 minus the best heuristic's mean (what any method can gain)."""
-    families = table.drop_duplicates("method").set_index("method")["method_family"] if "method_family" in table \
-        else pd.Series(dtype=object)
+    """Per model and target sparsity: dense top-1 minus the best heuristic's mean (what any method can
+    gain)."""
+    families = (table.drop_duplicates("method").set_index("method")["method_family"]
+                if "method_family" in table else pd.Series(dtype=object))
     heur = summary[summary["method"].map(families).isin(heuristic_families())]
     if heur.empty:
         return pd.DataFrame()
-    best = heur.groupby(["model", "target_sparsity"]).agg(top=("top1_mean", "max"), dense=("dense_top1", "mean"))
+    best = (heur.groupby(["model", "target_sparsity"])
+            .agg(top=("top1_mean", "max"), dense=("dense_top1", "mean")))
     return (best["dense"] - best["top"]).rename("headroom").reset_index()
 
 
@@ -221,7 +225,8 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path, methods: Seque
     write_csv(out / "results.csv", table)
     n_failed = int((table["status"] != "ok").sum()) if len(table) else 0
     n_missed = int((table["status"] == "target_missed").sum()) if len(table) else 0
-    header = f"# Results\n\n{len(table)} jobs from {', '.join(map(str, dirs))}; {n_failed - n_missed} failed.\n\n"
+    header = (f"# Results\n\n{len(table)} jobs from {', '.join(map(str, dirs))}; "
+              f"{n_failed - n_missed} failed.\n\n")
     n_unreadable = int((table["status"] == UNREADABLE).sum()) if len(table) else 0
     if n_unreadable:
         header += (f"**{n_unreadable} records could not be read** (status `{UNREADABLE}`, file and line in "
@@ -233,11 +238,12 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path, methods: Seque
         header += f"Methods matching: {', '.join(f'`{m}`' for m in methods)}.\n\n"
     probe = probe_rows(table)
     if probe.any():
-        sizes = sorted({int(n) for n in pd.to_numeric(table.loc[probe, "eval_images"], errors="coerce").dropna()})
+        images = pd.to_numeric(table.loc[probe, "eval_images"], errors="coerce").dropna()
+        sizes = sorted({int(n) for n in images})
         header += (
-            f"**Small probe set:** {int(probe.sum())} jobs were evaluated on only {', '.join(map(str, sizes))} "
-            f"images, so their top-1 moves in coarse steps; read it with the top-1 agreement with the dense model "
-            f"and the mean KL(dense‖sparse) of the predictions.\n\n"
+            f"**Small probe set:** {int(probe.sum())} jobs were evaluated on only "
+            f"{', '.join(map(str, sizes))} images, so their top-1 moves in coarse steps; read it with the "
+            f"top-1 agreement with the dense model and the mean KL(dense‖sparse) of the predictions.\n\n"
         )
     summary = seed_summary(table)
     body = markdown_table(table) if len(table) else "(no result files found)"
@@ -253,19 +259,23 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path, methods: Seque
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptsbench-report", description=__doc__)
-    parser.add_argument("dirs", nargs="*", metavar="DIR", help="sweep or job directories holding result.json files")
+    parser.add_argument("dirs", nargs="*", metavar="DIR",
+                        help="sweep or job directories holding result.json files")
     parser.add_argument("--out", help="where to write the tables and plot (default: the first DIR)")
     parser.add_argument("--reference", nargs="?", const=str(REFERENCE_CSV), metavar="CSV",
-                        help="also write reference_comparison.{md,csv}: measured rows beside the published numbers "
-                             f"in CSV (default: {REFERENCE_CSV.relative_to(REFERENCE_CSV.parents[2])})")
+                        help="also write reference_comparison.{md,csv}: measured rows beside the published "
+                             "numbers in CSV (default: "
+                             f"{REFERENCE_CSV.relative_to(REFERENCE_CSV.parents[2])})")
     parser.add_argument("--methods", nargs="+", metavar="PATTERN",
                         help="only methods whose label matches one of these shell-style patterns "
                              "(e.g. 'unipts*' 'magnitude-erk+bn')")
     parser.add_argument("--any-dataset", action="store_true",
-                        help="with --reference, match published rows on other datasets too (shown in a column)")
+                        help="with --reference, match published rows on other datasets too (shown in a "
+                             "column)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.reference is not None and Path(args.reference).is_dir():  # `--reference DIR ...`: DIR is a result dir
+    # `--reference DIR ...`: DIR is a result dir
+    if args.reference is not None and Path(args.reference).is_dir():
         args.dirs.insert(0, args.reference)
         args.reference = str(REFERENCE_CSV)
     if not args.dirs:

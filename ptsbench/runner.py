@@ -63,6 +63,7 @@ from ptsbench.sparsity import (
     describe_policy,
     find_prunable_layers,
 )
+from ptsbench.streams import RNG_SCHEME_VERSION, stream_seed
 from ptsbench.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ def base_record(cfg: DictConfig) -> dict[str, Any]:
         "config_hash": config_hash(cfg),
         "experiment": cfg.get("experiment_name"),
         "ptsbench_version": ptsbench.__version__,
+        "rng_scheme": RNG_SCHEME_VERSION,  # how the random streams are seeded (ptsbench/streams.py)
         "git_commit": git_commit(),
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
@@ -339,7 +341,7 @@ def report_dense_zeros(record: dict[str, Any], dense_zeros: dict[str, int]) -> N
 
 def prune_and_audit(cfg: DictConfig, job: JobLog, prep: PreparedJob) -> tuple[PruneResult, list[PrunableLayer], Audit]:
     """Run the algorithm, then count its zeros ourselves on the model it returned."""
-    torch.manual_seed(int(cfg.seed))
+    torch.manual_seed(stream_seed("job.torch", int(cfg.seed)))
     ctx = PruneContext(calib=prep.calib, device=prep.device, seed=int(cfg.seed), progress=bool(cfg.progress),
                        compile=prep.compile, log_metrics=job.tracker.log, workdir=job.out_dir)
     start = time.perf_counter()

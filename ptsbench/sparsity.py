@@ -112,7 +112,8 @@ def find_prunable_layers(model: nn.Module, policy: PrunePolicy | None = None) ->
         if allowed:
             layers.append(PrunableLayer(name, module, kind))
     if not layers:
-        raise ConfigError("The model has no prunable Conv2d or Linear weights under the current prune policy.")
+        raise ConfigError("The model has no prunable Conv2d or Linear weights under the current prune "
+                          "policy.")
     return layers
 
 
@@ -134,11 +135,13 @@ def check_sparsity(value: object, what: str = "sparsity") -> float:
     except (TypeError, ValueError):
         raise ConfigError(f"{what}={value!r} is not a number; it must be a float in [0, 1).") from None
     if not (0.0 <= s < 1.0) or math.isnan(s):
-        raise ConfigError(f"{what}={value!r} is outside [0, 1): a sparsity is the fraction of weights removed.")
+        raise ConfigError(f"{what}={value!r} is outside [0, 1): a sparsity is the fraction of weights "
+                          "removed.")
     return s
 
 
-def counts_from_rates(layers: list[PrunableLayer], rates: Mapping[str, float], target: float | None = None) -> dict[str, int]:
+def counts_from_rates(layers: list[PrunableLayer], rates: Mapping[str, float],
+                      target: float | None = None) -> dict[str, int]:
     """Per-layer sparsity rates to whole counts of zeros.
 
     Each count is within one weight of rate * n. When `target` is given, the rounding is distributed by
@@ -179,7 +182,8 @@ def erk_allocation(layers: list[PrunableLayer], target: float, power_scale: floa
         budget = keep_total - sum(n[name] for name in dense)
         denom = sum(raw[name] * n[name] for name in free)
         if not free or denom <= 0:
-            raise ConfigError(f"ERK cannot reach sparsity {target}: too few prunable weights outside dense layers.")
+            raise ConfigError(f"ERK cannot reach sparsity {target}: too few prunable weights outside dense "
+                              "layers.")
         eps = budget / denom
         over = [name for name in free if eps * raw[name] > 1.0]
         if not over:
@@ -222,14 +226,17 @@ def global_l2norm_counts(layers: list[PrunableLayer], target: float) -> dict[str
 # The allocation axis: every strategy maps (layers, target, erk_power_scale) to per-layer zero counts.
 AllocationFn = Callable[[list[PrunableLayer], float, float], dict[str, int]]
 ALLOCATION_REGISTRY: dict[str, AllocationFn] = {
-    "uniform": lambda layers, target, _: counts_from_rates(layers, uniform_allocation(layers, target), target),
-    "erk": lambda layers, target, power: counts_from_rates(layers, erk_allocation(layers, target, power), target),
+    "uniform": lambda layers, target, _: counts_from_rates(
+        layers, uniform_allocation(layers, target), target),
+    "erk": lambda layers, target, power: counts_from_rates(
+        layers, erk_allocation(layers, target, power), target),
     "global": lambda layers, target, _: global_magnitude_counts(layers, target),
     "global_l2norm": lambda layers, target, _: global_l2norm_counts(layers, target),
 }
 
 
-def allocate(layers: list[PrunableLayer], target: float, method: str, erk_power_scale: float = 1.0) -> dict[str, int]:
+def allocate(layers: list[PrunableLayer], target: float, method: str,
+             erk_power_scale: float = 1.0) -> dict[str, int]:
     """Per-layer counts of weights to remove so that the global sparsity over `layers` is `target`."""
     target = check_sparsity(target)
     if method not in ALLOCATION_REGISTRY:
@@ -279,7 +286,8 @@ def apply_masks(layers: list[PrunableLayer], masks: Mapping[str, torch.Tensor]) 
             continue
         if parametrize.is_parametrized(ly.module, "weight"):
             parametrize.remove_parametrizations(ly.module, "weight", leave_parametrized=False)
-        parametrize.register_parametrization(ly.module, "weight", WeightMask(masks[ly.name].to(ly.weight.device)))
+        parametrize.register_parametrization(ly.module, "weight",
+                                             WeightMask(masks[ly.name].to(ly.weight.device)))
 
 
 def bake_masks(model: nn.Module) -> None:

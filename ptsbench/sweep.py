@@ -78,7 +78,8 @@ class ModelSparsities(AbstractFilter):
 
     def reason(self) -> str:
         allowed = _model_sparsities(self.config, *self.keys)
-        return f"{(self.config.get('model') or {}).get('name')} is swept at sparsity {', '.join(map(str, allowed))}"
+        model = (self.config.get("model") or {}).get("name")
+        return f"{model} is swept at sparsity {', '.join(map(str, allowed))}"
 
 
 class DiscriminatingFor(AbstractFilter):
@@ -93,7 +94,8 @@ class DiscriminatingFor(AbstractFilter):
 
     def reason(self, algorithms: Sequence[str]) -> str:
         allowed = _model_sparsities(self.config, "discriminating_sparsities")
-        return f"{algorithm_name(self.config)} runs at the model's discriminating sparsities {allowed} in this sweep"
+        return (f"{algorithm_name(self.config)} runs at the model's discriminating sparsities {allowed} "
+                "in this sweep")
 
 
 class NMOnlyWhere(AbstractFilter):

@@ -48,7 +48,8 @@ class WandbTracker(Tracker):
               dir: str) -> None:
         import wandb
 
-        self.run = wandb.init(project=self.project, entity=self.entity, mode=self.mode, name=name, group=group,
+        self.run = wandb.init(project=self.project, entity=self.entity, mode=self.mode, name=name,
+                              group=group,
                               job_type=job_type, config=config, tags=tags + self.extra_tags, dir=dir,
                               reinit="finish_previous")
 
@@ -91,11 +92,13 @@ class WandbTracker(Tracker):
                 methods = sorted(rows["method"].unique())
                 xs, ys = [], []
                 for method in methods:
-                    part = rows[rows["method"] == method].groupby("target_sparsity")["top1"].mean().sort_index()
+                    part = (rows[rows["method"] == method].groupby("target_sparsity")["top1"].mean()
+                            .sort_index())
                     xs.append(part.index.tolist())
                     ys.append(part.tolist())
                 run.log({f"accuracy_vs_sparsity/{model}": wandb.plot.line_series(
-                    xs=xs, ys=ys, keys=methods, title=f"{model}: top-1 vs sparsity", xname="target sparsity")})
+                    xs=xs, ys=ys, keys=methods, title=f"{model}: top-1 vs sparsity",
+                    xname="target sparsity")})
             run.summary.update({"jobs": len(table), "failed": int((table["status"] != "ok").sum())})
         finally:
             run.finish()

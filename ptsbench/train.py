@@ -19,11 +19,13 @@ from tqdm.auto import tqdm
 from ptsbench.data import InMemoryImages, iterate_batches
 from ptsbench.errors import ConfigError, ensure_finite
 from ptsbench.evaluate import is_convolutional
+from ptsbench.streams import stream_seed
 
 log = logging.getLogger(__name__)
 
 
-def random_translate_flip(images: torch.Tensor, max_shift: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+def random_translate_flip(images: torch.Tensor, max_shift: int, flip: bool,
+                          generator: torch.Generator) -> torch.Tensor:
     """Per-image integer shifts in [-max_shift, max_shift] (zero fill) and optional horizontal flips."""
     n, c, h, w = images.shape
     if max_shift > 0:
@@ -56,33 +58,39 @@ def train_dense(model: nn.Module, train_set: InMemoryImages, recipe: Mapping, se
     if not isinstance(train_set, InMemoryImages):
         raise ConfigError(
             "The built-in dense training recipe runs on in-memory datasets (fashion_mnist, cifar10). "
-            "For ImageNet-style folders pass trained weights with model.checkpoint=PATH or model.pretrained=true."
+            "For ImageNet-style folders pass trained weights with model.checkpoint=PATH or "
+            "model.pretrained=true."
         )
     epochs, batch_size = float(recipe["epochs"]), int(recipe["batch_size"])
     steps_per_epoch = len(train_set) // batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size={batch_size} is larger than the train split ({len(train_set)} images).")
-    g = torch.Generator().manual_seed(int(seed))
-    torch.manual_seed(int(seed))
+        raise ConfigError(f"train.batch_size={batch_size} is larger than the train split ({len(train_set)} "
+                          "images).")
+    g = torch.Generator().manual_seed(stream_seed("dense.train", seed))
+    torch.manual_seed(stream_seed("dense.train.torch", seed))
     if recipe.get("zero_init_head", False):
         zero_classifier(model)
     # NHWC pays off for CNNs only; a ViT's one convolution (the patch embedding) gains nothing from it.
     nhwc = bool(recipe.get("channels_last", False)) and is_convolutional(model)
     memory_format = torch.channels_last if nhwc else torch.contiguous_format
     model.to(device, memory_format=memory_format).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(recipe["lr"]),
+                                  weight_decay=float(recipe["weight_decay"]))
     total = max(1, round(epochs * steps_per_epoch))
+    warmup_steps = int(round(float(recipe.get("warmup_epochs", 0)) * steps_per_epoch))
     scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=float(recipe.get("min_lr", 0.0)),
-                                  warmup_t=int(round(float(recipe.get("warmup_epochs", 0)) * steps_per_epoch)),
+                                  warmup_t=warmup_steps,
                                   warmup_lr_init=float(recipe.get("warmup_lr", 1e-6)), t_in_epochs=False)
     smoothing = float(recipe.get("label_smoothing", 0.0))
     max_shift, flip = int(recipe.get("max_shift", 0)), bool(recipe.get("hflip", False))
     start = time.perf_counter()
     step, epoch_loss = 0, float("nan")
-    bar = tqdm(total=total, desc=f"dense training ({epochs:g} ep)", disable=not progress, leave=False, mininterval=1.0)
+    bar = tqdm(total=total, desc=f"dense training ({epochs:g} ep)", disable=not progress, leave=False,
+               mininterval=1.0)
     while step < total:
         running, seen = 0.0, 0
-        for images, labels in iterate_batches(train_set, batch_size, shuffle=True, generator=g, drop_last=True):
+        for images, labels in iterate_batches(train_set, batch_size, shuffle=True, generator=g,
+                                              drop_last=True):
             images = random_translate_flip(images, max_shift, flip, g).to(device, memory_format=memory_format)
             labels = labels.to(device)
             loss = F.cross_entropy(model(images), labels, label_smoothing=smoothing)

@@ -53,7 +53,8 @@ def export_dense(config_name: str, overrides: list[str], out_dir: Path = ZOO_DIR
              for k, v in model.state_dict().items()}
     recipe = training_recipe(cfg)
     metadata = {"model": cfg.model.name, "config": config_name, "data": cfg.data.name,
-                "img_size": str(data.spec.img_size), "recipe": str(recipe), "recipe_hash": stable_hash(recipe),
+                "img_size": str(data.spec.img_size), "recipe": str(recipe),
+                "recipe_hash": stable_hash(recipe),
                 "train_seed": str(cfg.train.seed), "dense_top1_fp32": f"{dense.top1:.4f}",
                 "train_seconds": f"{dense.info.get('train_seconds') or float('nan'):.0f}"}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,8 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def require_fmnist() -> Path:
     if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.fail("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist (scripts/setup.sh does it)")
+        pytest.fail("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist (scripts/setup.sh "
+                    "does it)")
     return FMNIST
 
 

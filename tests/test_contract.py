@@ -22,8 +22,10 @@ SMALL = ["model.checkpoint=null", "model.img_size=28", "+model.kwargs.channels=[
          "progress=false", "sparsity=0.8"]
 BUDGET = {
     "fcpts": ["algorithm.optimization.iterations=4", "algorithm.optimization.batch_size=32"],
-    "unipts": ["algorithm.search.population_size=4", "algorithm.search.generations=2", "algorithm.search.num_parents=2",
-               "algorithm.training.epochs=1", "algorithm.training.batch_size=32", "algorithm.search.fitness_set_size=64"],
+    "unipts": ["algorithm.search.population_size=4", "algorithm.search.generations=2",
+               "algorithm.search.num_parents=2",
+               "algorithm.training.epochs=1", "algorithm.training.batch_size=32",
+               "algorithm.search.fitness_set_size=64"],
     "pot": ["algorithm.reconstruction.iterations=5", "algorithm.reconstruction.batch_size=32"],
     "magnitude": ["algorithm.reconstruction.iterations=5"],
 }

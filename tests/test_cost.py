@@ -43,7 +43,8 @@ def test_magnitude_runs_no_pass_and_bn_reestimation_runs_the_calibration_set_onc
     dense, calib = tiny_dense
     _, _, plain = prune_with_cost(MagnitudePruning("uniform"), copy.deepcopy(dense), calib)
     assert (plain["forward_passes"], plain["backward_passes"]) == (0, 0)
-    _, _, bn = prune_with_cost(MagnitudePruning("uniform", bn_recalibration=True), copy.deepcopy(dense), calib)
+    _, _, bn = prune_with_cost(MagnitudePruning("uniform", bn_recalibration=True), copy.deepcopy(dense),
+                               calib)
     assert bn["forward_passes"] == len(calib) == 128
     assert bn["forward_calls"] == len(calib) // 64 and bn["backward_passes"] == 0
 
@@ -55,10 +56,12 @@ def test_fcpts_teacher_copy_is_counted_and_backward_only_through_the_student(tin
     dense, calib = tiny_dense
     iterations, batch = 3, 32
     for bn in (False, True):
-        algo = FCPTS(optimization={"iterations": iterations, "batch_size": batch}, channels_last=False, bn_recalibration=bn)
+        algo = FCPTS(optimization={"iterations": iterations, "batch_size": batch}, channels_last=False,
+                     bn_recalibration=bn)
         result, _, cost = prune_with_cost(algo, copy.deepcopy(dense), calib)
         recalibrated = len(calib) if result.stats["bn_recalibrated_layers"] else 0
-        assert not bn or recalibrated  # a 3-step run never lands on the exact count: the correction moves weights
+        # a 3-step run never lands on the exact count: the correction moves weights
+        assert not bn or recalibrated
         assert cost["forward_passes"] == 2 * iterations * batch + recalibrated
         assert cost["backward_passes"] == iterations * batch
         assert cost["backward_calls"] == iterations
@@ -71,7 +74,8 @@ def test_wanda_partial_passes_are_counted_once_per_block(tiny_dense):
 
     dense, calib = tiny_dense
     # the protocol that stops a pass per block (Wanda's default takes every norm in one dense pass)
-    result, _, cost = prune_with_cost(Wanda(calib_protocol="sequential"), copy.deepcopy(dense), calib, target=0.5)
+    result, _, cost = prune_with_cost(Wanda(calib_protocol="sequential"), copy.deepcopy(dense), calib,
+                                      target=0.5)
     assert result.stats["calib_passes"] > 1
     assert cost["forward_passes"] == result.stats["calib_passes"] * len(calib)
     assert cost["backward_passes"] == 0
@@ -95,7 +99,8 @@ def test_blocks_alone_and_nested_modules_of_the_same_class_are_not_passes():
         with torch.no_grad():
             model(x)
     model(x)  # after the context: not counted
-    assert counter.record() == {"forward_passes": 12, "backward_passes": 2, "forward_calls": 3, "backward_calls": 1}
+    assert counter.record() == {"forward_passes": 12, "backward_passes": 2, "forward_calls": 3,
+                                "backward_calls": 1}
 
 
 def test_peak_memory_is_the_prune_alone_not_the_process_lifetime():
@@ -145,7 +150,8 @@ def test_strided_padded_conv_counts_every_tap_once_per_output_position():
 
 def test_speed_labels_follow_the_pattern_and_the_device():
     macs = {"macs_model": 1000, "macs_dense": 800, "macs_sparse": 400}
-    assert speed_label(parse_pattern("unstructured"), macs, None, [], None, torch.device("cpu"), 8) == {"speed": "none"}
+    assert speed_label(parse_pattern("unstructured"), macs, None, [], None, torch.device("cpu"),
+                       8) == {"speed": "none"}
     cpu = speed_label(Pattern(2, 4), macs, None, [], None, torch.device("cpu"), 8)
     assert cpu == {"speed": "theoretical", "speedup_theoretical": pytest.approx(1000 / 600)}
     w = torch.tensor([[1.0, 0, 2, 0, 0, 0, 0, 3]])

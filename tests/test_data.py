@@ -73,7 +73,8 @@ def test_unknown_dataset_lists_choices(tmp_path):
 
 def test_image_folder_layout_error(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
-    cfg = OmegaConf.create({"name": "imagenet", "root": str(tmp_path), "train_split": "train", "val_split": "val"})
+    cfg = OmegaConf.create({"name": "imagenet", "root": str(tmp_path), "train_split": "train",
+                            "val_split": "val"})
     with pytest.raises(DataError, match=r"missing val/"):
         build_data(cfg, tmp_path, model_name="resnet18")
 
@@ -89,7 +90,8 @@ def test_calibration_draw_is_seeded_without_replacement(require_fmnist, tmp_path
     assert len(batches) == 16 and batches[0][0].shape == (64, 1, 28, 28)
 
 
-@pytest.mark.parametrize("n,match", [(0, "positive"), (6001, "larger than the train split"), (10, "below one")])
+@pytest.mark.parametrize("n,match", [(0, "positive"), (6001, "larger than the train split"),
+                                     (10, "below one")])
 def test_calibration_size_errors(require_fmnist, tmp_path, n, match):
     cfg = OmegaConf.create({"name": "fashion_mnist", "root": str(require_fmnist), "limit_train": 6000})
     train = build_data(cfg, tmp_path).train
@@ -107,7 +109,8 @@ def test_image_folder_uses_timm_preprocessing(tmp_path):
             for i in range(3):
                 pixels = gen.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.JPEG")
-    cfg = OmegaConf.create({"name": "imagenet", "root": str(tmp_path), "train_split": "train", "val_split": "val"})
+    cfg = OmegaConf.create({"name": "imagenet", "root": str(tmp_path), "train_split": "train",
+                            "val_split": "val"})
     bundle = build_data(cfg, tmp_path, model_name="resnet18")
     assert bundle.spec.num_classes == 2 and bundle.spec.in_chans == 3 and bundle.spec.img_size == 224
     image, label = bundle.test[0]

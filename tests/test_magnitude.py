@@ -20,7 +20,8 @@ def test_bn_recalibration_changes_running_stats_and_helps_at_high_sparsity(tiny_
 def test_allocation_file_reproduces_another_jobs_counts(tiny_cfg, tmp_path):
     src = run_job(tiny_cfg("sparsity=0.8", "algorithm.allocation=global"), tmp_path / "src")
     path = tmp_path / "src" / "allocation.csv"
-    dst = run_job(tiny_cfg("sparsity=0.8", "algorithm.allocation=from_file", f"algorithm.allocation_file={path}"),
+    dst = run_job(tiny_cfg("sparsity=0.8", "algorithm.allocation=from_file",
+                           f"algorithm.allocation_file={path}"),
                   tmp_path / "dst")
     a, b = pd.read_csv(path), pd.read_csv(tmp_path / "dst" / "allocation.csv")
     assert a["zeros"].tolist() == b["zeros"].tolist()
@@ -32,14 +33,16 @@ def test_allocation_file_that_does_not_fit(tiny_cfg, tmp_path):
     run_job(tiny_cfg("sparsity=0.5", "algorithm.allocation=erk"), tmp_path / "src")
     path = tmp_path / "src" / "allocation.csv"
     with pytest.raises(JobFailed, match=r"global sparsity 0.5 \(.* weights from the target sparsity=0.9"):
-        run_job(tiny_cfg("sparsity=0.9", "algorithm.allocation=from_file", f"algorithm.allocation_file={path}"),
+        run_job(tiny_cfg("sparsity=0.9", "algorithm.allocation=from_file",
+                         f"algorithm.allocation_file={path}"),
                 tmp_path / "wrong-target")
     table = pd.read_csv(path)
     table.loc[0, "name"] = "no_such_layer"
     bad = tmp_path / "bad.csv"
     table.to_csv(bad, index=False)
     with pytest.raises(JobFailed, match=r"layers the model does not have: \['no_such_layer'\]"):
-        run_job(tiny_cfg("sparsity=0.5", "algorithm.allocation=from_file", f"algorithm.allocation_file={bad}"),
+        run_job(tiny_cfg("sparsity=0.5", "algorithm.allocation=from_file",
+                         f"algorithm.allocation_file={bad}"),
                 tmp_path / "wrong-names")
 
 

@@ -30,7 +30,8 @@ def model_cfg(**kw):
 def test_model_follows_the_data():
     m = create_model(model_cfg(), SPEC)
     assert m.conv1.in_channels == 1 and m.fc.out_features == 10
-    vit = create_model(model_cfg(name="vit_tiny_patch16_224", kwargs={"patch_size": 7}, img_size_arg=True), SPEC)
+    vit = create_model(model_cfg(name="vit_tiny_patch16_224", kwargs={"patch_size": 7}, img_size_arg=True),
+                       SPEC)
     assert vit.patch_embed.num_patches == 16
     assert vit(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
@@ -41,7 +42,8 @@ def test_unknown_model_suggests_names():
 
 
 def test_image_size_the_model_cannot_take():
-    vit = create_model(model_cfg(name="vit_tiny_patch16_224", kwargs={"patch_size": 7}, img_size_arg=True), SPEC)
+    vit = create_model(model_cfg(name="vit_tiny_patch16_224", kwargs={"patch_size": 7}, img_size_arg=True),
+                       SPEC)
     with pytest.raises(ConfigError, match=r"cannot take 1x32x32") as refused:
         check_input_size(vit, DataSpec("x", 10, 1, 32, (0.5,), (0.5,)))
     assert "img_size_arg" not in str(refused.value)  # it is set: the hint would be wrong
@@ -63,7 +65,8 @@ def test_checkpoint_round_trip_safetensors_and_torch(tmp_path):
     for path in (st, pt):
         dst = create_model(model_cfg(), SPEC)
         load_state_strict(dst, read_state_dict(path), str(path))
-        assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values(),
+                                                     strict=True))
 
 
 def test_checkpoint_mismatch_lists_keys(tmp_path):
@@ -75,7 +78,8 @@ def test_checkpoint_mismatch_lists_keys(tmp_path):
     wrong_head = timm.create_model("resnet18", num_classes=5, in_chans=1)
     path2 = tmp_path / "r18-5.safetensors"
     save_file({k: v.contiguous() for k, v in wrong_head.state_dict().items()}, str(path2))
-    with pytest.raises(CheckpointError, match=r"shape mismatches: fc\.weight \(5, 512\) vs model \(10, 512\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"shape mismatches: fc\.weight \(5, 512\) vs model \(10, 512\)"):
         load_state_strict(create_model(model_cfg(), SPEC), read_state_dict(path2), str(path2))
 
 

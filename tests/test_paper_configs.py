@@ -23,33 +23,40 @@ ALL_CONV_AND_LINEAR = {"first_conv": True, "classifier": True, "depthwise": True
 PINNED = {
     "fcpts_imagenet": (
         {"data.name": "imagenet", "data.crop_pct": 1.0, "calib.n": 1024, "calib.batch_size": 64, "seed": 0,
-         "algorithm._target_": "algorithms.fcpts.FCPTS", "algorithm.optimization.iterations": 1600, "algorithm.optimization.batch_size": 64,
-         "algorithm.optimization.lr": 0.01, "algorithm.objective.temperature": 4.0, "algorithm.objective.sparsity_lambda": 1.0},
+         "algorithm._target_": "algorithms.fcpts.FCPTS", "algorithm.optimization.iterations": 1600,
+         "algorithm.optimization.batch_size": 64,
+         "algorithm.optimization.lr": 0.01, "algorithm.objective.temperature": 4.0,
+         "algorithm.objective.sparsity_lambda": 1.0},
         {"model": "resnet18_tv_in1k,resnet50_tv_in1k,mobilenetv2_in1k,regnetx_006",
          "sparsity": "0.5,0.6,0.7,0.8,0.9"},
     ),
     "unipts_imagenet": (
         {"data.name": "imagenet", "data.crop_pct": 0.875, "calib.n": 10240, "seed": 0,
          "algorithm._target_": "algorithms.unipts.UniPTS", "algorithm.search.population_size": 25,
-         "algorithm.search.generations": 25, "algorithm.training.epochs": 100, "algorithm.search.fitness_set_size": 10240,
+         "algorithm.search.generations": 25, "algorithm.training.epochs": 100,
+         "algorithm.search.fitness_set_size": 10240,
          "algorithm.objective.kind": "base_decayed", "algorithm.training.dst": True},
         {"model": "resnet18_tv_in1k,resnet50_tv_in1k", "sparsity": "0.9"},
     ),
     "unipts_imagenet_mobilenetv2": (
         {"data.name": "imagenet", "calib.n": 10240, "algorithm._target_": "algorithms.unipts.UniPTS",
-         "algorithm.search.generations": 25, "algorithm.training.epochs": 100, "experiment_name": "unipts_imagenet_mobilenetv2"},
+         "algorithm.search.generations": 25, "algorithm.training.epochs": 100,
+         "experiment_name": "unipts_imagenet_mobilenetv2"},
         {"model": "mobilenetv2_in1k", "sparsity": "0.5"},
     ),
     "pot_imagenet": (
-        {"data.name": "imagenet", "data.crop_pct": 0.875, "calib.n": 10240, "algorithm._target_": "algorithms.pot.POT",
-         "algorithm.allocation": "global_l2norm", "algorithm.fold_bn": True, "algorithm.reconstruction.mode": "layer",
+        {"data.name": "imagenet", "data.crop_pct": 0.875, "calib.n": 10240,
+         "algorithm._target_": "algorithms.pot.POT",
+         "algorithm.allocation": "global_l2norm", "algorithm.fold_bn": True,
+         "algorithm.reconstruction.mode": "layer",
          "algorithm.reconstruction.iterations": 20000, "algorithm.reconstruction.lr": 1e-5},
         {"model": "resnet18_tv_in1k,resnet50_tv_in1k,mobilenetv2_in1k", "sparsity": "0.5,0.6,0.7,0.8,0.9"},
     ),
     "msbench_reconstruction": (
         {"data.name": "imagenet", "data.crop_pct": 0.875, "calib.n": 1024, "calib.batch_size": 64,
          "algorithm._target_": "algorithms.magnitude.MagnitudePruning", "algorithm.allocation": "uniform",
-         "algorithm.bn_recalibration": False, "algorithm.reconstruction.iterations": 20000, "algorithm.reconstruction.lr": 1e-5,
+         "algorithm.bn_recalibration": False, "algorithm.reconstruction.iterations": 20000,
+         "algorithm.reconstruction.lr": 1e-5,
          "algorithm.reconstruction.inputs": "dense"},
         {"model": "resnet18_tv_in1k,resnet50_tv_in1k,mobilenetv2_in1k,regnetx_006",
          "algorithm.reconstruction.mode": "none,layer,block", "sparsity": "0.3,0.4,0.5,0.6"},
@@ -122,26 +129,34 @@ def local_checkpoint(timm_name: str, path: Path) -> Path:
     return path
 
 
-TINY_IMAGEFOLDER = ["data.img_size=32", "data.num_workers=0", "calib.n=8", "calib.batch_size=4", "progress=false",
+TINY_IMAGEFOLDER = ["data.img_size=32", "data.num_workers=0", "calib.n=8", "calib.batch_size=4",
+                    "progress=false",
                     "eval.batch_size=8"]
 
 # (experiment, model, sparsity, overrides that cut the budget to a few steps)
 RUNS = [
-    ("fcpts_imagenet", "resnet18_tv_in1k", 0.8, ["algorithm.optimization.iterations=2", "algorithm.optimization.batch_size=4"]),
+    ("fcpts_imagenet", "resnet18_tv_in1k", 0.8, ["algorithm.optimization.iterations=2",
+                                                 "algorithm.optimization.batch_size=4"]),
     ("msbench_reconstruction", "mobilenetv2_in1k", 0.5,
-     ["algorithm.reconstruction.mode=block", "algorithm.reconstruction.iterations=2", "algorithm.reconstruction.batch_size=4"]),
-    ("pot_imagenet", "resnet18_tv_in1k", 0.9, ["algorithm.reconstruction.iterations=2", "algorithm.reconstruction.batch_size=4"]),
+     ["algorithm.reconstruction.mode=block", "algorithm.reconstruction.iterations=2",
+      "algorithm.reconstruction.batch_size=4"]),
+    ("pot_imagenet", "resnet18_tv_in1k", 0.9, ["algorithm.reconstruction.iterations=2",
+                                               "algorithm.reconstruction.batch_size=4"]),
     ("unipts_imagenet", "resnet18_tv_in1k", 0.9,
-     ["algorithm.search.population_size=4", "algorithm.search.generations=1", "algorithm.search.num_parents=2",
-      "algorithm.search.fitness_set_size=8", "algorithm.training.epochs=1", "algorithm.training.batch_size=4"]),
+     ["algorithm.search.population_size=4", "algorithm.search.generations=1",
+      "algorithm.search.num_parents=2",
+      "algorithm.search.fitness_set_size=8", "algorithm.training.epochs=1",
+      "algorithm.training.batch_size=4"]),
 ]
 
 
 @pytest.mark.parametrize("experiment,model,sparsity,budget", RUNS, ids=[r[0] for r in RUNS])
-def test_paper_preset_runs_on_a_tiny_image_folder(experiment, model, sparsity, budget, tiny_imagenet, tmp_path):
+def test_paper_preset_runs_on_a_tiny_image_folder(experiment, model, sparsity, budget, tiny_imagenet,
+                                                  tmp_path):
     ckpt = local_checkpoint(PAPER_MODELS[model], tmp_path / "dense.safetensors")
     cfg = compose_with_hydra([f"experiment={experiment}", f"model={model}", f"model.checkpoint={ckpt}",
-                              f"data.root={tiny_imagenet}", f"sparsity={sparsity}", *TINY_IMAGEFOLDER, *budget])
+                              f"data.root={tiny_imagenet}", f"sparsity={sparsity}", *TINY_IMAGEFOLDER,
+                              *budget])
     with open_dict(cfg):
         del cfg["hydra"]  # run_job sees what a Hydra job sees
         cfg.cache_dir = str(tmp_path / "cache")

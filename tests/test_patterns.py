@@ -42,7 +42,8 @@ def test_sparsity_must_be_the_patterns():
     assert check_pattern_target(UNSTRUCTURED, 0.9) == 0.9
     with pytest.raises(ConfigError, match=r"1 - 1/3 = 0.6667 .* sparsity=0.67\. Set sparsity=0.6667"):
         check_pattern_target(Pattern(1, 3), 0.67)  # rounds to another value: refused, not met by surprise
-    with pytest.raises(ConfigError, match=r"pattern=2:4 keeps 2 of every 4 .* sparsity=0.7\. Set sparsity=0.5"):
+    with pytest.raises(ConfigError,
+                       match=r"pattern=2:4 keeps 2 of every 4 .* sparsity=0.7\. Set sparsity=0.5"):
         check_pattern_target(Pattern(2, 4), 0.7)
 
 
@@ -78,7 +79,8 @@ def test_audit_passes_nm_masks_and_fails_a_broken_group():
 
 
 def test_methods_that_choose_their_own_rates_refuse_nm():
-    with pytest.raises(ConfigError, match="cannot be combined with algorithm fcpts: it chooses its own per-layer"):
+    with pytest.raises(ConfigError,
+                       match="cannot be combined with algorithm fcpts: it chooses its own per-layer"):
         FCPTS().set_pattern(Pattern(2, 4))
     _, layers = _model_and_layers()
     magnitude = MagnitudePruning(allocation="erk")

@@ -253,18 +253,6 @@ def test_empty_evaluation_set_is_an_error(tiny_cfg, tmp_path, monkeypatch):
         run_job(tiny_cfg(), tmp_path)
 
 
-def test_named_random_streams():
-    from algorithms.base import PruneContext
-
-    ctx = PruneContext(calib=None, device=torch.device("cpu"), seed=3)
-    draw = lambda g: torch.rand(4, generator=g)  # noqa: E731
-    assert torch.equal(draw(ctx.generator("reconstruction")), draw(ctx.generator("reconstruction")))
-    assert not torch.equal(draw(ctx.generator("reconstruction")), draw(ctx.generator("shuffle")))
-    other_seed = PruneContext(calib=None, device=torch.device("cpu"), seed=4)
-    assert not torch.equal(draw(ctx.generator("reconstruction")), draw(other_seed.generator("reconstruction")))
-    assert ctx.generator(31).initial_seed() == 3 * 1_000_003 + 31  # the int form draws what it always drew
-
-
 def _checkpoint_with(tiny_dense, path, change) -> str:
     """The tiny dense model's state dict, changed by `change(state)`, written as safetensors."""
     from safetensors.torch import save_file

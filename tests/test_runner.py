@@ -12,7 +12,7 @@ from ptsbench.runner import JobFailed, run_job
 REQUIRED_FIELDS = {
     "model", "dataset", "algorithm", "method", "algorithm_options", "target_sparsity", "achieved_sparsity",
     "achieved_sparsity_all", "dense_top1", "top1", "top5", "prune_seconds", "calib_images", "calib_seed", "seed",
-    "status", "error", "ptsbench_version", "git_commit", "config_hash",
+    "status", "error", "ptsbench_version", "git_commit", "config_hash", "rng_scheme",
 }
 
 

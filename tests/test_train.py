@@ -9,7 +9,8 @@ import torch
 from ptsbench.data import InMemoryImages
 from ptsbench.train import train_dense
 
-RECIPE = {"epochs": 3, "batch_size": 16, "lr": 3e-3, "weight_decay": 0.0, "warmup_epochs": 0.0, "zero_init_head": True}
+RECIPE = {"epochs": 3, "batch_size": 16, "lr": 3e-3, "weight_decay": 0.0, "warmup_epochs": 0.0,
+          "zero_init_head": True}
 
 
 def separable_images(n: int = 64) -> InMemoryImages:

@@ -25,6 +25,7 @@ from algorithms.unipts import (
     regrow_rates,
 )
 from algorithms.unipts.dst import TrainSettings
+from algorithms.unipts.method import STREAM_FITNESS_SET
 from algorithms.unipts.objective import ObjectiveSettings
 from algorithms.unipts.search import crossover
 from ptsbench.data import CalibrationSet, InMemoryImages
@@ -104,7 +105,7 @@ def search(tiny_dense, seed: int):
     layers = find_prunable_layers(model)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     ctx = PruneContext(calib=calib, device=torch.device("cpu"), seed=seed, progress=False)
-    fitness_set = draw_fitness_set(calib, SMALL_SEARCH["fitness_set_size"], ctx.generator(0))
+    fitness_set = draw_fitness_set(calib, SMALL_SEARCH["fitness_set_size"], ctx.generator(STREAM_FITNESS_SET))
     outcome = UniPTS(search=SMALL_SEARCH).search_distribution(model, layers, 0.9, fitness_set, ctx)
     restored = all(torch.equal(v, model.state_dict()[k]) for k, v in dense.items())
     return outcome, restored

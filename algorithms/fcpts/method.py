@@ -86,7 +86,8 @@ log = logging.getLogger(__name__)
 REFERENCE_BATCH = 64  # the batch the reference lr is quoted for (0.04 x 64 / 256 = 0.01)
 REFERENCE_ITERATIONS = 1600  # 100 epochs x 16 batches of 64 images
 QUICK_ITERATIONS = 64  # the quick presets' budget (CPU benchmarks)
-DATA_STREAM, RNG_STREAM, AUGMENT_STREAM = 1, 2, 3  # ctx.generator offsets: batch order, torch's RNG, crops
+# ctx.generator streams (ptsbench/streams.py): batch order, torch's RNG, crops
+DATA_STREAM, RNG_STREAM, AUGMENT_STREAM = "fcpts.data", "fcpts.torch", "fcpts.augment"
 
 
 def budget_name(iterations: int) -> str:

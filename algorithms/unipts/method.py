@@ -73,8 +73,9 @@ def preset_name(population: int, generations: int, epochs: int) -> str:
     return next((name for name, preset in BUDGETS.items() if preset == (population, generations, epochs)), "custom")
 
 
-# Independent random streams, each from ctx.generator(offset).
-STREAM_GENOME, STREAM_FITNESS_SET, STREAM_BN_NOISE, STREAM_SHUFFLE, STREAM_AUGMENT = 101, 102, 103, 104, 105
+# Independent random streams, each from ctx.generator(name) (ptsbench/streams.py).
+STREAM_GENOME, STREAM_FITNESS_SET, STREAM_BN_NOISE = "unipts.genome", "unipts.fitness_set", "unipts.bn_noise"
+STREAM_SHUFFLE, STREAM_AUGMENT = "unipts.shuffle", "unipts.augment"
 
 
 class UniPTS(PTSAlgorithm):

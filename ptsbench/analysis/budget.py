@@ -68,7 +68,8 @@ def model_sparsities(model: str, spec: object, where: str) -> list[float]:
     if not isinstance(spec, str):
         return [float(s) for s in spec]
     if spec not in SPARSITY_WORDS:
-        raise ConfigError(f"{where}: sparsities {spec!r} is neither a list nor one of {', '.join(SPARSITY_WORDS)}.")
+        raise ConfigError(f"{where}: sparsities {spec!r} is neither a list nor one of "
+                          f"{', '.join(SPARSITY_WORDS)}.")
     found = OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml").get("discriminating_sparsities")
     if not found:
         raise ConfigError(f"{where}: model={model} lists no discriminating_sparsities "
@@ -89,10 +90,12 @@ def study_points(models: Sequence[str] | None = None, algorithms: Sequence[str] 
     for curve in cfg.curves:
         key = str(curve.get("key", PRESET))
         if key not in (*KEYS, PRESET):
-            raise ConfigError(f"{where}: curve key {key!r} is not one of {', '.join(KEYS)} (or none, for presets).")
+            raise ConfigError(f"{where}: curve key {key!r} is not one of {', '.join(KEYS)} (or none, for "
+                              "presets).")
         own = list(curve.get("models", cfg.models))
         if not set(own) <= set(cfg.models):
-            raise ConfigError(f"{where}: curve models {own} must be among the study's models {list(cfg.models)}.")
+            raise ConfigError(f"{where}: curve models {own} must be among the study's models "
+                              f"{list(cfg.models)}.")
         spec = curve.get("sparsities", cfg.get("sparsities", [cfg.get("sparsity")]))
         spec = spec if isinstance(spec, str) else list(spec)
         curve_seeds = [int(s) for s in curve.get("seeds", cfg.get("seeds", [0]))]
@@ -108,7 +111,8 @@ def study_points(models: Sequence[str] | None = None, algorithms: Sequence[str] 
 
 
 def run_points(points: Sequence[Point], runs: Path, extra: Sequence[str], study: str = STUDY) -> int:
-    """Compose every point first (a bad override fails before any job runs), then run them; the number failed."""
+    """Compose every point first (a bad override fails before any job runs), then run them; the number
+    failed."""
     from ptsbench.config import compose_job_config
     from ptsbench.errors import FolderTaken
     from ptsbench.runner import JobFailed, run_job

@@ -112,7 +112,8 @@ def load_settings() -> ClaimSettings:
             rule, tuple(label[h] for h in cfg.heuristics),
             Claim("FCPTS", label[f.method], tuple(label[b] for b in f.baselines), _sparsities(f.sparsities),
                   float(f.paper_gain)),
-            Claim("UniPTS", label[u.method], (label[u.against],), _sparsities(u.sparsities), float(u.paper_gain),
+            Claim("UniPTS", label[u.method], (label[u.against],), _sparsities(u.sparsities),
+                  float(u.paper_gain),
                   label[u.plain_kd]),
             tuple(str(s) for s in cfg.get("studies", ["pts_methods"])),
             str(cfg.second_dense) if cfg.get("second_dense") else None)
@@ -200,7 +201,8 @@ def cell_runs(records: pd.DataFrame, model: str, families: Sequence[str], sparsi
         if "finished_at" in rows:
             rows = rows.sort_values("finished_at")
         for label, g in rows.groupby("method", sort=True):
-            budget = pd.to_numeric(g["budget_fraction"], errors="coerce").max() if "budget_fraction" in g else math.nan
+            budget = pd.to_numeric(g["budget_fraction"],
+                                   errors="coerce").max() if "budget_fraction" in g else math.nan
             runs.append(Run(str(label), family, g.groupby("seed")["top1"].last(), _mean(g, "prune_seconds"),
                             _mean(g, "forward_passes", "backward_passes"), float(budget)))
     return runs
@@ -289,11 +291,13 @@ def claim_table(records: pd.DataFrame, claim: Claim, settings: ClaimSettings) ->
         for run in cell_runs(records, model, [claim.method], sparsity):
             matched = strongest([b for b in baselines if b.costs_no_more_than(run, rule.cost_slack)])
             best = strongest(baselines)
-            gain = paired_gain(run, matched, rule.confidence) if matched else Gain(math.nan, math.nan, math.nan, 0)
+            gain = (paired_gain(run, matched, rule.confidence) if matched
+                    else Gain(math.nan, math.nan, math.nan, 0))
             any_gain = paired_gain(run, best, rule.confidence) if best else gain
             dense = cell_rows(records, model, claim.method, sparsity)["dense_top1"].iloc[0]
             row = {"model": model, "sparsity": sparsity, "dense": dense, "headroom": room,
-                   f"{claim.name} run": run.label, "top-1": run.mean, "seeds": run.seeds, "seconds": run.seconds,
+                   f"{claim.name} run": run.label, "top-1": run.mean, "seeds": run.seeds,
+                   "seconds": run.seconds,
                    "baseline at <= cost": matched.describe() if matched else "none ran at this cost",
                    "gain [95% CI]": gain.describe(), "paired seeds": gain.seeds,
                    "verdict": verdict(gain, room, claim.paper_gain, rule,
@@ -323,7 +327,8 @@ RUN_KEYS = ["model", "method", "target_sparsity", "seed"]
 def same_runs(records: pd.DataFrame, like: pd.DataFrame) -> pd.DataFrame:
     """The records of `records` that ran what a record of `like` ran (model, label, sparsity, seed)."""
     def keys(frame: pd.DataFrame) -> pd.Series:
-        return frame[RUN_KEYS].assign(target_sparsity=frame["target_sparsity"].round(6)).astype(str).agg("|".join, axis=1)
+        rounded = frame[RUN_KEYS].assign(target_sparsity=frame["target_sparsity"].round(6))
+        return rounded.astype(str).agg("|".join, axis=1)
 
     return records[keys(records).isin(set(keys(like)))]
 
@@ -340,9 +345,11 @@ def second_dense_claims(records: pd.DataFrame, other: pd.DataFrame, claims: Clai
         on = ["model", "sparsity", f"{claim.name} run"]
         both = a.merge(b, on=on, suffixes=(" (shipped)", " (second)"))
         for _, row in both.iterrows():
-            rows.append({"claim": f"{claim.name} - {' / '.join(claim.baselines) if claim.plain_kd else 'baselines'}",
+            rows.append({"claim": f"{claim.name} - "
+                                  f"{' / '.join(claim.baselines) if claim.plain_kd else 'baselines'}",
                          "model": row["model"], "sparsity": row["sparsity"], "run": row[f"{claim.name} run"],
-                         "dense shipped / second": f"{row['dense (shipped)']:.2f} / {row['dense (second)']:.2f}",
+                         "dense shipped / second": f"{row['dense (shipped)']:.2f} / "
+                                                   f"{row['dense (second)']:.2f}",
                          **{f"{key} ({side})": row[f"{key} ({side})"] for side in ("shipped", "second")
                             for key in ("headroom", "baseline at <= cost", "gain [95% CI]", "verdict")}})
     return pd.DataFrame(rows)
@@ -361,7 +368,8 @@ def matrix_claim(matrix: pd.DataFrame, settings: MatrixSettings) -> pd.DataFrame
     rows = []
     learned_gain = "learned - heuristic alloc (no recon)"
     columns = ["model", "sparsity", "cells", learned_gain,
-               *(f"{recon} - {base} ({over})" for recon in repairs for over in ("best alloc", "mean over allocs")),
+               *(f"{recon} - {base} ({over})" for recon in repairs
+                 for over in ("best alloc", "mean over allocs")),
                "block - layer (mean over allocs)", "largest effect"]
     for (model, sparsity), g in ok.groupby(["model", "target_sparsity"]):
         t = g.pivot_table(index="allocation", columns="reconstruction", values="top1")
@@ -400,29 +408,30 @@ def write_claims(results: Path, out: Path) -> str:
         "# The papers' headline claims on the embedded benchmark",
         "",
         f"Rebuilt by `python -m ptsbench.analysis.claims` from the studies "
-        f"{', '.join(f'`{results}/{s}`' for s in claims.studies)} and `{results}/technique_matrix` (what each "
-        f"claim compares and the rule's thresholds: conf/study/claims.yaml). Fashion-MNIST models trained by "
-        f"the harness. One row per budget of the claimed method that ran in a cell (`run`: its label, mean "
-        f"top-1, seeds and pruning seconds). `headroom`: dense top-1 minus the best heuristic "
-        f"({', '.join(claims.heuristics)}) in the cell. Each row's verdict compares the run with the strongest "
-        f"baseline that cost no more (seconds and passes within {rule.cost_slack:g}x of the run's); the gain is "
-        f"paired by seed with its {rule.confidence:.0%} Student-t interval. *not testable*: headroom under "
-        f"{rule.min_headroom:g} point or under the paper's effect; *holds*: the interval above 0 and the mean at "
-        f"least the paper's effect; *holds in direction only*: the interval above 0; *does not hold*: the "
-        f"interval at or below {rule.tie:g}; *inconclusive*: otherwise (one seed has no interval); "
-        f"*(provisional)*: a side with fewer than {rule.min_seeds} seeds. The strongest baseline at any budget, "
-        f"and the run's gain over it, stand beside.",
+        f"{', '.join(f'`{results}/{s}`' for s in claims.studies)} and `{results}/technique_matrix` (what "
+        "each claim compares and the rule's thresholds: conf/study/claims.yaml). Fashion-MNIST models "
+        "trained by the harness. One row per budget of the claimed method that ran in a cell (`run`: its "
+        f"label, mean top-1, seeds and pruning seconds). `headroom`: dense top-1 minus the best heuristic "
+        f"({', '.join(claims.heuristics)}) in the cell. Each row's verdict compares the run with the "
+        f"strongest baseline that cost no more (seconds and passes within {rule.cost_slack:g}x of the "
+        f"run's); the gain is paired by seed with its {rule.confidence:.0%} Student-t interval. *not "
+        f"testable*: headroom under {rule.min_headroom:g} point or under the paper's effect; *holds*: the "
+        "interval above 0 and the mean at least the paper's effect; *holds in direction only*: the interval "
+        f"above 0; *does not hold*: the interval at or below {rule.tie:g}; *inconclusive*: otherwise (one "
+        f"seed has no interval); *(provisional)*: a side with fewer than {rule.min_seeds} seeds. The "
+        f"strongest baseline at any budget, and the run's gain over it, stand beside.",
         "",
     ]
-    for claim, title in ((claims.fcpts, f"## FCPTS: a large gain over post-training baselines at 80% (paper: > "
+    for claim, title in ((claims.fcpts,
+                          f"## FCPTS: a large gain over post-training baselines at 80% (paper: > "
                                         f"{claims.fcpts.paper_gain:g} points, ResNet-50/ImageNet)"),
                          (claims.unipts, "## UniPTS: 68.6% against POT's 3.9% at 90% (ResNet-50/ImageNet)")):
         table = claim_table(records, claim, claims) if not records.empty else pd.DataFrame()
         parts += [title, "", f"Baselines: {', '.join(claim.baselines)}.", ""]
         parts += [markdown(table) if len(table) else f"(no {claim.method} rows)", ""]
     parts += ["## PTSBench: learned allocation and block-wise reconstruction help most", "",
-              "Top-1 differences in points from the technique matrix (magnitude masks + BN re-estimation; see "
-              "technique_matrix/technique_matrix.md). Learned allocations: "
+              "Top-1 differences in points from the technique matrix (magnitude masks + BN re-estimation; "
+              "see technique_matrix/technique_matrix.md). Learned allocations: "
               f"{', '.join(matrix_roles.learned)}; heuristic: {', '.join(matrix_roles.heuristic)}.", ""]
     m = matrix_claim(matrix, matrix_roles)
     parts += [markdown(m) if len(m) else "(technique matrix not run)", ""]
@@ -430,9 +439,10 @@ def write_claims(results: Path, out: Path) -> str:
     d = second_dense_claims(records, other, claims) if len(other) and len(records) else pd.DataFrame()
     if len(d):
         parts += ["## With a second dense model", "",
-                  f"The claims on a dense model trained with another seed (`{results}/{claims.second_dense}`), "
-                  f"beside the same runs (method, budget, sparsity, seeds) on the shipped dense model: how far a "
-                  f"verdict moves with the dense model it starts from.", "",
+                  "The claims on a dense model trained with another seed "
+                  f"(`{results}/{claims.second_dense}`), beside the same runs (method, budget, sparsity, "
+                  "seeds) on the shipped dense model: how far a verdict moves with the dense model it "
+                  "starts from.", "",
                   markdown(d), ""]
     text = "\n".join(parts)
     write_atomic(out, text)
@@ -449,7 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         studies = load_settings().studies
         if not any((results / s / RECORDS_FILE).is_file() for s in studies):
-            print(f"ptsbench.analysis.claims: none of {', '.join(str(results / s / RECORDS_FILE) for s in studies)} "
+            print("ptsbench.analysis.claims: none of "
+                  f"{', '.join(str(results / s / RECORDS_FILE) for s in studies)} "
                   "exists; run scripts/results.sh first.", file=sys.stderr)
             return 2
         write_claims(results, Path(args.out) if args.out else results / STUDY / "claims.md")

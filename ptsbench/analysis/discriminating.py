@@ -50,7 +50,8 @@ def losses(records: pd.DataFrame, heuristics: Sequence[str]) -> pd.DataFrame:
         best = strongest(cell_runs(cell, model, heuristics, sparsity))
         if best is not None:
             dense = float(cell["dense_top1"].iloc[0])
-            rows.append({"model": model, "sparsity": float(sparsity), "dense": dense, "best heuristic": best.label,
+            rows.append({"model": model, "sparsity": float(sparsity), "dense": dense,
+                         "best heuristic": best.label,
                          "top-1": best.mean, "loss": dense - best.mean})
     return pd.DataFrame(rows)
 
@@ -63,7 +64,8 @@ def discriminating(table: pd.DataFrame, min_loss: float, max_loss: float) -> dic
 def write_model_config(path: Path, sparsities: Sequence[float]) -> None:
     """Replace (or add after sweep_sparsities) the model config's discriminating_sparsities line."""
     text = path.read_text()
-    line = f"{KEY}: [{', '.join(f'{s:g}' for s in sparsities)}]  # python -m ptsbench.analysis.discriminating --write"
+    line = (f"{KEY}: [{', '.join(f'{s:g}' for s in sparsities)}]"
+            "  # python -m ptsbench.analysis.discriminating --write")
     if re.search(rf"^{KEY}:.*$", text, flags=re.M):
         text = re.sub(rf"^{KEY}:.*$", line, text, flags=re.M)
     else:

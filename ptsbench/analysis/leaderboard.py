@@ -50,7 +50,8 @@ def cell_table(records: pd.DataFrame, model: str, sparsity: float, heuristics: S
     rows = []
     for run in sorted(runs, key=lambda r: (-r.mean, r.seconds)):
         gap = paired_gain(run, leader) if run is not leader else None
-        rows.append({"model": model, "sparsity": sparsity, "dense": dense, "headroom": room, "method": run.label,
+        rows.append({"model": model, "sparsity": sparsity, "dense": dense, "headroom": room,
+                     "method": run.label,
                      "top-1": run.mean, "std": float(run.top1.std()) if run.seeds > 1 else math.nan,
                      "seeds": run.seeds, "% of dense": 100.0 * run.mean / dense, "seconds": run.seconds,
                      "passes": run.passes, "gap to leader [95% CI]": gap.describe() if gap else "leader"})
@@ -76,7 +77,8 @@ def summary(board: pd.DataFrame) -> pd.DataFrame:
             continue
         seeded = cell[cell["seeds"] >= 3]
         best = (seeded if len(seeded) else cell).iloc[0]
-        rows.append({"model": model, "highest discriminating sparsity": f"{highest:g}", "dense": best["dense"],
+        rows.append({"model": model, "highest discriminating sparsity": f"{highest:g}",
+                     "dense": best["dense"],
                      "headroom": best["headroom"], "best run": best["method"], "top-1": best["top-1"],
                      "seeds": best["seeds"], "% of dense": best["% of dense"],
                      "runs in the cell": len(cell)})
@@ -85,15 +87,17 @@ def summary(board: pd.DataFrame) -> pd.DataFrame:
 
 def write_leaderboard(studies: Sequence[Path], out: Path) -> str:
     tables = [study_records(s) for s in studies]
-    records = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) else None
+    records = (pd.concat([t for t in tables if len(t)], ignore_index=True)
+               if any(len(t) for t in tables) else None)
     if records is None:
         raise PtsbenchError(f"no records in {', '.join(map(str, studies))}")
     board = leaderboard(records)
     parts = ["# Leaderboard", "",
-             f"Rebuilt by `python -m ptsbench.analysis.leaderboard` from {', '.join(f'`{s}`' for s in studies)}. "
-             "Per model and sparsity, every method run (label) by mean top-1 over its seeds; `gap to leader`: "
-             "paired by seed, with its 95% Student-t interval (one seed: no interval). `headroom`: dense top-1 "
-             "minus the best heuristic of the cell.", "",
+             "Rebuilt by `python -m ptsbench.analysis.leaderboard` from "
+             f"{', '.join(f'`{s}`' for s in studies)}. "
+             "Per model and sparsity, every method run (label) by mean top-1 over its seeds; `gap to "
+             "leader`: paired by seed, with its 95% Student-t interval (one seed: no interval). `headroom`: "
+             "dense top-1 minus the best heuristic of the cell.", "",
              "## At each model's highest discriminating sparsity", "",
              markdown(summary(board)), ""]
     for (model, sparsity), cell in board.groupby(["model", "sparsity"], sort=True):

@@ -3,10 +3,10 @@
 For each model and sparsity, magnitude masks are built from the heuristic allocations and from the
 learned methods' own per-layer sparsities (read from the source study's allocations.csv), each with
 BatchNorm re-estimation and then each reconstruction mode; the sparsegpt column prunes the same allocation
-with SparseGPT's second-order weight update instead (then BatchNorm re-estimation). Comparing a learned method's own row with
-"its allocation + magnitude masks" and "+ reconstruction" says whether its gain comes from where it
-prunes or from how it repairs. Which allocations, which algorithm and which source study: conf/study/
-technique_matrix.yaml.
+with SparseGPT's second-order weight update instead (then BatchNorm re-estimation). Comparing a learned
+method's own row with "its allocation + magnitude masks" and "+ reconstruction" says whether its gain
+comes from where it prunes or from how it repairs. Which allocations, which algorithm and which source
+study: conf/study/technique_matrix.yaml.
 
     python -m ptsbench.analysis.matrix --source results/pts_methods --runs runs/technique_matrix \\
         --out results/technique_matrix [--models resnet18] [--sparsities 0.8 0.9] [-- overrides ...]
@@ -78,7 +78,8 @@ class MatrixSettings:
                 raise unknown_choice(f"allocation in {where} heuristic:", name, ALLOCATIONS)
         return cls(str(cfg.source), check_names(f"{where} algorithm", [cfg.algorithm])[0], heuristic,
                    tuple(check_names(f"{where} learned", cfg.learned)),
-                   check_names(f"{where} sparsegpt_algorithm", [cfg.get("sparsegpt_algorithm", "sparsegpt_bn")])[0])
+                   check_names(f"{where} sparsegpt_algorithm",
+                               [cfg.get("sparsegpt_algorithm", "sparsegpt_bn")])[0])
 
     @property
     def allocations(self) -> tuple[str, ...]:
@@ -150,13 +151,16 @@ def matrix_cells(settings: MatrixSettings, records: pd.DataFrame, allocations: p
         if name in settings.learned:
             source = source_job(records, model.name, sparsity, labels[name], [model.seed])
             if source is None:
-                log.warning("no %s job for %s at %g (seed %d) in the source study: its allocation row is skipped",
+                log.warning("no %s job for %s at %g (seed %d) in the source study: its allocation row is "
+                            "skipped",
                             name, model.name, sparsity, model.seed)
                 continue
         for recon in reconstructions:
             job_dir = runs / model.group / f"{sparsity:g}" / f"{name}-{recon}"
-            base = ((f"algorithm={settings.sparsegpt_algorithm}", f"sparsity={sparsity}") if recon == "sparsegpt" else
-                    (f"algorithm={settings.algorithm}", f"sparsity={sparsity}", f"algorithm.reconstruction.mode={recon}"))
+            base = ((f"algorithm={settings.sparsegpt_algorithm}",
+                     f"sparsity={sparsity}") if recon == "sparsegpt" else
+                    (f"algorithm={settings.algorithm}", f"sparsity={sparsity}",
+                     f"algorithm.reconstruction.mode={recon}"))
             if source is None:
                 cells.append(Cell(name, recon, model.group, job_dir, (*base, f"algorithm.allocation={name}")))
                 continue
@@ -211,9 +215,9 @@ def pivot(table: pd.DataFrame, source: pd.DataFrame, labels: Mapping[str, str]) 
     dense = ok.groupby("model")["dense_top1"].first().round(2)
     lines = ["# Technique matrix: allocation x reconstruction", "",
              "Magnitude masks from each allocation, BatchNorm re-estimated, then each reconstruction mode "
-             "(the settings of the matrix's algorithm config). Rows named after a learned method's config use "
-             f"that method's own per-layer sparsities ({', '.join(f'`{a}`' for a in labels)}: their jobs' "
-             "allocation in the source study); the last column is the method itself (its own masks and "
+             "(the settings of the matrix's algorithm config). Rows named after a learned method's config "
+             f"use that method's own per-layer sparsities ({', '.join(f'`{a}`' for a in labels)}: their "
+             "jobs' allocation in the source study); the last column is the method itself (its own masks and "
              "training). `s` = pruning wall seconds on the machine that ran it.", "",
              "Dense top-1: " + ", ".join(f"{m} {v}" for m, v in dense.items()), "",
              out.reset_index().to_markdown(index=False, floatfmt=".4g"), ""]
@@ -260,7 +264,8 @@ def run_cells(cells: Sequence[Cell], extra: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.matrix", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, help="the study holding the learned jobs (results/<source>)")
+    parser.add_argument("--source", required=True,
+                        help="the study holding the learned jobs (results/<source>)")
     parser.add_argument("--runs", default=f"runs/{STUDY}", help="where the jobs run (default: %(default)s)")
     parser.add_argument("--out", required=True, help="the study folder to collect the runs into")
     parser.add_argument("--models", nargs="+", help="model configs (default: the source experiment's)")
@@ -269,7 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reconstructions", nargs="+", default=list(MATRIX_RECONSTRUCTIONS),
                         help="a subset of %(default)s")
     parser.add_argument("--report-only", action="store_true", help="only collect RUNS and rebuild the tables")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (e.g. threads=1); algorithm.reconstruction.* skips the sparsegpt cells")
+    parser.add_argument("overrides", nargs="*",
+                        help="extra Hydra overrides for every job (e.g. threads=1); "
+                             "algorithm.reconstruction.* skips the sparsegpt cells")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     source, runs, out = Path(args.source), Path(args.runs), Path(args.out)

@@ -78,7 +78,8 @@ def kept_masks(job: Path) -> dict[str, torch.Tensor]:
     """Per prunable layer (the job's allocation.csv), the boolean mask of kept weights."""
     compact, allocation = job / COMPACT_MODEL_FILE, job / ALLOCATION_FILE
     if not compact.is_file():
-        raise PtsbenchError(f"{job} has no {COMPACT_MODEL_FILE}: run the job with save_sparse=true to compare masks.")
+        raise PtsbenchError(f"{job} has no {COMPACT_MODEL_FILE}: run the job with save_sparse=true to "
+                            "compare masks.")
     state = read_compact_form(compact)
     names = pd.read_csv(allocation)["name"].tolist()
     return {name: state[f"{name}.weight"] != 0 for name in names}
@@ -97,8 +98,10 @@ def mask_overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> pd.D
         rows.append({"layer": name, "params": a[name].numel(), "kept_a": int(a[name].sum()),
                      "kept_b": int(b[name].sum()), "iou": inter / union if union else 1.0})
         inter_all, union_all = inter_all + inter, union_all + union
-    rows.append({"layer": "all", "params": sum(r["params"] for r in rows), "kept_a": sum(r["kept_a"] for r in rows),
-                 "kept_b": sum(r["kept_b"] for r in rows), "iou": inter_all / union_all if union_all else 1.0})
+    rows.append({"layer": "all", "params": sum(r["params"] for r in rows),
+                 "kept_a": sum(r["kept_a"] for r in rows),
+                 "kept_b": sum(r["kept_b"] for r in rows),
+                 "iou": inter_all / union_all if union_all else 1.0})
     return pd.DataFrame(rows)
 
 
@@ -141,15 +144,18 @@ def plot_layer_sparsity(tables: Mapping[str, pd.DataFrame], title: str, path: Pa
 
 
 def layer_tables(study: Path, records: pd.DataFrame) -> dict[str, dict[str, pd.DataFrame]]:
-    """model -> {job label -> allocation table} for `records` (rows of the study's records), in their order."""
+    """model -> {job label -> allocation table} for `records` (rows of the study's records), in their
+    order."""
     allocations = study_allocations(study)
     tables: dict[str, dict[str, pd.DataFrame]] = {}
     for _, record in records.iterrows():
-        tables.setdefault(str(record["model"]), {})[record_label(record)] = job_allocation(allocations, record[JOB_KEY])
+        table = job_allocation(allocations, record[JOB_KEY])
+        tables.setdefault(str(record["model"]), {})[record_label(record)] = table
     return tables
 
 
-def write_layer_charts(study: Path, sparsity: float, methods: Sequence[str], out: Path, seed: int = 0) -> list[Path]:
+def write_layer_charts(study: Path, sparsity: float, methods: Sequence[str], out: Path,
+                       seed: int = 0) -> list[Path]:
     """layer_sparsity_<model>_<sparsity>.png per model of the study: the finished jobs of `methods` (labels)
     at `sparsity` and `seed`, one line each."""
     records = study_records(study)
@@ -158,9 +164,11 @@ def write_layer_charts(study: Path, sparsity: float, methods: Sequence[str], out
     rows = records[(records["status"] == "ok") & ((records["target_sparsity"] - sparsity).abs() < 1e-9)
                    & (records["seed"] == seed) & records["method"].isin(list(methods))]
     if rows.empty:
-        raise PtsbenchError(f"{study} has no finished job of {list(methods)} at sparsity {sparsity:g}, seed {seed}.")
+        raise PtsbenchError(f"{study} has no finished job of {list(methods)} at sparsity {sparsity:g}, seed "
+                            f"{seed}.")
     paths = []
-    for model, tables in layer_tables(study, rows.sort_values(["model", "method"]).drop_duplicates(["model", "method"])).items():
+    firsts = rows.sort_values(["model", "method"]).drop_duplicates(["model", "method"])
+    for model, tables in layer_tables(study, firsts).items():
         paths.append(out / f"layer_sparsity_{model}_{sparsity:g}.png")
         plot_layer_sparsity(tables, f"{model} at {sparsity:g}", paths[-1])
     return paths
@@ -186,9 +194,11 @@ def write_mask_report(runs: Sequence[Path], out: Path) -> pd.DataFrame:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.overlap", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="folders of jobs run with save_sparse=true")
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                        help="folders of jobs run with save_sparse=true")
     parser.add_argument("--out", help="the study folder (default with --charts: the study itself)")
-    parser.add_argument("--charts", metavar="STUDY", help="only the per-layer sparsity charts, from this study")
+    parser.add_argument("--charts", metavar="STUDY",
+                        help="only the per-layer sparsity charts, from this study")
     parser.add_argument("--sparsity", type=float, help="with --charts: the target sparsity to chart")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -83,7 +83,8 @@ def method_points(table: pd.DataFrame) -> pd.DataFrame:
         prune_seconds=("prune_seconds", "mean"), passes=("passes", "mean"), top1=("top1", "mean"),
         dense_top1=("dense_top1", "mean"),
     ).reset_index()
-    points = points.sort_values([*CELL, "prune_seconds", "top1", "method"], ascending=[True] * 4 + [False, True],
+    points = points.sort_values([*CELL, "prune_seconds", "top1", "method"],
+                                ascending=[True] * 4 + [False, True],
                                 na_position="last", kind="stable").reset_index(drop=True)
     for name, cost in (("front_seconds", "prune_seconds"), ("front_passes", "passes")):
         points[name] = pd.Series(pd.NA, index=points.index, dtype="boolean")
@@ -108,10 +109,11 @@ def pareto_markdown(points: pd.DataFrame, command: str) -> str:
     lines = [
         "# Accuracy against pruning cost",
         "",
-        "Per model, target sparsity and pattern, every method's point (ok jobs only, mean over seeds): pruning "
-        "wall seconds, images through the model (forward + backward passes, counted by the harness) and "
-        f"top-1 %. `{ON_FRONT}` marks the Pareto front: no other point of the section costs no more and scores "
-        f"no less, one of the two strictly; computed once against seconds and once against passes (`{UNKNOWN}`: "
+        "Per model, target sparsity and pattern, every method's point (ok jobs only, mean over seeds): "
+        "pruning wall seconds, images through the model (forward + backward passes, counted by the harness) "
+        f"and top-1 %. `{ON_FRONT}` marks the Pareto front: no other point of the section costs no more and "
+        "scores no less, one of the two strictly; computed once against seconds and once against passes "
+        f"(`{UNKNOWN}`: "
         "cost not recorded). `budget (x ref.)` is the budget as a fraction of the method's reference budget. "
         "Rows sorted by seconds. pareto.png plots the sections with at least two points.",
         "",
@@ -125,11 +127,13 @@ def pareto_markdown(points: pd.DataFrame, command: str) -> str:
             "prune_seconds": rows["prune_seconds"].map(lambda v: _fmt(v, ".3g")),
             "passes": rows["passes"].map(lambda v: _fmt(v, ",.0f")),
             "top1": rows["top1"].map(lambda v: _fmt(v, ".2f")),
-            "front_seconds": rows["front_seconds"].map(_mark), "front_passes": rows["front_passes"].map(_mark),
+            "front_seconds": rows["front_seconds"].map(_mark),
+                              "front_passes": rows["front_passes"].map(_mark),
         }).rename(columns=MD_COLUMNS)
         dense = rows["dense_top1"].mean()
         lines += ["", f"## {cell_title(model, sparsity, pattern)}", "",
-                  f"Dense top-1 {_fmt(dense, '.2f')} %.", "", shown.to_markdown(index=False, disable_numparse=True)]
+                  f"Dense top-1 {_fmt(dense, '.2f')} %.", "",
+                  shown.to_markdown(index=False, disable_numparse=True)]
     return "\n".join(lines) + "\n"
 
 
@@ -170,7 +174,8 @@ def plot_pareto(points: pd.DataFrame, path: Path) -> None:
         ax.set_xscale("log")  # whole decades: every panel gets labelled major ticks, however close its points
         seconds = rows["prune_seconds"][rows["prune_seconds"] > 0]
         if len(seconds):
-            ax.set_xlim(10 ** np.floor(np.log10(seconds.min() / 1.3)), 10 ** np.ceil(np.log10(seconds.max() * 1.3)))
+            ax.set_xlim(10 ** np.floor(np.log10(seconds.min() / 1.3)),
+                        10 ** np.ceil(np.log10(seconds.max() * 1.3)))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(cell_title(*cell), fontsize=9)
         ax.set_xlabel("pruning seconds (log)", fontsize=8)

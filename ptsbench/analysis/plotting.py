@@ -13,7 +13,8 @@ def method_styles(methods: Iterable[str]) -> dict[str, dict[str, object]]:
     """One colour and marker per method, the same in every panel (tab10, or tab20 beyond ten methods)."""
     methods = sorted(set(methods))
     cmap = matplotlib.colormaps.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    return {m: {"color": cmap(i % cmap.N), "marker": MARKERS[i % len(MARKERS)]} for i, m in enumerate(methods)}
+    return {m: {"color": cmap(i % cmap.N), "marker": MARKERS[i % len(MARKERS)]}
+            for i, m in enumerate(methods)}
 
 
 def legend_columns(labels: Sequence[str], width_in: float, fontsize: float) -> int:

@@ -19,7 +19,8 @@ from ptsbench.errors import DataError
 from ptsbench.results import write_atomic, write_csv
 
 REFERENCE_CSV = Path(__file__).resolve().parents[2] / "results" / "reference" / "paper_numbers.csv"
-REFERENCE_COLUMNS = ["paper", "model", "dataset", "dense_top1", "sparsity", "method", "top1", "calib_images", "notes"]
+REFERENCE_COLUMNS = ["paper", "model", "dataset", "dense_top1", "sparsity", "method", "top1", "calib_images",
+                     "notes"]
 
 # timm architecture (the pretrained tag after '.' is dropped) -> the papers' model name.
 MODEL_NAMES = {
@@ -42,9 +43,11 @@ UNIFORM_MAGNITUDE = {
 SPARSITY_TOLERANCE = 1e-6
 
 COMPARISON_COLUMNS = [
-    "model", "dataset", "method", "target_sparsity", "calib_images", "seeds", "dense_top1", "top1", "top1_std",
+    "model", "dataset", "method", "target_sparsity", "calib_images", "seeds", "dense_top1", "top1",
+                      "top1_std",
     "published_paper", "published_model", "published_dataset", "published_method", "published_calib_images",
-    "published_dense_top1", "published_top1", "dense_diff", "top1_diff", "drop_diff", "note", "published_notes",
+    "published_dense_top1", "published_top1", "dense_diff", "top1_diff", "drop_diff", "note",
+                      "published_notes",
 ]
 
 
@@ -91,7 +94,8 @@ def measured_summary(table: pd.DataFrame) -> pd.DataFrame:
     for col in ("target_sparsity", "calib_images", "dense_top1", "top1"):
         ok[col] = pd.to_numeric(ok[col], errors="coerce")
     agg = ok.groupby(keys, dropna=False, sort=True).agg(
-        seeds=("seed", "nunique"), dense_top1=("dense_top1", "mean"), top1=("top1", "mean"), top1_std=("top1", "std"))
+        seeds=("seed", "nunique"), dense_top1=("dense_top1", "mean"), top1=("top1", "mean"),
+        top1_std=("top1", "std"))
     return agg.reset_index()
 
 
@@ -126,9 +130,11 @@ def compare(table: pd.DataFrame, reference: pd.DataFrame, any_dataset: bool = Fa
             rows.append(row)
             continue
         pub = _pick(same_data if len(same_data) else candidates, m["calib_images"])
-        row.update(published_paper=pub["paper"], published_model=pub["model"], published_dataset=pub["dataset"],
+        row.update(published_paper=pub["paper"], published_model=pub["model"],
+                   published_dataset=pub["dataset"],
                    published_method=pub["method"], published_calib_images=pub["calib_images"],
-                   published_dense_top1=pub["dense_top1"], published_top1=pub["top1"], published_notes=pub["notes"])
+                   published_dense_top1=pub["dense_top1"], published_top1=pub["top1"],
+                   published_notes=pub["notes"])
         notes = []
         if pub["dataset"] != pdataset:
             notes.append(f"different dataset ({m['dataset']} vs {pub['dataset']})")
@@ -165,17 +171,19 @@ MD_COLUMNS = {
 }
 
 
-def comparison_markdown(comparison: pd.DataFrame, reference_path: Path, n_reference: int, sources: str) -> str:
+def comparison_markdown(comparison: pd.DataFrame, reference_path: Path, n_reference: int,
+                        sources: str) -> str:
     matched = comparison["published_method"].notna() if len(comparison) else pd.Series(dtype=bool)
     lines = [
         "# Measured vs published",
         "",
-        f"Published numbers: `{reference_path}` ({n_reference} rows). Measured: {sources} (finished jobs, mean "
-        f"over seeds). {int(matched.sum())} of {len(comparison)} measured rows have a published counterpart.",
+        f"Published numbers: `{reference_path}` ({n_reference} rows). Measured: {sources} (finished jobs, "
+        f"mean over seeds). {int(matched.sum())} of {len(comparison)} measured rows have a published "
+        "counterpart.",
         "",
-        "Δ top-1 = measured - published top-1 and Δ drop = measured drop from dense - published drop, in points "
-        "(the drop compares methods across dense checkpoints that differ). The matching tables (model, dataset, "
-        "method family) are in `ptsbench/reference.py`.",
+        "Δ top-1 = measured - published top-1 and Δ drop = measured drop from dense - published drop, in "
+        "points (the drop compares methods across dense checkpoints that differ). The matching tables "
+        "(model, dataset, method family) are in `ptsbench/reference.py`.",
         "",
     ]
     cols = [c for c in MD_COLUMNS if c in comparison.columns]
@@ -188,7 +196,8 @@ def comparison_markdown(comparison: pd.DataFrame, reference_path: Path, n_refere
     return "\n".join(lines) + "\n"
 
 
-def write_reference_comparison(table: pd.DataFrame, out_dir: str | Path, reference_path: str | Path = REFERENCE_CSV,
+def write_reference_comparison(table: pd.DataFrame, out_dir: str | Path,
+                               reference_path: str | Path = REFERENCE_CSV,
                                any_dataset: bool = False, sources: str = "") -> pd.DataFrame:
     """Write reference_comparison.csv and reference_comparison.md into `out_dir`; returns the comparison."""
     reference = load_reference(reference_path)
@@ -196,5 +205,6 @@ def write_reference_comparison(table: pd.DataFrame, out_dir: str | Path, referen
     out = Path(out_dir)
     write_csv(out / "reference_comparison.csv", comparison)
     write_atomic(out / "reference_comparison.md",
-                 comparison_markdown(comparison, Path(reference_path), len(reference), sources or "result files"))
+                 comparison_markdown(comparison, Path(reference_path), len(reference),
+                                     sources or "result files"))
     return comparison

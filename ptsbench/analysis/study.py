@@ -143,8 +143,8 @@ def collect_jobs(run_dirs: Iterable[str | Path], methods: Iterable[str] | None =
             if key not in best or _newest_first(record) > _newest_first(best[key][0]):
                 best[key] = (record, allocation)
     if dirty:
-        log.warning("Left out %d job(s) run from a tree with uncommitted changes (git_commit ends in -dirty), "
-                    "e.g. %s: commit, then rerun them.", len(dirty), ", ".join(dirty[:3]))
+        log.warning("Left out %d job(s) run from a tree with uncommitted changes (git_commit ends in "
+                    "-dirty), e.g. %s: commit, then rerun them.", len(dirty), ", ".join(dirty[:3]))
     jobs = sorted(best.values(), key=lambda pair: _sort_key(pair[0]))
     records = [record for record, _ in jobs]
     tables = [table.assign(**{JOB_KEY: record.get(JOB_KEY)}) for record, table in jobs if table is not None]
@@ -191,7 +191,8 @@ def study_allocations(study: str | Path) -> pd.DataFrame:
     """A study's long allocation table (`allocations.csv`)."""
     path = Path(study) / ALLOCATIONS_FILE
     if not path.is_file():
-        raise DataError(f"{path} does not exist: collect the study first (python -m ptsbench.analysis.study).")
+        raise DataError(f"{path} does not exist: collect the study first "
+                        "(python -m ptsbench.analysis.study).")
     return pd.read_csv(path, dtype={JOB_KEY: str})  # a hash of digits only must not turn into a number
 
 
@@ -242,7 +243,8 @@ def experiment_algorithms(name: str) -> list[str]:
     """The algorithm configs an experiment sweeps (its one list: scripts and analyses read it here)."""
     grid = experiment_grid(name)
     if "algorithm" not in grid:
-        raise ConfigError(f"conf/experiment/{name}.yaml sweeps no algorithm (hydra.sweeper.params.algorithm).")
+        raise ConfigError(f"conf/experiment/{name}.yaml sweeps no algorithm "
+                          "(hydra.sweeper.params.algorithm).")
     return check_names(f"conf/experiment/{name}.yaml", grid["algorithm"])
 
 
@@ -276,14 +278,17 @@ def method_labels(algorithms: Iterable[str]) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders holding job folders (result.json)")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="folders holding job folders (result.json)")
     parser.add_argument("--out", required=True, help="the study folder (records.jsonl, allocations.csv)")
     select = parser.add_mutually_exclusive_group()
     select.add_argument("--algorithms", nargs="+", metavar="CONFIG",
                         help="only jobs of these algorithm configs (their method labels)")
-    select.add_argument("--study", metavar="NAME", help="only jobs of the algorithm configs conf/study/NAME.yaml lists")
+    select.add_argument("--study", metavar="NAME",
+                        help="only jobs of the algorithm configs conf/study/NAME.yaml lists")
     parser.add_argument("--add", action="store_true",
-                        help="keep the jobs OUT already holds (e.g. the committed ones) and add or replace those of RUN_DIR")
+                        help="keep the jobs OUT already holds (e.g. the committed ones) and add or replace "
+                             "those of RUN_DIR")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
