@@ -73,7 +73,8 @@ STREAMS: dict[str, Stream] = _streams(
     Stream("unipts.bn_noise", "seed", "offset", "UniPTS: noise of the BN statistics", offset=103),
     Stream("unipts.shuffle", "seed", "offset", "UniPTS: batch order of the sparse training", offset=104),
     Stream("unipts.augment", "seed", "offset", "UniPTS: augmentation of the sparse training", offset=105),
-    Stream("random.scores", "seed", "hashed", "a score's random draws (the random control)", label="random scores"),
+    Stream("random.scores", "seed", "hashed", "a score's random draws (the random control)",
+           label="random scores"),
 )
 
 

@@ -19,7 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # resnet18's heuristics and Wanda at three sparsities: jobs of a minute each, as most of the benchmark's are
 DEFAULT_SLICE = ("hydra.sweeper.params.model=resnet18 "
-                 "hydra.sweeper.params.algorithm=magnitude_uniform_bn,magnitude_erk_bn,magnitude_global_bn,wanda_bn "
+                 "hydra.sweeper.params.algorithm="
+                 "magnitude_uniform_bn,magnitude_erk_bn,magnitude_global_bn,wanda_bn "
                  "hydra.sweeper.params.sparsity=0.9,0.98,0.995")
 
 
@@ -35,7 +36,8 @@ def job_results(sweep_dir: Path) -> dict[str, tuple]:
     out = {}
     for path in sorted(sweep_dir.rglob("result.json")):
         rec = json.loads(path.read_text())
-        out[str(path.parent.relative_to(sweep_dir))] = (rec.get("status"), rec.get("top1"), rec.get("mask_hash"))
+        job = str(path.parent.relative_to(sweep_dir))
+        out[job] = (rec.get("status"), rec.get("top1"), rec.get("mask_hash"))
     return out
 
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # training step (train).
 TOOLKIT = {f"ptsbench.{m}" for m in (
     "errors", "settings", "sparsity", "patterns", "allocation", "owl", "dsnot", "bn", "bnfold", "layerwise",
-    "reconstruct", "distill", "compiled", "data", "evaluate", "train", "paths")}
+    "reconstruct", "distill", "compiled", "data", "evaluate", "train", "paths", "streams")}
 # Registries whose every module is toolkit, so a module added to them needs no entry here.
 TOOLKIT_PACKAGES = ("ptsbench.scores",)
 # the method interface, the layer-wise one-shot base and the score-then-allocation base

@@ -70,7 +70,7 @@ def test_every_score_fills_its_layer_and_says_what_it_reads():
 def test_random_and_magnitude_pruning_are_one_path_with_their_default_scores():
     random_result, dense, ctx = prune(RandomPruning(allocation="erk", bn_recalibration=True))
     # the masks the random control has always drawn: one CPU stream per job, layer after layer
-    generator = ctx.generator("random scores")
+    generator = ctx.generator("random.scores")
     counts = {name: round(rate * w.numel()) for name, rate, w in
               ((ly.name, random_result.allocation[ly.name], ly.weight) for ly in find_prunable_layers(dense))}
     for ly in find_prunable_layers(dense):
