@@ -49,11 +49,13 @@ class LayerwiseOneShot(PTSAlgorithm):
     supports_nm_pattern = True
     statistic: ClassVar[type]  # built per layer, fed the layer's unfolded inputs
 
-    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0, allocation_file: str | None = None,
-                 allocation_label: str | None = None, batch_size: int = 64, bn_recalibration: bool = False,
-                 calib_protocol: str | None = None, owl: OWLSettings | Mapping[str, Any] | None = None,
-                 refine: str = "none", dsnot: DSnoTSettings | Mapping[str, Any] | None = None):
-        self.alloc = AllocationChoice.read(allocation, erk_power_scale, allocation_file, allocation_label, owl)
+    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0,
+                 allocation_file: str | None = None, allocation_label: str | None = None,
+                 batch_size: int = 64, bn_recalibration: bool = False, calib_protocol: str | None = None,
+                 owl: OWLSettings | Mapping[str, Any] | None = None, refine: str = "none",
+                 dsnot: DSnoTSettings | Mapping[str, Any] | None = None):
+        self.alloc = AllocationChoice.read(allocation, erk_power_scale, allocation_file,
+                                           allocation_label, owl)
         self.dsnot = read_refinement(refine, dsnot)
         self.batch_size = int(batch_size)  # calibration images per forward pass (memory, not results)
         # Not in the papers (language models have no BatchNorm): on a BN network the pruned layers shift the
@@ -63,9 +65,9 @@ class LayerwiseOneShot(PTSAlgorithm):
         if self.calib_protocol not in CALIB_PROTOCOLS:
             raise unknown_choice("algorithm.calib_protocol", self.calib_protocol, CALIB_PROTOCOLS)
         if self.calib_protocol == "sequential+bn" and not self.bn_recalibration:
-            raise ConfigError("algorithm.calib_protocol=sequential+bn re-estimates BatchNorm along the sequential "
-                              "pass and needs algorithm.bn_recalibration=true (the statistics after the last "
-                              "block); without it use calib_protocol=sequential or dense.")
+            raise ConfigError("algorithm.calib_protocol=sequential+bn re-estimates BatchNorm along the "
+                              "sequential pass and needs algorithm.bn_recalibration=true (the statistics "
+                              "after the last block); without it use calib_protocol=sequential or dense.")
 
     def default_protocol(self) -> str:
         """The protocol of the method's reference code; a subclass may depend on `bn_recalibration`."""
@@ -81,7 +83,8 @@ class LayerwiseOneShot(PTSAlgorithm):
         tags = {"dense": "dense", "sequential": "seq", "sequential+bn": "seqbn"}
         protocol = "" if self.calib_protocol == self.default_protocol() else f"-{tags[self.calib_protocol]}"
         method = self.name if self.dsnot is None else f"{self.name}+dsnot"
-        return f"{method}-{self.alloc.describe(self.pattern)}{protocol}{'+bn' if self.bn_recalibration else ''}"
+        return (f"{method}-{self.alloc.describe(self.pattern)}{protocol}"
+                f"{'+bn' if self.bn_recalibration else ''}")
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
         check_supported(layers)
@@ -89,9 +92,11 @@ class LayerwiseOneShot(PTSAlgorithm):
 
     @abstractmethod
     def prune_layer(self, layer: PrunableLayer, stat: InputStatistic, n_zero: int) -> torch.Tensor:
-        """Prune `layer` in place to `n_zero` zeros (and the pattern) from its input statistic; return its mask."""
+        """Prune `layer` in place to `n_zero` zeros (and the pattern) from its input statistic; return its
+        mask."""
 
-    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
+    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float,
+              ctx: PruneContext) -> PruneResult:
         owl_pass = self.alloc.needs_calibration
         norms = dense_input_norms(model, layers, ctx.calib, self.batch_size) if owl_pass else None
         counts = self.alloc.counts(layers, target, self.pattern, norms)
@@ -121,7 +126,8 @@ class LayerwiseOneShot(PTSAlgorithm):
         if self.bn_recalibration:
             bn_layers = recalibrate_batchnorm(model, ctx.calib, ctx.device, self.batch_size)
         passes += bn_passes + int(self.bn_recalibration) + int(owl_pass)
-        stats: dict[str, Any] = {"calib_passes": passes, "layers_pruned": len(todo), "bn_layers_recalibrated": bn_layers}
+        stats: dict[str, Any] = {"calib_passes": passes, "layers_pruned": len(todo),
+                                 "bn_layers_recalibrated": bn_layers}
         if self.dsnot is not None:
             stats["dsnot_swaps"] = swaps
         return PruneResult(model=model, allocation=rates(layers, counts), masks=masks, stats=stats)

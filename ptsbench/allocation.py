@@ -105,7 +105,8 @@ class AllocationChoice:
     owl: OWLSettings | None = None  # OWL's M and lambda, with strategy owl
 
     @classmethod
-    def read(cls, strategy: str, erk_power_scale: float = 1.0, file: str | None = None, label: str | None = None,
+    def read(cls, strategy: str, erk_power_scale: float = 1.0, file: str | None = None,
+             label: str | None = None,
              owl: OWLSettings | Mapping[str, Any] | None = None) -> AllocationChoice:
         """The choice from a method's constructor arguments, checked; `owl` (algorithm.owl) only with owl."""
         if owl is not None and strategy != "owl":
@@ -118,7 +119,8 @@ class AllocationChoice:
         if self.strategy not in ALLOCATION_CHOICES:
             raise unknown_choice("allocation", self.strategy, ALLOCATION_CHOICES)
         if self.strategy == "from_file" and not self.file:
-            raise ConfigError("algorithm.allocation=from_file needs algorithm.allocation_file=PATH (an allocation.csv).")
+            raise ConfigError("algorithm.allocation=from_file needs algorithm.allocation_file=PATH "
+                              "(an allocation.csv).")
         return self
 
     @property
@@ -128,9 +130,10 @@ class AllocationChoice:
 
     def validate(self, layers: list[PrunableLayer], target: float, pattern: Pattern) -> None:
         if pattern.is_nm and self.strategy != "uniform":
-            raise ConfigError(f"algorithm.allocation={self.strategy} cannot be combined with pattern={pattern}: N:M "
-                              f"fixes every layer's sparsity at 1 - N/M = {pattern.sparsity:.4g}, so there is nothing "
-                              "to allocate. Use algorithm.allocation=uniform (or pattern=unstructured).")
+            raise ConfigError(f"algorithm.allocation={self.strategy} cannot be combined with "
+                              f"pattern={pattern}: N:M fixes every layer's sparsity at 1 - N/M = "
+                              f"{pattern.sparsity:.4g}, so there is nothing to allocate. Use "
+                              "algorithm.allocation=uniform (or pattern=unstructured).")
         if self.strategy == "from_file":
             read_allocation_file(self.file, layers, target)
 
@@ -168,7 +171,8 @@ class AllocationChoice:
             return f"from_{self.label}"
         if self.owl is not None and self.owl != OWLSettings():
             return f"owl-m{self.owl.m:g}-l{self.owl.lam:g}"
-        return self.strategy if self.strategy != "erk" or self.erk_power_scale == 1.0 else f"erk{self.erk_power_scale:g}"
+        return (self.strategy if self.strategy != "erk" or self.erk_power_scale == 1.0
+                else f"erk{self.erk_power_scale:g}")
 
 
 def pattern_masks(layers: list[PrunableLayer], counts: dict[str, int], pattern: Pattern,
