@@ -44,8 +44,9 @@ def test_eval_throughput_against_plain_loop(require_fmnist, tmp_path, name, kwar
         harness.append(evaluate(model, data.test, batch_size=batch).images_per_second)
         harness_cl.append(evaluate(model, data.test, batch_size=batch, channels_last=True).images_per_second)
     plain, harness, harness_cl = max(plain), max(harness), max(harness_cl)
-    print(f"\n{name}: plain model(x) {plain:.0f} img/s; harness {harness:.0f} img/s (ratio {harness / plain:.3f}); "
-          f"harness channels_last {harness_cl:.0f} img/s (ratio {harness_cl / plain:.3f})")
+    print(f"\n{name}: plain model(x) {plain:.0f} img/s; harness {harness:.0f} img/s "
+          f"(ratio {harness / plain:.3f}); harness channels_last {harness_cl:.0f} img/s "
+          f"(ratio {harness_cl / plain:.3f})")
     assert harness / plain > 0.8
     assert sum(1 for _ in iterate_batches(data.test, batch)) == 20
 
@@ -83,8 +84,8 @@ def test_dense_training_throughput_against_plain_loop(require_fmnist, tmp_path):
         info = train_dense(model, train, recipe, seed=0, progress=False)
         harness.append(info["train_steps"] * 64 / info["train_seconds"])
     plain, harness = max(plain), max(harness)
-    print(f"\nresnet18@28 dense training, batch 64, {torch.get_num_threads()} threads: plain loop {plain:.0f} img/s; "
-          f"harness {harness:.0f} img/s (ratio {harness / plain:.3f})")
+    print(f"\nresnet18@28 dense training, batch 64, {torch.get_num_threads()} threads: plain loop "
+          f"{plain:.0f} img/s; harness {harness:.0f} img/s (ratio {harness / plain:.3f})")
     assert harness / plain > 0.8
 
 
@@ -98,7 +99,8 @@ def random_calibration(n: int, size: int = 28):
 
 @pytest.mark.bench
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("bridge,threshold_grad", [("kde", "sparsity_only"), ("kde", "ste"), ("histogram", "sparsity_only")])
+@pytest.mark.parametrize("bridge,threshold_grad", [("kde", "sparsity_only"), ("kde", "ste"),
+                                                   ("histogram", "sparsity_only")])
 def test_fcpts_time_per_iteration(bridge, threshold_grad, compiled):
     """FCPTS at the reference batch (64) on resnet18 at 28x28: seconds per iteration and where they go,
     projected to the reference 1,600 iterations, against the floor: one plain SGD step (forward, backward,
@@ -122,7 +124,8 @@ def test_fcpts_time_per_iteration(bridge, threshold_grad, compiled):
 
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10, in_chans=1)
-    algo = FCPTS(optimization={"iterations": iterations}, bridge={"kind": bridge, "threshold_grad": threshold_grad})
+    algo = FCPTS(optimization={"iterations": iterations},
+                 bridge={"kind": bridge, "threshold_grad": threshold_grad})
     ctx = PruneContext(calib=random_calibration(1024), device=torch.device("cpu"), seed=0, progress=False,
                        compile=compiled)
     start = time.perf_counter()
@@ -148,8 +151,8 @@ def test_fcpts_time_per_iteration(bridge, threshold_grad, compiled):
     print(f"\nFCPTS {bridge}/{threshold_grad} {'compiled' if compiled else 'eager'} resnet18@28, batch 64, "
           f"{torch.get_num_threads()} threads: {per_iteration:.3f} s/iteration ("
           + ", ".join(f"{k} {v:.3f}" for k, v in per.items())
-          + f"); plain SGD step {step:.3f} s; ratio {per_iteration / step:.2f}x; whole prune {total:.1f} s for "
-          f"{iterations} iterations; projected 1600 iterations: {per_iteration * 1600 / 60:.1f} min")
+          + f"); plain SGD step {step:.3f} s; ratio {per_iteration / step:.2f}x; whole prune {total:.1f} s "
+          f"for {iterations} iterations; projected 1600 iterations: {per_iteration * 1600 / 60:.1f} min")
     assert per_iteration > 0
 
 
@@ -167,16 +170,17 @@ def test_unipts_quick_time_per_candidate_and_epoch():
     start = time.perf_counter()
     s = algo.prune(model, find_prunable_layers(model), 0.9, ctx).stats
     total = time.perf_counter() - start
-    print(f"\nUniPTS quick resnet18@28, {torch.get_num_threads()} threads: {s['search_candidates_scored']} candidates "
-          f"at {s['search_seconds_per_candidate']:.2f} s each ({s['search_seconds']:.1f} s search), "
-          f"{s['train_seconds_per_epoch']:.1f} s per epoch of 1024 images; whole job {total:.1f} s")
+    print(f"\nUniPTS quick resnet18@28, {torch.get_num_threads()} threads: {s['search_candidates_scored']} "
+          f"candidates at {s['search_seconds_per_candidate']:.2f} s each ({s['search_seconds']:.1f} s "
+          f"search), {s['train_seconds_per_epoch']:.1f} s per epoch of 1024 images; whole job {total:.1f} s")
     assert total > 0
 
 
 @pytest.mark.bench
 def test_unipts_fitness_evaluation_against_the_forward_passes_it_needs():
     """One UniPTS candidate costs a BN re-estimation pass (train mode) and an evaluation pass (eval mode)
-    over the fitness set; the bare floor is those two `model(x)` loops. Prints floor / ours (target >= 0.9)."""
+    over the fitness set; the bare floor is those two `model(x)` loops. Prints floor / ours
+    (target >= 0.9)."""
     from algorithms.unipts.search import CandidateProbe, draw_fitness_set
     from ptsbench.sparsity import allocate, find_prunable_layers
 
@@ -207,5 +211,6 @@ def test_unipts_fitness_evaluation_against_the_forward_passes_it_needs():
             bare()
             floor.append(time.perf_counter() - start)
     print(f"\nUniPTS fitness of one candidate, resnet18@28, 512 images, {torch.get_num_threads()} threads: "
-          f"{min(ours):.3f} s; bare BN pass + eval pass {min(floor):.3f} s (ratio {min(floor) / min(ours):.3f})")
+          f"{min(ours):.3f} s; bare BN pass + eval pass {min(floor):.3f} s "
+          f"(ratio {min(floor) / min(ours):.3f})")
     assert min(ours) > 0

@@ -96,13 +96,16 @@ def test_one_shot_per_layer_against_bare_reimplementations(case):
         return method(w0.flatten(1), [unfold_input(module, x)[0] for x in batches], SPARSITY)
 
     figures = {
-        "sparsegpt": (best_of(lambda: ours(Hessian, lambda s: prune_layer(layer, s.matrix(), n_zero, UNSTRUCTURED))),
+        "sparsegpt": (best_of(lambda: ours(Hessian,
+                                           lambda s: prune_layer(layer, s.matrix(), n_zero, UNSTRUCTURED))),
                       best_of(lambda: bare(bare_sparsegpt))),
-        "wanda": (best_of(lambda: ours(InputNorms, lambda s: wanda_mask(layer, s.squares, n_zero, UNSTRUCTURED))),
+        "wanda": (best_of(lambda: ours(InputNorms,
+                                       lambda s: wanda_mask(layer, s.squares, n_zero, UNSTRUCTURED))),
                   best_of(lambda: bare(bare_wanda))),
     }
     for method, (t_ours, t_bare) in figures.items():
-        print(f"\n{method} {name}: ours {t_ours * 1e3:.1f} ms, bare {t_bare * 1e3:.1f} ms, ratio {t_ours / t_bare:.2f}")
+        print(f"\n{method} {name}: ours {t_ours * 1e3:.1f} ms, bare {t_bare * 1e3:.1f} ms, "
+              f"ratio {t_ours / t_bare:.2f}")
         assert t_ours < 3 * t_bare  # a regression guard, loose for a shared CPU
 
 
@@ -117,8 +120,8 @@ def bare_dsnot(w: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: tor
                cycles: int = 50, threshold: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """DSnoT's loop as the reference walks it: the growing list over every weight (kept ones rank 0), the kept
     weights' negatives (lowest Wanda first) then positives (highest first), each read from both ends, no
-    check that an entry is still a candidate (rows that stopped are left alone: the reference's scatter goes on
-    changing them). Returns the mask and the rows whose every swap was a real one (a pruned weight grown, a
+    check that an entry is still a candidate (rows that stopped are left alone: the reference's scatter goes
+    on changing them). Returns the mask and the rows whose every swap was a real one (a pruned weight grown, a
     kept weight of the opposite sign pruned)."""
     rows, cols = w.shape
     row = torch.arange(rows)
@@ -209,8 +212,8 @@ def test_ria_and_dsnot_per_layer_against_bare_restatements(case):
     dsnot_iou, regular_iou = iou_of_pruned(ours, bare_mask), iou_of_pruned(ours[regular], bare_mask[regular])
     print(f"\nria {name}: IoU {ria_iou:.5f}; ours {t_ria * 1e3:.1f} ms, bare {t_bare_ria * 1e3:.1f} ms, "
           f"ratio {t_ria / t_bare_ria:.2f}")
-    print(f"dsnot {name}: IoU {dsnot_iou:.5f}, {regular_iou:.5f} on the {int(regular.sum())} of {len(regular)} "
-          f"rows the reference walks on real candidates; ours {t_dsnot * 1e3:.1f} ms, "
+    print(f"dsnot {name}: IoU {dsnot_iou:.5f}, {regular_iou:.5f} on the {int(regular.sum())} of "
+          f"{len(regular)} rows the reference walks on real candidates; ours {t_dsnot * 1e3:.1f} ms, "
           f"bare {t_bare_dsnot * 1e3:.1f} ms, ratio {t_dsnot / t_bare_dsnot:.2f}")
     assert ria_iou >= 0.99 and regular_iou >= 0.99
     assert t_ria < 3 * t_bare_ria and t_dsnot < 3 * t_bare_dsnot
@@ -252,7 +255,7 @@ def test_owl_rates_and_masks_against_the_bare_rule():
     diff = max(abs(rates[str(i)] - r) for i, r in enumerate(bare_rates))
     ious = [iou_of_pruned(m, b) for m, b in zip(masks, bare_masks, strict=True)]
     print(f"\nowl 8 x (192->768): rates {min(bare_rates):.4f}..{max(bare_rates):.4f}, max difference "
-          f"{diff:.2e}, mask IoU min {min(ious):.5f}; ours {t_ours * 1e3:.1f} ms, bare {t_bare * 1e3:.1f} ms, "
-          f"ratio {t_ours / t_bare:.2f}")
+          f"{diff:.2e}, mask IoU min {min(ious):.5f}; ours {t_ours * 1e3:.1f} ms, "
+          f"bare {t_bare * 1e3:.1f} ms, ratio {t_ours / t_bare:.2f}")
     assert diff < 1e-6 and min(ious) >= 0.99 and max(bare_rates) - min(bare_rates) > 0.1
     assert t_ours < 3 * t_bare

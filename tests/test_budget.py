@@ -19,7 +19,8 @@ from tests.conftest import TINY, compose_config
 def test_every_point_composes_and_buys_more_work_along_its_curve():
     points = study_points()
     sparsity = 0.9  # the study's own cells; the claims' repeats add 0.8
-    assert {p.sparsity for p in points} == {0.8, 0.9} and {p.model for p in points} == {"mobilenetv2", "vit_tiny"}
+    assert {p.sparsity for p in points} == {0.8, 0.9} and \
+        {p.model for p in points} == {"mobilenetv2", "vit_tiny"}
     assert len(set(points)) == len(points)  # a point two curves list runs once
     curves: dict[tuple[str, str], list[float]] = {}
     repeats = []  # the reference budget on other cells and seeds
@@ -35,7 +36,8 @@ def test_every_point_composes_and_buys_more_work_along_its_curve():
     for (model, algorithm), work in curves.items():
         assert work == sorted(work) and len(set(work)) == len(work), (model, algorithm, work)
         if len(work) == 1:  # a single point is a method's reference budget, beside its quick preset's curve
-            assert work == [1.0] and len(curves.get((model, f"{algorithm}_quick"), [])) >= 2, (model, algorithm)
+            assert work == [1.0] and len(curves.get((model, f"{algorithm}_quick"), [])) >= 2, \
+                (model, algorithm)
         else:
             assert len(work) >= 2, (model, algorithm, work)
     assert curves[("vit_tiny", "pot")] == [1.0] and curves[("vit_tiny", "pot_quick")][-1] == 0.25
@@ -44,7 +46,8 @@ def test_every_point_composes_and_buys_more_work_along_its_curve():
         assert work == max(curves[(point.model, point.algorithm)]), point
         assert work == 1.0 or point.algorithm == "pot_quick", point
     paper = {(p.model, p.sparsity, p.seed) for p in points if p.algorithm == "fcpts" and p.value == 1.0}
-    assert paper == {(m, s, seed) for m in ("mobilenetv2", "vit_tiny") for s in (0.8, 0.9) for seed in (0, 1, 2)}
+    assert paper == {(m, s, seed) for m in ("mobilenetv2", "vit_tiny") for s in (0.8, 0.9)
+                     for seed in (0, 1, 2)}
     # a curve naming its own models runs only there: POT's 5,000 steps where it still climbs
     assert {p.model for p in points if p.algorithm == "pot_quick" and p.value == 25} == {"vit_tiny"}
     assert study_points(["mobilenetv2"], ["pot_quick"]) == [p for p in points if p.algorithm == "pot_quick"
@@ -52,7 +55,8 @@ def test_every_point_composes_and_buys_more_work_along_its_curve():
     some = study_points(["vit_tiny"], ["unipts_quick"])
     assert {(p.model, p.algorithm) for p in some} == {("vit_tiny", "unipts_quick")} and len(some) >= 2
     fcpts = build_algorithm(compose_config(["algorithm=fcpts", "algorithm.budget=0.04"]))
-    assert fcpts.optim.iterations == 64 and fcpts.label == "fcpts-ste-kde-64it" and fcpts.budget_fraction == 0.04
+    assert fcpts.optim.iterations == 64 and fcpts.label == "fcpts-ste-kde-64it" and \
+        fcpts.budget_fraction == 0.04
 
 
 def test_a_small_curve_runs_resumes_and_is_joined_in_the_pareto_view(cache_dir, require_fmnist, tmp_path):
@@ -62,7 +66,8 @@ def test_a_small_curve_runs_resumes_and_is_joined_in_the_pareto_view(cache_dir, 
     assert run_points(points, runs, extra) == 0
     first = [json.loads((p.job_dir(runs) / "result.json").read_text()) for p in points]
     assert [r["algorithm_options"]["iterations"] for r in first] == [3, 6]  # 64 x 0.05, 64 x 0.1
-    assert {r["method_family"] for r in first} == {"fcpts-ste-kde"} and all(r["status"] == "ok" for r in first)
+    assert {r["method_family"] for r in first} == {"fcpts-ste-kde"} and \
+        all(r["status"] == "ok" for r in first)
     assert run_points(points, runs, extra) == 0  # resumed: the finished jobs are not rerun
     again = [json.loads((p.job_dir(runs) / "result.json").read_text()) for p in points]
     assert [r["finished_at"] for r in again] == [r["finished_at"] for r in first]
@@ -95,15 +100,18 @@ def test_the_leaderboard_pairs_seeds_on_every_row_at_each_models_discriminating_
         listed = sorted(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml").discriminating_sparsities)
         assert model_sparsities(model, "highest", "x") == listed[-1:]
         mine = [p for p in points if p.model == model]
-        probe = {(p.algorithm, p.sparsity) for p in mine if p.seed == 0} - {(p.algorithm, p.sparsity) for p in mine
-                                                                             if p.seed == 2}
+        probe = {(p.algorithm, p.sparsity) for p in mine if p.seed == 0} - \
+            {(p.algorithm, p.sparsity) for p in mine if p.seed == 2}
         assert all(a.startswith("magnitude_") for a, _ in probe)  # only the heuristics' probe is one seed
-        rows = {(p.algorithm, p.key, p.value, p.sparsity) for p in mine} - {(a, "preset", "", s) for a, s in probe}
+        rows = {(p.algorithm, p.key, p.value, p.sparsity) for p in mine} - \
+            {(a, "preset", "", s) for a, s in probe}
         for row in rows:  # every other row runs seeds 0-2, so every comparison pairs them
-            assert {p.seed for p in mine if (p.algorithm, p.key, p.value, p.sparsity) == row} == {0, 1, 2}, row
+            assert {p.seed for p in mine if (p.algorithm, p.key, p.value, p.sparsity) == row} == {0, 1, 2}, \
+                row
         assert {p.sparsity for p in mine if p.algorithm == "wanda_erk_bn"} == set(listed)
         assert {p.sparsity for p in mine if p.algorithm == "fcpts"} == {listed[-1]}
     for point in points[:: max(1, len(points) // 12)]:  # a spread of them composes
-        build_algorithm(compose_config([*point.overrides, f"sparsity={point.sparsity}", f"seed={point.seed}"]))
+        build_algorithm(compose_config([*point.overrides, f"sparsity={point.sparsity}",
+                                        f"seed={point.seed}"]))
     with pytest.raises(ConfigError, match="neither a list nor one of discriminating, highest"):
         model_sparsities("resnet18", "all", "here")

@@ -59,7 +59,8 @@ def test_paired_gain_interval_is_student_t_over_the_shared_seeds():
     gain = paired_gain(a, b)  # seeds 0 and 1 only: diffs 2 and 6
     assert gain.seeds == 2 and gain.mean == 4.0
     half = 12.7062 * math.sqrt(8.0) / math.sqrt(2)  # t(0.975, 1) x sd / sqrt(n)
-    assert gain.low == pytest.approx(4.0 - half, abs=1e-3) and gain.high == pytest.approx(4.0 + half, abs=1e-3)
+    assert gain.low == pytest.approx(4.0 - half, abs=1e-3) and \
+        gain.high == pytest.approx(4.0 + half, abs=1e-3)
     assert paired_gain(a, Run("c", "c", pd.Series([1.0], index=[9]), 1.0, 1.0, 1.0)).seeds == 0
 
 
@@ -67,14 +68,17 @@ def test_the_claims_compare_configured_families_on_each_models_discriminating_ce
     claims = load_settings()
     assert claims.fcpts.method == "fcpts-ste-kde" and claims.fcpts.paper_gain == 30.0
     assert {"magnitude-erk+bn", "pot", "sparsegpt-erk+bn", "wanda-erk+bn"} <= set(claims.fcpts.baselines)
-    assert (claims.unipts.method, claims.unipts.baselines, claims.unipts.plain_kd) == ("unipts", ("pot",), "unipts-kl")
+    assert (claims.unipts.method, claims.unipts.baselines, claims.unipts.plain_kd) == \
+        ("unipts", ("pot",), "unipts-kl")
     assert claims.studies[0] == "leaderboard" and claims.rule.min_seeds == 3
     cells = claim_cells(pd.DataFrame({"model": ["resnet18", "vit_tiny_patch16_224"]}), claims.fcpts)
-    assert ("resnet18", 0.8) in cells and ("resnet18", 0.995) in cells and ("vit_tiny_patch16_224", 0.94) in cells
+    assert ("resnet18", 0.8) in cells and ("resnet18", 0.995) in cells and \
+        ("vit_tiny_patch16_224", 0.94) in cells
 
 
 def seeds(method: str, sparsity: float, top1s, seconds: float = 1.0, **kw) -> list[dict]:
-    return [{**record(method, sparsity, t, seed=s, **kw), "prune_seconds": seconds} for s, t in enumerate(top1s)]
+    return [{**record(method, sparsity, t, seed=s, **kw), "prune_seconds": seconds}
+            for s, t in enumerate(top1s)]
 
 
 def test_the_baseline_is_the_strongest_at_no_more_cost_and_the_strongest_at_any_budget_stands_beside():
@@ -91,7 +95,8 @@ def test_the_baseline_is_the_strongest_at_no_more_cost_and_the_strongest_at_any_
     assert row["strongest baseline, any budget"].startswith("pot-2000steps 85.00 (1 seeds")
     assert row["gain over it"] == "-5.00 (1 seed)"  # seed 0 only: 80 - 85
     # the same FCPTS run where the heuristic is within a point of dense: not testable, never "does not hold"
-    flat = [*seeds("fcpts-ste-kde-64it", 0.8, [91.5, 91.4, 91.6]), *seeds("magnitude-erk+bn", 0.8, [91.9, 91.9, 91.9])]
+    flat = [*seeds("fcpts-ste-kde-64it", 0.8, [91.5, 91.4, 91.6]),
+            *seeds("magnitude-erk+bn", 0.8, [91.9, 91.9, 91.9])]
     assert fcpts_claim(pd.DataFrame(flat), load_settings()).iloc[0]["verdict"] == "not testable"
 
 
@@ -107,7 +112,8 @@ def test_claim_tables_through_the_study_files(tmp_path):
     write_study(tmp_path / "leaderboard", rows, pd.DataFrame(columns=["config_hash"]))
     text = write_claims(tmp_path, tmp_path / "claims" / "claims.md")
     assert "holds in direction only (provisional)" in text and "(technique matrix not run)" in text
-    assert "`" + str(tmp_path / "leaderboard") + "`" in text and "magnitude-erk+bn 40.00 (3 seeds, 3 s)" in text
+    assert "`" + str(tmp_path / "leaderboard") + "`" in text and \
+        "magnitude-erk+bn 40.00 (3 seeds, 3 s)" in text
 
 
 def test_matrix_differences_use_only_allocations_with_both_columns():
@@ -115,9 +121,11 @@ def test_matrix_differences_use_only_allocations_with_both_columns():
 
     def cell(allocation: str, recon: str, top1: float) -> dict:
         learned = allocation in settings.learned
-        return {**record("magnitude", 0.9, top1), "algorithm_options.allocation": "from_file" if learned else allocation,
+        return {**record("magnitude", 0.9, top1),
+                "algorithm_options.allocation": "from_file" if learned else allocation,
                 "algorithm_options.allocation_label": allocation if learned else None,
-                "algorithm_options.reconstruction": recon, "algorithm": "sparsegpt" if recon == "sparsegpt" else "magnitude"}
+                "algorithm_options.reconstruction": recon,
+                "algorithm": "sparsegpt" if recon == "sparsegpt" else "magnitude"}
 
     # a matrix still running: ERK has no reconstruction cells yet, so it must not enter "best alloc"
     cells = [cell("uniform", "none", 10.0), cell("uniform", "layer", 30.0), cell("uniform", "block", 20.0),
@@ -126,13 +134,15 @@ def test_matrix_differences_use_only_allocations_with_both_columns():
     assert row["sparsegpt - none (best alloc)"] == 15.0 and row["sparsegpt - none (mean over allocs)"] == 15.0
     assert row["cells"] == 6 and row["learned - heuristic alloc (no recon)"] == 5.0
     assert row["layer - none (best alloc)"] == 20.0 and row["block - none (mean over allocs)"] == 10.0
-    assert row["block - layer (mean over allocs)"] == -10.0 and row["largest effect"] == "layer - none (mean over allocs)"
+    assert row["block - layer (mean over allocs)"] == -10.0 and \
+        row["largest effect"] == "layer - none (mean over allocs)"
 
 
 def test_a_second_dense_model_is_set_beside_the_same_runs_on_the_shipped_one(tmp_path):
     claims = load_settings()
     assert claims.second_dense == "second_dense_model"
-    shipped = seeds("fcpts-ste-kde-64it", 0.9, [80.0, 81.0, 82.0]) + seeds("magnitude-erk+bn", 0.9, [40.0] * 3)
+    shipped = seeds("fcpts-ste-kde-64it", 0.9, [80.0, 81.0, 82.0]) + \
+        seeds("magnitude-erk+bn", 0.9, [40.0] * 3)
     shipped += seeds("fcpts-ste-kde", 0.9, [90.0])  # the reference budget: not run on the second dense model
     second = seeds("fcpts-ste-kde-64it", 0.9, [78.0, 78.0], dense_top1=91.0)
     second += seeds("magnitude-erk+bn", 0.9, [80.0, 80.0], dense_top1=91.0)
@@ -140,7 +150,8 @@ def test_a_second_dense_model_is_set_beside_the_same_runs_on_the_shipped_one(tmp
     assert len(table) == 1  # the same runs only: the quick budget, seeds 0-1 on both sides
     row = table.iloc[0]
     assert row["run"] == "fcpts-ste-kde-64it" and row["dense shipped / second"] == "92.00 / 91.00"
-    assert row["gain [95% CI] (shipped)"].startswith("+40.50 [") and row["verdict (shipped)"] == "holds (provisional)"
+    assert row["gain [95% CI] (shipped)"].startswith("+40.50 [") and \
+        row["verdict (shipped)"] == "holds (provisional)"
     assert row["headroom (second)"] == 11.0 and row["verdict (second)"] == "not testable"
     write_study(tmp_path / "pts_methods", shipped, pd.DataFrame(columns=["config_hash"]))
     write_study(tmp_path / "second_dense_model", second, pd.DataFrame(columns=["config_hash"]))

@@ -17,7 +17,8 @@ from tests.conftest import ROOT, TINY
 BIN = Path(sys.executable).parent
 
 
-def run_cli(args: list[str], cache_dir: Path, cwd: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cache_dir: Path, cwd: Path,
+            extra_env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PTSBENCH_CACHE": str(cache_dir), "HYDRA_FULL_ERROR": "0", **(extra_env or {})}
     return subprocess.run([str(BIN / "ptsbench"), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -55,7 +56,8 @@ def test_default_benchmark_sweep_skips_the_filtered_cells(cache_dir, require_fmn
     command line (as in `bash scripts/bench.sh model=...`): magnitude runs at both sparsities, FCPTS only
     at resnet18's discriminating 0.98, and the skipped cell is logged with its reason."""
     sweep = tmp_path / "sweep"
-    proc = run_cli(["experiment=fmnist_benchmark", *TINY, "model=resnet18", "algorithm=magnitude_erk_bn,fcpts_quick",
+    proc = run_cli(["experiment=fmnist_benchmark", *TINY, "model=resnet18",
+                    "algorithm=magnitude_erk_bn,fcpts_quick",
                     "sparsity=0.5,0.98", f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(sweep / "results.csv")
@@ -89,7 +91,8 @@ def test_failed_job_keeps_the_others_and_exits_nonzero(cache_dir, require_fmnist
 
 @pytest.mark.slow
 def test_single_job_bad_input_is_one_paragraph(cache_dir, require_fmnist, tmp_path):
-    proc = run_cli([*TINY, "algorithm.allocation=ekr", f"hydra.run.dir={tmp_path / 'run'}"], cache_dir, tmp_path)
+    proc = run_cli([*TINY, "algorithm.allocation=ekr", f"hydra.run.dir={tmp_path / 'run'}"], cache_dir,
+                   tmp_path)
     assert proc.returncode == 1
     assert "Unknown allocation 'ekr'" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -97,8 +100,8 @@ def test_single_job_bad_input_is_one_paragraph(cache_dir, require_fmnist, tmp_pa
 @pytest.mark.slow
 def test_wandb_offline_mirrors_each_job(cache_dir, require_fmnist, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", *TINY, "logger=wandb", "sparsity=0.5,0.9", f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path,
-                   {"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    proc = run_cli(["-m", *TINY, "logger=wandb", "sparsity=0.5,0.9", f"hydra.sweep.dir={sweep}"], cache_dir,
+                   tmp_path, {"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(sweep.glob("[0-9]*/wandb/offline-run-*"))
     assert len(runs) == 2
@@ -121,7 +124,8 @@ def test_wandb_offline_mirrors_each_job(cache_dir, require_fmnist, tmp_path):
 
 def test_readme_commands_are_the_scripts():
     readme = (ROOT / "README.md").read_text().splitlines()
-    commands = [line.split("#")[0].strip() for line in readme[:20] if line.strip().startswith("bash scripts/")]
+    commands = [line.split("#")[0].strip() for line in readme[:20]
+                if line.strip().startswith("bash scripts/")]
     assert commands[:2] == ["bash scripts/bench.sh", "bash scripts/test.sh"]
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
 
@@ -130,7 +134,8 @@ def test_readme_commands_are_the_scripts():
 def test_same_seed_is_bit_identical_across_processes(cache_dir, require_fmnist, tmp_path):
     records = []
     for name in ("a", "b"):
-        proc = run_cli([*TINY, "sparsity=0.8", "algorithm.allocation=global", "algorithm.bn_recalibration=true",
+        proc = run_cli([*TINY, "sparsity=0.8", "algorithm.allocation=global",
+                        "algorithm.bn_recalibration=true",
                         f"hydra.run.dir={tmp_path / name}"], cache_dir, tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         records.append(json.loads((tmp_path / name / "result.json").read_text()))
@@ -145,15 +150,17 @@ def test_same_seed_is_bit_identical_across_processes(cache_dir, require_fmnist, 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", [
     ["algorithm=fcpts_quick", "algorithm.optimization.iterations=4", "algorithm.optimization.batch_size=32"],
-    ["algorithm=unipts_quick", "algorithm.search.population_size=4", "algorithm.search.generations=2", "algorithm.search.num_parents=2",
-     "algorithm.search.fitness_set_size=64", "algorithm.training.epochs=1", "algorithm.training.batch_size=32"],
+    ["algorithm=unipts_quick", "algorithm.search.population_size=4", "algorithm.search.generations=2",
+     "algorithm.search.num_parents=2", "algorithm.search.fitness_set_size=64", "algorithm.training.epochs=1",
+     "algorithm.training.batch_size=32"],
     ["algorithm=pot_quick", "algorithm.reconstruction.iterations=4"],
 ], ids=["fcpts", "unipts", "pot"])
 def test_learned_methods_are_bit_identical_across_processes(cache_dir, require_fmnist, tmp_path, algorithm):
     """Same seed, two fresh processes: identical masks (hash of every layer's mask) and accuracy."""
     records = []
     for name in ("a", "b"):
-        proc = run_cli([*TINY, "sparsity=0.8", *algorithm, f"hydra.run.dir={tmp_path / name}"], cache_dir, tmp_path)
+        proc = run_cli([*TINY, "sparsity=0.8", *algorithm, f"hydra.run.dir={tmp_path / name}"], cache_dir,
+                       tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         records.append(json.loads((tmp_path / name / "result.json").read_text()))
     a, b = records
@@ -171,7 +178,8 @@ def sweep_records(sweep: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_parallel_sweep_gives_the_serial_results(cache_dir, require_fmnist, tmp_path):
-    """hydra/launcher=parallel (joblib, 2 processes, 1 torch thread each) against the default serial launcher."""
+    """hydra/launcher=parallel (joblib, 2 processes, 1 torch thread each) against the default serial
+    launcher."""
     sweeps = {}
     for name, extra in (("serial", []), ("parallel", ["hydra/launcher=parallel"])):
         sweep = tmp_path / name
@@ -188,7 +196,8 @@ def test_parallel_sweep_gives_the_serial_results(cache_dir, require_fmnist, tmp_
 
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_the_sweep(cache_dir, require_fmnist, tmp_path):
-    """submitit_local, the stand-in for Slurm on one machine: each job a submitit process, then the aggregate."""
+    """submitit_local, the stand-in for Slurm on one machine: each job a submitit process, then the
+    aggregate."""
     sweep = tmp_path / "submitit"
     proc = run_cli([*SWEEP_2, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
                     f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path)

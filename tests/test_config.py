@@ -80,7 +80,8 @@ def test_threads_shared_among_parallel_jobs(monkeypatch):
     assert threads_per_job(cfg, OmegaConf.create({"launcher": {"n_jobs": 4}})) == 2
     assert threads_per_job(cfg, OmegaConf.create({"launcher": {"n_jobs": -1}})) == 1
     assert threads_per_job(cfg, OmegaConf.create({"launcher": {"_target_": "basic"}})) is None
-    assert threads_per_job(OmegaConf.create({"threads": 3}), OmegaConf.create({"launcher": {"n_jobs": 4}})) == 3
+    assert threads_per_job(OmegaConf.create({"threads": 3}),
+                           OmegaConf.create({"launcher": {"n_jobs": 4}})) == 3
 
 
 def test_parallel_jobs_take_the_gpus_in_turn():
@@ -93,8 +94,10 @@ def test_parallel_jobs_take_the_gpus_in_turn():
                                  "job": {"num": job}})
 
     auto = OmegaConf.create({"device": "auto"})
-    assert [device_per_job(auto, hc(j), gpus=2) for j in range(5)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
-    assert [device_per_job(OmegaConf.create({"device": "cuda"}), hc(j, -1), gpus=3) for j in (2, 4)] == ["cuda:2", "cuda:1"]
+    assert [device_per_job(auto, hc(j), gpus=2) for j in range(5)] == \
+        ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert [device_per_job(OmegaConf.create({"device": "cuda"}), hc(j, -1), gpus=3) for j in (2, 4)] == \
+        ["cuda:2", "cuda:1"]
     assert device_per_job(auto, hc(3), gpus=1) is None and device_per_job(auto, hc(3), gpus=0) is None
     assert device_per_job(auto, hc(3, n_jobs=None), gpus=4) is None  # sequential: the one default GPU
     assert device_per_job(auto, hc(3, n_jobs=1), gpus=4) is None
@@ -112,7 +115,8 @@ def test_default_benchmark_grid_runs_learned_methods_at_the_discriminating_spars
     from hydra_plugins.filter import FilterSweeper
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        sweep = compose("config", overrides=["experiment=fmnist_benchmark"], return_hydra_config=True).hydra.sweeper
+        sweep = compose("config", overrides=["experiment=fmnist_benchmark"],
+                        return_hydra_config=True).hydra.sweeper
         assert sweep._target_ == "hydra_plugins.filter.FilterSweeper"
         grid = [sweep.params[k].split(",") for k in ("model", "algorithm", "sparsity")]
         filters = OmegaConf.to_container(sweep.filters)
@@ -175,12 +179,15 @@ BAD_INPUT = [
     ("train.weight_decay=-0.1", r"train.weight_decay=-0.1 is not allowed: it must be a number >= 0"),
     ("train.label_smoothing=1", r"train.label_smoothing=1.0 is not allowed: it must be a number in \[0, 1\)"),
     ("train.min_lr=1", r"train.min_lr=1.0 is above train.lr=0.002"),
-    ("model.train_overrides.epochs=-1", r"model.train_overrides.epochs=-1 is not allowed: it must be a number > 0"),
+    ("model.train_overrides.epochs=-1",
+     r"model.train_overrides.epochs=-1 is not allowed: it must be a number > 0"),
     ("+foo=1", r"Unknown config key 'foo': the top level of the config has no option 'foo'"),
     ("+train.foo=1", r"Unknown config key 'train.foo': train has no option 'foo'. Allowed: batch_size"),
-    ("+prune_policy.depthwsie=false", r"Unknown config key 'prune_policy.depthwsie'.*Did you mean: depthwise"),
+    ("+prune_policy.depthwsie=false",
+     r"Unknown config key 'prune_policy.depthwsie'.*Did you mean: depthwise"),
     ("+model.train_overrides.lrr=1", r"Unknown config key 'model.train_overrides.lrr'.*Did you mean: lr\?"),
-    ("+algorithm.foo=1", r"Unknown config key 'algorithm.foo': algorithm._target_=algorithms.magnitude.Magnitude"),
+    ("+algorithm.foo=1",
+     r"Unknown config key 'algorithm.foo': algorithm._target_=algorithms.magnitude.Magnitude"),
     ("max_budget=0", r"max_budget=0.0 is not allowed: it must be a number > 0"),
     # the model group's shipped weights kept under another architecture or data set
     ("model.name=efficientnet_b0",
@@ -206,7 +213,8 @@ def test_bad_value_fails_before_any_work(tmp_path, override, match):
 
 
 def test_unknown_logger_option_fails():
-    with pytest.raises(ConfigError, match=r"Unknown config key 'logger.foo'.*WandbTracker.*Allowed: entity, mode"):
+    with pytest.raises(ConfigError,
+                       match=r"Unknown config key 'logger.foo'.*WandbTracker.*Allowed: entity, mode"):
         check_config(compose_config(["logger=wandb", "+logger.foo=1"]))
 
 

@@ -1,4 +1,5 @@
-"""Each model's discriminating range from records: where the best heuristic lost between min_loss and max_loss."""
+"""Each model's discriminating range from records: where the best heuristic lost between min_loss and
+max_loss."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from ptsbench.analysis.study import write_study
 
 def rec(method: str, sparsity: float, top1: float, seed: int = 0, model: str = "resnet18") -> dict:
     family = method
-    return {"model": model, "method": method, "method_family": family, "target_sparsity": sparsity, "top1": top1,
-            "status": "ok", "seed": seed, "dense_top1": 92.0, "prune_seconds": 1.0}
+    return {"model": model, "method": method, "method_family": family, "target_sparsity": sparsity,
+            "top1": top1, "status": "ok", "seed": seed, "dense_top1": 92.0, "prune_seconds": 1.0}
 
 
 def test_the_range_follows_the_best_heuristic_of_each_cell(tmp_path):
@@ -34,7 +35,8 @@ def test_write_replaces_the_model_configs_line_and_the_command_reads_studies(tmp
     write_model_config(path, [0.99])
     assert path.read_text().count("discriminating_sparsities") == 1 and "[0.99]" in path.read_text()
     assert set(model_configs()) == {"resnet18", "mobilenetv2_100", "vit_tiny_patch16_224"}
-    write_study(tmp_path / "leaderboard", [rec("magnitude-erk+bn", 0.99, 40.0)], pd.DataFrame(columns=["config_hash"]))
+    write_study(tmp_path / "leaderboard", [rec("magnitude-erk+bn", 0.99, 40.0)],
+                pd.DataFrame(columns=["config_hash"]))
     assert main(["--results", str(tmp_path)]) == 0
     assert "resnet18: discriminating_sparsities [0.99]" in capsys.readouterr().out
     assert main(["--results", str(tmp_path / "none")]) == 2

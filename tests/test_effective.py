@@ -93,8 +93,10 @@ def test_resnet18_at_28px_matches_the_shapes():
     model = timm.create_model("resnet18", num_classes=10, in_chans=1)
     sizes = {ly.name: ly.numel for ly in find_prunable_layers(model)}
     at28 = dead(model, (1, 1, 28, 28))
-    expected = {"layer4.0.conv1": 5 / 9, "layer4.0.conv2": 8 / 9, "layer4.1.conv1": 8 / 9, "layer4.1.conv2": 8 / 9}
-    assert {n: at28[n] / p for n, p in sizes.items()} == pytest.approx({n: expected.get(n, 0.0) for n in sizes})
+    expected = {"layer4.0.conv1": 5 / 9, "layer4.0.conv2": 8 / 9, "layer4.1.conv1": 8 / 9,
+                "layer4.1.conv2": 8 / 9}
+    assert {n: at28[n] / p for n, p in sizes.items()} == \
+        pytest.approx({n: expected.get(n, 0.0) for n in sizes})
     assert sum(at28.values()) == 512 * 256 * 5 + 3 * 512 * 512 * 8  # 6,946,816 of 11,165,760
     assert sum(dead(model, (1, 1, 56, 56)).values()) == 0  # layer4 on 2x2 maps: every tap sees a pixel
 
@@ -108,7 +110,7 @@ def test_command_prints_the_dense_dead_fraction(require_fmnist, tmp_path, monkey
     assert "| total " in out and "6946816" in out and "0.6222" in out
 
 
-# ------------------------------------------------------------------------------------ equivalence on real models
+# --------------------------------------------------------------------------------- equivalence on real models
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -191,9 +193,9 @@ def _sampled(alive: dict[str, torch.Tensor]) -> list[str]:
 
 
 def _lively_copy(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """The same mask with BN statistics measured on `x` and positive BN shifts, so that ReLUs fire and a weight
-    on a path shows its influence (with zero shifts and four random images, a unit after a ReLU whose kept
-    weights sum to a negative number is off for every image: dead for these values, not by structure)."""
+    """The same mask with BN statistics measured on `x` and positive BN shifts, so that ReLUs fire and a
+    weight on a path shows its influence (with zero shifts and four random images, a unit after a ReLU whose
+    kept weights sum to a negative number is off for every image: dead for these values, not by structure)."""
     import copy
     lively = copy.deepcopy(model)
     g = torch.Generator().manual_seed(5)
@@ -280,7 +282,8 @@ class Mask(nn.Module):
 
 
 def test_masks_under_parametrize_and_inference_mode():
-    """Masks still attached (parametrize) count, and an audit called under inference mode still differentiates."""
+    """Masks still attached (parametrize) count, and an audit called under inference mode still
+    differentiates."""
     from torch.nn.utils import parametrize
     net = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2))  # no bias: unit 0 is silent
     mask = torch.ones(4, 3)

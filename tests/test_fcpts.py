@@ -111,7 +111,8 @@ def test_sparsity_loss_alone_moves_erk_thresholds_to_the_target(dense):
     """From ERK at 50%, L_c with the method's own optimiser and schedule reaches 60% (no L_rec)."""
     model, layers = fresh(dense)
     layers = [ly for ly in layers if not ly.name.startswith(("layer3", "layer4"))]  # keeps the test fast
-    gates = attach_thresholds(layers, counts_from_rates(layers, erk_allocation(layers, 0.5), 0.5), "sparsity_only")
+    gates = attach_thresholds(layers, counts_from_rates(layers, erk_allocation(layers, 0.5), 0.5),
+                              "sparsity_only")
     algo = FCPTS(optimization={"iterations": 150}, objective={"sparsity_loss": "abs"})
     optimizer, scheduler = algo._optimizer(model, gates, iters_per_epoch=2)
     start = global_sparsity(layers, layer_sparsities(layers, gates, "kde", "silverman")).item()
@@ -141,7 +142,8 @@ def test_mask_ste_gradient_is_minus_half_sum_w_dl_dweff():
 def test_reconstruction_reaches_thresholds_only_with_ste(dense, threshold_grad):
     model, layers = fresh(dense)
     teacher = copy.deepcopy(model).train()
-    gates = attach_thresholds(layers, counts_from_rates(layers, erk_allocation(layers, 0.8), 0.8), threshold_grad)
+    gates = attach_thresholds(layers, counts_from_rates(layers, erk_allocation(layers, 0.8), 0.8),
+                              threshold_grad)
     images = dense[1].data.images[:32]
     with torch.no_grad():
         t_logits = teacher(images)
@@ -191,7 +193,8 @@ def test_exact_counts_with_tied_magnitudes():
 
 def test_prune_ends_exactly_on_target_and_is_deterministic(dense):
     """lambda = 0 lets L_rec move the thresholds freely, so the correction has a residual to remove."""
-    algo = FCPTS(optimization={"iterations": 3, "batch_size": 32, "lr": 0.05}, objective={"sparsity_lambda": 0.0}, bridge={"threshold_grad": "ste"}, log_every=1)
+    algo = FCPTS(optimization={"iterations": 3, "batch_size": 32, "lr": 0.05},
+                 objective={"sparsity_lambda": 0.0}, bridge={"threshold_grad": "ste"}, log_every=1)
     runs = []
     for _ in range(2):
         model, layers = fresh(dense)
@@ -272,8 +275,8 @@ def test_counts_at_thresholds_and_masks_from_counts_on_sorted_magnitudes():
 # ---------------------------------------------------------------------------- calibration stream
 
 
-@pytest.mark.parametrize("box,flip", [((0, 0, 28, 28), False), ((3, 5, 11, 17), False), ((10, 0, 18, 9), True),
-                                      ((0, 20, 28, 8), True)])
+@pytest.mark.parametrize("box,flip", [((0, 0, 28, 28), False), ((3, 5, 11, 17), False),
+                                      ((10, 0, 18, 9), True), ((0, 20, 28, 8), True)])
 def test_resized_crop_flip_matches_torchvision_on_tensors(box, flip):
     """The one-grid_sample crop equals torchvision's tensor resized_crop (+ horizontal flip)."""
     images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -293,12 +296,15 @@ def test_random_crop_boxes_follow_torchvision_get_params():
     assert bool(((h >= 1) & (w >= 1) & (top >= 0) & (left >= 0) & (top + h <= 28) & (left + w <= 28)).all())
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        tv = torch.tensor([RandomResizedCrop.get_params(torch.zeros(1, 28, 28), list(CROP_SCALE), list(CROP_RATIO))
+        tv = torch.tensor([RandomResizedCrop.get_params(torch.zeros(1, 28, 28), list(CROP_SCALE),
+                                                        list(CROP_RATIO))
                            for _ in range(4000)], dtype=torch.float64)
-    for ours, theirs, tol in [(h * w / 784, tv[:, 2] * tv[:, 3] / 784, 0.02), (w / h, tv[:, 3] / tv[:, 2], 0.03),
+    for ours, theirs, tol in [(h * w / 784, tv[:, 2] * tv[:, 3] / 784, 0.02),
+                              (w / h, tv[:, 3] / tv[:, 2], 0.03),
                               (top, tv[:, 0], 0.4), (left, tv[:, 1], 0.4)]:
         assert float(ours.mean()) == pytest.approx(float(theirs.mean()), abs=tol)
-        assert float(ours.min()) >= float(theirs.min()) - tol and float(ours.max()) <= float(theirs.max()) + tol
+        assert float(ours.min()) >= float(theirs.min()) - tol and \
+            float(ours.max()) <= float(theirs.max()) + tol
     assert torch.equal(boxes, random_crop_boxes(4000, 28, 28, torch.Generator().manual_seed(3)))
     # a 1 x 40 strip admits no box of the allowed areas and ratios: torchvision's central fallback
     assert random_crop_boxes(3, 1, 40, g).tolist() == [[0, 19, 1, 1]] * 3
@@ -307,8 +313,10 @@ def test_random_crop_boxes_follow_torchvision_get_params():
 def test_augmented_stream_is_seeded_and_off_means_plain_batches(dense):
     calib = dense[1]
     plain = next(calibration_stream(calib, 32, CPU, torch.Generator().manual_seed(1)))
-    first = next(calibration_stream(calib, 32, CPU, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)))
-    again = next(calibration_stream(calib, 32, CPU, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)))
+    first = next(calibration_stream(calib, 32, CPU, torch.Generator().manual_seed(1),
+                                    torch.Generator().manual_seed(2)))
+    again = next(calibration_stream(calib, 32, CPU, torch.Generator().manual_seed(1),
+                                    torch.Generator().manual_seed(2)))
     order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(1))[:32]
     assert torch.equal(plain, calib.data.images[order])
     assert torch.equal(first, again) and first.shape == plain.shape
@@ -324,7 +332,8 @@ def test_augmented_stream_is_seeded_and_off_means_plain_batches(dense):
 def test_bn_is_reestimated_when_the_correction_moves_weights(dense, bn_recalibration):
     """lambda = 0 leaves the learned sparsity off target, so the correction prunes untrained weights."""
     model, layers = fresh(dense)
-    algo = FCPTS(optimization={"iterations": 2, "batch_size": 32, "lr": 0.05}, objective={"sparsity_lambda": 0.0}, bn_recalibration=bn_recalibration)
+    algo = FCPTS(optimization={"iterations": 2, "batch_size": 32, "lr": 0.05},
+                 objective={"sparsity_lambda": 0.0}, bn_recalibration=bn_recalibration)
     result = algo.prune(model, layers, 0.9, context(dense))
     assert result.stats["correction_weights_moved"] > 0
     expected = copy.deepcopy(result.model)
@@ -342,47 +351,57 @@ def test_bn_is_reestimated_when_the_correction_moves_weights(dense, bn_recalibra
 
 def test_options_labels_budgets_and_bad_choices():
     assert FCPTS().label == "fcpts-ste-kde"
-    assert FCPTS(bridge={"threshold_grad": "sparsity_only", "kind": "histogram"}, optimization={"iterations": 120}).label == \
+    assert FCPTS(bridge={"threshold_grad": "sparsity_only", "kind": "histogram"},
+                 optimization={"iterations": 120}).label == \
         "fcpts-sparsity_only-hist-120it"
     assert FCPTS(optimization={"iterations": 64, "augment": False}).label == "fcpts-ste-kde-noaug-64it"
-    assert [FCPTS(optimization={"iterations": n}).options()["budget"] for n in (1600, 64, 400)] == ["reference", "quick", "0.25x"]
+    assert [FCPTS(optimization={"iterations": n}).options()["budget"] for n in (1600, 64, 400)] == \
+        ["reference", "quick", "0.25x"]
     assert FCPTS(bridge={"kind": "histogram"}).options()["bridge"] == "histogram"
     for node, option, value, match in [("bridge", "kind", "kdee", "Did you mean: kde"),
                                        ("bridge", "threshold_grad", "st", "sparsity_only, ste"),
                                        ("objective", "sparsity_loss", "l1", "abs, pow2")]:
         with pytest.raises(ConfigError, match=f"Unknown algorithm.{node}.{option} '{value}'.*{match}"):
             FCPTS(**{node: {option: value}})
-    with pytest.raises(ConfigError, match=r"algorithm.optimization.iterations=0 is not allowed: it must be a whole number >= 1"):
+    with pytest.raises(ConfigError,
+                       match=r"algorithm.optimization.iterations=0 is not allowed: "
+                             r"it must be a whole number >= 1"):
         FCPTS(optimization={"iterations": 0})
     with pytest.raises(ConfigError, match=r"algorithm.erk_power_scale=0.0 is not allowed"):
         FCPTS(erk_power_scale=0)
     half = FCPTS(budget=0.25)
-    assert half.optim.iterations == 400 and half.label == "fcpts-ste-kde-400it" and half.family == "fcpts-ste-kde"
+    assert half.optim.iterations == 400 and half.label == "fcpts-ste-kde-400it" and \
+        half.family == "fcpts-ste-kde"
     assert half.budget_fraction == 0.25 and FCPTS(budget="reference").optim.iterations == 1600
 
 
 @pytest.mark.parametrize("preset,label,iterations", [
     ("fcpts", "fcpts-ste-kde", 1600), ("fcpts_quick", "fcpts-ste-kde-64it", 64),
-    ("fcpts_code", "fcpts-sparsity_only-hist", 1600), ("fcpts_code_quick", "fcpts-sparsity_only-hist-64it", 64)])
+    ("fcpts_code", "fcpts-sparsity_only-hist", 1600),
+    ("fcpts_code_quick", "fcpts-sparsity_only-hist-64it", 64)])
 def test_presets_are_the_paper_and_the_released_code(preset, label, iterations):
     algo = instantiate(compose_config([f"algorithm={preset}"]).algorithm)
     assert isinstance(algo, FCPTS) and algo.label == label and algo.optim.iterations == iterations
     paper = not preset.startswith("fcpts_code")
-    assert (algo.bridge.kind, algo.bridge.threshold_grad) == (("kde", "ste") if paper else ("histogram", "sparsity_only"))
-    assert algo.optim.augment and algo.bn_recalibration and algo.optim.lr == 0.01 and algo.optim.batch_size == 64
+    assert (algo.bridge.kind, algo.bridge.threshold_grad) == \
+        (("kde", "ste") if paper else ("histogram", "sparsity_only"))
+    assert algo.optim.augment and algo.bn_recalibration and algo.optim.lr == 0.01 and \
+        algo.optim.batch_size == 64
 
 
 def test_fcpts_quick_job_records_ok_with_residual(tiny_cfg, tmp_path):
-    record = run_job(tiny_cfg("algorithm=fcpts_code_quick", "sparsity=0.7", "algorithm.optimization.iterations=6",
-                              "algorithm.log_every=2"), tmp_path)
+    record = run_job(tiny_cfg("algorithm=fcpts_code_quick", "sparsity=0.7",
+                              "algorithm.optimization.iterations=6", "algorithm.log_every=2"), tmp_path)
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["status"] == "ok" and record["method"] == "fcpts-sparsity_only-hist-6it"
-    assert saved["algorithm_options"]["budget"] == "0.00375x" and saved["algorithm_options"]["augment"] is True
+    assert saved["algorithm_options"]["budget"] == "0.00375x" and \
+        saved["algorithm_options"]["augment"] is True
     assert saved["achieved_sparsity"] == pytest.approx(0.7, abs=1e-6)
     assert saved["max_layer_count_error"] < 1.0
     stats = saved["stats"]
     assert {"residual_before_correction", "learned_global_sparsity", "seconds_teacher", "seconds_student",
-            "seconds_bridge", "seconds_data", "correction_weights_moved", "bn_recalibrated_layers"} <= set(stats)
+            "seconds_bridge", "seconds_data", "correction_weights_moved", "bn_recalibrated_layers"} <= \
+        set(stats)
     assert stats["iterations"] == 6 and stats["budget"] == "0.00375x"
     assert stats["learned_global_sparsity"] - 0.7 == pytest.approx(stats["residual_before_correction"])
     assert abs(stats["residual_before_correction"]) < 0.01

@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CUDA = torch.device("cuda")
-LARGE_CPU_TENSOR = 4096  # elements: index vectors and scalars may live on the CPU, activations and weights not
+# In elements: index vectors and scalars may live on the CPU, activations and weights not.
+LARGE_CPU_TENSOR = 4096
 
 
 class CpuWork(TorchDispatchMode):
@@ -44,7 +45,8 @@ class CpuWork(TorchDispatchMode):
 
 
 def test_tiny_job_runs_end_to_end_on_cuda(tiny_cfg, tmp_path):
-    record = run_job(tiny_cfg("device=cuda", "algorithm=magnitude_uniform_bn", "sparsity=0.8"), tmp_path / "job")
+    record = run_job(tiny_cfg("device=cuda", "algorithm=magnitude_uniform_bn", "sparsity=0.8"),
+                     tmp_path / "job")
     assert record["status"] == "ok", record["error"]
     assert record["device"].startswith("cuda")
     assert record["peak_memory_source"] == "cuda_max_memory_allocated" and record["peak_memory_mb"] > 0
@@ -60,7 +62,8 @@ def test_fcpts_keeps_its_tensors_on_the_gpu(tiny_dense):
                             calib.indices, calib.seed)
     ctx = PruneContext(calib=on_gpu, device=CUDA, seed=0, progress=False)
     with CpuWork() as cpu:
-        result = FCPTS(optimization={"iterations": 4, "batch_size": 32}).prune(model, find_prunable_layers(model), 0.8, ctx)
+        result = FCPTS(optimization={"iterations": 4, "batch_size": 32}).prune(
+            model, find_prunable_layers(model), 0.8, ctx)
     assert cpu.ops == [], cpu.ops[:10]
     tensors = list(result.model.parameters()) + list(result.model.buffers()) + list(result.masks.values())
     assert {t.device.type for t in tensors} == {"cuda"}
@@ -109,7 +112,8 @@ def test_semi_structured_kernel_gives_a_measured_label_and_keeps_accuracy():
 
 
 def test_vit_2to4_job_records_the_measured_kernel(tiny_cfg, tmp_path):
-    record = run_job(tiny_cfg("device=cuda", "model=vit_tiny", "pattern=2:4", "sparsity=0.5", "algorithm=magnitude"),
+    record = run_job(tiny_cfg("device=cuda", "model=vit_tiny", "pattern=2:4", "sparsity=0.5",
+                              "algorithm=magnitude"),
                      tmp_path / "job")
     assert record["status"] == "ok", record["error"]
     assert record["speed"].startswith("measured:"), record.get("speed_note")

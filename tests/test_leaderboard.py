@@ -18,7 +18,8 @@ def runs(method: str, top1s, sparsity: float = 0.995, seconds: float = 1.0) -> l
 def test_runs_are_ranked_with_paired_gaps_and_the_summary_reads_the_highest_cell(tmp_path):
     records = pd.DataFrame([*runs("magnitude-erk+bn", [40.0, 41.0, 42.0]),
                             *runs("fcpts-x", [80.0, 82.0, 81.0], seconds=60),
-                            *runs("pot-y", [85.0]), *runs("magnitude-erk+bn", [88.0, 88.0, 88.0], sparsity=0.98)])
+                            *runs("pot-y", [85.0]),
+                            *runs("magnitude-erk+bn", [88.0, 88.0, 88.0], sparsity=0.98)])
     board = leaderboard(records)
     cell = board[board["sparsity"] == 0.995]
     assert cell["method"].tolist() == ["pot-y", "fcpts-x", "magnitude-erk+bn"]  # by mean top-1
@@ -38,8 +39,10 @@ def test_the_report_states_each_cells_headroom(tmp_path):
     from ptsbench.report import write_report
 
     records = [{**r, "achieved_sparsity": 0.995, "eval_images": 10000} for r in
-               runs("magnitude-erk+bn", [40.0, 42.0]) + runs("magnitude-global+bn", [30.0]) + runs("fcpts-x", [80.0])]
+               runs("magnitude-erk+bn", [40.0, 42.0]) + runs("magnitude-global+bn", [30.0])
+               + runs("fcpts-x", [80.0])]
     write_study(tmp_path / "lb", records, pd.DataFrame(columns=["config_hash"]))
     write_report([tmp_path / "lb"], tmp_path / "out")
-    row = next(line for line in (tmp_path / "out" / "results.md").read_text().splitlines() if "(headroom" in line)
+    row = next(line for line in (tmp_path / "out" / "results.md").read_text().splitlines()
+               if "(headroom" in line)
     assert "| 49.00 " in row  # 90 - mean(40, 42); FCPTS is not a heuristic

@@ -47,7 +47,8 @@ def test_masks_never_pair_jobs_of_different_models(tmp_path):
     jobs = []
     for i, model in enumerate(("resnet18", "vit_tiny_patch16_224", "resnet18")):
         (job := tmp_path / str(i)).mkdir()
-        (job / "result.json").write_text(json.dumps({"model": model, "method": "pot", "target_sparsity": 0.8}))
+        (job / "result.json").write_text(json.dumps({"model": model, "method": "pot",
+                                                     "target_sparsity": 0.8}))
         jobs.append(job)
     assert {m: [j.name for j in g] for m, g in jobs_by_model(jobs).items()} == {
         "resnet18": ["0", "2"], "vit_tiny_patch16_224": ["1"]}
@@ -67,7 +68,8 @@ def synthetic_source(tmp_path, seed: int = 0):
 
 
 def test_matrix_cells_replay_the_source_study_allocation(tmp_path):
-    settings = MatrixSettings("pts_methods", "magnitude_recon_quick", ("uniform", "erk"), ("fcpts_quick", "unipts_quick"))
+    settings = MatrixSettings("pts_methods", "magnitude_recon_quick", ("uniform", "erk"),
+                              ("fcpts_quick", "unipts_quick"))
     labels = {"fcpts_quick": "fcpts-ste-kde-64it", "unipts_quick": "unipts"}
     records, allocations = synthetic_source(tmp_path)
     model = ModelInfo("resnet18", "resnet18", 0, (0.7,))
@@ -83,11 +85,12 @@ def test_matrix_cells_replay_the_source_study_allocation(tmp_path):
     assert f"algorithm.allocation_file={learned.allocation_file.resolve()}" in learned.overrides
     assert "algorithm.allocation_label=fcpts_quick" in learned.overrides
     second_order = cells[-1]  # SparseGPT's update on the same learned allocation
-    assert second_order.overrides[0] == "algorithm=sparsegpt_bn" and second_order.allocation_file.parent.name == \
-        "fcpts_quick-sparsegpt"
+    assert second_order.overrides[0] == "algorithm=sparsegpt_bn" and \
+        second_order.allocation_file.parent.name == "fcpts_quick-sparsegpt"
     assert not any(o.startswith("algorithm.reconstruction") for o in second_order.overrides)
     other_seed = ModelInfo("resnet18", "resnet18", 1, (0.7,))  # seed 1 learns another allocation
-    assert [c.allocation for c in matrix_cells(settings, records, allocations, other_seed, 0.7, tmp_path, labels)
+    assert [c.allocation
+            for c in matrix_cells(settings, records, allocations, other_seed, 0.7, tmp_path, labels)
             ].count("fcpts_quick") == 0
     with pytest.raises(PtsbenchError, match="lamp"):
         matrix_cells(settings, records, allocations, model, 0.7, tmp_path, labels, wanted=["lamp"])
@@ -108,28 +111,32 @@ def test_matrix_table_names_learned_rows_and_their_methods_own_top1(tmp_path):
                 "algorithm": "sparsegpt" if recon == "sparsegpt" else "magnitude"}
 
     write_study(tmp_path / "matrix", [cell("erk", "none", 70.0), cell("fcpts_quick", "none", 75.0),
-                                      cell("fcpts_quick", "block", 79.0), cell("fcpts_quick", "sparsegpt", 77.5)],
+                                      cell("fcpts_quick", "block", 79.0),
+                                      cell("fcpts_quick", "sparsegpt", 77.5)],
                 pd.DataFrame(columns=["config_hash"]))
     text = pivot(study_records(tmp_path / "matrix"), source, {"fcpts_quick": "fcpts-ste-kde-64it"})
     header = next(line for line in text.splitlines() if line.startswith("| model"))
-    assert [c.strip() for c in header.strip("|").split("|")][3:7] == ["top-1 none", "top-1 block", "top-1 sparsegpt",
-                                                                     "s none"]
+    assert [c.strip() for c in header.strip("|").split("|")][3:7] == \
+        ["top-1 none", "top-1 block", "top-1 sparsegpt", "s none"]
     row = next(line for line in text.splitlines() if "| fcpts_quick" in line)
-    assert "81.23" in row and "79" in row and "77.5" in row  # the method's own top-1 beside its allocation's cells
+    # the method's own top-1 beside its allocation's cells
+    assert "81.23" in row and "79" in row and "77.5" in row
 
 
 @pytest.mark.slow
 def test_matrix_cross_applies_a_learned_allocation(tiny_cfg, tmp_path, cache_dir, monkeypatch):
     source = tmp_path / "runs" / "fcpts"
-    run_job(tiny_cfg("algorithm=fcpts_quick", "sparsity=0.7", "algorithm.optimization.iterations=3", "algorithm.optimization.batch_size=32"),
+    run_job(tiny_cfg("algorithm=fcpts_quick", "sparsity=0.7", "algorithm.optimization.iterations=3",
+                     "algorithm.optimization.batch_size=32"),
             source)
     # a 3-iteration budget labels the source job -3it; the configured fcpts_quick would say -64it
-    monkeypatch.setattr(matrix, "method_labels", lambda names: {n: {"fcpts_quick": "fcpts-ste-kde-3it"}.get(n, n)
-                                                                for n in names})
+    monkeypatch.setattr(matrix, "method_labels",
+                        lambda names: {n: {"fcpts_quick": "fcpts-ste-kde-3it"}.get(n, n) for n in names})
     collect([tmp_path / "runs"], tmp_path / "source")
     code = matrix_main(["--source", str(tmp_path / "source"), "--runs", str(tmp_path / "matrix_runs"),
-                        "--out", str(out := tmp_path / "matrix"), "--models", "resnet18", "--sparsities", "0.7",
-                        "--allocations", "erk", "fcpts_quick", "--reconstructions", "none", "block", "sparsegpt",
+                        "--out", str(out := tmp_path / "matrix"), "--models", "resnet18",
+                        "--sparsities", "0.7", "--allocations", "erk", "fcpts_quick",
+                        "--reconstructions", "none", "block", "sparsegpt",
                         "--", *TINY, f"cache_dir={cache_dir}", "algorithm.reconstruction.iterations=2"])
     assert code == 0
     table = pd.read_csv(out / "results.csv")
@@ -170,10 +177,13 @@ def test_layer_charts_draw_every_model_of_a_study(tmp_path):
     for i, model in enumerate(["mobilenetv2_100", "resnet18"]):
         for j, method in enumerate(["magnitude-erk+bn", "pot-quick"]):
             key = f"h{i}{j}"
-            records.append({"config_hash": key, "model": model, "method": method, "target_sparsity": 0.9, "seed": 0,
-                            "status": "ok", "top1": 50.0})
-            tables.append(pd.DataFrame({"config_hash": key, "name": ["a", "b"], "achieved_sparsity": [0.8, 0.95]}))
+            records.append({"config_hash": key, "model": model, "method": method, "target_sparsity": 0.9,
+                            "seed": 0, "status": "ok", "top1": 50.0})
+            tables.append(pd.DataFrame({"config_hash": key, "name": ["a", "b"],
+                                        "achieved_sparsity": [0.8, 0.95]}))
     write_study(tmp_path / "study", records, pd.concat(tables, ignore_index=True))
-    paths = write_layer_charts(tmp_path / "study", 0.9, ["magnitude-erk+bn", "pot-quick"], tmp_path / "charts")
-    assert sorted(p.name for p in paths) == ["layer_sparsity_mobilenetv2_100_0.9.png", "layer_sparsity_resnet18_0.9.png"]
+    paths = write_layer_charts(tmp_path / "study", 0.9, ["magnitude-erk+bn", "pot-quick"],
+                               tmp_path / "charts")
+    assert sorted(p.name for p in paths) == ["layer_sparsity_mobilenetv2_100_0.9.png",
+                                             "layer_sparsity_resnet18_0.9.png"]
     assert all(p.stat().st_size > 5_000 for p in paths)
