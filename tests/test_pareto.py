@@ -15,10 +15,11 @@ from ptsbench.results import RESULT_FILE, write_json
 
 
 def record(**fields) -> dict:
-    base = {"model": "resnet18", "dataset": "fashion_mnist", "method": "magnitude-uniform", "algorithm": "magnitude",
-            "algorithm_options": {}, "pattern": "unstructured", "target_sparsity": 0.9, "achieved_sparsity": 0.9,
-            "dense_top1": 92.5, "top1": 50.0, "prune_seconds": 1.0, "forward_passes": 1024, "backward_passes": 0,
-            "seed": 0, "status": "ok", "error": None}
+    base = {"model": "resnet18", "dataset": "fashion_mnist", "method": "magnitude-uniform",
+            "algorithm": "magnitude", "algorithm_options": {}, "pattern": "unstructured",
+            "target_sparsity": 0.9, "achieved_sparsity": 0.9, "dense_top1": 92.5, "top1": 50.0,
+            "prune_seconds": 1.0, "forward_passes": 1024, "backward_passes": 0, "seed": 0, "status": "ok",
+            "error": None}
     return {**base, **fields}
 
 
@@ -44,7 +45,8 @@ def test_seeds_are_averaged_and_only_ok_jobs_count():
     assert sorted(points.index) == ["a", "b"]
     assert points.loc["a", "top1"] == 65.0 and points.loc["a", "prune_seconds"] == 15.0
     assert points.loc["a", "seeds"] == 2 and points.loc["b", "seeds"] == 1
-    assert bool(points.loc["a", "front_seconds"]) and not bool(points.loc["b", "front_seconds"])  # b: 16 s, 64
+    # b (16 s, top-1 64) is slower and worse than a
+    assert bool(points.loc["a", "front_seconds"]) and not bool(points.loc["b", "front_seconds"])
     assert method_points(results_table(pd.DataFrame([record(status="failed")]))).empty
 
 
@@ -60,17 +62,20 @@ def test_calibration_sizes_stay_apart_and_join_one_family():
     cnn = points[points["model"] == "resnet18"].set_index("method")
     assert sorted(cnn.index) == ["magnitude-erk+bn", "wanda-uniform+bn-n1024", "wanda-uniform+bn-n256",
                                  "wanda-uniform+bn-n4096"]
-    assert cnn.loc["wanda-uniform+bn-n256", "top1"] == 60.0 and cnn.loc["wanda-uniform+bn-n4096", "seeds"] == 1
+    assert cnn.loc["wanda-uniform+bn-n256", "top1"] == 60.0 and \
+        cnn.loc["wanda-uniform+bn-n4096", "seeds"] == 1
     assert set(cnn["method_family"]) == {"wanda-uniform+bn", "magnitude-erk+bn"}
     # one size on a cell: the label stays as the method gives it
     assert points[points["model"] == "vit_tiny"]["method"].tolist() == ["wanda-uniform+bn"]
 
 
 def test_missing_family_and_budget_fall_back_to_the_label():
-    old = results_table(pd.DataFrame([record(method="fcpts-quick-64it", algorithm_options={"budget": "quick"})]))
+    old = results_table(pd.DataFrame([record(method="fcpts-quick-64it",
+                                             algorithm_options={"budget": "quick"})]))
     assert "method_family" not in old and "budget_fraction" not in old
     p = method_points(old).iloc[0]
-    assert p["method_family"] == "fcpts-quick-64it" and pd.isna(p["budget_fraction"]) and p["budget"] == "quick"
+    assert p["method_family"] == "fcpts-quick-64it" and pd.isna(p["budget_fraction"]) and \
+        p["budget"] == "quick"
     mixed = results_table(pd.DataFrame([
         record(method="fcpts-quick-64it", method_family="fcpts", budget_fraction=0.04),
         record(method="wanda-uniform", method_family=None, budget_fraction=None),
@@ -105,7 +110,8 @@ def job(root: Path, name: str, **fields) -> None:
 def md_rows(text: str, section: str) -> dict[str, list[str]]:
     """The table rows of one section of pareto.md, by method: the cells after the method column."""
     body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in body.splitlines() if line.startswith("| ")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in body.splitlines()
+            if line.startswith("| ")]
     return {r[1]: r[2:] for r in rows[1:]}
 
 
@@ -115,12 +121,13 @@ def test_report_writes_pareto_files(tmp_path):
         prune_seconds=30.0, forward_passes=4096, backward_passes=4096)
     job(sweep, "fq1", method="fcpts-quick-64it", method_family="fcpts", budget_fraction=0.04, top1=82.0,
         prune_seconds=34.0, forward_passes=4096, backward_passes=4096, seed=1)
-    job(sweep, "fr", method="fcpts", method_family="fcpts", budget_fraction=1.0, top1=88.0, prune_seconds=700.0,
-        forward_passes=102_400, backward_passes=102_400)
+    job(sweep, "fr", method="fcpts", method_family="fcpts", budget_fraction=1.0, top1=88.0,
+        prune_seconds=700.0, forward_passes=102_400, backward_passes=102_400)
     job(sweep, "mag", method="magnitude-uniform", top1=40.0, prune_seconds=0.5)
     job(sweep, "wanda", method="wanda-uniform", top1=39.0, prune_seconds=5.0)  # dominated by magnitude
     job(sweep, "bad", method="sparsegpt-uniform", top1=99.0, prune_seconds=0.1, status="failed", error="x")
-    job(sweep, "nm", method="wanda-uniform", pattern="2:4", target_sparsity=0.5, top1=70.0)  # a one-point cell
+    # a one-point cell
+    job(sweep, "nm", method="wanda-uniform", pattern="2:4", target_sparsity=0.5, top1=70.0)
     assert report_main([str(sweep)]) == 0
     for name in ("pareto.md", "pareto.csv", "pareto.png"):
         assert (sweep / name).is_file(), name

@@ -144,7 +144,8 @@ def test_bias_correction_removes_the_mean_output_error(folded):
     for unit in layer_units(layers, carriers)[:6]:
         inputs = collect_inputs(dense, unit.name, calib, 64, CPU)
         targets = unit_outputs(dense, unit, inputs)
-        before, mse_before = mean_channel_error(model, unit, inputs, targets), output_error(model, unit, inputs, targets)
+        before, mse_before = (mean_channel_error(model, unit, inputs, targets),
+                              output_error(model, unit, inputs, targets))
         shift = correct_bias(model, unit, inputs, targets)
         assert shift is not None and shift > 0
         after = mean_channel_error(model, unit, inputs, targets)
@@ -157,7 +158,8 @@ def test_reconstruction_lowers_each_unit_error_and_never_revives_pruned_weights(
     model, dense, layers, masks, carriers, calib = folded
     units = layer_units(layers, carriers) if mode == "layer" else block_units(model, layers, carriers)
     if mode == "block":
-        assert [u.name for u in units if u.kind == "block"] == [f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)]
+        assert [u.name for u in units if u.kind == "block"] == \
+            [f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)]
         assert {u.name for u in units if u.kind == "layer"} == {"conv1", "fc"}
     settings = ReconstructionSettings(mode, inputs, iterations=30, lr=1e-4, bias_lr=1e-3, batch_size=32)
     reports = process_units(model, dense, units, calib, settings, CPU, torch.Generator().manual_seed(0))
@@ -176,7 +178,8 @@ def test_pot_prunes_exactly_and_deterministically(tiny_dense):
         model = copy.deepcopy(tiny_dense[0])
         layers = find_prunable_layers(model)
         ctx = PruneContext(calib=tiny_dense[1], device=CPU, seed=3, progress=False)
-        result = POT(reconstruction={"iterations": 5, "lr": 1e-4, "bias_lr": 1e-3}).prune(model, layers, 0.9, ctx)
+        result = POT(reconstruction={"iterations": 5, "lr": 1e-4, "bias_lr": 1e-3}).prune(
+            model, layers, 0.9, ctx)
         zeros = sum(int((ly.weight == 0).sum()) for ly in layers)
         assert zeros == round(0.9 * sum(ly.numel for ly in layers))
         assert result.stats["bn_folded"] == 20
@@ -190,13 +193,15 @@ def test_pot_prunes_exactly_and_deterministically(tiny_dense):
 
 
 def test_bad_reconstruction_choices_are_named():
-    with pytest.raises(ConfigError, match="Unknown algorithm.reconstruction.mode 'blocks'.*Did you mean: block"):
+    with pytest.raises(ConfigError,
+                       match="Unknown algorithm.reconstruction.mode 'blocks'.*Did you mean: block"):
         POT(reconstruction={"mode": "blocks"})
     with pytest.raises(ConfigError, match="Unknown algorithm.reconstruction.inputs 'teacher'"):
         POT(reconstruction={"inputs": "teacher"})
     with pytest.raises(ConfigError, match="'algorithm.reconstruction.iterz'.*Did you mean: iterations"):
         POT(reconstruction={"iterz": 5})
-    with pytest.raises(ConfigError, match=r"algorithm.reconstruction.lr=-1 is not allowed: it must be a number >= 0"):
+    with pytest.raises(ConfigError,
+                       match=r"algorithm.reconstruction.lr=-1 is not allowed: it must be a number >= 0"):
         POT(reconstruction={"lr": -1})
     assert POT().label == "pot" and POT(reconstruction={"mode": "block", "inputs": "sparse"}).label == \
         "pot-blockrecon-sparseinp"
@@ -207,12 +212,16 @@ def test_bad_reconstruction_choices_are_named():
     assert POT(weight_correction="exact_moments").label == "pot-exactwc"
     # a preset is its steps and its rates: the quick preset is 200 steps at 10x msbench's rates
     quick = {"iterations": 200, "lr": 1e-4, "bias_lr": 1e-3}
-    assert POT().options()["budget"] == "reference" and POT(reconstruction=quick).options()["budget"] == "quick"
-    assert POT(reconstruction=quick).label == "pot-quick" and POT(reconstruction=quick, budget=25).label == "pot-5000steps"
-    assert POT(reconstruction={**quick, "iterations": 20_000}).options()["budget"] == "custom"  # not msbench's
+    assert POT().options()["budget"] == "reference" and \
+        POT(reconstruction=quick).options()["budget"] == "quick"
+    assert POT(reconstruction=quick).label == "pot-quick" and \
+        POT(reconstruction=quick, budget=25).label == "pot-5000steps"
+    # not msbench's
+    assert POT(reconstruction={**quick, "iterations": 20_000}).options()["budget"] == "custom"
     assert POT(reconstruction={**quick, "iterations": 20_000}).label == "pot-20000steps"
     assert POT(reconstruction={"iterations": 200}).label == "pot-200steps-msbenchlr"
-    assert POT(budget=0.5).label == "pot-10000steps-msbenchlr" and POT(budget=0.25).label != POT(reconstruction=quick, budget=25).label
+    assert POT(budget=0.5).label == "pot-10000steps-msbenchlr" and \
+        POT(budget=0.25).label != POT(reconstruction=quick, budget=25).label
     assert POT(reconstruction={"lr": 3e-5}).label == "pot-20000steps-lr3e-05"
     assert POT(budget=0.5).budget_fraction == 0.5 and POT(budget=0.5).family == "pot"
 
@@ -242,7 +251,8 @@ def test_allocation_file_from_one_job_drives_another(tiny_cfg, tmp_path):
     b = pd.read_csv(second / "allocation.csv").set_index("name")
     assert a["zeros"].to_dict() == b["zeros"].to_dict()
     saved = json.loads((second / "result.json").read_text())
-    assert saved["stats"]["units"] == 21 and saved["stats"]["mean_error_after"] < saved["stats"]["mean_error_before"]
+    assert saved["stats"]["units"] == 21 and \
+        saved["stats"]["mean_error_after"] < saved["stats"]["mean_error_before"]
 
 
 def test_pot_with_block_units_still_corrects_every_layer_bias(tiny_dense):

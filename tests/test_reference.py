@@ -35,8 +35,8 @@ def sweep(tmp_path) -> Path:
     job(d, "2", model="resnet50.tv_in1k", method="unipts", algorithm="unipts", target_sparsity=0.9,
         dense_top1=76.13, top1=68.0, calib_images=10240, seed=1, calib_seed=1)
     # MobileNetV2 block reconstruction with 2048 images: the calibration-size ablation row (65.51), not 64.34
-    job(d, "3", model="mobilenetv2_100.ra_in1k", method="magnitude-uniform+block", dense_top1=72.97, top1=60.0,
-        calib_images=2048)
+    job(d, "3", model="mobilenetv2_100.ra_in1k", method="magnitude-uniform+block", dense_top1=72.97,
+        top1=60.0, calib_images=2048)
     # FCPTS at 80%: the abstract gives no absolute value
     job(d, "4", model="resnet50.tv_in1k", method="fcpts-ste-kde", algorithm="fcpts", target_sparsity=0.8,
         top1=40.0)
@@ -45,7 +45,8 @@ def sweep(tmp_path) -> Path:
         top1=87.29)
     # a method no paper reports, and a failed job that must not appear
     job(d, "6", model="vit_tiny_patch16_224", method="magnitude-erk", top1=30.0)
-    job(d, "7", method="magnitude-uniform+layer", target_sparsity=0.6, status="failed", error="boom", top1=None)
+    job(d, "7", method="magnitude-uniform+layer", target_sparsity=0.6, status="failed", error="boom",
+        top1=None)
     return d
 
 
@@ -97,7 +98,8 @@ def test_reference_comparison_numbers_and_marking(sweep, tmp_path):
     assert isinstance(r18.note, float) and math.isnan(r18.note)  # nothing to remark: an empty cell
 
     uni = by[("resnet50.tv_in1k", "unipts", 0.9)]
-    assert uni.seeds == 2 and uni.top1 == pytest.approx(67.8) and uni.top1_std == pytest.approx(0.2828, abs=1e-4)
+    assert uni.seeds == 2 and uni.top1 == pytest.approx(67.8) and \
+        uni.top1_std == pytest.approx(0.2828, abs=1e-4)
     assert uni.published_top1 == pytest.approx(68.6) and uni.top1_diff == pytest.approx(-0.8)
     assert math.isnan(uni.dense_diff) and math.isnan(uni.drop_diff)  # the abstract gives no dense accuracy
 
@@ -178,14 +180,16 @@ def test_methods_filter_and_table_by_sparsity(sweep, tmp_path, capsys):
 def test_a_method_keeps_its_style_in_every_panel():
     from ptsbench.report import method_styles
 
-    few, more = method_styles(["pot", "unipts", "fcpts"]), method_styles([f"m{i}" for i in range(14)] + ["pot"])
+    few, more = method_styles(["pot", "unipts", "fcpts"]), \
+        method_styles([f"m{i}" for i in range(14)] + ["pot"])
     assert few == method_styles(["fcpts", "pot", "unipts", "pot"])  # order and repeats do not matter
     for styles in (few, more):
         assert len({(st["color"], st["marker"]) for st in styles.values()}) == len(styles)
         assert len({st["color"] for st in styles.values()}) == len(styles)  # tab20 beyond ten methods
 
 
-@pytest.mark.parametrize("labels", [["pot", "unipts"], [f"magnitude-from_unipts+bn+block-{i}" for i in range(15)]])
+@pytest.mark.parametrize("labels",
+                         [["pot", "unipts"], [f"magnitude-from_unipts+bn+block-{i}" for i in range(15)]])
 def test_the_legend_below_the_panels_fits_the_figure(labels):
     import matplotlib.pyplot as plt
 

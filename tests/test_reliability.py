@@ -172,7 +172,8 @@ def test_missed_target_is_flagged_in_the_sweep(tiny_cfg, tmp_path, monkeypatch):
         AggregateResults().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
     assert exit_info.value.code == 1
     markdown = (sweep / "results.md").read_text()
-    assert "1 jobs missed their sparsity target" in markdown and "**target_missed**: Target missed" in markdown
+    assert "1 jobs missed their sparsity target" in markdown and \
+        "**target_missed**: Target missed" in markdown
     assert "target_missed" in (sweep / "results.csv").read_text()
 
 
@@ -204,10 +205,11 @@ def test_corrupt_dense_cache_entry_is_retrained(tmp_path, require_fmnist, caplog
     from ptsbench.dense import build_model, load_data, load_dense_weights
     from tests.conftest import compose_config
 
-    cfg = compose_config(["model.checkpoint=null", "data.limit_train=128", "data.limit_test=64", "train.epochs=1",
-                          "progress=false", "model.train_overrides={}"], cache_dir=tmp_path)
+    cfg = compose_config(["model.checkpoint=null", "data.limit_train=128", "data.limit_test=64",
+                          "train.epochs=1", "progress=false", "model.train_overrides={}"], cache_dir=tmp_path)
     data = load_data(cfg, tmp_path)
-    first = load_dense_weights(cfg, build_model(cfg, data), data, tmp_path, torch.device("cpu"), progress=False)
+    first = load_dense_weights(cfg, build_model(cfg, data), data, tmp_path, torch.device("cpu"),
+                               progress=False)
     weights = tmp_path / "dense" / f"{first.key}.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a crash mid-write on another machine
     model = build_model(cfg, data)
@@ -249,7 +251,8 @@ def test_empty_evaluation_set_is_an_error(tiny_cfg, tmp_path, monkeypatch):
         return data
 
     monkeypatch.setattr(runner, "load_data", without_test_images)
-    with pytest.raises(JobFailed, match=r"The evaluation set of data=fashion_mnist is empty.*data.limit_test"):
+    with pytest.raises(JobFailed,
+                       match=r"The evaluation set of data=fashion_mnist is empty.*data.limit_test"):
         run_job(tiny_cfg(), tmp_path)
 
 

@@ -11,8 +11,8 @@ from ptsbench.runner import JobFailed, run_job
 
 REQUIRED_FIELDS = {
     "model", "dataset", "algorithm", "method", "algorithm_options", "target_sparsity", "achieved_sparsity",
-    "achieved_sparsity_all", "dense_top1", "top1", "top5", "prune_seconds", "calib_images", "calib_seed", "seed",
-    "status", "error", "ptsbench_version", "git_commit", "config_hash", "rng_scheme",
+    "achieved_sparsity_all", "dense_top1", "top1", "top5", "prune_seconds", "calib_images", "calib_seed",
+    "seed", "status", "error", "ptsbench_version", "git_commit", "config_hash", "rng_scheme",
 }
 
 
@@ -28,7 +28,8 @@ def test_magnitude_job_writes_record_allocation_and_indices(tiny_cfg, tmp_path):
     assert saved["dense_top1"] > 60.0, "one epoch on 2,000 images should already beat 60%"
     assert 0.0 <= saved["top1"] <= 100.0 and saved["top5"] >= saved["top1"]
     alloc = pd.read_csv(tmp_path / "allocation.csv")
-    assert list(alloc.columns[:6]) == ["name", "type", "shape", "params", "target_sparsity", "achieved_sparsity"]
+    assert list(alloc.columns[:6]) == ["name", "type", "shape", "params", "target_sparsity",
+                                       "achieved_sparsity"]
     assert len(alloc) == 21
     assert ((alloc["achieved_sparsity"] - alloc["target_sparsity"]).abs() * alloc["params"]).max() < 1.0
     calib = json.loads((tmp_path / "calib_indices.json").read_text())
@@ -40,12 +41,14 @@ def test_same_seed_same_result(tiny_cfg, tmp_path):
     a = run_job(cfg, tmp_path / "a")
     b = run_job(cfg, tmp_path / "b")
     assert a["top1"] == b["top1"] and a["config_hash"] == b["config_hash"]
-    assert pd.read_csv(tmp_path / "a" / "allocation.csv").equals(pd.read_csv(tmp_path / "b" / "allocation.csv"))
+    assert pd.read_csv(tmp_path / "a" / "allocation.csv").equals(
+        pd.read_csv(tmp_path / "b" / "allocation.csv"))
 
 
 def test_dense_model_is_trained_once_and_cached(tiny_cfg, tmp_path, cache_dir):
     first = run_job(tiny_cfg("sparsity=0.5"), tmp_path / "a")
-    weights = cache_dir / "dense" / f"{first['dense_key']}.safetensors"  # the session cache holds other models too
+    # the session cache holds other models too
+    weights = cache_dir / "dense" / f"{first['dense_key']}.safetensors"
     mtime = weights.stat().st_mtime_ns
     cached = set((cache_dir / "dense").glob("*.safetensors"))
     record = run_job(tiny_cfg("sparsity=0.6"), tmp_path / "b")

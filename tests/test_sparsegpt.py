@@ -134,7 +134,8 @@ def test_depthwise_conv_is_one_small_layer_per_channel():
 
 
 def tiny_calib(images: torch.Tensor) -> CalibrationSet:
-    return CalibrationSet(InMemoryImages(images, torch.zeros(len(images), dtype=torch.long)), list(range(len(images))), 0)
+    return CalibrationSet(InMemoryImages(images, torch.zeros(len(images), dtype=torch.long)),
+                          list(range(len(images))), 0)
 
 
 def test_sequential_pass_calibrates_each_layer_on_the_pruned_prefix():
@@ -146,7 +147,8 @@ def test_sequential_pass_calibrates_each_layer_on_the_pruned_prefix():
     layers = find_prunable_layers(model)
     algorithm = SparseGPT()
     algorithm.set_pattern(Pattern(2, 4))
-    result = algorithm.prune(model, layers, 0.5, PruneContext(tiny_calib(images), torch.device("cpu"), 0, progress=False))
+    result = algorithm.prune(model, layers, 0.5,
+                             PruneContext(tiny_calib(images), torch.device("cpu"), 0, progress=False))
     assert audit_pattern(layers, Pattern(2, 4))["pattern_dense_layers"] == ["0"]  # rows of 18
     assert result.allocation == {"0": 0.0, "2": 0.5, "5": 0.5} and result.stats["calib_passes"] == 2
     # By hand: conv "2" and then the Linear, each on the outputs of the layers pruned before it.
@@ -171,7 +173,8 @@ def test_options_are_checked():
 def test_block_mask_takes_exact_counts_per_group_ties_by_position():
     saliency = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 5.0, 2.0]], [[3.0, 1.0, 2.0], [1.0, 1.0, 9.0]]])
     drop = lowest_per_group(saliency, torch.tensor([4, 2]))
-    assert drop.tolist() == [[[True, True, True], [True, False, False]], [[False, True, False], [True, False, False]]]
+    assert drop.tolist() == [[[True, True, True], [True, False, False]],
+                             [[False, True, False], [True, False, False]]]
     same = lowest_per_group(saliency, torch.tensor([3, 3]))  # equal counts: the k-th value path
     assert same.sum(dim=(1, 2)).tolist() == [3, 3] and same[0, 0, 1] and not same[0, 0, 0]
 
@@ -179,7 +182,8 @@ def test_block_mask_takes_exact_counts_per_group_ties_by_position():
 def test_sequential_bn_protocol_calibrates_each_block_on_a_prefix_with_reestimated_batchnorm():
     torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 16))
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 36, 16))
     images = torch.randn(40, 2, 6, 6)
     model.train()
     for _ in range(5):  # non-trivial running statistics, as a trained network has
@@ -189,11 +193,15 @@ def test_sequential_bn_protocol_calibrates_each_block_on_a_prefix_with_reestimat
     layers = find_prunable_layers(model)
     calib = tiny_calib(images)
     ctx = PruneContext(calib, torch.device("cpu"), 0, progress=False)
-    result = SparseGPT(bn_recalibration=True).prune(model, layers, 0.5, ctx)  # sequential+bn: the default with BN
-    SparseGPT(bn_recalibration=True, calib_protocol="sequential").prune(stale, find_prunable_layers(stale), 0.5, ctx)
-    assert result.stats["calib_passes"] == 3 + 2 + 1  # a pass per block, a re-estimation before blocks 2 and 3, the last
+    # sequential+bn: the default with BN
+    result = SparseGPT(bn_recalibration=True).prune(model, layers, 0.5, ctx)
+    SparseGPT(bn_recalibration=True, calib_protocol="sequential").prune(
+        stale, find_prunable_layers(stale), 0.5, ctx)
+    # a pass per block, a re-estimation before blocks 2 and 3, the last
+    assert result.stats["calib_passes"] == 3 + 2 + 1
 
-    # By hand: each layer's Hessian from a prefix whose BN was re-estimated after the layers before it were pruned
+    # By hand: each layer's Hessian from a prefix whose BN was re-estimated after the layers before
+    # it were pruned
     from ptsbench.bn import recalibrate_batchnorm
     n_zero = {0: 72, 3: 288, 7: 2304}
     for index in (0, 3, 7):
@@ -218,7 +226,8 @@ def test_sequential_bn_protocol_calibrates_each_block_on_a_prefix_with_reestimat
 def test_calib_protocols_are_checked_named_and_labelled():
     with pytest.raises(ConfigError, match="calib_protocol=sequential\\+bn.*bn_recalibration=true"):
         SparseGPT(calib_protocol="sequential+bn")
-    with pytest.raises(ConfigError, match="algorithm.calib_protocol.*'stale'.*dense, sequential, sequential\\+bn"):
+    with pytest.raises(ConfigError,
+                       match="algorithm.calib_protocol.*'stale'.*dense, sequential, sequential\\+bn"):
         SparseGPT(calib_protocol="stale")
     # the defaults: SparseGPT as its reference (sequential), along with BN when BN is re-estimated
     assert SparseGPT().calib_protocol == "sequential" and SparseGPT().label == "sparsegpt-uniform"

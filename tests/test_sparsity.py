@@ -57,7 +57,8 @@ def test_depthwise_and_attention_kinds():
     mbv2 = timm.create_model("mobilenetv2_100", num_classes=10)
     kinds = {ly.kind for ly in find_prunable_layers(mbv2)}
     assert "depthwise_conv" in kinds
-    assert not any(ly.kind == "depthwise_conv" for ly in find_prunable_layers(mbv2, PrunePolicy(depthwise=False)))
+    assert not any(ly.kind == "depthwise_conv"
+                   for ly in find_prunable_layers(mbv2, PrunePolicy(depthwise=False)))
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=28, patch_size=7, in_chans=1)
     vit_layers = find_prunable_layers(vit)
     assert sum(ly.kind == "attention" for ly in vit_layers) == 24  # qkv and proj in 12 blocks
@@ -110,7 +111,8 @@ def test_erk_power_scale_zero_is_uniform(layers):
 def test_global_threshold_is_one_threshold(layers):
     counts = allocate(layers, 0.8, "global")
     masks = magnitude_masks(layers, counts)
-    kept_min = min(ly.weight.abs()[masks[ly.name].bool()].min() for ly in layers if counts[ly.name] < ly.numel)
+    kept_min = min(ly.weight.abs()[masks[ly.name].bool()].min() for ly in layers
+                   if counts[ly.name] < ly.numel)
     pruned_max = max(ly.weight.abs()[~masks[ly.name].bool()].max() for ly in layers if counts[ly.name] > 0)
     assert pruned_max <= kept_min
 
@@ -178,7 +180,8 @@ def test_masks_via_parametrize_then_baked(layers):
     assert abs(audit.achieved - 0.7) < 1e-6
     assert audit.max_layer_error < 1.0
     assert audit.achieved_all < audit.achieved  # BN and biases are dense
-    assert list(audit.layers.columns[:6]) == ["name", "type", "shape", "params", "target_sparsity", "achieved_sparsity"]
+    assert list(audit.layers.columns[:6]) == ["name", "type", "shape", "params", "target_sparsity",
+                                              "achieved_sparsity"]
 
 
 def test_audit_counts_zeros_independently():

@@ -50,7 +50,8 @@ def test_a_study_rebuilds_the_report_of_its_job_folders(tiny_cfg, tmp_path):
     allocations = study_allocations(tmp_path / "study")
     assert len(allocations) == 3 * 21
     own = pd.read_csv(runs / "resnet18" / "erk" / "0.7" / "allocation.csv")
-    pd.testing.assert_frame_equal(job_allocation(allocations, records[0]["config_hash"]), own, check_dtype=False)
+    pd.testing.assert_frame_equal(job_allocation(allocations, records[0]["config_hash"]), own,
+                                  check_dtype=False)
 
     from_jobs = write_report([runs], tmp_path / "report_jobs")
     (tmp_path / "runs_moved").mkdir()
@@ -76,13 +77,15 @@ def test_collect_keeps_the_finished_run_of_a_config_and_makes_paths_relative(tmp
                   algorithm_options={"allocation_file": str(runs / "b" / "from.csv")})
     synthetic_job(runs / "c", "h2", "ok", "2026-01-01T00:00:00", target_sparsity=0.5, top1=70.0)
     records = collect([runs], tmp_path / "study")
-    assert [(r["config_hash"], r["top1"], r["job"]) for r in records] == [("h2", 70.0, "c"), ("h1", 61.0, "b")]
+    assert [(r["config_hash"], r["top1"], r["job"]) for r in records] == \
+        [("h2", 70.0, "c"), ("h1", 61.0, "b")]
     assert records[1]["algorithm_options"]["allocation_file"] == "b/from.csv"
     assert "job_dir" not in records[0]
     lines = (tmp_path / "study" / RECORDS_FILE).read_text().splitlines()
     assert [json.loads(line)["config_hash"] for line in lines] == ["h2", "h1"]
     assert study_allocations(tmp_path / "study")["config_hash"].tolist() == ["h2", "h2", "h1", "h1"]
-    assert len(load_records([tmp_path / "study"])) == 2 == len(load_records([tmp_path / "study" / RECORDS_FILE]))
+    assert len(load_records([tmp_path / "study"])) == 2 == \
+        len(load_records([tmp_path / "study" / RECORDS_FILE]))
     only_pot = collect([runs], tmp_path / "pot", methods=["pot"])
     assert len(only_pot) == 2
     with pytest.raises(DataError, match="No job folders"):
@@ -101,7 +104,8 @@ def test_collect_with_add_keeps_the_committed_jobs_and_adds_the_new_ones(tmp_pat
     synthetic_job(new_runs / "c", "h3", "ok", "2026-02-01T00:00:00", seed=1, top1=66.0)
     synthetic_job(new_runs / "a2", "h1", "ok", "2026-02-01T00:00:00", top1=62.0)
     records = collect([new_runs], study, add=True)
-    assert sorted((r["config_hash"], r["top1"]) for r in records) == [("h1", 62.0), ("h2", 70.0), ("h3", 66.0)]
+    assert sorted((r["config_hash"], r["top1"]) for r in records) == \
+        [("h1", 62.0), ("h2", 70.0), ("h3", 66.0)]
     assert sorted(study_allocations(study)["config_hash"].tolist()) == ["h1", "h1", "h2", "h2", "h3", "h3"]
     collect([new_runs], tmp_path / "replaced")  # without add only the new runs' jobs are there
     assert len(study_records(tmp_path / "replaced")) == 2
@@ -142,7 +146,8 @@ def test_each_sweep_covers_exactly_its_models_sweep_sparsities():
     # the one-shot study runs the levels of the one-shot papers' tables, inside every model's range
     grid = experiment_grid("oneshot")
     for model in grid["model"]:
-        assert {float(x) for x in grid["sparsity"]} <= set(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml").sweep_sparsities)
+        assert {float(x) for x in grid["sparsity"]} <= \
+            set(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml").sweep_sparsities)
 
 
 def test_the_studies_lists_are_consistent():

@@ -39,7 +39,8 @@ def test_models_without_a_range_and_bad_values_are_not_cut():
     assert not ModelSparsities({"model": {"name": "x"}, "sparsity": 0.3}, "unused").filter()
     # not a number: the job runs and fails with ptsbench's own message
     assert not ModelSparsities({"model": {"sweep_sparsities": [0.5]}, "sparsity": "abc"}, "unused").filter()
-    flt = ModelSparsities({"model": {"name": "resnet18", "sweep_sparsities": [0.9, 0.99]}, "sparsity": 0.5}, "unused")
+    flt = ModelSparsities({"model": {"name": "resnet18", "sweep_sparsities": [0.9, 0.99]}, "sparsity": 0.5},
+                          "unused")
     assert flt.filter() and flt.reason() == "resnet18 is swept at sparsity 0.9, 0.99"
 
 
@@ -49,6 +50,8 @@ def test_variants_with_batchnorm_run_only_with_nm_patterns():
         return NMOnlyWhere(OmegaConf.to_container(cfg, resolve=False), "unused").filter(bn_recalibration=True)
 
     assert skipped("wanda_bn", "unstructured") and skipped("magnitude_recon_quick", "unstructured")
-    assert not skipped("wanda_bn", "2:4") and not skipped("wanda", "unstructured") and not skipped("sparsegpt", "4:8")
+    assert not skipped("wanda_bn", "2:4") and not skipped("wanda", "unstructured") and \
+        not skipped("sparsegpt", "4:8")
     flt = NMOnlyWhere({"algorithm": {"bn_recalibration": True}, "pattern": "unstructured"}, "unused")
-    assert flt.reason(bn_recalibration=True) == "algorithms with algorithm.bn_recalibration=True run only with N:M patterns in this sweep"
+    assert flt.reason(bn_recalibration=True) == \
+        "algorithms with algorithm.bn_recalibration=True run only with N:M patterns in this sweep"

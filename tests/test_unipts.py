@@ -41,7 +41,8 @@ SMALL_SEARCH = dict(population_size=6, generations=4, num_parents=3, fitness_set
 
 def linear_layers(shapes: list[tuple[int, int]]) -> list[PrunableLayer]:
     torch.manual_seed(0)
-    return [PrunableLayer(f"l{i}", nn.Linear(cin, cout, bias=False), "linear") for i, (cout, cin) in enumerate(shapes)]
+    return [PrunableLayer(f"l{i}", nn.Linear(cin, cout, bias=False), "linear")
+            for i, (cout, cin) in enumerate(shapes)]
 
 
 # ------------------------------------------------------------------------------------------- decoding
@@ -119,11 +120,13 @@ def searched(tiny_dense):
 def test_search_keeps_the_best_and_restores_the_model(searched):
     outcome, restored = searched
     best = [row["best_fitness"] for row in outcome.history]
-    assert len(best) == SMALL_SEARCH["generations"] + 1  # the population bred by the last generation is scored too
+    # the population bred by the last generation is scored too
+    assert len(best) == SMALL_SEARCH["generations"] + 1
     assert all(b >= a for a, b in zip(best, best[1:], strict=False)), f"best fitness fell: {best}"
     assert outcome.fitness == best[-1] >= outcome.constant_fitness
     assert 10.0 < outcome.fitness <= 100.0
-    assert sum(row["evaluated"] for row in outcome.history) == outcome.evaluations > SMALL_SEARCH["population_size"]
+    assert sum(row["evaluated"] for row in outcome.history) == outcome.evaluations > \
+        SMALL_SEARCH["population_size"]
     assert restored, "dense weights and BatchNorm statistics must come back after the search"
 
 
@@ -141,14 +144,15 @@ def test_same_seed_bit_identical_masks_after_training(tiny_dense):
     for _ in range(2):
         model = copy.deepcopy(dense)
         ctx = PruneContext(calib=calib, device=torch.device("cpu"), seed=3, progress=False)
-        algo = UniPTS(search={"population_size": 4, "generations": 2, "num_parents": 2, "fitness_set_size": 64},
+        algo = UniPTS(search={"population_size": 4, "generations": 2, "num_parents": 2,
+                              "fitness_set_size": 64},
                       training={"epochs": 1})
         results.append(algo.prune(model, find_prunable_layers(model), 0.8, ctx))
     first, second = results
     assert first.allocation == second.allocation
     assert all(torch.equal(first.masks[name], second.masks[name]) for name in first.masks)
-    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(),
-                                                  strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
+                                                 second.model.state_dict().values(), strict=True))
 
 
 # ------------------------------------------------------------------------------------ dynamic sparse training
@@ -166,7 +170,8 @@ def test_dst_regrows_a_pruned_weight_pushed_above_the_threshold():
     # A loss that rewards the pruned weight: its gradient reaches it straight through the mask.
     loss = -10.0 * layer.module.weight.reshape(-1)[pruned]
     loss.backward()
-    assert float(original.grad.reshape(-1)[pruned]) == pytest.approx(-10.0 + 5e-5 * float(original.detach().reshape(-1)[pruned]))
+    assert float(original.grad.reshape(-1)[pruned]) == \
+        pytest.approx(-10.0 + 5e-5 * float(original.detach().reshape(-1)[pruned]))
     optimizer.step()
     kth_largest = original.detach().abs().reshape(-1).topk(64).values[-1]
     assert abs(float(original.detach().reshape(-1)[pruned])) >= float(kth_largest)
@@ -211,8 +216,10 @@ def test_base_decayed_loss_equals_its_formula():
 def test_labels_tell_the_ablations_apart():
     labels = {
         build_algorithm(compose_config(["algorithm=unipts", *extra])).label
-        for extra in ([], ["algorithm.search.enabled=false"], ["algorithm.training.dst=false"], ["algorithm.objective.kind=kl"],
-                      ["algorithm.search.enabled=false", "algorithm.search.fallback_allocation=uniform"], ["algorithm.training.epochs=0"])
+        for extra in ([], ["algorithm.search.enabled=false"], ["algorithm.training.dst=false"],
+                      ["algorithm.objective.kind=kl"],
+                      ["algorithm.search.enabled=false", "algorithm.search.fallback_allocation=uniform"],
+                      ["algorithm.training.epochs=0"])
     }
     assert labels == {"unipts", "unipts-nosearch-erk", "unipts-nodst", "unipts-kl", "unipts-nosearch-uniform",
                       "unipts-notrain-25x25"}
@@ -222,7 +229,8 @@ def test_records_name_the_budget():
     quick = build_algorithm(compose_config(["algorithm=unipts_quick"]))
     assert quick.label == "unipts-quick-8x5-5ep" and quick.options()["budget"] == "quick"
     assert build_algorithm(compose_config(["algorithm=unipts_quick_kl"])).label == "unipts-kl-quick-8x5-5ep"
-    assert build_algorithm(compose_config(["algorithm=unipts_quick_nosearch"])).label == "unipts-nosearch-erk-quick-5ep"
+    assert build_algorithm(compose_config(["algorithm=unipts_quick_nosearch"])).label == \
+        "unipts-nosearch-erk-quick-5ep"
     custom = build_algorithm(compose_config(["algorithm=unipts_quick", "algorithm.search.generations=2"]))
     assert custom.label == "unipts-8x2-5ep" and custom.options()["budget"] == "custom"
     assert build_algorithm(compose_config(["algorithm=unipts"])).options()["budget"] == "reference"
@@ -236,9 +244,13 @@ def test_records_name_the_budget():
 def test_nested_settings_are_checked_by_key():
     with pytest.raises(ConfigError, match=r"'algorithm.search.generatons'.*Did you mean: generations"):
         build_algorithm(compose_config(["algorithm=unipts_quick", "+algorithm.search.generatons=3"]))
-    with pytest.raises(ConfigError, match=r"algorithm.training.momentum=1.5 is not allowed: it must be a number in \[0, 1\)"):
+    with pytest.raises(ConfigError,
+                       match=r"algorithm.training.momentum=1.5 is not allowed: "
+                             r"it must be a number in \[0, 1\)"):
         build_algorithm(compose_config(["algorithm=unipts_quick", "algorithm.training.momentum=1.5"]))
-    with pytest.raises(ConfigError, match=r"algorithm.search.num_parents=9 must be at most algorithm.search.population_size=8"):
+    with pytest.raises(ConfigError,
+                       match=r"algorithm.search.num_parents=9 must be at most "
+                             r"algorithm.search.population_size=8"):
         build_algorithm(compose_config(["algorithm=unipts_quick", "algorithm.search.num_parents=9"]))
     with pytest.raises(ConfigError, match=r"Unknown algorithm.objective.kind 'kd'.*Did you mean: kl"):
         build_algorithm(compose_config(["algorithm=unipts_quick", "algorithm.objective.kind=kd"]))
@@ -254,8 +266,9 @@ def assert_exact_sparsity(job_dir, target: float) -> pd.DataFrame:
 
 
 def test_unipts_quick_job_end_to_end(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0.8", "algorithm.search.population_size=4", "algorithm.search.generations=2",
-                   "algorithm.search.num_parents=2", "algorithm.search.fitness_set_size=128", "algorithm.training.epochs=2")
+    cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0.8", "algorithm.search.population_size=4",
+                   "algorithm.search.generations=2", "algorithm.search.num_parents=2",
+                   "algorithm.search.fitness_set_size=128", "algorithm.training.epochs=2")
     record = run_job(cfg, tmp_path)
     assert record["status"] == "ok" and record["method"] == "unipts-4x2-2ep"
     assert abs(record["achieved_sparsity"] - 0.8) < 1e-6
@@ -268,13 +281,14 @@ def test_unipts_quick_job_end_to_end(tiny_cfg, tmp_path):
     assert len(training) == 2 and training["loss"].notna().all()
     stats = json.loads((tmp_path / "result.json").read_text())["stats"]
     assert stats["search_seconds_per_candidate"] > 0 and stats["train_lr"] == 0.01
-    assert (stats["budget"], stats["search_generations"], stats["search_populations_scored"]) == ("custom", 2, 3)
+    assert (stats["budget"], stats["search_generations"], stats["search_populations_scored"]) == \
+        ("custom", 2, 3)
     assert record["top1"] > 60.0, "distilled resnet18 at 80% keeps most of its dense accuracy"
 
 
 def test_ablation_without_search_and_dst_runs(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0.7", "algorithm.search.enabled=false", "algorithm.training.dst=false",
-                   "algorithm.training.epochs=1")
+    cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0.7", "algorithm.search.enabled=false",
+                   "algorithm.training.dst=false", "algorithm.training.epochs=1")
     record = run_job(cfg, tmp_path)
     assert record["status"] == "ok" and record["method"] == "unipts-nosearch-erk-nodst-1ep"
     assert_exact_sparsity(tmp_path, 0.7)
@@ -323,17 +337,19 @@ def test_learning_rate_runs_one_step_behind_as_in_the_code():
     """The reference calls step_update(i) after step i: after the first epoch (the warmup) the rate is
     lr * (S - 1) / S, not lr; training at lr(S) would be one step ahead."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3))
     layers = find_prunable_layers(model)
     images = torch.randn(32, 1, 8, 8)
     calib = CalibrationSet(InMemoryImages(images, torch.zeros(32, dtype=torch.long)), list(range(32)), 0)
     ctx = PruneContext(calib=calib, device=torch.device("cpu"), seed=0, progress=False)
     counts = {ly.name: ly.numel // 2 for ly in layers}
     attach_dynamic_masks(layers, counts, 5e-5)
-    settings = TrainSettings(epochs=2, batch_size=8, lr=0.1, weight_decay=0.0, momentum=0.9, warmup_epochs=1.0,
-                             min_lr=0.0, augment=False)
+    settings = TrainSettings(epochs=2, batch_size=8, lr=0.1, weight_decay=0.0, momentum=0.9,
+                             warmup_epochs=1.0, min_lr=0.0, augment=False)
     teacher = copy.deepcopy(model).requires_grad_(False)
-    history = distill_sparse(model, teacher, layers, calib, settings, ObjectiveSettings(), ctx, torch.Generator(), torch.Generator())
+    history = distill_sparse(model, teacher, layers, calib, settings, ObjectiveSettings(), ctx,
+                             torch.Generator(), torch.Generator())
     assert history[0]["lr"] == pytest.approx(0.1 * 3 / 4)  # 4 steps per epoch, warmup_t = 4
     half = 0.5 * (1 + math.cos(math.pi * 7 / 8))  # timm's cosine after warmup: t over t_initial, t = 7 of 8
     assert history[1]["lr"] == pytest.approx(0.1 * half)

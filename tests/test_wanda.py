@@ -53,7 +53,8 @@ def test_conv_equals_unfold_plus_linear_and_groups_read_their_own_inputs():
         feats = patches[:, 18 * g:18 * (g + 1)].transpose(1, 2).reshape(-1, 18)
         fc = PrunableLayer("l", nn.Linear(18, 3), "linear")
         fc.module.weight.data.copy_(conv.weight.detach()[3 * g:3 * g + 3].flatten(1))
-        assert torch.equal(mask[3 * g:3 * g + 3].flatten(1), wanda_mask(fc, norms_of(fc, feats), 35, UNSTRUCTURED))
+        assert torch.equal(mask[3 * g:3 * g + 3].flatten(1),
+                           wanda_mask(fc, norms_of(fc, feats), 35, UNSTRUCTURED))
 
 
 def test_nm_and_the_sequential_pass_on_a_small_network():

@@ -1,4 +1,5 @@
-"""The shipped dense weights of the embedded zoo: pinned by sha256, loaded strictly, rebuilt by one command."""
+"""The shipped dense weights of the embedded zoo: pinned by sha256, loaded strictly, rebuilt by one
+command."""
 
 from __future__ import annotations
 
