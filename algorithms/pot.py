@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from ptsbench.bnfold import find_conv_bn_pairs, fold_batchnorm
-from ptsbench.errors import ConfigError, unknown_choice
+from ptsbench.errors import ConfigError
 from ptsbench.reconstruct import (
     RECONSTRUCTION_STREAM,
     REFERENCE_STEPS,
@@ -44,7 +44,7 @@ from ptsbench.reconstruct import (
     reconstruction_tags,
     summarise,
 )
-from ptsbench.settings import count_text, read_budget, scaled
+from ptsbench.settings import Settings, budget_option, count_text, node, option, read_budget, scaled
 from ptsbench.sparsity import (
     ALLOCATIONS,
     PrunableLayer,
@@ -56,32 +56,51 @@ from ptsbench.sparsity import (
 )
 
 
+def legacy_weight_correction(value: str | bool) -> str | bool:
+    """Older configs' boolean weight_correction: true meant "corrected", i.e. msbench's."""
+    if isinstance(value, bool):
+        return "msbench" if value else "none"
+    return value
+
+
+@dataclass(frozen=True)
+class POTSettings(Settings):
+    """The whole `algorithm` node of POT: every default lives here (msbench's); conf/algorithm/pot*.yaml
+    start from it (Hydra's ConfigStore, `schema/algorithm/pot`) and hold only what a preset changes."""
+
+    fold_bn: bool = True  # fold BatchNorm into the preceding convolutions first
+    allocation: str = option("global_l2norm", ALLOCATIONS)  # uniform | erk | global | global_l2norm
+    # msbench: scale std(W)/std(W*M), shift by the mean difference | exact_moments | none (true/false: older
+    # configs' msbench / none)
+    weight_correction: str = option("msbench", WEIGHT_CORRECTIONS)
+    bias_correction: bool = True  # mean output error on calibration data folded into the bias
+    # msbench's reconstruction settings (conf/reconstruction/msbench.yaml), one layer at a time
+    reconstruction: ReconstructionSettings = node(ReconstructionSettings, ReconstructionSettings(mode="layer"))
+    budget: float | str = budget_option()  # factor on the calibration steps per layer (reference = 1: 20,000)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight_correction", legacy_weight_correction(self.weight_correction))
+
+
 class POT(PTSAlgorithm):
     name = "pot"
+    settings = POTSettings  # the constructor's keys
 
-    def __init__(self, fold_bn: bool = True, allocation: str = "global_l2norm", weight_correction: str | bool = "msbench",
-                 bias_correction: bool = True,
-                 reconstruction: ReconstructionSettings | Mapping[str, Any] | None = None, budget: float | str = 1.0):
-        if allocation not in ALLOCATIONS:
-            raise unknown_choice("algorithm.allocation", allocation, ALLOCATIONS)
-        if isinstance(weight_correction, bool):  # older configs: true meant "corrected", i.e. msbench's
-            weight_correction = "msbench" if weight_correction else "none"
-        if weight_correction not in WEIGHT_CORRECTIONS:
-            raise unknown_choice("algorithm.weight_correction", weight_correction, WEIGHT_CORRECTIONS)
-        self.fold_bn = bool(fold_bn)
-        self.allocation = allocation
-        self.weight_correction = str(weight_correction)
-        self.bias_correction = bool(bias_correction)
-        self.budget_scale = read_budget(budget)
-        recon = ReconstructionSettings.read({"mode": "layer", **(reconstruction or {})}
-                                            if isinstance(reconstruction, Mapping) or reconstruction is None
-                                            else reconstruction, "algorithm.reconstruction")
+    def __init__(self, **config: Any):
+        given = POTSettings.read(config, "algorithm")
+        self.fold_bn = bool(given.fold_bn)
+        self.allocation = given.allocation
+        self.weight_correction = str(given.weight_correction)
+        self.bias_correction = bool(given.bias_correction)
+        self.budget_scale = read_budget(given.budget)
+        recon = given.reconstruction
         self.recon = recon.replace(iterations=scaled(recon.iterations, self.budget_scale, minimum=0))
+        self.config = given.replace(reconstruction=self.recon)
 
     def options(self) -> dict[str, Any]:
-        return {"budget": self.budget, "fold_bn": self.fold_bn, "allocation": self.allocation,
-                "weight_correction": self.weight_correction, "bias_correction": self.bias_correction,
-                **self.recon.options()}
+        """POTSettings's recorded fields (the reconstruction's as `reconstruction`, `recon_*`), and the budget
+        by name."""
+        return {"budget": self.budget, **self.config.options()}
 
     @property
     def budget(self) -> str:

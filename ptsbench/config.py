@@ -4,7 +4,9 @@ A misspelt key in a config file or a value of the wrong type fails when Hydra co
 things get past composition and are caught by `check_config` instead: keys added with `+` or `++` (Hydra
 adds them with `OmegaConf.update(..., force_add=True)`, which ignores the struct flag of a structured
 node) and values of the right type but outside their range (`calib.n=0`, `train.lr=-1`). The algorithm
-group is free-form: each algorithm's constructor is its schema (`check_constructor_keys`).
+group is free-form: an algorithm's `settings` dataclass is its schema where it has one (FCPTS, UniPTS, POT:
+their defaults are in the ConfigStore as `schema/algorithm/<name>`), its constructor otherwise
+(`check_constructor_keys`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ptsbench.errors import ConfigError, unknown_key
-from ptsbench.settings import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, Range, settings_type
+from ptsbench.settings import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, Range, Settings, settings_type
 from ptsbench.sparsity import PrunePolicy
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the harness's Hydra config directory
@@ -130,9 +132,21 @@ class PtsbenchConfig:
     experiment_name: str = "default"
 
 
+# Methods whose `settings` dataclass is the schema of their `algorithm` node: the ConfigStore holds its
+# defaults as `schema/algorithm/<name>`, which the method's yaml presets list first in their defaults and
+# then change only where the preset differs.
+ALGORITHM_SCHEMAS = {"fcpts": "algorithms.fcpts.FCPTS", "unipts": "algorithms.unipts.UniPTS", "pot": "algorithms.pot.POT"}
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="ptsbench_schema", node=PtsbenchConfig)
+    from ptsbench.reconstruct import ReconstructionSettings  # imports torch: not at module import
+
+    # the full `reconstruction` node at msbench's settings, under conf/reconstruction/'s presets
+    cs.store(group="schema", name="reconstruction", node=ReconstructionSettings.defaults())
+    for name, target in ALGORITHM_SCHEMAS.items():
+        cs.store(group="schema/algorithm", name=name, node=hydra.utils.get_class(target).settings.defaults())
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -229,6 +243,11 @@ def check_constructor_keys(node: DictConfig, key: str) -> None:
         cls = hydra.utils.get_class(str(target))
     except Exception as exc:  # hydra wraps import errors in several exception types
         raise ConfigError(f"{key}._target_={target!r} cannot be imported: {exc}") from None
+    settings = getattr(cls, "settings", None)
+    if isinstance(settings, type) and issubclass(settings, Settings):  # the node's own dataclass
+        plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        settings.read({k: v for k, v in plain.items() if not str(k).startswith("_")}, key)
+        return
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return

@@ -23,7 +23,6 @@ import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 import torch
@@ -49,6 +48,11 @@ QUICK_RATES = (1e-4, 1e-3)  # 10x, to move as far in the quick preset's 100x few
 RECONSTRUCTION_STREAM = "reconstruction.batches"
 
 
+def reconstructs(settings: ReconstructionSettings) -> bool:
+    """Whether units are reconstructed (mode layer or block): the `recon_*` options are recorded only then."""
+    return settings.mode != "none"
+
+
 @dataclass(frozen=True)
 class ReconstructionSettings(Settings):
     """How units are reconstructed: the `reconstruction` node of magnitude pruning and POT.
@@ -57,22 +61,19 @@ class ReconstructionSettings(Settings):
     of batch 64 per unit; `algorithm.budget` scales the steps.
     """
 
-    # none | layer (one conv/linear) | block (residual or transformer)
-    mode: str = option("none", RECONSTRUCTIONS)
-    # dense: the dense model's activations; sparse: the sparse model's
-    inputs: str = option("dense", RECON_INPUTS)
-    iterations: int = option(REFERENCE_STEPS, NON_NEGATIVE_COUNT)  # Adam steps per unit
-    lr: float = option(REFERENCE_RATES[0], NON_NEGATIVE)  # weights (tensors with two or more dimensions)
-    bias_lr: float = option(REFERENCE_RATES[1], NON_NEGATIVE)  # biases and normalisation parameters
-    batch_size: int = option(64, COUNT)
-    early_stop_loss: float = option(1e-5, NON_NEGATIVE)  # stop a unit once its batch loss falls below this
-
-    def options(self) -> dict[str, Any]:
-        """What distinguishes a run: nothing but the mode when no unit is reconstructed."""
-        if self.mode == "none":
-            return {"reconstruction": "none"}
-        return {"reconstruction": self.mode, "recon_inputs": self.inputs, "recon_iterations": self.iterations,
-                "recon_lr": self.lr, "recon_bias_lr": self.bias_lr}
+    # Recorded as `reconstruction` (the mode) and, when a unit is reconstructed, `recon_*`.
+    mode: str = option("none", RECONSTRUCTIONS, record="reconstruction")  # none | layer (one conv/linear) | block
+    # dense: the dense model's activations; sparse: the sparse model's own
+    inputs: str = option("dense", RECON_INPUTS, record="recon_inputs", when=reconstructs)
+    # Adam steps per unit (batch batch_size, drawn from the calibration set)
+    iterations: int = option(REFERENCE_STEPS, NON_NEGATIVE_COUNT, record="recon_iterations", when=reconstructs)
+    # weights (tensors with two or more dimensions)
+    lr: float = option(REFERENCE_RATES[0], NON_NEGATIVE, record="recon_lr", when=reconstructs)
+    # biases and normalisation parameters
+    bias_lr: float = option(REFERENCE_RATES[1], NON_NEGATIVE, record="recon_bias_lr", when=reconstructs)
+    batch_size: int = option(64, COUNT, record=False)
+    # stop a unit once its batch loss falls below this
+    early_stop_loss: float = option(1e-5, NON_NEGATIVE, record=False)
 
 
 def reconstruction_rates(settings: ReconstructionSettings) -> str:

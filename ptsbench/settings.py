@@ -1,17 +1,27 @@
-"""Nested settings nodes of algorithm configs, read as dataclasses.
+"""Settings dataclasses: the one home of an algorithm's hyperparameters.
 
 A method's hyperparameters come in groups (UniPTS's search, objective and training; the reconstruction
-that magnitude pruning and POT share). Each group is one node in the yaml and one frozen dataclass here:
-the yaml holds the values, the dataclass the types, the allowed values and ranges, and a method's
-`options()` derive from it, so a hyperparameter is written once. `Settings.read` turns a config node into
-the dataclass and fails before any work on an unknown key or a value out of range, naming the dotted key.
+that magnitude pruning and POT share). Each group is one frozen dataclass here, and a method with a
+`settings` class (FCPTS, UniPTS, POT) has one more for its whole `algorithm` node, whose fields are its
+top-level keys and its groups (`node(...)`). The dataclass holds every default with its type and its
+allowed values; `ptsbench.config.register_configs` stores its defaults in Hydra's ConfigStore
+(`schema/algorithm/<name>`), which the method's yaml presets start from, so a preset writes only the
+values it changes. `Settings.read` turns a config node into the dataclass and fails before any work on an
+unknown key or a value out of range, naming the dotted key.
+
+`Settings.options()` (what records and tables show of a run) is derived from the fields: every field under
+its own name, nested nodes flattened into the same dict (their fields keep their own names, without the
+node's), except where a field's `option(record=...)` says otherwise: `record=False` leaves it out (speed
+knobs, fixed recipe constants), `record="name"` renames it, `when=` records it only where the predicate
+on its node holds, `shown=` transforms the value. The names are those the committed records have always
+used (tests/fixtures/algorithm_configs.json pins them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -67,9 +77,24 @@ PROBABILITY = Range(0, 1)
 FRACTION = Range(0, 1, low_open=True, high_open=True)
 
 
-def option(default: Any, allowed: Range | tuple[Any, ...] | None = None) -> Any:
-    """A settings field: its default and what it allows (a Range, or a tuple of choices)."""
-    return field(default=default, metadata={"allowed": allowed})
+Check = Callable[[str, Any], None]  # a checker of its own: (dotted key, value), raising ConfigError
+
+
+def option(default: Any, allowed: Range | tuple[Any, ...] | Check | None = None, *, record: bool | str = True,
+           when: Callable[[Any], bool] | None = None, shown: Callable[[Any], Any] | None = None) -> Any:
+    """A settings field: its default and what it allows (a Range, a tuple of choices or a checker), and how
+    `options()` records it: under its name (`record=True`), another name (`record="name"`) or not at all
+    (`record=False`); only where `when(node)` holds; as `shown(value)`."""
+    return field(default=default, metadata={"allowed": allowed, "record": record, "when": when, "shown": shown})
+
+
+def node(cls: type[Settings], default: Settings | None = None, *,
+         when: Callable[[Any], bool] | None = None) -> Any:
+    """A nested settings node (`optimization:` in the yaml): its defaults are `default` or `cls()`'s; a
+    mapping given for it changes only the keys it names. Its options join the parent's (where `when(parent)`
+    holds)."""
+    base = default if default is not None else cls()
+    return field(default_factory=lambda: base, metadata={"settings": cls, "record": True, "when": when})
 
 
 S = TypeVar("S", bound="Settings")
@@ -84,8 +109,14 @@ class Settings:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def read(cls: type[S], node: Mapping[str, Any] | S | None, key: str) -> S:
-        """The node as this dataclass; `key` (e.g. 'algorithm.search') names it in error messages."""
+    def defaults(cls) -> dict[str, Any]:
+        """Every key of the node with its default, nested nodes as mappings (the ConfigStore schema node)."""
+        return dataclasses.asdict(cls())
+
+    @classmethod
+    def read(cls: type[S], node: Mapping[str, Any] | S | None, key: str, base: S | None = None) -> S:
+        """The node as this dataclass; `key` (e.g. 'algorithm.search') names it in error messages. Keys the
+        node leaves out keep `base`'s values (the defaults when no base is given)."""
         if isinstance(node, cls):
             return node.check(key)
         if node is None:
@@ -96,15 +127,26 @@ class Settings:
         if unknown:
             others = f"Also unknown: {', '.join(f'{key}.{k}' for k in unknown[1:])}." if len(unknown) > 1 else ""
             raise unknown_key(f"{key}.{unknown[0]}", f"{key} ({cls.__name__})", cls.field_names(), hint=others)
-        return cls(**dict(node)).check(key)
+        base = base if base is not None else cls()
+        values = dict(node)
+        for f in dataclasses.fields(cls):
+            nested = f.metadata.get("settings")
+            if nested is not None and f.name in values:
+                values[f.name] = nested.read(values[f.name], f"{key}.{f.name}", getattr(base, f.name))
+        return dataclasses.replace(base, **values).check(key)
 
     def check(self: S, key: str) -> S:
         for f in dataclasses.fields(self):
             allowed, value = f.metadata.get("allowed"), getattr(self, f.name)
-            if isinstance(allowed, Range):
+            if isinstance(value, Settings):
+                value.check(f"{key}.{f.name}")
+            elif isinstance(allowed, Range):
                 allowed.check(f"{key}.{f.name}", value)
-            elif allowed is not None and value not in allowed:
-                raise unknown_choice(f"{key}.{f.name}", value, [str(a) for a in allowed])
+            elif isinstance(allowed, tuple):
+                if value not in allowed:
+                    raise unknown_choice(f"{key}.{f.name}", value, [str(a) for a in allowed])
+            elif allowed is not None:
+                allowed(f"{key}.{f.name}", value)
         self.check_together(key)
         return self
 
@@ -113,8 +155,18 @@ class Settings:
         return None
 
     def options(self) -> dict[str, Any]:
-        """The fields as JSON-able options for records and tables."""
-        return dataclasses.asdict(self)
+        """The recorded fields as JSON-able options for records and tables (see the module docstring)."""
+        opts: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            record, when, shown = (f.metadata.get(k) for k in ("record", "when", "shown"))
+            if record is False or (when is not None and not when(self)):
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, Settings):
+                opts.update(value.options())
+            else:
+                opts[record if isinstance(record, str) else f.name] = shown(value) if shown else value
+        return opts
 
     def replace(self: S, **changes: Any) -> S:
         return dataclasses.replace(self, **changes)
@@ -154,3 +206,13 @@ def scaled(count: int, budget: float, minimum: int = 1) -> int:
                           "number; algorithm.budget is a factor on the preset's steps, epochs and "
                           "generations.")
     return max(minimum, round(count * budget))
+
+
+def check_budget(key: str, budget: Any) -> None:
+    read_budget(budget, key)
+
+
+def budget_option() -> Any:
+    """The `budget` key of a method with a budget knob: 1.0 (= 'reference') or another positive factor on
+    its preset's counts. Not recorded as given: each method records what the factor made of its budget."""
+    return option(1.0, check_budget, record=False)

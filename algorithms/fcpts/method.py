@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,7 +66,9 @@ from ptsbench.settings import (
     POSITIVE,
     Range,
     Settings,
+    budget_option,
     count_text,
+    node,
     option,
     read_budget,
     scaled,
@@ -130,13 +132,14 @@ class OptimizationSettings(Settings):
     epochs of 1,024 images), lr 0.04 x 64/256, momentum 0.9, weight decay 3e-4, one warmup epoch, then
     cosine per iteration; RandomResizedCrop + flip on every batch. algorithm.budget scales the steps."""
 
-    iterations: int = option(REFERENCE_ITERATIONS, COUNT)
+    iterations: int = option(REFERENCE_ITERATIONS, COUNT)  # the reference budget (100 epochs x 16 batches)
     batch_size: int = option(REFERENCE_BATCH, COUNT)  # full batches only (drop_last); needs calib.n >= batch_size
-    lr: float = option(0.01, NON_NEGATIVE)  # at batch 64, scaled linearly by batch_size / 64
-    momentum: float = option(0.9, Range(0, 1, high_open=True))
-    weight_decay: float = option(3e-4, NON_NEGATIVE)  # weights, biases and BatchNorm affine; thresholds get none
-    warmup_epochs: float = option(1.0, NON_NEGATIVE)
-    augment: bool = True  # RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) + flip per batch, as the code
+    lr: float = option(0.01, NON_NEGATIVE)  # SGD at batch 64 (code: 0.04 x 64/256), scaled by batch_size / 64
+    momentum: float = option(0.9, Range(0, 1, high_open=True), record=False)
+    # weights, biases and BatchNorm affine; thresholds get none
+    weight_decay: float = option(3e-4, NON_NEGATIVE, record=False)
+    warmup_epochs: float = option(1.0, NON_NEGATIVE, record=False)  # linear from 0, then timm cosine per iteration
+    augment: bool = True  # RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bilinear) + flip per batch, as the code
 
     @property
     def scaled_lr(self) -> float:
@@ -147,8 +150,10 @@ class OptimizationSettings(Settings):
 class BridgeSettings(Settings):
     """The `bridge` node: how the layer sparsity S_l(t_l) gets its slope, and what reaches the thresholds."""
 
-    kind: str = option("kde", BRIDGES)  # kde (paper: Gaussian KDE of |w|) | histogram (code: 100 bins of signed w)
-    kde_bandwidth: str = option("silverman", BANDWIDTHS)  # with kind=kde
+    # dS/dt estimator: kde (paper: Gaussian KDE of |w|) | histogram (code: 100 bins of signed w)
+    kind: str = option("kde", BRIDGES, record="bridge")
+    # silverman | scott, on the layer's signed weights (KDE of |w| reflected at 0); with kind=kde
+    kde_bandwidth: str = option("silverman", BANDWIDTHS, when=lambda bridge: bridge.kind == "kde")
     threshold_grad: str = option("ste", THRESHOLD_GRADS)  # ste (paper) | sparsity_only (code)
 
 
@@ -158,44 +163,46 @@ class ObjectiveSettings(Settings):
 
     sparsity_loss: str = option("abs", SPARSITY_LOSSES)  # abs: |S - P| (code's run.sh) | pow2: (S - P)^2
     sparsity_lambda: float = option(1.0, NON_NEGATIVE)
-    temperature: float = option(4.0, POSITIVE)
+    temperature: float = option(4.0, POSITIVE)  # KL distillation on logits from the frozen dense model
     block_loss_weight: float = option(0.0, NON_NEGATIVE)  # > 0 adds MSE on block outputs (the first code release's)
+
+
+@dataclass(frozen=True)
+class FCPTSSettings(Settings):
+    """The whole `algorithm` node of FCPTS: every default lives here; conf/algorithm/fcpts*.yaml start from it
+    (Hydra's ConfigStore, `schema/algorithm/fcpts`) and hold only what a preset changes."""
+
+    budget: float | str = budget_option()  # factor on optimization.iterations (reference = 1)
+    # thresholds start at the ERK allocation of the target, density ~ (sum dims / prod dims) ** power_scale
+    erk_power_scale: float = option(1.0, POSITIVE, when=lambda s: s.erk_power_scale != 1.0, shown=float)
+    bn_recalibration: bool = True  # re-estimate BatchNorm when the exact final correction changes the masks
+    log_every: int = option(20, COUNT, record=False)  # iterations between allocation_trajectory rows and W&B metrics
+    channels_last: bool = option(True, record=False)  # NHWC convolutions (faster for CNNs on CPU; speed only)
+    optimization: OptimizationSettings = node(OptimizationSettings)
+    bridge: BridgeSettings = node(BridgeSettings)
+    objective: ObjectiveSettings = node(ObjectiveSettings)
 
 
 class FCPTS(PTSAlgorithm):
     """Learn per-layer thresholds (hence the allocation) and the weights jointly, under a global target."""
 
     name = "fcpts"
+    settings = FCPTSSettings  # the constructor's keys
 
-    def __init__(self, optimization: OptimizationSettings | Mapping[str, Any] | None = None,
-                 bridge: BridgeSettings | Mapping[str, Any] | None = None,
-                 objective: ObjectiveSettings | Mapping[str, Any] | None = None, budget: float | str = 1.0,
-                 erk_power_scale: float = 1.0, bn_recalibration: bool = True, log_every: int = 20,
-                 channels_last: bool = True):
-        self.budget_scale = read_budget(budget)
-        optim = OptimizationSettings.read(optimization, "algorithm.optimization")
-        self.optim = optim.replace(iterations=scaled(optim.iterations, self.budget_scale))
-        self.bridge = BridgeSettings.read(bridge, "algorithm.bridge")
-        self.objective = ObjectiveSettings.read(objective, "algorithm.objective")
-        self.erk_power_scale = float(erk_power_scale)
-        POSITIVE.check("algorithm.erk_power_scale", self.erk_power_scale)
-        self.bn_recalibration = bool(bn_recalibration)  # after an exact correction that moved weights
-        self.log_every = int(log_every)
-        COUNT.check("algorithm.log_every", self.log_every)
-        self.channels_last = bool(channels_last)  # NHWC convolutions: speed only
+    def __init__(self, **config: Any):
+        given = FCPTSSettings.read(config, "algorithm")
+        self.budget_scale = read_budget(given.budget)
+        optim = given.optimization
+        self.config = given.replace(optimization=optim.replace(iterations=scaled(optim.iterations, self.budget_scale)))
+        self.optim, self.bridge, self.objective = self.config.optimization, self.config.bridge, self.config.objective
+        self.erk_power_scale = float(given.erk_power_scale)
+        self.bn_recalibration = bool(given.bn_recalibration)  # after an exact correction that moved weights
+        self.log_every = int(given.log_every)
+        self.channels_last = bool(given.channels_last)  # NHWC convolutions: speed only
 
     def options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {
-            "bridge": self.bridge.kind, "threshold_grad": self.bridge.threshold_grad,
-            **self.objective.options(), "iterations": self.optim.iterations,
-            "budget": budget_name(self.optim.iterations), "batch_size": self.optim.batch_size, "lr": self.optim.lr,
-            "augment": self.optim.augment, "bn_recalibration": self.bn_recalibration,
-        }
-        if self.bridge.kind == "kde":
-            opts["kde_bandwidth"] = self.bridge.kde_bandwidth
-        if self.erk_power_scale != 1.0:
-            opts["erk_power_scale"] = self.erk_power_scale
-        return opts
+        """FCPTSSettings's recorded fields, and the budget by name ('reference', 'quick', '0.25x')."""
+        return {**self.config.options(), "budget": budget_name(self.optim.iterations)}
 
     @property
     def family(self) -> str:

@@ -96,23 +96,38 @@ def reference_optimizer_defaults(model: nn.Module) -> tuple[float, float]:
     return 0.01, 1e-4
 
 
+def trains(settings: TrainSettings) -> bool:
+    """Whether training runs (epochs > 0): its keys other than `epochs` are recorded only then."""
+    return settings.epochs > 0
+
+
+def auto(value: float | None) -> float | str:
+    """A null lr or weight decay as records show it: 'auto' (the reference's value for the model)."""
+    return "auto" if value is None else value
+
+
 @dataclass(frozen=True)
 class TrainSettings(Settings):
     """The `training` node: distillation with dynamic sparse training (reference: 100 epochs of batch 64,
     SGD m0.9, cosine per iteration after a linear warmup, SR-STE decay 5e-5). `lr` and `weight_decay` null
     pick the reference value for the model (`reference_optimizer_defaults`)."""
 
-    epochs: int = option(100, NON_NEGATIVE_COUNT)  # over the calibration set; 0 stops after the search; budget scales it
-    batch_size: int = option(64, Range(2, whole=True))
-    lr: float | None = option(None, OPTIONAL_POSITIVE)
-    weight_decay: float | None = option(None, Range(0, nullable=True))
-    momentum: float = option(0.9, Range(0, 1, high_open=True))
-    warmup_epochs: float = option(1.0, NON_NEGATIVE)
-    min_lr: float = option(0.0, NON_NEGATIVE)
-    augment: bool = True  # random 2-pixel shifts and flips of the calibration images
-    dst: bool = True  # false: masks fixed at the searched allocation (ablation)
-    srste_decay: float = option(5e-5, NON_NEGATIVE)  # extra decay of pruned weights: grad += lambda * (1 - M) * W
-    bn_recalibration: bool = False  # re-estimate BatchNorm on the calibration set after training
+    # Recorded: `epochs` always, the other keys only when training runs (null lr / weight_decay as 'auto').
+    # over the calibration set; 0 stops after the search (masks + BN re-estimation); algorithm.budget scales it
+    epochs: int = option(100, NON_NEGATIVE_COUNT)
+    batch_size: int = option(64, Range(2, whole=True), when=trains)
+    # null: 0.05 for MobileNetV2, 0.01 otherwise (reference configs)
+    lr: float | None = option(None, OPTIONAL_POSITIVE, when=trains, shown=auto)
+    # null: 4e-5 for MobileNetV2, 1e-4 otherwise
+    weight_decay: float | None = option(None, Range(0, nullable=True), when=trains, shown=auto)
+    momentum: float = option(0.9, Range(0, 1, high_open=True), when=trains)
+    warmup_epochs: float = option(1.0, NON_NEGATIVE, when=trains)  # timm cosine per iteration, linear warmup from 0
+    min_lr: float = option(0.0, NON_NEGATIVE, record=False)
+    augment: bool = option(True, when=trains)  # random 2-pixel shifts and flips of the calibration images
+    dst: bool = option(True, when=trains)  # false: masks fixed at the searched allocation (ablation)
+    # extra decay of pruned weights: grad += lambda * (1 - M) * W; recorded with dst only
+    srste_decay: float = option(5e-5, NON_NEGATIVE, when=lambda t: trains(t) and t.dst)
+    bn_recalibration: bool = option(False, when=trains)  # re-estimate BatchNorm on the calibration set after training
 
 
 def shuffled_epoch(calib: CalibrationSet, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

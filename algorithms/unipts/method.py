@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -52,7 +52,7 @@ from algorithms.unipts.search import (
 from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.data import CalibrationSet
 from ptsbench.errors import ConfigError
-from ptsbench.settings import count_text, read_budget, scaled
+from ptsbench.settings import Settings, check_budget, count_text, node, option, read_budget, scaled
 from ptsbench.sparsity import (
     PrunableLayer,
     allocate,
@@ -76,6 +76,21 @@ def preset_name(population: int, generations: int, epochs: int) -> str:
 # Independent random streams, each from ctx.generator(name) (ptsbench/streams.py).
 STREAM_GENOME, STREAM_FITNESS_SET, STREAM_BN_NOISE = "unipts.genome", "unipts.fitness_set", "unipts.bn_noise"
 STREAM_SHUFFLE, STREAM_AUGMENT = "unipts.shuffle", "unipts.augment"
+
+
+@dataclass(frozen=True)
+class UniPTSSettings(Settings):
+    """The whole `algorithm` node of UniPTS: every default lives here (the reference code's budgets);
+    conf/algorithm/unipts*.yaml start from it (Hydra's ConfigStore, `schema/algorithm/unipts`) and hold only
+    what a preset changes. The objective is recorded only when training runs."""
+
+    # factor on search.generations and training.epochs (reference = 1); recorded as budget_scale unless 1
+    budget: float | str = option(1.0, check_budget, record="budget_scale", when=lambda s: read_budget(s.budget) != 1.0,
+                                 shown=read_budget)
+    channels_last: bool = option(True, record=False)  # NHWC convolutions (faster for CNNs on CPU; speed only)
+    search: SearchSettings = node(SearchSettings)  # 1. the sparsity distribution (search.py)
+    objective: ObjectiveSettings = node(ObjectiveSettings, when=lambda s: s.training.epochs > 0)  # 2. objective.py
+    training: TrainSettings = node(TrainSettings)  # 3. dynamic sparse training (dst.py)
 
 
 class UniPTS(PTSAlgorithm):
@@ -103,47 +118,25 @@ class UniPTS(PTSAlgorithm):
     """
 
     name = "unipts"
+    settings = UniPTSSettings  # the constructor's keys
 
-    def __init__(self, search: SearchSettings | Mapping[str, Any] | None = None,
-                 objective: ObjectiveSettings | Mapping[str, Any] | None = None,
-                 training: TrainSettings | Mapping[str, Any] | None = None,
-                 budget: float | str = 1.0, channels_last: bool = True):
-        self.budget_scale = read_budget(budget)
-        preset = SearchSettings.read(search, "algorithm.search"), TrainSettings.read(training, "algorithm.training")
-        self.preset = preset_name(preset[0].population_size, preset[0].generations, preset[1].epochs)
+    def __init__(self, **config: Any):
+        given = UniPTSSettings.read(config, "algorithm")
+        self.budget_scale = read_budget(given.budget)
+        self.preset = preset_name(given.search.population_size, given.search.generations, given.training.epochs)
         # The budget scales the preset's generations and epochs; the population (and so the parents, elites
         # and immigrants it has room for) stays as configured.
-        self.search = preset[0].replace(generations=scaled(preset[0].generations, self.budget_scale))
-        self.training = preset[1].replace(epochs=scaled(preset[1].epochs, self.budget_scale))
-        self.objective = ObjectiveSettings.read(objective, "algorithm.objective")
-        self.channels_last = bool(channels_last)  # NHWC convolutions: speed only
+        self.config = given.replace(
+            search=given.search.replace(generations=scaled(given.search.generations, self.budget_scale)),
+            training=given.training.replace(epochs=scaled(given.training.epochs, self.budget_scale)))
+        self.search, self.training, self.objective = self.config.search, self.config.training, self.config.objective
+        self.channels_last = bool(given.channels_last)  # NHWC convolutions: speed only
 
     # ------------------------------------------------------------------------------------- description
 
     def options(self) -> dict[str, Any]:
-        """The options of the stages that run, under the names the records have always used."""
-        search, training = self.search.options(), self.training.options()
-        opts: dict[str, Any] = {"budget": self.budget, "search": search.pop("enabled")}
-        fitness_set_size, bn_noise_std = search.pop("fitness_set_size"), search.pop("bn_noise_std")
-        fallback = search.pop("fallback_allocation")
-        if self.search.enabled:
-            opts.update(search, bn_noise_std=bn_noise_std)
-        else:
-            opts["fallback_allocation"] = fallback
-        opts.update(fitness_set_size=fitness_set_size, epochs=training.pop("epochs"))
-        if self.training.epochs > 0:
-            objective = self.objective.options()
-            opts.update(objective=objective.pop("kind"), **objective)
-            srste_decay = training.pop("srste_decay")
-            for key in ("lr", "weight_decay"):
-                training[key] = "auto" if training[key] is None else training[key]
-            training.pop("min_lr")
-            opts.update(training)
-            if self.training.dst:
-                opts["srste_decay"] = srste_decay
-        if self.budget_scale != 1.0:
-            opts["budget_scale"] = self.budget_scale
-        return opts
+        """UniPTSSettings's recorded fields (the stages that run), and the budget by name."""
+        return {"budget": self.budget, **self.config.options()}
 
     @property
     def family(self) -> str:

@@ -114,22 +114,32 @@ class CandidateProbe:
 FALLBACK_ALLOCATIONS = ("erk", "uniform")
 
 
+def searching(search: SearchSettings) -> bool:
+    """Whether the search runs: its own options are recorded only then."""
+    return search.enabled
+
+
 @dataclass(frozen=True)
 class SearchSettings(Settings):
     """The `search` node: the reduce-regrow genetic search (reference: 25 individuals, 25 generations, 10
     parents, p = 0.1). `enabled: false` takes `fallback_allocation` instead (the paper's ablation)."""
 
-    enabled: bool = True
-    fallback_allocation: str = option("erk", FALLBACK_ALLOCATIONS)  # with enabled=false
-    delta: float = option(0.05, FRACTION)  # every layer reduced to P + delta, then delta * N weights regrown
-    population_size: int = option(25, Range(2, whole=True))
-    generations: int = option(25, COUNT)  # algorithm.budget scales them
-    num_parents: int = option(10, COUNT)
-    mutation_prob: float = option(0.1, PROBABILITY)  # per gene: gene * (1 + N(0, 1))
-    immigrants: int = option(1, NON_NEGATIVE_COUNT)  # random newcomers per generation (the reference's bug drops them)
-    elites: int = option(1, NON_NEGATIVE_COUNT)  # best individuals carried over unchanged (the reference keeps none)
-    fitness_set_size: int | None = option(10240, OPTIONAL_COUNT)  # BN/fitness draws from the calibration set; null: the set
-    bn_noise_std: float = option(1e-6, NON_NEGATIVE)  # input noise while re-estimating a candidate's BN statistics
+    # Recorded as `search` (true/false); the search's own keys only when it runs, the fallback when it does not.
+    enabled: bool = option(True, record="search")  # false: use fallback_allocation instead (ablation)
+    fallback_allocation: str = option("erk", FALLBACK_ALLOCATIONS, when=lambda s: not s.enabled)  # erk | uniform
+    delta: float = option(0.05, FRACTION, when=searching)  # every layer reduced to P + delta, then delta * N regrown
+    population_size: int = option(25, Range(2, whole=True), when=searching)
+    generations: int = option(25, COUNT, when=searching)  # algorithm.budget scales them
+    num_parents: int = option(10, COUNT, when=searching)
+    mutation_prob: float = option(0.1, PROBABILITY, when=searching)  # per gene: gene * (1 + N(0, 1))
+    # random newcomers per generation (the reference's bug drops them)
+    immigrants: int = option(1, NON_NEGATIVE_COUNT, when=searching)
+    # best individuals carried over unchanged (the reference keeps none)
+    elites: int = option(1, NON_NEGATIVE_COUNT, when=searching)
+    # BN/fitness images drawn with replacement from the calibration set; null: the set itself (always recorded)
+    fitness_set_size: int | None = option(10240, OPTIONAL_COUNT)
+    # input noise while re-estimating a candidate's BatchNorm statistics
+    bn_noise_std: float = option(1e-6, NON_NEGATIVE, when=searching)
 
     def check_together(self, key: str) -> None:
         if self.num_parents > self.population_size:
