@@ -367,7 +367,7 @@ def test_options_labels_budgets_and_bad_choices():
                        match=r"algorithm.optimization.iterations=0 is not allowed: "
                              r"it must be a whole number >= 1"):
         FCPTS(optimization={"iterations": 0})
-    with pytest.raises(ConfigError, match=r"algorithm.erk_power_scale=0.0 is not allowed"):
+    with pytest.raises(ConfigError, match=r"algorithm.erk_power_scale=0 is not allowed"):
         FCPTS(erk_power_scale=0)
     half = FCPTS(budget=0.25)
     assert half.optim.iterations == 400 and half.label == "fcpts-ste-kde-400it" and \
