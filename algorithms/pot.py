@@ -75,7 +75,8 @@ class POTSettings(Settings):
     weight_correction: str = option("msbench", WEIGHT_CORRECTIONS)
     bias_correction: bool = True  # mean output error on calibration data folded into the bias
     # msbench's reconstruction settings (conf/reconstruction/msbench.yaml), one layer at a time
-    reconstruction: ReconstructionSettings = node(ReconstructionSettings, ReconstructionSettings(mode="layer"))
+    reconstruction: ReconstructionSettings = node(ReconstructionSettings,
+                                                  ReconstructionSettings(mode="layer"))
     budget: float | str = budget_option()  # factor on the calibration steps per layer (reference = 1: 20,000)
 
     def __post_init__(self) -> None:
@@ -116,7 +117,8 @@ class POT(PTSAlgorithm):
         return f"{steps} calibration steps per {self.recon.mode} (reference: {REFERENCE_STEPS:,})"
 
     def budget_tags(self) -> list[str]:
-        """Nothing at msbench's 20,000 steps per layer, 'quick' at pot_quick's 200, else the steps (and rates)."""
+        """Nothing at msbench's 20,000 steps per layer, 'quick' at pot_quick's 200, else the steps (and
+        rates)."""
         return reconstruction_tags(self.recon)
 
     @property
@@ -130,7 +132,10 @@ class POT(PTSAlgorithm):
             parts.append("sparseinp")
         corrected = self.weight_correction != "none"
         if not (corrected and self.bias_correction):
-            parts.append("nocorr" if not (corrected or self.bias_correction) else ("nowc" if not corrected else "nobc"))
+            if not (corrected or self.bias_correction):
+                parts.append("nocorr")
+            else:
+                parts.append("nowc" if not corrected else "nobc")
         if self.weight_correction == "exact_moments":
             parts.append("exactwc")
         return "-".join(parts)
@@ -161,7 +166,8 @@ class POT(PTSAlgorithm):
         apply_masks(layers, masks)
         return dense, counts, masks, carriers
 
-    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
+    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float,
+              ctx: PruneContext) -> PruneResult:
         was_training = model.training
         model.eval()
         stats: dict[str, Any] = {}
@@ -176,14 +182,16 @@ class POT(PTSAlgorithm):
         passes = []
         if self.recon.mode in ("none", "layer"):
             if self.bias_correction or self.recon.mode == "layer":
-                passes.append((make_units("layer", model, layers, carriers), self.recon, self.bias_correction))
+                units = make_units("layer", model, layers, carriers)
+                passes.append((units, self.recon, self.bias_correction))
         else:
             if self.bias_correction:
                 only_bias = dataclasses.replace(self.recon, mode="none")
                 passes.append((make_units("layer", model, layers, carriers), only_bias, True))
             passes.append((make_units(self.recon.mode, model, layers, carriers), self.recon, False))
         for units, settings, bias in passes:
-            reports += process_units(model, dense, units, ctx.calib, settings, ctx.device, ctx.generator(RECONSTRUCTION_STREAM),
+            reports += process_units(model, dense, units, ctx.calib, settings, ctx.device,
+                                     ctx.generator(RECONSTRUCTION_STREAM),
                                      bias_correction=bias, progress=ctx.progress, desc="POT calibration")
         del dense
         bake_masks(model)

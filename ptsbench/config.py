@@ -48,7 +48,8 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
     img_size: int | None = None  # input size; None follows the dataset
     img_size_arg: bool = False  # the architecture takes img_size (ViT)
-    checkpoint: str | None = None  # dense weights: safetensors or a weights-only torch file, or pkg:<module>/<path>
+    # dense weights: safetensors or a weights-only torch file, or pkg:<module>/<path>
+    checkpoint: str | None = None
     checkpoint_sha256: str | None = None  # pins the checkpoint file's content (the shipped zoo weights)
     checkpoint_layout: str = "timm"  # key names in the checkpoint: timm | lukemelas_efficientnet
     pretrained: bool = False  # timm hub weights (needs network)
@@ -71,7 +72,8 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     crop_pct: float | None = None
-    probe: bool = False  # a handful of labelled images: jobs also record top-1 agreement and KL to the dense model
+    # a handful of labelled images: jobs also record top-1 agreement and KL to the dense model
+    probe: bool = False
 
 
 @dataclass
@@ -135,7 +137,11 @@ class PtsbenchConfig:
 # Methods whose `settings` dataclass is the schema of their `algorithm` node: the ConfigStore holds its
 # defaults as `schema/algorithm/<name>`, which the method's yaml presets list first in their defaults and
 # then change only where the preset differs.
-ALGORITHM_SCHEMAS = {"fcpts": "algorithms.fcpts.FCPTS", "unipts": "algorithms.unipts.UniPTS", "pot": "algorithms.pot.POT"}
+ALGORITHM_SCHEMAS = {
+    "fcpts": "algorithms.fcpts.FCPTS",
+    "unipts": "algorithms.unipts.UniPTS",
+    "pot": "algorithms.pot.POT",
+}
 
 
 def register_configs() -> None:
@@ -204,7 +210,8 @@ def check_schema_keys(cfg: DictConfig) -> None:
     found = unknown_keys(cfg)
     overrides = cfg.model.get("train_overrides") if "model" in cfg else None
     train_fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    found += [(f"model.train_overrides.{k}", train_fields) for k in (overrides or {}) if k not in train_fields]
+    found += [(f"model.train_overrides.{k}", train_fields)
+              for k in (overrides or {}) if k not in train_fields]
     if found:
         key, allowed = found[0]
         parent = key.rpartition(".")[0]
@@ -214,7 +221,8 @@ def check_schema_keys(cfg: DictConfig) -> None:
 
 
 def check_ranges(cfg: DictConfig) -> None:
-    """Every numeric option inside its range; the training recipe both as given and as overridden by the model."""
+    """Every numeric option inside its range; the training recipe both as given and as overridden by the
+    model."""
     for key, allowed in RANGES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if not allowed.allows(value):
@@ -227,7 +235,8 @@ def check_ranges(cfg: DictConfig) -> None:
                 raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed.describe()}.")
     lr, min_lr = (overrides.get(k, cfg.train.get(k)) for k in ("lr", "min_lr"))
     if min_lr > lr:
-        raise ConfigError(f"train.min_lr={min_lr} is above train.lr={lr}: the cosine schedule decays from lr to min_lr.")
+        raise ConfigError(f"train.min_lr={min_lr} is above train.lr={lr}: the cosine schedule decays from lr "
+                          "to min_lr.")
 
 
 def check_constructor_keys(node: DictConfig, key: str) -> None:
@@ -255,7 +264,8 @@ def check_constructor_keys(node: DictConfig, key: str) -> None:
     unknown = [k for k in node if not str(k).startswith("_") and k not in allowed]
     if unknown:
         others = f"Also unknown: {', '.join(f'{key}.{k}' for k in unknown[1:])}." if len(unknown) > 1 else ""
-        raise unknown_key(f"{key}.{unknown[0]}", f"{key}._target_={target} ({cls.__name__})", allowed, hint=others)
+        raise unknown_key(f"{key}.{unknown[0]}", f"{key}._target_={target} ({cls.__name__})", allowed,
+                          hint=others)
     try:
         hints = typing.get_type_hints(cls.__init__)
     except (NameError, TypeError):  # annotations that do not resolve at run time name no settings node
@@ -264,7 +274,8 @@ def check_constructor_keys(node: DictConfig, key: str) -> None:
         schema = settings_type(hints.get(name))
         if schema is not None and name in node:
             value = node[name]
-            schema.read(OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value, f"{key}.{name}")
+            plain = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+            schema.read(plain, f"{key}.{name}")
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -62,11 +62,13 @@ class ReconstructionSettings(Settings):
     """
 
     # Recorded as `reconstruction` (the mode) and, when a unit is reconstructed, `recon_*`.
-    mode: str = option("none", RECONSTRUCTIONS, record="reconstruction")  # none | layer (one conv/linear) | block
+    # none | layer (one conv/linear) | block (residual or transformer block)
+    mode: str = option("none", RECONSTRUCTIONS, record="reconstruction")
     # dense: the dense model's activations; sparse: the sparse model's own
     inputs: str = option("dense", RECON_INPUTS, record="recon_inputs", when=reconstructs)
     # Adam steps per unit (batch batch_size, drawn from the calibration set)
-    iterations: int = option(REFERENCE_STEPS, NON_NEGATIVE_COUNT, record="recon_iterations", when=reconstructs)
+    iterations: int = option(REFERENCE_STEPS, NON_NEGATIVE_COUNT, record="recon_iterations",
+                             when=reconstructs)
     # weights (tensors with two or more dimensions)
     lr: float = option(REFERENCE_RATES[0], NON_NEGATIVE, record="recon_lr", when=reconstructs)
     # biases and normalisation parameters

@@ -53,7 +53,8 @@ class Range:
     def describe(self) -> str:
         kind = "a whole number" if self.whole else "a number"
         if self.low is not None and self.high is not None:
-            text = f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"{kind} in {left}{self.low:g}, {self.high:g}{right}"
         elif self.low is not None:
             text = f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
         elif self.high is not None:
@@ -85,7 +86,8 @@ def option(default: Any, allowed: Range | tuple[Any, ...] | Check | None = None,
     """A settings field: its default and what it allows (a Range, a tuple of choices or a checker), and how
     `options()` records it: under its name (`record=True`), another name (`record="name"`) or not at all
     (`record=False`); only where `when(node)` holds; as `shown(value)`."""
-    return field(default=default, metadata={"allowed": allowed, "record": record, "when": when, "shown": shown})
+    metadata = {"allowed": allowed, "record": record, "when": when, "shown": shown}
+    return field(default=default, metadata=metadata)
 
 
 def node(cls: type[Settings], default: Settings | None = None, *,
@@ -122,11 +124,14 @@ class Settings:
         if node is None:
             node = {}
         if not isinstance(node, Mapping):
-            raise ConfigError(f"{key}={node!r} must be a mapping with the keys {', '.join(cls.field_names())}.")
+            raise ConfigError(f"{key}={node!r} must be a mapping with the keys "
+                              f"{', '.join(cls.field_names())}.")
         unknown = [k for k in node if k not in cls.field_names()]
         if unknown:
-            others = f"Also unknown: {', '.join(f'{key}.{k}' for k in unknown[1:])}." if len(unknown) > 1 else ""
-            raise unknown_key(f"{key}.{unknown[0]}", f"{key} ({cls.__name__})", cls.field_names(), hint=others)
+            others = (f"Also unknown: {', '.join(f'{key}.{k}' for k in unknown[1:])}."
+                      if len(unknown) > 1 else "")
+            raise unknown_key(f"{key}.{unknown[0]}", f"{key} ({cls.__name__})", cls.field_names(),
+                              hint=others)
         base = base if base is not None else cls()
         values = dict(node)
         for f in dataclasses.fields(cls):

@@ -133,13 +133,16 @@ class OptimizationSettings(Settings):
     cosine per iteration; RandomResizedCrop + flip on every batch. algorithm.budget scales the steps."""
 
     iterations: int = option(REFERENCE_ITERATIONS, COUNT)  # the reference budget (100 epochs x 16 batches)
-    batch_size: int = option(REFERENCE_BATCH, COUNT)  # full batches only (drop_last); needs calib.n >= batch_size
+    # full batches only (drop_last); needs calib.n >= batch_size
+    batch_size: int = option(REFERENCE_BATCH, COUNT)
     lr: float = option(0.01, NON_NEGATIVE)  # SGD at batch 64 (code: 0.04 x 64/256), scaled by batch_size / 64
     momentum: float = option(0.9, Range(0, 1, high_open=True), record=False)
     # weights, biases and BatchNorm affine; thresholds get none
     weight_decay: float = option(3e-4, NON_NEGATIVE, record=False)
-    warmup_epochs: float = option(1.0, NON_NEGATIVE, record=False)  # linear from 0, then timm cosine per iteration
-    augment: bool = True  # RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bilinear) + flip per batch, as the code
+    # linear warmup from 0, then timm cosine to 0, stepped per iteration
+    warmup_epochs: float = option(1.0, NON_NEGATIVE, record=False)
+    # RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bilinear) + flip per batch, as the code
+    augment: bool = True
 
     @property
     def scaled_lr(self) -> float:
@@ -164,7 +167,8 @@ class ObjectiveSettings(Settings):
     sparsity_loss: str = option("abs", SPARSITY_LOSSES)  # abs: |S - P| (code's run.sh) | pow2: (S - P)^2
     sparsity_lambda: float = option(1.0, NON_NEGATIVE)
     temperature: float = option(4.0, POSITIVE)  # KL distillation on logits from the frozen dense model
-    block_loss_weight: float = option(0.0, NON_NEGATIVE)  # > 0 adds MSE on block outputs (the first code release's)
+    # > 0 adds MSE on block outputs (the first code release's layer loss); 0 = off
+    block_loss_weight: float = option(0.0, NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,8 @@ class FCPTSSettings(Settings):
     # thresholds start at the ERK allocation of the target, density ~ (sum dims / prod dims) ** power_scale
     erk_power_scale: float = option(1.0, POSITIVE, when=lambda s: s.erk_power_scale != 1.0, shown=float)
     bn_recalibration: bool = True  # re-estimate BatchNorm when the exact final correction changes the masks
-    log_every: int = option(20, COUNT, record=False)  # iterations between allocation_trajectory rows and W&B metrics
+    # iterations between allocation_trajectory rows and W&B metrics
+    log_every: int = option(20, COUNT, record=False)
     channels_last: bool = option(True, record=False)  # NHWC convolutions (faster for CNNs on CPU; speed only)
     optimization: OptimizationSettings = node(OptimizationSettings)
     bridge: BridgeSettings = node(BridgeSettings)
@@ -193,8 +198,9 @@ class FCPTS(PTSAlgorithm):
         given = FCPTSSettings.read(config, "algorithm")
         self.budget_scale = read_budget(given.budget)
         optim = given.optimization
-        self.config = given.replace(optimization=optim.replace(iterations=scaled(optim.iterations, self.budget_scale)))
-        self.optim, self.bridge, self.objective = self.config.optimization, self.config.bridge, self.config.objective
+        optim = optim.replace(iterations=scaled(optim.iterations, self.budget_scale))
+        self.config = given.replace(optimization=optim)
+        self.optim, self.bridge, self.objective = optim, given.bridge, given.objective
         self.erk_power_scale = float(given.erk_power_scale)
         self.bn_recalibration = bool(given.bn_recalibration)  # after an exact correction that moved weights
         self.log_every = int(given.log_every)
@@ -234,7 +240,8 @@ class FCPTS(PTSAlgorithm):
 
     # ------------------------------------------------------------------------------------ prune
 
-    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
+    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float,
+              ctx: PruneContext) -> PruneResult:
         target = check_sparsity(target)
         self.validate(layers, target)
         if len(ctx.calib) < self.optim.batch_size:
@@ -275,9 +282,9 @@ class FCPTS(PTSAlgorithm):
             **{f"seconds_{k}": v for k, v in watch.seconds.items()},
             "seconds_per_iteration": sum(watch.seconds.values()) / self.optim.iterations,
         }
-        log.info("FCPTS: learned global sparsity %.5f (target %.5f, residual %+.2e), corrected by logit shift "
-                 "%+.3e moving %d weights; BatchNorm re-estimated in %d layers", learned, target, learned - target,
-                 correction.logit_shift, correction.weights_moved, bn_layers)
+        log.info("FCPTS: learned global sparsity %.5f (target %.5f, residual %+.2e), corrected by logit "
+                 "shift %+.3e moving %d weights; BatchNorm re-estimated in %d layers", learned, target,
+                 learned - target, correction.logit_shift, correction.weights_moved, bn_layers)
         return PruneResult(model=model, allocation=rates(layers, correction.counts), masks=masks, stats=stats,
                            tables={"allocation_trajectory": pd.DataFrame(history)})
 
@@ -299,7 +306,8 @@ class FCPTS(PTSAlgorithm):
         bake_masks(model)
         return correction, masks
 
-    def _recalibrate_if_masks_changed(self, model: nn.Module, correction: Correction, ctx: PruneContext) -> int:
+    def _recalibrate_if_masks_changed(self, model: nn.Module, correction: Correction,
+                                      ctx: PruneContext) -> int:
         """Re-estimate BatchNorm statistics on the (unaugmented) calibration set when the correction pruned
         or restored weights the optimisation did not run with: the running statistics gathered during
         training describe the learned masks, not the corrected ones. Returns the BN layers updated."""

@@ -71,7 +71,8 @@ class DynamicMagnitudeMask(nn.Module):
 def attach_dynamic_masks(layers: list[PrunableLayer], counts: dict[str, int], decay: float) -> None:
     for ly in layers:
         mask = magnitude_mask(ly.weight, counts[ly.name])
-        parametrize.register_parametrization(ly.module, "weight", DynamicMagnitudeMask(counts[ly.name], decay, mask))
+        dynamic = DynamicMagnitudeMask(counts[ly.name], decay, mask)
+        parametrize.register_parametrization(ly.module, "weight", dynamic)
 
 
 @torch.no_grad()
@@ -113,7 +114,7 @@ class TrainSettings(Settings):
     pick the reference value for the model (`reference_optimizer_defaults`)."""
 
     # Recorded: `epochs` always, the other keys only when training runs (null lr / weight_decay as 'auto').
-    # over the calibration set; 0 stops after the search (masks + BN re-estimation); algorithm.budget scales it
+    # over the calibration set; 0 stops after the search (masks + BN re-estimation); the budget scales it
     epochs: int = option(100, NON_NEGATIVE_COUNT)
     batch_size: int = option(64, Range(2, whole=True), when=trains)
     # null: 0.05 for MobileNetV2, 0.01 otherwise (reference configs)
@@ -121,17 +122,21 @@ class TrainSettings(Settings):
     # null: 4e-5 for MobileNetV2, 1e-4 otherwise
     weight_decay: float | None = option(None, Range(0, nullable=True), when=trains, shown=auto)
     momentum: float = option(0.9, Range(0, 1, high_open=True), when=trains)
-    warmup_epochs: float = option(1.0, NON_NEGATIVE, when=trains)  # timm cosine per iteration, linear warmup from 0
+    # timm cosine per iteration, linear warmup from 0
+    warmup_epochs: float = option(1.0, NON_NEGATIVE, when=trains)
     min_lr: float = option(0.0, NON_NEGATIVE, record=False)
     augment: bool = option(True, when=trains)  # random 2-pixel shifts and flips of the calibration images
     dst: bool = option(True, when=trains)  # false: masks fixed at the searched allocation (ablation)
     # extra decay of pruned weights: grad += lambda * (1 - M) * W; recorded with dst only
     srste_decay: float = option(5e-5, NON_NEGATIVE, when=lambda t: trains(t) and t.dst)
-    bn_recalibration: bool = option(False, when=trains)  # re-estimate BatchNorm on the calibration set after training
+    # re-estimate BatchNorm statistics on the calibration set after training
+    bn_recalibration: bool = option(False, when=trains)
 
 
-def shuffled_epoch(calib: CalibrationSet, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """The images of one shuffled epoch in full batches (a batch of one would break BatchNorm in train mode)."""
+def shuffled_epoch(calib: CalibrationSet, batch_size: int,
+                   generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The images of one shuffled epoch in full batches (a batch of one would break BatchNorm in train
+    mode)."""
     for images, _ in calib.batches(batch_size, shuffle=True, generator=generator, drop_last=True):
         yield images
 
@@ -160,7 +165,8 @@ def distill_sparse(model: nn.Module, teacher: nn.Module, layers: list[PrunableLa
     before = current_masks(layers)
     mask_entries = sum(m.numel() for m in before.values())
     step = 0
-    bar = tqdm(total=total, desc="UniPTS distillation", disable=not ctx.progress, leave=False, mininterval=1.0)
+    bar = tqdm(total=total, desc="UniPTS distillation", disable=not ctx.progress, leave=False,
+               mininterval=1.0)
     for epoch in range(settings.epochs):
         tau = tau_schedule(epoch, objective.tau_start, objective.tau_decay)
         epoch_start, running = time.perf_counter(), 0.0
@@ -169,7 +175,8 @@ def distill_sparse(model: nn.Module, teacher: nn.Module, layers: list[PrunableLa
                 images = random_translate_flip(images.cpu(), AUGMENT_MAX_SHIFT, True, augment).to(device)
             with torch.no_grad():
                 teacher_logits = teacher(images)
-            loss = distillation_loss(objective.kind, model(images), teacher_logits, objective.temperature, tau)
+            loss = distillation_loss(objective.kind, model(images), teacher_logits, objective.temperature,
+                                     tau)
             running += ensure_finite(loss.item(), "UniPTS distillation loss", step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

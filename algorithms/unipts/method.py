@@ -17,8 +17,8 @@ The package follows those parts: `decoding` (genome -> layer sparsities), `searc
 algorithm and its fitness), `objective` (base-decayed distillation), `dst` (dynamic sparse training) and
 this module, the method itself. Each stage can be switched off for the paper's ablation
 (`search=false` uses `fallback_allocation`, `objective=kl` uses plain Hinton KD, `dst=false` keeps the
-masks fixed, `epochs=0` stops after the search). Where the released code (xjjxmu/UniPTS) differs from what we do, the docstrings say so; see
-shared/reference/pts-algorithms.md section 2.
+masks fixed, `epochs=0` stops after the search). Where the released code (xjjxmu/UniPTS) differs from
+what we do, the docstrings say so; see shared/reference/pts-algorithms.md section 2.
 """
 
 from __future__ import annotations
@@ -65,12 +65,14 @@ from ptsbench.sparsity import (
 
 log = logging.getLogger(__name__)
 
-# (population, generations, epochs) of the named budgets: the reference code's and conf/algorithm/unipts_quick.yaml's.
+# (population, generations, epochs) of the named budgets: the reference code's and
+# conf/algorithm/unipts_quick.yaml's.
 BUDGETS = {"reference": (25, 25, 100), "quick": (8, 5, 5)}
 
 
 def preset_name(population: int, generations: int, epochs: int) -> str:
-    return next((name for name, preset in BUDGETS.items() if preset == (population, generations, epochs)), "custom")
+    counts = (population, generations, epochs)
+    return next((name for name, preset in BUDGETS.items() if preset == counts), "custom")
 
 
 # Independent random streams, each from ctx.generator(name) (ptsbench/streams.py).
@@ -85,11 +87,12 @@ class UniPTSSettings(Settings):
     what a preset changes. The objective is recorded only when training runs."""
 
     # factor on search.generations and training.epochs (reference = 1); recorded as budget_scale unless 1
-    budget: float | str = option(1.0, check_budget, record="budget_scale", when=lambda s: read_budget(s.budget) != 1.0,
-                                 shown=read_budget)
+    budget: float | str = option(1.0, check_budget, record="budget_scale",
+                                 when=lambda s: read_budget(s.budget) != 1.0, shown=read_budget)
     channels_last: bool = option(True, record=False)  # NHWC convolutions (faster for CNNs on CPU; speed only)
     search: SearchSettings = node(SearchSettings)  # 1. the sparsity distribution (search.py)
-    objective: ObjectiveSettings = node(ObjectiveSettings, when=lambda s: s.training.epochs > 0)  # 2. objective.py
+    # 2. distillation (objective.py), recorded only when training runs
+    objective: ObjectiveSettings = node(ObjectiveSettings, when=lambda s: s.training.epochs > 0)
     training: TrainSettings = node(TrainSettings)  # 3. dynamic sparse training (dst.py)
 
 
@@ -123,13 +126,14 @@ class UniPTS(PTSAlgorithm):
     def __init__(self, **config: Any):
         given = UniPTSSettings.read(config, "algorithm")
         self.budget_scale = read_budget(given.budget)
-        self.preset = preset_name(given.search.population_size, given.search.generations, given.training.epochs)
+        search, training = given.search, given.training
+        self.preset = preset_name(search.population_size, search.generations, training.epochs)
         # The budget scales the preset's generations and epochs; the population (and so the parents, elites
         # and immigrants it has room for) stays as configured.
-        self.config = given.replace(
-            search=given.search.replace(generations=scaled(given.search.generations, self.budget_scale)),
-            training=given.training.replace(epochs=scaled(given.training.epochs, self.budget_scale)))
-        self.search, self.training, self.objective = self.config.search, self.config.training, self.config.objective
+        self.search = search.replace(generations=scaled(search.generations, self.budget_scale))
+        self.training = training.replace(epochs=scaled(training.epochs, self.budget_scale))
+        self.objective = given.objective
+        self.config = given.replace(search=self.search, training=self.training)
         self.channels_last = bool(given.channels_last)  # NHWC convolutions: speed only
 
     # ------------------------------------------------------------------------------------- description
@@ -165,7 +169,8 @@ class UniPTS(PTSAlgorithm):
         ref_population, ref_generations, ref_epochs = BUDGETS["reference"]
         shares = []
         if self.search.enabled:
-            shares.append(self.search.population_size * self.search.generations / (ref_population * ref_generations))
+            candidates = self.search.population_size * self.search.generations
+            shares.append(candidates / (ref_population * ref_generations))
         if self.training.epochs > 0:
             shares.append(self.training.epochs / ref_epochs)
         return sum(shares) / len(shares) if shares else 0.0
@@ -202,7 +207,8 @@ class UniPTS(PTSAlgorithm):
 
     # ------------------------------------------------------------------------------------------ method
 
-    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext) -> PruneResult:
+    def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float,
+              ctx: PruneContext) -> PruneResult:
         self.validate(layers, target)
         was_training = model.training
         if self.channels_last:  # NHWC convolutions: markedly faster for CNNs on CPU, restored at the end
@@ -234,8 +240,8 @@ class UniPTS(PTSAlgorithm):
             stats.update(self.train_stats(history, model))
             masks = current_masks(layers)
             if self.training.bn_recalibration:
-                stats["bn_layers_recalibrated"] = recalibrate_batchnorm(model, ctx.calib, ctx.calib.data.images.device,
-                                                                        self.training.batch_size)
+                stats["bn_layers_recalibrated"] = recalibrate_batchnorm(
+                    model, ctx.calib, ctx.calib.data.images.device, self.training.batch_size)
         else:
             masks = magnitude_masks(layers, counts)
             apply_masks(layers, masks)
@@ -246,7 +252,8 @@ class UniPTS(PTSAlgorithm):
         bake_masks(model)
         model.to(memory_format=torch.contiguous_format)
         model.train(was_training)
-        return PruneResult(model=model, allocation=rates(layers, counts), masks=masks, stats=stats, tables=tables)
+        return PruneResult(model=model, allocation=rates(layers, counts), masks=masks, stats=stats,
+                           tables=tables)
 
     def search_distribution(self, model: nn.Module, layers: list[PrunableLayer], target: float,
                             fitness_set: CalibrationSet, ctx: PruneContext) -> SearchOutcome:
@@ -258,7 +265,8 @@ class UniPTS(PTSAlgorithm):
                 decode=lambda genome: decode_genome(genome, layers, target, self.search.delta), score=probe,
                 genes=len(layers), target=target, settings=self.search,
                 generator=ctx.generator(STREAM_GENOME), progress=ctx.progress, log_metrics=ctx.log_metrics)
-        log.info("UniPTS search: best fitness %.2f%% after %d generations (%d candidates scored, %.2f s each)",
+        log.info("UniPTS search: best fitness %.2f%% after %d generations (%d candidates scored, %.2f s "
+                 "each)",
                  outcome.fitness, self.search.generations, outcome.evaluations,
                  outcome.seconds / max(outcome.evaluations, 1))
         return outcome
@@ -276,8 +284,9 @@ class UniPTS(PTSAlgorithm):
         history = distill_sparse(model, teacher, layers, ctx.calib, settings, self.objective, ctx,
                                  ctx.generator(STREAM_SHUFFLE), ctx.generator(STREAM_AUGMENT))
         last = history[-1]
-        log.info("UniPTS distillation: %d epochs, final loss %.4f, mask change in the last epoch %.5f, %.1f s/epoch",
-                 self.training.epochs, last["loss"], last["mask_change"], sum(r["seconds"] for r in history) / len(history))
+        log.info("UniPTS distillation: %d epochs, final loss %.4f, mask change in the last epoch %.5f, "
+                 "%.1f s/epoch", self.training.epochs, last["loss"], last["mask_change"],
+                 sum(r["seconds"] for r in history) / len(history))
         return history
 
     def resolved_optimizer(self, model: nn.Module) -> tuple[float, float]:
@@ -287,7 +296,8 @@ class UniPTS(PTSAlgorithm):
 
     # ------------------------------------------------------------------------------------------ records
 
-    def allocation_table(self, layers: list[PrunableLayer], target: float, outcome: SearchOutcome) -> pd.DataFrame:
+    def allocation_table(self, layers: list[PrunableLayer], target: float,
+                         outcome: SearchOutcome) -> pd.DataFrame:
         reduced = target + self.search.delta
         share = torch.softmax(outcome.genome, dim=0).tolist()
         return pd.DataFrame({

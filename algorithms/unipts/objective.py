@@ -24,7 +24,8 @@ __all__ = ["OBJECTIVES", "ObjectiveSettings", "distillation_loss", "tau_schedule
 class ObjectiveSettings(Settings):
     """The `objective` node: base-decayed KL (the paper's) or plain Hinton KD (its ablation)."""
 
-    kind: str = option("base_decayed", OBJECTIVES, record="objective")  # base_decayed | kl (plain Hinton KD, ablation)
+    # base_decayed | kl (plain Hinton KD, ablation); recorded as `objective`
+    kind: str = option("base_decayed", OBJECTIVES, record="objective")
     temperature: float = option(4.0, POSITIVE)  # teacher softmax temperature T
     # tau_e = tau_start * tau_decay ** epoch divides the student's log-probabilities
     tau_start: float = option(8.0, POSITIVE)

@@ -71,8 +71,8 @@ class CandidateProbe:
     Leaving the `with` block restores the dense weights and the original BatchNorm statistics.
     """
 
-    def __init__(self, model: nn.Module, layers: list[PrunableLayer], fitness_set: CalibrationSet, batch_size: int,
-                 noise_std: float, generator: torch.Generator):
+    def __init__(self, model: nn.Module, layers: list[PrunableLayer], fitness_set: CalibrationSet,
+                 batch_size: int, noise_std: float, generator: torch.Generator):
         self.model, self.layers, self.fitness_set = model, layers, fitness_set
         self.batch_size, self.noise_std, self.generator = batch_size, noise_std, generator
         with torch.no_grad():
@@ -95,7 +95,8 @@ class CandidateProbe:
 
     @torch.no_grad()
     def load(self, counts: dict[str, int]) -> None:
-        """Write the dense weights with each layer's `counts` smallest magnitudes zeroed (ties by position)."""
+        """Write the dense weights with each layer's `counts` smallest magnitudes zeroed (ties by
+        position)."""
         for ly, w, rank in zip(self.layers, self.dense, self.rank, strict=True):
             torch.mul(w, rank >= counts[ly.name], out=ly.weight)
 
@@ -124,10 +125,13 @@ class SearchSettings(Settings):
     """The `search` node: the reduce-regrow genetic search (reference: 25 individuals, 25 generations, 10
     parents, p = 0.1). `enabled: false` takes `fallback_allocation` instead (the paper's ablation)."""
 
-    # Recorded as `search` (true/false); the search's own keys only when it runs, the fallback when it does not.
+    # Recorded as `search` (true/false); the search's own keys only when it runs, the fallback when it
+    # does not.
     enabled: bool = option(True, record="search")  # false: use fallback_allocation instead (ablation)
-    fallback_allocation: str = option("erk", FALLBACK_ALLOCATIONS, when=lambda s: not s.enabled)  # erk | uniform
-    delta: float = option(0.05, FRACTION, when=searching)  # every layer reduced to P + delta, then delta * N regrown
+    # erk | uniform, with enabled=false
+    fallback_allocation: str = option("erk", FALLBACK_ALLOCATIONS, when=lambda s: not s.enabled)
+    # every layer reduced to P + delta, then delta * N weights regrown
+    delta: float = option(0.05, FRACTION, when=searching)
     population_size: int = option(25, Range(2, whole=True), when=searching)
     generations: int = option(25, COUNT, when=searching)  # algorithm.budget scales them
     num_parents: int = option(10, COUNT, when=searching)
@@ -136,7 +140,8 @@ class SearchSettings(Settings):
     immigrants: int = option(1, NON_NEGATIVE_COUNT, when=searching)
     # best individuals carried over unchanged (the reference keeps none)
     elites: int = option(1, NON_NEGATIVE_COUNT, when=searching)
-    # BN/fitness images drawn with replacement from the calibration set; null: the set itself (always recorded)
+    # BN/fitness images drawn with replacement from the calibration set; null: the set itself (recorded
+    # whether the search runs or not)
     fitness_set_size: int | None = option(10240, OPTIONAL_COUNT)
     # input noise while re-estimating a candidate's BatchNorm statistics
     bn_noise_std: float = option(1e-6, NON_NEGATIVE, when=searching)
@@ -146,10 +151,11 @@ class SearchSettings(Settings):
             raise ConfigError(f"{key}.num_parents={self.num_parents} must be at most "
                               f"{key}.population_size={self.population_size}.")
         if self.elites > self.num_parents:
-            raise ConfigError(f"{key}.elites={self.elites} must be at most {key}.num_parents={self.num_parents}.")
+            raise ConfigError(f"{key}.elites={self.elites} must be at most "
+                              f"{key}.num_parents={self.num_parents}.")
         if self.elites + self.immigrants + 1 > self.population_size:
-            raise ConfigError(f"{key}.population_size={self.population_size} has no room for {self.elites} elites, "
-                              f"the constant individual and {self.immigrants} immigrants.")
+            raise ConfigError(f"{key}.population_size={self.population_size} has no room for {self.elites} "
+                              f"elites, the constant individual and {self.immigrants} immigrants.")
 
 
 @dataclass
@@ -216,7 +222,8 @@ def next_generation(population: torch.Tensor, fitness: torch.Tensor, settings: S
 def genetic_search(decode: Callable[[torch.Tensor], dict[str, int]], score: Callable[[dict[str, int]], float],
                    genes: int, target: float, settings: SearchSettings, generator: torch.Generator,
                    progress: bool = False,
-                   log_metrics: Callable[[dict[str, float], int | None], None] | None = None) -> SearchOutcome:
+                   log_metrics: Callable[[dict[str, float], int | None], None] | None = None,
+                   ) -> SearchOutcome:
     """Evolve genomes for `settings.generations` generations and return the fittest of the last one.
 
     As in the reference (`main.py: genetic_algorithm`), each generation scores its population and breeds
@@ -248,7 +255,8 @@ def genetic_search(decode: Callable[[torch.Tensor], dict[str, int]], score: Call
         if gen == 0:
             outcome.constant_fitness = scores[0]
         row = {"generation": gen, "best_fitness": float(fitness.max()), "mean_fitness": float(fitness.mean()),
-               "evaluated": evaluated, "cached": len(scores) - evaluated, "seconds": time.perf_counter() - gen_start}
+               "evaluated": evaluated, "cached": len(scores) - evaluated,
+               "seconds": time.perf_counter() - gen_start}
         outcome.history.append(row)
         outcome.evaluations += evaluated
         outcome.cache_hits += len(scores) - evaluated
