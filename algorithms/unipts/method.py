@@ -58,7 +58,6 @@ from ptsbench.sparsity import (
     allocate,
     apply_masks,
     bake_masks,
-    check_sparsity,
     magnitude_masks,
     rates,
 )
@@ -198,7 +197,6 @@ class UniPTS(PTSAlgorithm):
         return tags
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
-        target = check_sparsity(target)
         if self.search.enabled and target + self.search.delta > 1.0 + 1e-9:
             raise ConfigError(
                 f"UniPTS reduces every layer to sparsity + delta = {target} + {self.search.delta} > 1. "
