@@ -329,7 +329,8 @@ class FCPTS(PTSAlgorithm):
 
     def _batches(self, ctx: PruneContext) -> Iterator[torch.Tensor]:
         augment = ctx.generator(AUGMENT_STREAM) if self.optim.augment else None
-        return calibration_stream(ctx.calib, self.optim.batch_size, ctx.device, ctx.generator(DATA_STREAM), augment)
+        return calibration_stream(ctx.calib, self.optim.batch_size, ctx.device, ctx.generator(DATA_STREAM),
+                                  augment)
 
     def start(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext
               ) -> Optimisation:

@@ -211,7 +211,8 @@ class UniPTS(PTSAlgorithm):
         was_training = model.training
         if self.channels_last:  # NHWC convolutions: markedly faster for CNNs on CPU, restored at the end
             model.to(memory_format=torch.channels_last)
-        fitness_set = draw_fitness_set(ctx.calib, self.search.fitness_set_size, ctx.generator(STREAM_FITNESS_SET))
+        fitness_set = draw_fitness_set(ctx.calib, self.search.fitness_set_size,
+                                       ctx.generator(STREAM_FITNESS_SET))
         stats: dict[str, Any] = {"budget": self.budget, "fitness_set_images": len(fitness_set),
                                  "calib_images": len(ctx.calib)}
         tables: dict[str, pd.DataFrame] = {}
