@@ -81,7 +81,8 @@ class PTSAlgorithm(ABC):
     @abstractmethod
     def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float,
               ctx: PruneContext) -> PruneResult:
-        """Return `model` (or a new model) pruned to global sparsity `target` over `layers`."""
+        """Return `model` (or a new model) pruned to global sparsity `target` over `layers`; `target` is a
+        float in [0, 1), checked with the job's config (`ptsbench.jobspec.JobSpec`)."""
 
     def options(self) -> dict[str, Any]:
         """The options that distinguish this run of the method in tables (JSON-able)."""

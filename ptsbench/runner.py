@@ -1,33 +1,29 @@
 """One job: dense model -> calibration draw -> algorithm -> audit -> evaluation -> record.
 
-`run_job` runs three steps (`prepare`, `prune_and_audit`, `evaluate_and_save`) inside `recorded`, which
-writes result.json however the job ends. Everything a job produces lands in its own output directory; a
-failure is recorded there with its error and never touches other jobs. A job that ran but whose audited
-zeros miss its allocation or target gets status `target_missed`, never `ok` (`ptsbench.audit.target_missed`).
+`run_job` reads the job's config once into a checked `JobSpec` (`ptsbench.jobspec`) and runs three steps on
+it (`prepare`, `prune_and_audit`, `evaluate_and_save`) inside `recorded`, which writes result.json (a
+`ptsbench.record.JobRecord`) however the job ends. Everything a job produces lands in its own output
+directory; a failure is recorded there with its error and never touches other jobs. A job that ran but whose
+audited zeros miss its allocation or target gets status `target_missed`, never `ok`
+(`ptsbench.audit.target_missed`).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import math
-import platform
 import subprocess
 import time
-import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
-import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-import ptsbench
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
 from ptsbench.audit import Audit, audit_model, target_missed
 from ptsbench.checkpoint import (
@@ -37,14 +33,16 @@ from ptsbench.checkpoint import (
     save_dense_form,
     show_names,
 )
-from ptsbench.config import check_config, check_constructor_keys
+from ptsbench.config import check_constructor_keys
 from ptsbench.cost import PruneCost, inference_cost
 from ptsbench.data import CalibrationSet, DataBundle, sample_calibration
 from ptsbench.dense import build_model, load_data, load_dense_weights
 from ptsbench.errors import ConfigError, DataError, FolderTaken, NonFiniteError, PtsbenchError
-from ptsbench.evaluate import collect_logits, evaluate, logit_fidelity
-from ptsbench.models import check_checkpoint_fits, stable_hash
-from ptsbench.patterns import check_pattern_target, parse_pattern
+from ptsbench.evaluate import EvalResult, collect_logits, evaluate, logit_fidelity
+from ptsbench.jobspec import BudgetSpec, JobIdentity, JobSpec, check_budget
+from ptsbench.jobspec import config_hash as config_hash  # the job identity the CLI places folders by
+from ptsbench.patterns import parse_pattern
+from ptsbench.record import JobRecord
 from ptsbench.results import (
     ALLOCATION_FILE,
     CALIB_FILE,
@@ -55,15 +53,8 @@ from ptsbench.results import (
     write_csv,
     write_json,
 )
-from ptsbench.settings import count_text
-from ptsbench.sparsity import (
-    PrunableLayer,
-    PrunePolicy,
-    check_sparsity,
-    describe_policy,
-    find_prunable_layers,
-)
-from ptsbench.streams import RNG_SCHEME_VERSION, stream_seed
+from ptsbench.sparsity import PrunableLayer, PrunePolicy, describe_policy, find_prunable_layers
+from ptsbench.streams import stream_seed
 from ptsbench.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -72,12 +63,12 @@ SPARSE_MODEL_FILE = "sparse_model.safetensors"
 COMPACT_MODEL_FILE = "sparse_model.compact.safetensors"
 
 
-def execution_device(cfg: DictConfig) -> torch.device:
+def execution_device(threads: int | None, device: str) -> torch.device:
     """Apply the job's thread count and return its device: every entry point that runs a model (a job, a
     zoo export beside a sweep) keeps to its share of the cores."""
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    return resolve_device(cfg.device)
+    if threads:
+        torch.set_num_threads(int(threads))
+    return resolve_device(device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,14 +79,16 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as exc:
         raise ConfigError(f"device={name!r} is not a device name (use auto, cpu, cuda or cuda:N).") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} was asked for but CUDA is not available here; use device=auto or cpu.")
+        raise ConfigError(
+            f"device={name!r} was asked for but CUDA is not available here; use device=auto or cpu.")
     return device
 
 
 def git_commit() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5)
         if sha.returncode != 0:
             return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
@@ -103,18 +96,6 @@ def git_commit() -> str | None:
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """Identity of a job: the resolved config minus what does not change the result."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("hydra", "logger", "progress", "threads", "compile", "cache_dir", "resume", "resume_studies",
-                "save_sparse", "max_budget"):
-        plain.pop(key, None)
-    # where a model is worth sweeping is a property of the studies, not of a job: a range recomputed from
-    # new records must not change the identity of the jobs already run
-    (plain.get("model") or {}).pop("discriminating_sparsities", None)
-    return stable_hash(plain, length=16)
 
 
 def build_algorithm(cfg: DictConfig) -> PTSAlgorithm:
@@ -139,81 +120,36 @@ def folder_taken(folder: Path, owner: str, identity: str, key: str | None = None
             f"delete {folder} to reuse it; an identical job (same config hash) may rerun in it.")
 
 
-def check_budget(cfg: DictConfig, algorithm: PTSAlgorithm) -> None:
-    """A budget far above the method's reference (algorithm.budget=1e9: years of FCPTS iterations) is a typo
-    more often than a plan: refused, with the work it asks for, unless `max_budget` is raised for it."""
-    fraction, limit = algorithm.budget_fraction, float(cfg.get("max_budget", 10))
-    if fraction is not None and fraction > limit:
-        raise_it = f", or set max_budget={math.ceil(fraction)} to run it as asked" if fraction < 1e6 else ""
-        times = count_text(fraction) if fraction >= 100 else f"{fraction:.3g}"
-        raise ConfigError(
-            f"algorithm.budget={cfg.algorithm.get('budget', 1)} asks {algorithm.name} for "
-            f"{algorithm.budget_work()}: {times} times its reference budget, above max_budget={limit:g}. "
-            f"Lower algorithm.budget (or the preset's step counts){raise_it}.")
-
-
-def base_record(cfg: DictConfig) -> dict[str, Any]:
-    return {
-        "model": cfg.model.name,
-        "dataset": cfg.data.name,
-        "algorithm": None,
-        "method": None,
-        "target_sparsity": cfg.sparsity,
-        "pattern": str(cfg.get("pattern", "unstructured")),
-        "seed": cfg.seed,
-        "calib_seed": cfg.calib.seed,
-        "calib_images": cfg.calib.n,
-        "status": "running",
-        "error": None,
-        "config_hash": config_hash(cfg),
-        "experiment": cfg.get("experiment_name"),
-        "ptsbench_version": ptsbench.__version__,
-        "rng_scheme": RNG_SCHEME_VERSION,  # how the random streams are seeded (ptsbench/streams.py)
-        "git_commit": git_commit(),
-        "torch_version": torch.__version__,
-        "timm_version": timm.__version__,
-        "host": platform.node(),
-        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def validate_config(cfg: DictConfig) -> float:
-    """Cheap checks that run before anything is loaded or trained; returns the target sparsity (under N:M,
-    exactly 1 - N/M)."""
-    pattern = parse_pattern(cfg.get("pattern", "unstructured"))
-    target = check_pattern_target(pattern, check_sparsity(cfg.sparsity))
-    check_config(cfg)
-    check_checkpoint_fits(cfg.model, str(cfg.data.name))
-    if int(cfg.calib.n) < int(cfg.calib.batch_size):
-        raise ConfigError(f"calib.n={cfg.calib.n} is below one calibration batch (calib.batch_size={cfg.calib.batch_size}).")
-    return target
-
-
-def check_not_empty(cfg: DictConfig, data: DataBundle) -> None:
+def check_not_empty(spec: JobSpec, data: DataBundle) -> None:
     """An empty split would evaluate to a NaN top-1 (or calibrate on nothing) and still exit 0."""
     for split, dataset, keys in (("train", data.train, "data.train_split, data.limit_train"),
                                  ("evaluation", data.test, "data.val_split, data.limit_test")):
         if len(dataset) == 0:
-            raise DataError(f"The {split} set of data={cfg.data.name} is empty (root={cfg.data.get('root')!r}); "
-                            f"check {keys}.")
+            raise DataError(f"The {split} set of data={spec.dataset} is empty "
+                            f"(root={spec.cfg.data.get('root')!r}); check {keys}.")
 
 
-def save_and_verify_sparse(model: nn.Module, layers: list[PrunableLayer], cfg: DictConfig, data: DataBundle,
+def evaluate_model(spec: JobSpec, model: nn.Module, data: DataBundle, device: torch.device,
+                   what: str) -> EvalResult:
+    return evaluate(model, data.test, device, batch_size=spec.eval.batch_size,
+                    num_workers=spec.eval.num_workers, channels_last=spec.eval.channels_last, what=what)
+
+
+def save_and_verify_sparse(spec: JobSpec, model: nn.Module, layers: list[PrunableLayer], data: DataBundle,
                            out_dir: Path, device: torch.device, expected_top1: float) -> dict[str, Any]:
     """Write both checkpoint forms, reload the compact one into a fresh timm model, audit and evaluate it."""
     sparse_keys = [f"{ly.name}.weight" for ly in layers]
     dense_bytes = save_dense_form(model, out_dir / SPARSE_MODEL_FILE)
     compact_bytes = save_compact_form(model, sparse_keys, out_dir / COMPACT_MODEL_FILE)
-    fresh = build_model(cfg, data)
+    fresh = build_model(spec.cfg, data)
     load_compact_form(fresh, out_dir / COMPACT_MODEL_FILE)
     fresh.to(device)
     fresh_layers = [PrunableLayer(ly.name, fresh.get_submodule(ly.name), ly.kind) for ly in layers]
-    reloaded = audit_model(fresh, fresh_layers, float(cfg.sparsity))
-    ev = evaluate(fresh, data.test, device, batch_size=int(cfg.eval.batch_size),
-                  num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last),
-                  what="the reloaded sparse checkpoint")
+    reloaded = audit_model(fresh, fresh_layers, spec.target)
+    ev = evaluate_model(spec, fresh, data, device, "the reloaded sparse checkpoint")
     if abs(ev.top1 - expected_top1) > 1e-9:
-        log.warning("Reloaded compact checkpoint gives top-1 %.4f, the pruned model %.4f", ev.top1, expected_top1)
+        log.warning("Reloaded compact checkpoint gives top-1 %.4f, the pruned model %.4f", ev.top1,
+                    expected_top1)
     return {"checkpoint_bytes": dense_bytes, "compact_checkpoint_bytes": compact_bytes,
             "compact_ratio": compact_bytes / dense_bytes, "reload_top1": ev.top1,
             "reload_achieved_sparsity": reloaded.achieved}
@@ -224,7 +160,6 @@ class PreparedJob:
     """Everything the prune step needs, built and checked before any long work finishes."""
 
     algorithm: PTSAlgorithm
-    target: float
     device: torch.device
     data: DataBundle
     calib: CalibrationSet
@@ -232,13 +167,12 @@ class PreparedJob:
     layers: list[PrunableLayer]
     dense_zeros: dict[str, int]  # zeros per prunable layer before pruning: each layer's floor
     dense_logits: torch.Tensor | None
-    compile: bool  # the job's `compile` key: fuse the methods' weight-sized elementwise chains
 
 
 class JobLog:
     """The record of one job and the tracker run that mirrors it."""
 
-    def __init__(self, record: dict[str, Any], out_dir: Path, tracker: Tracker):
+    def __init__(self, record: JobRecord, out_dir: Path, tracker: Tracker):
         self.record, self.out_dir, self.tracker = record, out_dir, tracker
         self.tracker_started = False
 
@@ -248,7 +182,7 @@ class JobLog:
 
 
 @contextmanager
-def recorded(record: dict[str, Any], out_dir: Path, tracker: Tracker) -> Iterator[JobLog]:
+def recorded(record: JobRecord, out_dir: Path, tracker: Tracker) -> Iterator[JobLog]:
     """Write result.json and finish the tracker run however the job ends.
 
     An exception becomes status failed (with its message, and a traceback unless it is a user error) and
@@ -258,138 +192,131 @@ def recorded(record: dict[str, Any], out_dir: Path, tracker: Tracker) -> Iterato
     try:
         yield job
     except KeyboardInterrupt:
-        record.update(status="interrupted", error="KeyboardInterrupt")
+        record.interrupted()
         raise
     except Exception as exc:
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        if not isinstance(exc, PtsbenchError):
-            record["traceback"] = traceback.format_exc()
-        raise JobFailed(record) from exc
+        record.failed(exc)
+        raise JobFailed(record.fields) from exc
     finally:
-        record["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        write_json(out_dir / RESULT_FILE, record)
+        record.finished()
+        write_json(out_dir / RESULT_FILE, record.fields)
         if job.tracker_started:
             tracker.finish(_summary(record), failed=record["status"] != "ok")
 
 
-def prepare(cfg: DictConfig, job: JobLog, sweep: str, refused: PtsbenchError | None = None) -> PreparedJob:
-    """Build and check everything (config, data, calibration draw, model, layers), then the dense weights.
-
-    Everything that can be checked is checked before dense training or any other long work; `refused` is an
-    error found before the job's record existed (a bad resume_studies), raised once the record names the
-    method.
-    """
+def job_spec(cfg: DictConfig, job: JobLog, refused: PtsbenchError | None = None
+             ) -> tuple[JobSpec, PTSAlgorithm]:
+    """The job's algorithm and its checked spec; `refused` is an error found before the job's record
+    existed (a bad resume_studies), raised once the record names the method."""
     record = job.record
     algorithm = build_algorithm(cfg)  # first, so a failed record still names its method
-    record.update(algorithm=algorithm.name, method=algorithm.label, algorithm_options=algorithm.options(),
-                  method_family=algorithm.family, budget_fraction=algorithm.budget_fraction)
+    record.method(algorithm)
     if refused is not None:
         raise refused
-    algorithm.set_pattern(parse_pattern(cfg.get("pattern", "unstructured")))  # refuses N:M if it cannot follow it
-    check_budget(cfg, algorithm)
-    record.update(method=algorithm.label, method_family=algorithm.family)  # they name an N:M pattern
-    target = validate_config(cfg)
-    name = f"{cfg.model.name}-{algorithm.label}-{target:g}-s{cfg.seed}"
-    job.start_tracker(name=name, group=sweep, job_type=algorithm.name, config=OmegaConf.to_container(cfg, resolve=True),
-                      tags=[cfg.model.name, cfg.data.name, algorithm.name], dir=str(job.out_dir))
-    device = execution_device(cfg)
-    record["device"] = str(device)
-    # the seconds a record reports depend on it; a parallel sweep gives each job cores // jobs
-    # (cli.threads_per_job)
-    record["torch_threads"] = torch.get_num_threads()
-    compile_ = record["compile"] = bool(cfg.get("compile", False))
+    pattern = parse_pattern(record.identity.pattern)
+    algorithm.set_pattern(pattern)  # refuses N:M if it cannot follow it
+    budget = BudgetSpec.from_config(cfg)
+    check_budget(algorithm, budget)
+    record.method_label(algorithm)
+    return JobSpec.from_config(cfg, record.identity, pattern, budget), algorithm
+
+
+def prepare(spec: JobSpec, job: JobLog, algorithm: PTSAlgorithm, sweep: str) -> PreparedJob:
+    """Build and check everything (data, calibration draw, model, layers), then the dense weights.
+
+    Everything that can be checked is checked before dense training or any other long work.
+    """
+    record, cfg = job.record, spec.cfg
+    name = f"{spec.model}-{algorithm.label}-{spec.target:g}-s{spec.seed}"
+    job.start_tracker(name=name, group=sweep, job_type=algorithm.name,
+                      config=OmegaConf.to_container(cfg, resolve=True),
+                      tags=[spec.model, spec.dataset, algorithm.name], dir=str(job.out_dir))
+    device = execution_device(spec.threads, spec.device)
+    record.execution(device, torch.get_num_threads(), spec.compile)
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
 
     data = load_data(cfg, cache_dir)
-    check_not_empty(cfg, data)
-    calib = sample_calibration(data.train, int(cfg.calib.n), int(cfg.calib.seed), int(cfg.calib.batch_size))
+    check_not_empty(spec, data)
+    calib = sample_calibration(data.train, spec.calib.n, spec.calib.seed, spec.calib.batch_size)
     model = build_model(cfg, data)
     policy = PrunePolicy.from_config(cfg.prune_policy)
     layers = find_prunable_layers(model, policy)
     log.info(describe_policy(layers, policy))
-    algorithm.validate(layers, target)
+    algorithm.validate(layers, spec.target)
 
-    dense = load_dense_weights(cfg, model, data, cache_dir, device, progress=bool(cfg.progress))
-    record.update(dense_top1=dense.top1, dense_top5=dense.top5, dense_source=dense.source, dense_key=dense.key,
-                  dense_sha256=dense.sha256,
-                  dense_train_seconds=dense.info.get("train_seconds"))
+    dense = load_dense_weights(cfg, model, data, cache_dir, device, progress=spec.progress)
     dense_zeros = {ly.name: int((ly.weight == 0).sum()) for ly in layers}
-    report_dense_zeros(record, dense_zeros)
+    log_dense_zeros(record.dense(dense, dense_zeros))
     # On a probe set (a few dozen images) top-1 moves in coarse steps, so the dense logits are kept to
     # measure how closely the sparse model follows them; the algorithm may change `model` in place.
-    dense_logits = (collect_logits(model, data.test, device, int(cfg.eval.batch_size))
-                    if cfg.data.get("probe") else None)
+    dense_logits = collect_logits(model, data.test, device, spec.eval.batch_size) if spec.probe else None
     calib.data.images = calib.data.images.to(device)
     calib.data.labels = calib.data.labels.to(device)
     write_json(job.out_dir / CALIB_FILE, {"seed": calib.seed, "n": len(calib), "indices": calib.indices,
-                                          "split": "train", "dataset": cfg.data.name})
-    return PreparedJob(algorithm, target, device, data, calib, model, layers, dense_zeros, dense_logits, compile_)
+                                          "split": "train", "dataset": spec.dataset})
+    return PreparedJob(algorithm, device, data, calib, model, layers, dense_zeros, dense_logits)
 
 
-def report_dense_zeros(record: dict[str, Any], dense_zeros: dict[str, int]) -> None:
-    """Exact zeros the dense weights already hold (the shipped fp16 resnet18 has 4): how many and where, in
-    the record and the log. The audit counts them as each layer's floor (`ptsbench.audit.target_missed`)."""
-    where = [[name, count] for name, count in dense_zeros.items() if count]
-    record.update(dense_zero_weights=sum(count for _, count in where), dense_zero_layers=where)
+def log_dense_zeros(where: list[list[Any]]) -> None:
+    """Exact zeros the dense weights already hold (the shipped fp16 resnet18 has 4), as the record lists
+    them. The audit counts them as each layer's floor (`ptsbench.audit.target_missed`)."""
     if where:
         listing = ", ".join(f"{name}: {count}" for name, count in where[:6])
         listing += " ..." if len(where) > 6 else ""
         log.info("The dense weights already hold %d zero weights in %d prunable layers (%s); where the "
                  "allocation asks for fewer, they are the layer's floor, not a miss.",
-                 record["dense_zero_weights"], len(where), listing)
+                 sum(count for _, count in where), len(where), listing)
 
 
-def prune_and_audit(cfg: DictConfig, job: JobLog, prep: PreparedJob) -> tuple[PruneResult, list[PrunableLayer], Audit]:
+def prune_and_audit(spec: JobSpec, job: JobLog, prep: PreparedJob
+                    ) -> tuple[PruneResult, list[PrunableLayer], Audit]:
     """Run the algorithm, then count its zeros ourselves on the model it returned."""
-    torch.manual_seed(stream_seed("job.torch", int(cfg.seed)))
-    ctx = PruneContext(calib=prep.calib, device=prep.device, seed=int(cfg.seed), progress=bool(cfg.progress),
-                       compile=prep.compile, log_metrics=job.tracker.log, workdir=job.out_dir)
+    torch.manual_seed(stream_seed("job.torch", spec.seed))
+    ctx = PruneContext(calib=prep.calib, device=prep.device, seed=spec.seed, progress=spec.progress,
+                       compile=spec.compile, log_metrics=job.tracker.log, workdir=job.out_dir)
     start = time.perf_counter()
     with PruneCost(prep.model, prep.device) as cost:  # passes and peak memory, counted by the harness
-        result = prep.algorithm.prune(prep.model, prep.layers, prep.target, ctx)
-    job.record["prune_seconds"] = time.perf_counter() - start
-    job.record.update(cost.record())
+        result = prep.algorithm.prune(prep.model, prep.layers, spec.target, ctx)
+    job.record.pruned(time.perf_counter() - start, cost.record())
     bad = non_finite_tensors(result.model.state_dict())
     if bad:
         raise NonFiniteError(f"After the pruning step of {prep.algorithm.label}, the model holds NaN or inf "
                              f"in {len(bad)} tensor(s): {show_names(bad)}. The job stops before the audit "
                              f"and the evaluation, which would report the chance accuracy of NaN logits.")
 
-    sparse_layers = [PrunableLayer(ly.name, result.model.get_submodule(ly.name), ly.kind) for ly in prep.layers]
-    spec = prep.data.spec
-    audit = audit_model(result.model, sparse_layers, prep.target, result.allocation, pattern=prep.algorithm.pattern,
-                        input_shape=(1, spec.in_chans, spec.img_size, spec.img_size))
-    job.record.update(audit.summary())
+    sparse_layers = [PrunableLayer(ly.name, result.model.get_submodule(ly.name), ly.kind)
+                     for ly in prep.layers]
+    shape = prep.data.spec
+    audit = audit_model(result.model, sparse_layers, spec.target, result.allocation,
+                        pattern=prep.algorithm.pattern,
+                        input_shape=(1, shape.in_chans, shape.img_size, shape.img_size))
+    job.record.audited(audit)
     write_csv(job.out_dir / ALLOCATION_FILE, audit.layers)
     for table_name, table in result.tables.items():
         write_csv(job.out_dir / f"{table_name}.csv", table)
     return result, sparse_layers, audit
 
 
-def evaluate_and_save(cfg: DictConfig, job: JobLog, prep: PreparedJob, result: PruneResult,
+def evaluate_and_save(spec: JobSpec, job: JobLog, prep: PreparedJob, result: PruneResult,
                       sparse_layers: list[PrunableLayer], audit: Audit) -> None:
     """Top-1/top-5 of the sparse model, the status (ok or target_missed), and the optional checkpoints."""
     record, device = job.record, prep.device
-    ev = evaluate(result.model, prep.data.test, device, batch_size=int(cfg.eval.batch_size),
-                  num_workers=int(cfg.data.get("num_workers", 0)), channels_last=bool(cfg.eval.channels_last),
-                  what=f"the sparse model ({prep.algorithm.label})")
+    ev = evaluate_model(spec, result.model, prep.data, device, f"the sparse model ({prep.algorithm.label})")
     missed = target_missed(audit, prep.dense_zeros)
-    record.update(top1=ev.top1, top5=ev.top5, eval_images=ev.images, eval_seconds=ev.seconds,
-                  eval_images_per_second=ev.images_per_second, stats=result.stats,
-                  status="target_missed" if missed else "ok", error=missed)
-    record.update(inference_cost(result.model, sparse_layers, prep.data.test, device, prep.algorithm.pattern,
-                                 int(cfg.eval.batch_size)))
+    record.evaluated(ev, result.stats, missed)
+    record.measured(inference_cost(result.model, sparse_layers, prep.data.test, device,
+                                   prep.algorithm.pattern, spec.eval.batch_size))
     if missed:
         log.error("%s", missed)
     if prep.dense_logits is not None:
-        record.update(logit_fidelity(prep.dense_logits, collect_logits(result.model, prep.data.test, device,
-                                                                       int(cfg.eval.batch_size))))
-    log.info("%s on %s at target %.3f (achieved %.4f): dense top-1 %.2f%%, sparse top-1 %.2f%% (top-5 %.2f%%), "
-             "pruned in %.1f s", prep.algorithm.label, cfg.model.name, prep.target, audit.achieved,
-             record["dense_top1"], ev.top1, ev.top5, record["prune_seconds"])
-    if cfg.get("save_sparse"):
-        record.update(save_and_verify_sparse(result.model, sparse_layers, cfg, prep.data, job.out_dir, device,
-                                             ev.top1))
+        sparse_logits = collect_logits(result.model, prep.data.test, device, spec.eval.batch_size)
+        record.measured(logit_fidelity(prep.dense_logits, sparse_logits))
+    log.info("%s on %s at target %.3f (achieved %.4f): dense top-1 %.2f%%, sparse top-1 %.2f%% "
+             "(top-5 %.2f%%), pruned in %.1f s", prep.algorithm.label, spec.model, spec.target,
+             audit.achieved, record["dense_top1"], ev.top1, ev.top5, record["prune_seconds"])
+    if spec.save_sparse:
+        record.measured(save_and_verify_sparse(spec, result.model, sparse_layers, prep.data, job.out_dir,
+                                               device, ev.top1))
     job.tracker.log_table("allocation", audit.layers)
 
 
@@ -403,34 +330,36 @@ def run_job(cfg: DictConfig, out_dir: Path, tracker: Tracker | None = None, swee
     record returned. A folder holds one job: `out_dir` is claimed with the config hash (identity file), and
     a folder that belongs to another job raises FolderTaken before anything is written into it.
     """
-    record = base_record(cfg)
+    identity = JobIdentity.from_config(cfg)
+    record = JobRecord(identity, git_commit())
     refused: PtsbenchError | None = None
     try:  # resume_studies is read whatever `resume` says; a bad entry fails the job inside its record
         studies = read_studies(str(s) for s in cfg.get("resume_studies") or [])
-        done = (find_finished(record["config_hash"], resume_dirs or [out_dir], studies)
+        done = (find_finished(identity.config_hash, resume_dirs or [out_dir], studies)
                 if cfg.get("resume") else None)
     except PtsbenchError as exc:
         refused, done = exc, None
     if done is not None:
         previous, where = done
         log.info("resume: identical config already finished in %s; skipping", where)
-        return {**previous, "skipped": True}
-    owner = claim_folder(out_dir, record["config_hash"])
+        return JobRecord.skipped(previous)
+    owner = claim_folder(out_dir, identity.config_hash)
     if owner is not None:  # nothing is written there: its files stay the other job's
-        raise FolderTaken(folder_taken(out_dir, owner, record["config_hash"]))
-    record["job_dir"] = str(out_dir)
+        raise FolderTaken(folder_taken(out_dir, owner, identity.config_hash))
+    record.folder(out_dir)
     with recorded(record, out_dir, tracker or Tracker()) as job:
-        prep = prepare(cfg, job, sweep, refused)
-        result, sparse_layers, audit = prune_and_audit(cfg, job, prep)
-        evaluate_and_save(cfg, job, prep, result, sparse_layers, audit)
-    return record
+        spec, algorithm = job_spec(cfg, job, refused)
+        prep = prepare(spec, job, algorithm, sweep)
+        result, sparse_layers, audit = prune_and_audit(spec, job, prep)
+        evaluate_and_save(spec, job, prep, result, sparse_layers, audit)
+    return record.fields
 
 
 SUMMARY_KEYS = ("target_sparsity", "achieved_sparsity", "achieved_sparsity_all", "dense_top1", "top1", "top5",
                 "prune_seconds", "eval_seconds", "status", "error")
 
 
-def _summary(record: dict[str, Any]) -> dict[str, Any]:
+def _summary(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: record.get(k) for k in SUMMARY_KEYS}
 
 

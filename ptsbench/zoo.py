@@ -44,7 +44,7 @@ def export_dense(config_name: str, overrides: list[str], out_dir: Path = ZOO_DIR
 
     cfg = compose_job_config([f"model={config_name}", "model.checkpoint=null", "model.checkpoint_sha256=null",
                               *overrides])
-    device = execution_device(cfg)
+    device = execution_device(cfg.get("threads"), cfg.device)
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
     data = load_data(cfg, cache_dir)
     model = build_model(cfg, data)

@@ -241,7 +241,8 @@ def test_execution_settings_are_not_part_of_a_jobs_identity():
 
 
 def test_any_timm_name_trains_the_recipe_without_the_shipped_weights():
-    from ptsbench.runner import validate_config
+    from ptsbench.jobspec import JobSpec
 
-    assert validate_config(compose_config(["model.name=efficientnet_b0", "model.checkpoint=null"])) == 0.5
-    assert validate_config(compose_config(["model=mobilenetv2"])) == 0.5  # its own shipped weights
+    spec = JobSpec.from_config(compose_config(["model.name=efficientnet_b0", "model.checkpoint=null"]))
+    assert spec.target == 0.5
+    assert JobSpec.from_config(compose_config(["model=mobilenetv2"])).target == 0.5  # its own shipped weights

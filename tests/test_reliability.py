@@ -490,7 +490,8 @@ def test_run_folder_errors_are_one_paragraph_before_hydra_writes(cache_dir, requ
 
 
 def test_budget_far_above_the_reference_is_refused_with_the_work_it_asks(tiny_cfg, tmp_path):
-    from ptsbench.runner import build_algorithm, check_budget, config_hash
+    from ptsbench.jobspec import BudgetSpec, check_budget
+    from ptsbench.runner import build_algorithm, config_hash
 
     with pytest.raises(JobFailed, match=r"algorithm.budget=1000000000.0 asks fcpts for 64,000,000,000 "
                                          r"optimisation iterations \(reference: 1,600\): 40,000,000 times "
@@ -505,9 +506,9 @@ def test_budget_far_above_the_reference_is_refused_with_the_work_it_asks(tiny_cf
     with pytest.raises(JobFailed, match=r"algorithm.budget=1e\+307 times the preset's 200 steps is not a"):
         run_job(tiny_cfg("algorithm=pot_quick", "algorithm.budget=1e307"), tmp_path / "pot_inf")
     allowed = tiny_cfg("algorithm=pot_quick", "algorithm.budget=150", "max_budget=2")  # 30,000 steps: 1.5x
-    check_budget(allowed, build_algorithm(allowed))
+    check_budget(build_algorithm(allowed), BudgetSpec.from_config(allowed))
     assert config_hash(allowed) == config_hash(tiny_cfg("algorithm=pot_quick", "algorithm.budget=150"))
     with pytest.raises(ConfigError, match=r"30,000 calibration steps per layer \(reference: 20,000\): 1.5 "
                                           r"times .* set max_budget=2 to run it as asked"):
         tight = tiny_cfg("algorithm=pot_quick", "algorithm.budget=150", "max_budget=1")
-        check_budget(tight, build_algorithm(tight))
+        check_budget(build_algorithm(tight), BudgetSpec.from_config(tight))

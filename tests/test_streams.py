@@ -145,10 +145,12 @@ def test_unknown_names_ints_and_harness_streams_are_refused():
 
 
 def test_records_carry_the_scheme_outside_the_job_identity(tiny_cfg, tmp_path):
-    from ptsbench.runner import base_record, config_hash
+    from ptsbench.jobspec import JobIdentity
+    from ptsbench.record import JobRecord
+    from ptsbench.runner import config_hash
 
     cfg = tiny_cfg()
-    record = base_record(cfg)
+    record = JobRecord(JobIdentity.from_config(cfg), None)
     assert record["rng_scheme"] == RNG_SCHEME_VERSION
     assert record["config_hash"] == config_hash(cfg) and "rng_scheme" not in cfg
     # records written before the field still load, next to new ones

@@ -40,7 +40,8 @@ def histogram_density(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return at(t) + at(-t)
 
 
-def kde_bandwidth(weight: torch.Tensor, rule: str, counts: torch.Tensor, edges_lo: float, width: float) -> float:
+def kde_bandwidth(weight: torch.Tensor, rule: str, counts: torch.Tensor, edges_lo: float,
+                  width: float) -> float:
     """Gaussian-kernel bandwidth from the layer's signed weights.
 
     silverman: 0.9 * min(std, IQR / 1.349) * n^(-1/5), robust to the heavy tails of trained weights;
@@ -89,7 +90,8 @@ def kde_density(weight: torch.Tensor, t: torch.Tensor, bandwidth: str = "silverm
     return (counts * kernel).sum() / norm
 
 
-def abs_weight_density(weight: torch.Tensor, t: torch.Tensor, bridge: str, bandwidth: str = "silverman") -> torch.Tensor:
+def abs_weight_density(weight: torch.Tensor, t: torch.Tensor, bridge: str,
+                       bandwidth: str = "silverman") -> torch.Tensor:
     """dS/dt for one layer: the density of |w| at the threshold, by the chosen estimator."""
     if bridge == "kde":
         return kde_density(weight, t, bandwidth)
@@ -115,7 +117,8 @@ class BridgeSparsity(torch.autograd.Function):
         w = weight.detach()
         ctx.save_for_backward(threshold.detach(), w)
         ctx.bridge, ctx.bandwidth = bridge, bandwidth
-        return maybe_compiled(count_at_or_below, compiled)(w, threshold.detach()).to(threshold.dtype) / w.numel()
+        return (maybe_compiled(count_at_or_below, compiled)(w, threshold.detach()).to(threshold.dtype)
+                / w.numel())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

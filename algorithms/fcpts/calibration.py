@@ -78,7 +78,8 @@ def resized_crop_flip(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Ten
     grid = F.affine_grid(theta, [n, c, height, width], align_corners=False)
     # normalised coordinates of the first and last pixel centres inside each box
     lo = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], dim=1).view(n, 1, 1, 2)
-    hi = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], dim=1).view(n, 1, 1, 2)
+    hi = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1],
+                     dim=1).view(n, 1, 1, 2)
     grid = torch.maximum(torch.minimum(grid, hi), lo)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -92,7 +93,8 @@ def random_resized_crop_flip(images: torch.Tensor, generator: torch.Generator) -
 
 
 def calibration_stream(calib: CalibrationSet, batch_size: int, device: torch.device,
-                       order: torch.Generator, augment: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                       order: torch.Generator, augment: torch.Generator | None = None
+                       ) -> Iterator[torch.Tensor]:
     """Endless epochs of reshuffled, full calibration batches (drop_last, as the reference loader), each
     batch augmented with `augment`'s random stream when it is given."""
     while True:

@@ -77,7 +77,6 @@ from ptsbench.sparsity import (
     PrunableLayer,
     apply_masks,
     bake_masks,
-    check_sparsity,
     counts_from_rates,
     erk_allocation,
     rates,
@@ -236,13 +235,12 @@ class FCPTS(PTSAlgorithm):
         return f"{iterations} optimisation iterations (reference: {REFERENCE_ITERATIONS:,})"
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
-        erk_allocation(layers, check_sparsity(target), self.erk_power_scale)
+        erk_allocation(layers, target, self.erk_power_scale)
 
     # ------------------------------------------------------------------------------------ prune
 
     def prune(self, model: nn.Module, layers: list[PrunableLayer], target: float,
               ctx: PruneContext) -> PruneResult:
-        target = check_sparsity(target)
         self.validate(layers, target)
         if len(ctx.calib) < self.optim.batch_size:
             raise ConfigError(f"FCPTS needs at least one full batch: calib.n={len(ctx.calib)} is below "
@@ -331,7 +329,8 @@ class FCPTS(PTSAlgorithm):
 
     def _batches(self, ctx: PruneContext) -> Iterator[torch.Tensor]:
         augment = ctx.generator(AUGMENT_STREAM) if self.optim.augment else None
-        return calibration_stream(ctx.calib, self.optim.batch_size, ctx.device, ctx.generator(DATA_STREAM), augment)
+        return calibration_stream(ctx.calib, self.optim.batch_size, ctx.device, ctx.generator(DATA_STREAM),
+                                  augment)
 
     def start(self, model: nn.Module, layers: list[PrunableLayer], target: float, ctx: PruneContext
               ) -> Optimisation:

@@ -142,7 +142,8 @@ def attach_thresholds(layers: list[PrunableLayer], counts: dict[str, int], thres
 
 def zeros_at_thresholds(layers: list[PrunableLayer], gates: list[ThresholdMask]) -> int:
     """How many weights the current thresholds remove, over all layers."""
-    return sum(int((original_weight(ly).abs() <= g.threshold()).sum()) for ly, g in zip(layers, gates, strict=True))
+    return sum(int((original_weight(ly).abs() <= g.threshold()).sum())
+               for ly, g in zip(layers, gates, strict=True))
 
 
 # --------------------------------------------------------------------------- the controllable loss
@@ -209,7 +210,8 @@ def exact_counts(layers: list[PrunableLayer], gates: list[ThresholdMask], sorted
     if sum(learned) == want:
         lo, c_lo, c_hi = 0.0, learned, learned
     elif sum(c_lo) > want or sum(c_hi) < want:
-        log.warning("FCPTS: thresholds cannot reach %d zeros (exact zeros or |w| >= 1); distributing the rest.", want)
+        log.warning("FCPTS: thresholds cannot reach %d zeros (exact zeros or |w| >= 1); "
+                    "distributing the rest.", want)
         lo = hi if sum(c_hi) < want else lo
         c_lo = c_lo if sum(c_lo) <= want else [0] * len(sizes)
         c_hi = c_hi if sum(c_hi) >= want else sizes
@@ -236,5 +238,6 @@ def exact_counts(layers: list[PrunableLayer], gates: list[ThresholdMask], sorted
 def count_masks(layers: list[PrunableLayer], sorted_abs: list[torch.Tensor], counts: dict[str, int]
                 ) -> dict[str, torch.Tensor]:
     """{0,1} masks removing exactly counts[name] smallest trained |w| per layer."""
-    masks = masks_from_counts([original_weight(ly) for ly in layers], sorted_abs, [counts[ly.name] for ly in layers])
+    masks = masks_from_counts([original_weight(ly) for ly in layers], sorted_abs,
+                              [counts[ly.name] for ly in layers])
     return {ly.name: m for ly, m in zip(layers, masks, strict=True)}

@@ -6,5 +6,5 @@ from algorithms.unipts.method import UniPTS
 from algorithms.unipts.objective import distillation_loss
 from algorithms.unipts.search import SearchSettings, draw_fitness_set, genetic_search
 
-__all__ = ["SearchSettings", "UniPTS", "attach_dynamic_masks", "current_masks", "decode_genome", "distill_sparse",
-           "distillation_loss", "draw_fitness_set", "genetic_search", "regrow_rates"]
+__all__ = ["SearchSettings", "UniPTS", "attach_dynamic_masks", "current_masks", "decode_genome",
+           "distill_sparse", "distillation_loss", "draw_fitness_set", "genetic_search", "regrow_rates"]

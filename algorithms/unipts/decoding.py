@@ -43,7 +43,8 @@ def regrow_rates(genome: torch.Tensor, numels: Sequence[int], target: float, del
     return (reduced - regrow / n).clamp(0.0, 1.0)
 
 
-def decode_genome(genome: torch.Tensor, layers: list[PrunableLayer], target: float, delta: float) -> dict[str, int]:
+def decode_genome(genome: torch.Tensor, layers: list[PrunableLayer], target: float,
+                  delta: float) -> dict[str, int]:
     """Exact per-layer counts of removed weights for a genome; they sum to round(P * N)."""
     layer_rates = regrow_rates(genome, [ly.numel for ly in layers], target, delta).tolist()
     return counts_from_rates(layers, {ly.name: r for ly, r in zip(layers, layer_rates, strict=True)}, target)

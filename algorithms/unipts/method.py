@@ -58,7 +58,6 @@ from ptsbench.sparsity import (
     allocate,
     apply_masks,
     bake_masks,
-    check_sparsity,
     magnitude_masks,
     rates,
 )
@@ -198,7 +197,6 @@ class UniPTS(PTSAlgorithm):
         return tags
 
     def validate(self, layers: list[PrunableLayer], target: float) -> None:
-        target = check_sparsity(target)
         if self.search.enabled and target + self.search.delta > 1.0 + 1e-9:
             raise ConfigError(
                 f"UniPTS reduces every layer to sparsity + delta = {target} + {self.search.delta} > 1. "
@@ -213,7 +211,8 @@ class UniPTS(PTSAlgorithm):
         was_training = model.training
         if self.channels_last:  # NHWC convolutions: markedly faster for CNNs on CPU, restored at the end
             model.to(memory_format=torch.channels_last)
-        fitness_set = draw_fitness_set(ctx.calib, self.search.fitness_set_size, ctx.generator(STREAM_FITNESS_SET))
+        fitness_set = draw_fitness_set(ctx.calib, self.search.fitness_set_size,
+                                       ctx.generator(STREAM_FITNESS_SET))
         stats: dict[str, Any] = {"budget": self.budget, "fitness_set_images": len(fitness_set),
                                  "calib_images": len(ctx.calib)}
         tables: dict[str, pd.DataFrame] = {}
