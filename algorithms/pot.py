@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
+from ptsbench.allocations import ALLOCATIONS, allocate
 from ptsbench.bnfold import find_conv_bn_pairs, fold_batchnorm
 from ptsbench.errors import ConfigError
 from ptsbench.reconstruct import (
@@ -46,9 +47,7 @@ from ptsbench.reconstruct import (
 )
 from ptsbench.settings import Settings, budget_option, count_text, node, option, read_budget, scaled
 from ptsbench.sparsity import (
-    ALLOCATIONS,
     PrunableLayer,
-    allocate,
     apply_masks,
     bake_masks,
     magnitude_masks,
@@ -69,7 +68,7 @@ class POTSettings(Settings):
     start from it (Hydra's ConfigStore, `schema/algorithm/pot`) and hold only what a preset changes."""
 
     fold_bn: bool = True  # fold BatchNorm into the preceding convolutions first
-    allocation: str = option("global_l2norm", ALLOCATIONS)  # uniform | erk | global | global_l2norm
+    allocation: str = option("global_l2norm", ALLOCATIONS)  # a weight-only allocation
     # msbench: scale std(W)/std(W*M), shift by the mean difference | exact_moments | none (true/false: older
     # configs' msbench / none)
     weight_correction: str = option("msbench", WEIGHT_CORRECTIONS)

@@ -9,6 +9,7 @@ other baselines. The code path is magnitude pruning's (`algorithms.scored`) with
 from __future__ import annotations
 
 from algorithms.scored import ScorePruning
+from ptsbench.allocations import weight_only_allocations
 from ptsbench.errors import ConfigError
 
 
@@ -21,5 +22,5 @@ class RandomPruning(ScorePruning):
         super().__init__(allocation, erk_power_scale, bn_recalibration=bn_recalibration)
         if self.alloc.needs_calibration:
             raise ConfigError(f"algorithm.allocation={allocation} reads calibration statistics; the random "
-                              "control takes a weight-only allocation's counts (uniform, erk, global, "
-                              "global_l2norm).")
+                              "control takes a weight-only allocation's counts "
+                              f"({', '.join(weight_only_allocations())}).")

@@ -1,5 +1,5 @@
-"""The allocation axis as methods use it: which strategy splits the target across layers (the registry of
-`ptsbench.sparsity.ALLOCATIONS`, OWL's calibrated rates, or another job's per-layer file), checked up front
+"""The allocation axis as methods use it: which strategy splits the target across layers (one of the registry
+`ptsbench.allocations`, OWL's calibrated rates among them, or another job's per-layer file), checked up front
 and turned into exact per-layer zero counts; and the N:M masks of a pattern from any per-weight score."""
 
 from __future__ import annotations
@@ -12,22 +12,20 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ptsbench.errors import ConfigError, PtsbenchError, unknown_choice
-from ptsbench.owl import OWLSettings, owl_counts
+from ptsbench.allocations import FROM_FILE, Allocation, available_allocations, get_allocation
+from ptsbench.errors import ConfigError
+from ptsbench.owl import OWLSettings
 from ptsbench.patterns import Pattern, nm_mask, nm_zero_counts
 from ptsbench.sparsity import (
-    ALLOCATIONS,
     TARGET_SLACK_PER_LAYER,
     PrunableLayer,
-    allocate,
     counts_from_rates,
     magnitude_mask,
 )
 
-# Allocations that read calibration statistics, not the weights alone: each layer's Wanda input norms
-# from the dense network (`ptsbench.layerwise.dense_input_norms`).
-CALIBRATED_ALLOCATIONS = ("owl",)
-ALLOCATION_CHOICES = ALLOCATIONS + CALIBRATED_ALLOCATIONS + ("from_file",)
+# The one allocation configured through a node of its own (`algorithm.owl`: OWLSettings, with its checks),
+# kept as the methods' constructor argument so the shipped configs keep their keys and hashes.
+OWL = "owl"
 
 
 def read_allocation_file(path: str | Path, layers: list[PrunableLayer], target: float) -> dict[str, float]:
@@ -96,6 +94,10 @@ class AllocationChoice:
     """The allocation axis as a method's options: a registered strategy, or another job's allocation.csv.
 
     Shared by every method that takes its per-layer rates from outside (magnitude, Wanda, SparseGPT).
+    `from_file` stays here rather than in the registry: it is no function of the layers and the target but a
+    replay of a job's output, with keys of its own (a path, a label naming its source), a check of the file
+    against the model before any work, and counts held to the file's rates rather than re-rounded to the
+    target.
     """
 
     strategy: str = "uniform"
@@ -109,24 +111,39 @@ class AllocationChoice:
              label: str | None = None,
              owl: OWLSettings | Mapping[str, Any] | None = None) -> AllocationChoice:
         """The choice from a method's constructor arguments, checked; `owl` (algorithm.owl) only with owl."""
-        if owl is not None and strategy != "owl":
+        if owl is not None and strategy != OWL:
             raise ConfigError(f"algorithm.owl sets OWL's M and lambda, but algorithm.allocation={strategy}; "
                               "use algorithm.allocation=owl or drop algorithm.owl.")
-        settings = OWLSettings.read(owl, "algorithm.owl") if strategy == "owl" else None
+        settings = OWLSettings.read(owl, "algorithm.owl") if strategy == OWL else None
         return cls(strategy, float(erk_power_scale), file, label, settings).check()
 
     def check(self) -> AllocationChoice:
-        if self.strategy not in ALLOCATION_CHOICES:
-            raise unknown_choice("allocation", self.strategy, ALLOCATION_CHOICES)
-        if self.strategy == "from_file" and not self.file:
+        if self.strategy != FROM_FILE:
+            get_allocation(self.strategy)  # an unknown name fails here, listing the registry and from_file
+        elif not self.file:
             raise ConfigError("algorithm.allocation=from_file needs algorithm.allocation_file=PATH "
                               "(an allocation.csv).")
         return self
 
     @property
+    def allocation(self) -> Allocation | None:
+        """The registered allocation; None for from_file."""
+        return None if self.strategy == FROM_FILE else available_allocations()[self.strategy]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The registered allocation's options from the method's arguments (none for from_file)."""
+        given: dict[str, Any] = {"erk_power_scale": self.erk_power_scale}
+        if self.owl is not None:
+            given.update(owl_m=self.owl.m, owl_lambda=self.owl.lam)
+        allocation = self.allocation
+        return {} if allocation is None else allocation.settings(given)
+
+    @property
     def needs_calibration(self) -> bool:
         """True when `counts` needs the layers' dense input norms (`ptsbench.layerwise.dense_input_norms`)."""
-        return self.strategy in CALIBRATED_ALLOCATIONS
+        allocation = self.allocation
+        return allocation is not None and allocation.needs_calibration
 
     def validate(self, layers: list[PrunableLayer], target: float, pattern: Pattern) -> None:
         if pattern.is_nm and self.strategy != "uniform":
@@ -134,7 +151,7 @@ class AllocationChoice:
                               f"pattern={pattern}: N:M fixes every layer's sparsity at 1 - N/M = "
                               f"{pattern.sparsity:.4g}, so there is nothing to allocate. Use "
                               "algorithm.allocation=uniform (or pattern=unstructured).")
-        if self.strategy == "from_file":
+        if self.strategy == FROM_FILE:
             read_allocation_file(self.file, layers, target)
 
     def counts(self, layers: list[PrunableLayer], target: float, pattern: Pattern,
@@ -143,36 +160,27 @@ class AllocationChoice:
         `input_norms` (squared, per layer) feed the calibrated allocations."""
         if pattern.is_nm:
             return nm_zero_counts(layers, pattern)
-        if self.strategy == "from_file":
+        allocation = self.allocation
+        if allocation is None:
             return counts_from_rates(layers, read_allocation_file(self.file, layers, target))
-        if self.strategy == "owl":
-            if input_norms is None:
-                raise PtsbenchError("allocation=owl needs the layers' dense input norms (dense_input_norms).")
-            return owl_counts(layers, target, input_norms, self.owl or OWLSettings())
-        return allocate(layers, target, self.strategy, self.erk_power_scale)
+        return allocation(layers, target, input_norms, self.settings)
 
     def options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"allocation": self.strategy}
-        if self.strategy == "erk":
-            opts["erk_power_scale"] = self.erk_power_scale
-        if self.strategy == "from_file":
+        opts: dict[str, Any] = {"allocation": self.strategy, **self.settings}
+        if self.strategy == FROM_FILE:
             opts["allocation_file"] = str(self.file)
             if self.label:
                 opts["allocation_label"] = self.label
-        if self.owl is not None:
-            opts.update(owl_m=self.owl.m, owl_lambda=self.owl.lam)
         return opts
 
     def describe(self, pattern: Pattern) -> str:
         """The allocation's part of a method label; under N:M the pattern names it."""
         if pattern.is_nm:
             return str(pattern)
-        if self.strategy == "from_file" and self.label:
-            return f"from_{self.label}"
-        if self.owl is not None and self.owl != OWLSettings():
-            return f"owl-m{self.owl.m:g}-l{self.owl.lam:g}"
-        return (self.strategy if self.strategy != "erk" or self.erk_power_scale == 1.0
-                else f"erk{self.erk_power_scale:g}")
+        allocation = self.allocation
+        if allocation is None:
+            return f"from_{self.label}" if self.label else self.strategy
+        return allocation.describe(self.settings)
 
 
 def pattern_masks(layers: list[PrunableLayer], counts: dict[str, int], pattern: Pattern,

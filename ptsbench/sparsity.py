@@ -1,5 +1,6 @@
 """Sparsity primitives shared by every algorithm: which layers are prunable, how a global target is split
-across them (allocation), exact magnitude masks, and masks attached with `torch.nn.utils.parametrize`.
+across them (the allocation math; the registered allocations are `ptsbench.allocations`), exact magnitude
+masks, and masks attached with `torch.nn.utils.parametrize`.
 
 An allocation is a per-layer count of weights to remove, so the achieved global sparsity equals the
 target to within one weight per layer, whatever the method's own arithmetic.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,6 @@ from ptsbench.errors import ConfigError, unknown_choice
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("uniform", "erk", "global", "global_l2norm")
 # The audit's tolerance around target x weights, in weights per prunable layer (each layer's count is rounded
 # once); an allocation read from outside is held to it before any work, so a job never misses it at the end.
 TARGET_SLACK_PER_LAYER = 1
@@ -125,7 +125,7 @@ def describe_policy(layers: list[PrunableLayer], policy: PrunePolicy) -> str:
     return f"{len(layers)} prunable layers ({parts}); policy {policy}"
 
 
-# ------------------------------------------------------------------------------------------ allocations
+# ------------------------------------------------------------------------------- allocation math (shared)
 
 
 def check_sparsity(value: object, what: str = "sparsity") -> float:
@@ -164,10 +164,6 @@ def counts_from_rates(layers: list[PrunableLayer], rates: Mapping[str, float],
     return counts
 
 
-def uniform_allocation(layers: list[PrunableLayer], target: float) -> dict[str, float]:
-    return {ly.name: target for ly in layers}
-
-
 def erk_allocation(layers: list[PrunableLayer], target: float, power_scale: float = 1.0) -> dict[str, float]:
     """Erdos-Renyi-Kernel: keep-density proportional to (sum of dims / product of dims) ** power_scale.
 
@@ -192,7 +188,7 @@ def erk_allocation(layers: list[PrunableLayer], target: float, power_scale: floa
     return {name: 0.0 if name in dense else 1.0 - eps * raw[name] for name in raw}
 
 
-def _global_counts(scores: list[torch.Tensor], target: float) -> list[int]:
+def global_counts(scores: list[torch.Tensor], target: float) -> list[int]:
     """Remove the round(target * N) smallest scores over all layers; ties broken by position.
 
     Linear time: one k-th value for the threshold, then the tied entries in position order.
@@ -209,39 +205,6 @@ def _global_counts(scores: list[torch.Tensor], target: float) -> list[int]:
     tied = torch.nonzero(flat == threshold).squeeze(1)[:missing]
     counts += torch.bincount(layer_id[tied], minlength=len(sizes))
     return counts.tolist()
-
-
-def global_magnitude_counts(layers: list[PrunableLayer], target: float) -> dict[str, int]:
-    counts = _global_counts([ly.weight.abs() for ly in layers], target)
-    return {ly.name: c for ly, c in zip(layers, counts, strict=True)}
-
-
-def global_l2norm_counts(layers: list[PrunableLayer], target: float) -> dict[str, int]:
-    """POT's allocation: |w| / ||W_l||_2 per layer, then one global threshold."""
-    scores = [ly.weight.abs() / ly.weight.norm().clamp_min(1e-12) for ly in layers]
-    counts = _global_counts(scores, target)
-    return {ly.name: c for ly, c in zip(layers, counts, strict=True)}
-
-
-# The allocation axis: every strategy maps (layers, target, erk_power_scale) to per-layer zero counts.
-AllocationFn = Callable[[list[PrunableLayer], float, float], dict[str, int]]
-ALLOCATION_REGISTRY: dict[str, AllocationFn] = {
-    "uniform": lambda layers, target, _: counts_from_rates(
-        layers, uniform_allocation(layers, target), target),
-    "erk": lambda layers, target, power: counts_from_rates(
-        layers, erk_allocation(layers, target, power), target),
-    "global": lambda layers, target, _: global_magnitude_counts(layers, target),
-    "global_l2norm": lambda layers, target, _: global_l2norm_counts(layers, target),
-}
-
-
-def allocate(layers: list[PrunableLayer], target: float, method: str,
-             erk_power_scale: float = 1.0) -> dict[str, int]:
-    """Per-layer counts of weights to remove so that the global sparsity over `layers` is `target`."""
-    target = check_sparsity(target)
-    if method not in ALLOCATION_REGISTRY:
-        raise unknown_choice("allocation", method, ALLOCATIONS + ("from_file",))
-    return ALLOCATION_REGISTRY[method](layers, target, erk_power_scale)
 
 
 def rates(layers: list[PrunableLayer], counts: Mapping[str, int]) -> dict[str, float]:

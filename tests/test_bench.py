@@ -182,7 +182,8 @@ def test_unipts_fitness_evaluation_against_the_forward_passes_it_needs():
     over the fitness set; the bare floor is those two `model(x)` loops. Prints floor / ours
     (target >= 0.9)."""
     from algorithms.unipts.search import CandidateProbe, draw_fitness_set
-    from ptsbench.sparsity import allocate, find_prunable_layers
+    from ptsbench.allocations import allocate
+    from ptsbench.sparsity import find_prunable_layers
 
     model = timm.create_model("resnet18", num_classes=10, in_chans=1).to(memory_format=torch.channels_last)
     layers = find_prunable_layers(model)

@@ -17,7 +17,7 @@ TOOLKIT = {f"ptsbench.{m}" for m in (
     "errors", "settings", "sparsity", "patterns", "allocation", "owl", "dsnot", "bn", "bnfold", "layerwise",
     "reconstruct", "distill", "compiled", "data", "evaluate", "train", "paths", "streams")}
 # Registries whose every module is toolkit, so a module added to them needs no entry here.
-TOOLKIT_PACKAGES = ("ptsbench.scores",)
+TOOLKIT_PACKAGES = ("ptsbench.scores", "ptsbench.allocations")
 # the method interface, the layer-wise one-shot base and the score-then-allocation base
 CONTRACT = {"algorithms.base", "algorithms.oneshot", "algorithms.scored"}
 ANALYSIS_PREFIXES = ("ptsbench.analysis", "ptsbench.report")

@@ -14,6 +14,7 @@ import torch
 
 from algorithms.base import PruneContext
 from algorithms.pot import POT
+from ptsbench.allocations import allocate
 from ptsbench.bnfold import find_conv_bn_pairs, fold_batchnorm
 from ptsbench.errors import ConfigError
 from ptsbench.reconstruct import (
@@ -28,7 +29,7 @@ from ptsbench.reconstruct import (
     unit_outputs,
 )
 from ptsbench.runner import run_job
-from ptsbench.sparsity import allocate, apply_masks, bake_masks, find_prunable_layers, magnitude_masks
+from ptsbench.sparsity import apply_masks, bake_masks, find_prunable_layers, magnitude_masks
 
 CPU = torch.device("cpu")
 

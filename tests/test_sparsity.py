@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ptsbench.allocations import allocate
 from ptsbench.audit import audit_model
 from ptsbench.errors import ConfigError
 from ptsbench.sparsity import (
     PrunePolicy,
-    allocate,
     apply_masks,
     bake_masks,
     counts_from_rates,

@@ -49,13 +49,13 @@ from algorithms.unipts.search import (
     draw_fitness_set,
     genetic_search,
 )
+from ptsbench.allocations import allocate
 from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.data import CalibrationSet
 from ptsbench.errors import ConfigError
 from ptsbench.settings import Settings, check_budget, count_text, node, option, read_budget, scaled
 from ptsbench.sparsity import (
     PrunableLayer,
-    allocate,
     apply_masks,
     bake_masks,
     magnitude_masks,

@@ -112,6 +112,8 @@ class CandidateProbe:
 # ====================================================================================== genetic search
 
 
+# The search-off ablation's allocations (`ptsbench.allocations`): the paper's ERK and uniform, a chosen
+# subset of the weight-only registry rather than all of it, so the ablation stays the paper's.
 FALLBACK_ALLOCATIONS = ("erk", "uniform")
 
 

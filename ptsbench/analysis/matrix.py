@@ -31,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
+from ptsbench.allocations import weight_only_allocations
 from ptsbench.analysis.study import (
     JOB_KEY,
     check_names,
@@ -46,7 +47,6 @@ from ptsbench.errors import ConfigError, PtsbenchError, unknown_choice
 from ptsbench.reconstruct import RECONSTRUCTIONS
 from ptsbench.report import write_report
 from ptsbench.results import write_atomic, write_csv
-from ptsbench.sparsity import ALLOCATIONS
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,10 @@ class MatrixSettings:
             if cfg.get(key) is None:
                 raise ConfigError(f"{where} lacks the key {key!r}.")
         heuristic = tuple(str(a) for a in cfg.heuristic)
+        known = weight_only_allocations()
         for name in heuristic:
-            if name not in ALLOCATIONS:
-                raise unknown_choice(f"allocation in {where} heuristic:", name, ALLOCATIONS)
+            if name not in known:
+                raise unknown_choice(f"allocation in {where} heuristic:", name, known)
         return cls(str(cfg.source), check_names(f"{where} algorithm", [cfg.algorithm])[0], heuristic,
                    tuple(check_names(f"{where} learned", cfg.learned)),
                    check_names(f"{where} sparsegpt_algorithm",
