@@ -18,10 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # resnet18's heuristics and Wanda at three sparsities: jobs of a minute each, as most of the benchmark's are
-DEFAULT_SLICE = ("hydra.sweeper.params.model=resnet18 "
-                 "hydra.sweeper.params.algorithm="
-                 "magnitude_uniform_bn,magnitude_erk_bn,magnitude_global_bn,wanda_bn "
-                 "hydra.sweeper.params.sparsity=0.9,0.98,0.995")
+DEFAULT_SLICE = ("model=resnet18 algorithm=magnitude_uniform_bn,magnitude_erk_bn,magnitude_global_bn,wanda_bn "
+                 "sparsity=0.9,0.98,0.995")
 
 
 def run_bench(sweep_dir: Path, jobs: int, overrides: list[str]) -> float:
