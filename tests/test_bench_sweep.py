@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# resnet18's heuristics and Wanda at three sparsities: the benchmark's short rows, most of its job count
-DEFAULT_SLICE = ("model=resnet18 algorithm=magnitude_uniform_bn,magnitude_erk_bn,magnitude_global_bn,wanda_bn "
+# resnet18's heuristics and Wanda at three sparsities: the short rows, most of the benchmark's job count
+DEFAULT_SLICE = ("model=resnet18 "
+                 "algorithm=magnitude_uniform_bn,magnitude_erk_bn,magnitude_global_bn,wanda_bn "
                  "sparsity=0.9,0.98,0.995")
 
 
