@@ -9,4 +9,14 @@ if [ "${1:-}" = "--fast" ]; then
   shift
   set -- -m "not slow and not bench and not gpu" "$@"
 fi
-exec .venv/bin/python -m pytest "$@"
+# One pytest-xdist worker per core (PTSBENCH_TEST_WORKERS sets the number; a later -n on the command line
+# wins). Benchmarks and the GPU check (-m bench, -m gpu) time themselves, so they run in one process.
+workers=(-n "${PTSBENCH_TEST_WORKERS:-auto}")
+prev=""
+for arg in "$@"; do
+  if [ "$prev" = "-m" ] && { [ "$arg" = "bench" ] || [ "$arg" = "gpu" ]; }; then
+    workers=(-n 0)
+  fi
+  prev="$arg"
+done
+exec .venv/bin/python -m pytest "${workers[@]}" "$@"

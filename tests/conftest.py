@@ -3,6 +3,7 @@ session-wide cache so the tiny dense models are trained once per test run."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,13 @@ CONF = ROOT / "conf"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 register_configs()
+
+# Under pytest-xdist (scripts/test.sh runs one worker per core) each worker is one core's share: torch in
+# the worker and the ptsbench processes the CLI tests start (OMP_NUM_THREADS is read at torch's import)
+# keep to one thread, so two workers do not oversubscribe two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # Small but real: the first 2,000 Fashion-MNIST train images, 500 test images, three training epochs of
 # the recipe instead of the shipped zoo weights (about 83% dense top-1, trained once per test session).
@@ -39,8 +47,26 @@ def compose_config(overrides: list[str] | None = None, cache_dir: Path | None = 
     return cfg
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected
+def pytest_collection_modifyitems(config, items):
+    """Benchmarks time themselves: beside another worker their figures would measure the neighbour."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        skip = pytest.mark.skip(reason="benchmarks run in one process: add -n 0 (scripts/test.sh does for "
+                                       "-m bench)")
+        for item in items:
+            if item.get_closest_marker("bench"):
+                item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
+    """One cache for the whole run. Under xdist every worker has its own temporary root below a shared
+    one; the cache sits in the shared root so the tiny dense models are trained once for all workers (the
+    dense cache takes a file lock per model, so a second worker waits for the first one's weights)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "ptsbench-cache"
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("ptsbench-cache")
 
 

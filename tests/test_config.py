@@ -109,6 +109,7 @@ def test_default_benchmark_grid_runs_learned_methods_at_the_discriminating_spars
     """The default benchmark's filters, instantiated and applied the way hydra-filter-sweeper does it (the
     resolved job config, converted to plain containers), keep each model's own sweep and discriminating
     sparsities for the cheap methods and the learned quick presets at the discriminating ones only."""
+    import copy
     import itertools
 
     from hydra import compose, initialize_config_dir
@@ -121,9 +122,13 @@ def test_default_benchmark_grid_runs_learned_methods_at_the_discriminating_spars
         grid = [sweep.params[k].split(",") for k in ("model", "algorithm", "sparsity")]
         filters = OmegaConf.to_container(sweep.filters)
         kept, reasons = [], set()
+        # one composition per (model, algorithm); the sparsity is set on a copy, as the sweep's override does
+        composed = {(m, a): compose("config", overrides=["experiment=fmnist_benchmark", f"model={m}",
+                                                          f"algorithm={a}"])
+                    for m, a in itertools.product(grid[0], grid[1])}
         for model, algorithm, sparsity in itertools.product(*grid):
-            cfg = compose("config", overrides=["experiment=fmnist_benchmark", f"model={model}",
-                                                f"algorithm={algorithm}", f"sparsity={sparsity}"])
+            cfg = copy.deepcopy(composed[model, algorithm])  # resolving writes into nested nodes
+            cfg.sparsity = float(sparsity)
             OmegaConf.resolve(cfg)
             skipped = False
             for f in filters:

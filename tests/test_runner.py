@@ -47,14 +47,14 @@ def test_same_seed_same_result(tiny_cfg, tmp_path):
 
 def test_dense_model_is_trained_once_and_cached(tiny_cfg, tmp_path, cache_dir):
     first = run_job(tiny_cfg("sparsity=0.5"), tmp_path / "a")
-    # the session cache holds other models too
+    # the session cache is shared with other tests (and other xdist workers): look at this model's entry only
     weights = cache_dir / "dense" / f"{first['dense_key']}.safetensors"
     mtime = weights.stat().st_mtime_ns
-    cached = set((cache_dir / "dense").glob("*.safetensors"))
     record = run_job(tiny_cfg("sparsity=0.6"), tmp_path / "b")
     assert record["dense_key"] == first["dense_key"] and weights.stat().st_mtime_ns == mtime
-    assert set((cache_dir / "dense").glob("*.safetensors")) == cached  # nothing trained again
-    assert record["dense_source"] == "recipe" and record["dense_train_seconds"] > 0
+    # a retrained model would record its own training time; the cached one repeats the first's
+    assert record["dense_train_seconds"] == first["dense_train_seconds"] > 0
+    assert record["dense_source"] == "recipe" and record["dense_sha256"] == first["dense_sha256"]
 
 
 @pytest.mark.parametrize("override,match", [
