@@ -20,9 +20,9 @@ from torch import nn
 
 from ptsbench.data import CalibrationSet
 from ptsbench.errors import ConfigError
-from ptsbench.patterns import UNSTRUCTURED, Pattern
-from ptsbench.sparsity import PrunableLayer
 from ptsbench.streams import stream, stream_generator
+from ptsbench.toolkit.patterns import UNSTRUCTURED, Pattern
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 
 def _no_metrics(metrics: dict[str, float], step: int | None = None) -> None:

@@ -2,7 +2,7 @@
 starts from; with `allocation=global_l2norm` it is POT's mask selection without POT's corrections.
 
 The options (allocation, pattern, reconstruction, OWL, DSnoT, BatchNorm) are those of `algorithms.scored`;
-`algorithm.score` swaps |w| for another score of `ptsbench.scores`.
+`algorithm.score` swaps |w| for another score of `ptsbench.toolkit.scores`.
 """
 
 from __future__ import annotations

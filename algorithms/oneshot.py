@@ -2,7 +2,7 @@
 
 Per-layer counts come from the allocation axis (and the pattern); each layer is pruned by the method's own
 rule on the statistic of its inputs, and the calibration protocol says which network those inputs come from
-(`ptsbench.layerwise.CALIB_PROTOCOLS`): `dense`, every layer's inputs from the dense network, as the
+(`ptsbench.toolkit.layerwise.CALIB_PROTOCOLS`): `dense`, every layer's inputs from the dense network, as the
 reference vision code of Wanda (locuslab/wanda `image_classifiers/`) takes them; `sequential`, from the
 already pruned (and, for SparseGPT, updated) prefix, as the reference SparseGPT; `sequential+bn`, the same
 with the prefix's BatchNorm re-estimated before each block. A method names its statistic, its layer rule
@@ -12,9 +12,9 @@ On a BatchNorm network `sequential` calibrates every block after the first on a 
 still hold the dense statistics, i.e. on inputs the final, re-estimated network never produces: a labelled
 ablation (`*_stalebn`), not a default.
 
-Two additions from later papers sit on their own axes: `allocation=owl` (`ptsbench.owl`) takes the rates
-from the outlier ratios of the dense network's Wanda scores, one extra calibration pass before pruning;
-`refine=dsnot` (`ptsbench.dsnot`) swaps each pruned layer's weights within rows right after the method
+Two additions from later papers sit on their own axes: `allocation=owl` (`ptsbench.toolkit.owl`) takes the
+rates from the outlier ratios of the dense network's Wanda scores, one extra calibration pass before pruning;
+`refine=dsnot` (`ptsbench.toolkit.dsnot`) swaps each pruned layer's weights within rows right after the method
 prunes it, on the mean and variance of the same inputs.
 """
 
@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
-from ptsbench.allocation import AllocationChoice
-from ptsbench.bn import recalibrate_batchnorm
-from ptsbench.dsnot import DSnoTSettings, dsnot_layer, read_refinement
 from ptsbench.errors import ConfigError, unknown_choice
-from ptsbench.layerwise import (
+from ptsbench.toolkit.allocation import AllocationChoice
+from ptsbench.toolkit.bn import recalibrate_batchnorm
+from ptsbench.toolkit.dsnot import DSnoTSettings, dsnot_layer, read_refinement
+from ptsbench.toolkit.layerwise import (
     CALIB_PROTOCOLS,
     InputMoments,
     InputStatistic,
@@ -41,8 +41,8 @@ from ptsbench.layerwise import (
     check_supported,
     dense_input_norms,
 )
-from ptsbench.owl import OWLSettings
-from ptsbench.sparsity import PrunableLayer, magnitude_mask, rates
+from ptsbench.toolkit.owl import OWLSettings
+from ptsbench.toolkit.sparsity import PrunableLayer, magnitude_mask, rates
 
 
 class LayerwiseOneShot(PTSAlgorithm):

@@ -4,7 +4,7 @@ OpenVINO's post-training weight sparsity, the baseline both FCPTS and UniPTS com
 msbench reproduces it (configs/pst_res18_sp50_pot.yaml):
 
 1. **Fold BatchNorm** into the preceding convolutions, so allocation and correction see the weights the
-   network effectively uses (`ptsbench.bnfold`).
+   network effectively uses (`ptsbench.toolkit.bnfold`).
 2. **Allocate** with one global threshold on |w| / ||W_l||_2 (global L2-normalised magnitude): per-layer
    rates emerge instead of being set by a rule.
 3. **Weight correction**: per output channel, the kept weights are rescaled by std(W) / std(W * M) and
@@ -15,7 +15,7 @@ msbench reproduces it (configs/pst_res18_sp50_pot.yaml):
    biases) so its output matches the dense layer's on the dense model's inputs; pruned weights stay zero.
 
 Reference budgets (msbench): 10,240 calibration images, 20,000 Adam steps of batch 64 per layer. The
-steps after folding are shared with the technique matrix (`ptsbench.reconstruct`), so `pot` with
+steps after folding are shared with the technique matrix (`ptsbench.toolkit.reconstruct`), so `pot` with
 `reconstruction=block` or `recon_inputs=sparse` is msbench's `_pot_erk_layer_sparseinp`-style variant.
 """
 
@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
-from ptsbench.allocations import ALLOCATIONS, allocate
-from ptsbench.bnfold import find_conv_bn_pairs, fold_batchnorm
 from ptsbench.errors import ConfigError
-from ptsbench.reconstruct import (
+from ptsbench.settings import Settings, budget_option, count_text, node, option, read_budget, scaled
+from ptsbench.toolkit.allocations import ALLOCATIONS, allocate
+from ptsbench.toolkit.bnfold import find_conv_bn_pairs, fold_batchnorm
+from ptsbench.toolkit.reconstruct import (
     RECONSTRUCTION_STREAM,
     REFERENCE_STEPS,
     WEIGHT_CORRECTIONS,
@@ -45,8 +46,7 @@ from ptsbench.reconstruct import (
     reconstruction_tags,
     summarise,
 )
-from ptsbench.settings import Settings, budget_option, count_text, node, option, read_budget, scaled
-from ptsbench.sparsity import (
+from ptsbench.toolkit.sparsity import (
     PrunableLayer,
     apply_masks,
     bake_masks,

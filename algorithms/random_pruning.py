@@ -1,16 +1,16 @@
 """Random pruning: the control every pruning criterion must beat (as in ShrinkBench's `RandomPruning`).
 
 The allocation axis splits the target across layers as for magnitude pruning; inside a layer the weights
-to remove are drawn uniformly at random (`ptsbench.scores.random`: a seeded stream per job, so the same seed
-gives the same masks), under N:M as random N of each M. BatchNorm can be re-estimated afterwards like the
-other baselines. The code path is magnitude pruning's (`algorithms.scored`) with the random score.
+to remove are drawn uniformly at random (`ptsbench.toolkit.scores.random`: a seeded stream per job, so the
+same seed gives the same masks), under N:M as random N of each M. BatchNorm can be re-estimated afterwards
+like the other baselines. The code path is magnitude pruning's (`algorithms.scored`) with the random score.
 """
 
 from __future__ import annotations
 
 from algorithms.scored import ScorePruning
-from ptsbench.allocations import weight_only_allocations
 from ptsbench.errors import ConfigError
+from ptsbench.toolkit.allocations import weight_only_allocations
 
 
 class RandomPruning(ScorePruning):

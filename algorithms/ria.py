@@ -7,7 +7,7 @@ Specification (paper, and biomedical-cybernetics/Relative-importance-and-activat
   total of its input channel j and of its output row i. A weight large for either of its channels
   survives, so no channel is pruned away entirely ("channel corruption").
 * Score: RI_ij * (||X_j||_2)^a, the input norm over all calibration tokens, a = 0.5 (`--a`)
-  (`ptsbench.scores.ria`, shared with the score axis of magnitude pruning).
+  (`ptsbench.toolkit.scores.ria`, shared with the score axis of magnitude pruning).
 * Comparison group: the whole layer, the code's default; `--per_outneuron` would compare within rows as
   Wanda does. Under N:M every group of M consecutive inputs of a row keeps its N highest scores.
 * No weight update. The code's optional extras are left out: the channel permutation for N:M
@@ -35,15 +35,15 @@ from typing import Any
 import torch
 
 from algorithms.oneshot import LayerwiseOneShot
-from ptsbench.allocation import pattern_masks
-from ptsbench.dsnot import DSnoTSettings
 from ptsbench.errors import ConfigError
-from ptsbench.layerwise import InputNorms
-from ptsbench.owl import OWLSettings
-from ptsbench.patterns import Pattern
-from ptsbench.scores import get_score
-from ptsbench.scores.ria import ACTIVATION_EXPONENT
-from ptsbench.sparsity import PrunableLayer, magnitude_mask
+from ptsbench.toolkit.allocation import pattern_masks
+from ptsbench.toolkit.dsnot import DSnoTSettings
+from ptsbench.toolkit.layerwise import InputNorms
+from ptsbench.toolkit.owl import OWLSettings
+from ptsbench.toolkit.patterns import Pattern
+from ptsbench.toolkit.scores import get_score
+from ptsbench.toolkit.scores.ria import ACTIVATION_EXPONENT
+from ptsbench.toolkit.sparsity import PrunableLayer, magnitude_mask
 
 
 def ria_mask(layer: PrunableLayer, squares: torch.Tensor, n_zero: int, pattern: Pattern,

@@ -2,16 +2,17 @@
 lowest-scoring weights, optionally re-estimating BatchNorm statistics on the calibration set.
 
 The methods built on it (magnitude, the random control) differ only in their default score; any score of
-the registry (`ptsbench.scores`) can be chosen with `algorithm.score`. A score that reads calibration
+the registry (`ptsbench.toolkit.scores`) can be chosen with `algorithm.score`. A score that reads calibration
 statistics (`wanda`, `ria`) takes the dense network's input norms from one pass and compares the whole
 layer, unlike the layer-wise methods of those names (`algorithms.oneshot`). With `pattern=N:M` (top-level
-key) every row of a layer keeps the N highest scores of each M consecutive weights (`ptsbench.patterns`),
-and the allocation is the pattern's. `reconstruction=layer|block` adds PTSBench's reconstruction axis
-(`ptsbench.reconstruct`): each layer or block is tuned to reproduce the dense one's output, so any
-allocation (including another job's, `allocation=from_file`) can be combined with any reconstruction.
-`allocation=owl` takes OWL's rates from the dense network's Wanda scores (`ptsbench.owl`), as the OWL
-code's magnitude variant, and `refine=dsnot` moves each layer's mask with DSnoT (`ptsbench.dsnot`)
-on calibration statistics gathered under `calib_protocol`, as the DSnoT code's magnitude start.
+key) every row of a layer keeps the N highest scores of each M consecutive weights
+(`ptsbench.toolkit.patterns`), and the allocation is the pattern's. `reconstruction=layer|block` adds
+PTSBench's reconstruction axis (`ptsbench.toolkit.reconstruct`): each layer or block is tuned to reproduce the
+dense one's output, so any allocation (including another job's, `allocation=from_file`) can be combined with
+any reconstruction. `allocation=owl` takes OWL's rates from the dense network's Wanda scores
+(`ptsbench.toolkit.owl`), as the OWL code's magnitude variant, and `refine=dsnot` moves each layer's mask
+with DSnoT (`ptsbench.toolkit.dsnot`) on calibration statistics gathered under `calib_protocol`, as the DSnoT
+code's magnitude start.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from typing import Any, ClassVar
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
-from ptsbench.allocation import AllocationChoice, pattern_masks
-from ptsbench.bn import recalibrate_batchnorm
-from ptsbench.dsnot import DSnoTSettings, read_refinement, refine_masks
 from ptsbench.errors import ConfigError, unknown_choice
-from ptsbench.layerwise import CALIB_PROTOCOLS, check_supported, dense_input_norms
-from ptsbench.owl import OWLSettings
-from ptsbench.reconstruct import (
+from ptsbench.settings import COUNT, count_text, read_budget, scaled
+from ptsbench.toolkit.allocation import AllocationChoice, pattern_masks
+from ptsbench.toolkit.bn import recalibrate_batchnorm
+from ptsbench.toolkit.dsnot import DSnoTSettings, read_refinement, refine_masks
+from ptsbench.toolkit.layerwise import CALIB_PROTOCOLS, check_supported, dense_input_norms
+from ptsbench.toolkit.owl import OWLSettings
+from ptsbench.toolkit.reconstruct import (
     RECONSTRUCTION_STREAM,
     REFERENCE_STEPS,
     ReconstructionSettings,
@@ -38,9 +40,8 @@ from ptsbench.reconstruct import (
     reconstruction_budget,
     summarise,
 )
-from ptsbench.scores import get_score
-from ptsbench.settings import COUNT, count_text, read_budget, scaled
-from ptsbench.sparsity import (
+from ptsbench.toolkit.scores import get_score
+from ptsbench.toolkit.sparsity import (
     PrunableLayer,
     apply_masks,
     bake_masks,

@@ -15,7 +15,7 @@ shape (rows, cols) and calibration inputs X (cols x n):
   end:] (lazy batch update, exact). With one block this is the exact sequential OBS update of each removed
   weight in column order (tests/test_sparsegpt.py checks it against a textbook implementation).
 * Layers are pruned in module order, a block at a time, each calibrated on the outputs of the blocks
-  already pruned and updated (`ptsbench.layerwise`, as `opt_sequential` does).
+  already pruned and updated (`ptsbench.toolkit.layerwise`, as `opt_sequential` does).
 
 Vision adaptation and count rules (our choices):
 * Conv2d: H comes from the unfolded input (patch column (c, ky, kx) over all positions and images); W is
@@ -42,12 +42,12 @@ from typing import Any
 import torch
 
 from algorithms.oneshot import LayerwiseOneShot
-from ptsbench.dsnot import DSnoTSettings
 from ptsbench.errors import ConfigError, PtsbenchError
-from ptsbench.layerwise import grouped_weight, layer_groups
-from ptsbench.owl import OWLSettings
-from ptsbench.patterns import Pattern
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.toolkit.dsnot import DSnoTSettings
+from ptsbench.toolkit.layerwise import grouped_weight, layer_groups
+from ptsbench.toolkit.owl import OWLSettings
+from ptsbench.toolkit.patterns import Pattern
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 BLOCKSIZE = 128
 PERCDAMP = 0.01

@@ -2,7 +2,8 @@
 
 Specification (paper, and locuslab/wanda `lib/prune.py`, `image_classifiers/prune_utils.py`):
 * Score of weight (o, j): S_oj = |W_oj| * ||X_j||_2, the norm of input feature j over every calibration
-  token or position (`ptsbench.scores.wanda`, shared with OWL and the score axis of magnitude pruning).
+  token or position (`ptsbench.toolkit.scores.wanda`, shared with OWL and the score axis of magnitude
+  pruning).
 * Comparison group: each output row separately; a row loses its lowest-scoring weights. Under N:M each
   group of M consecutive inputs of a row keeps its N highest scores.
 * No weight update. Input statistics from the dense network by default (`calib_protocol=dense`, one pass
@@ -25,11 +26,11 @@ from __future__ import annotations
 import torch
 
 from algorithms.oneshot import LayerwiseOneShot
-from ptsbench.allocation import pattern_masks
-from ptsbench.layerwise import InputNorms
-from ptsbench.patterns import Pattern
-from ptsbench.scores import get_score
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.toolkit.allocation import pattern_masks
+from ptsbench.toolkit.layerwise import InputNorms
+from ptsbench.toolkit.patterns import Pattern
+from ptsbench.toolkit.scores import get_score
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 
 def row_mask(scores: torch.Tensor, n_zero: int) -> torch.Tensor:

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ptsbench.effective import EffectiveSparsityError, LayerReach, layer_reach
-from ptsbench.patterns import UNSTRUCTURED, Pattern, audit_pattern
-from ptsbench.sparsity import TARGET_SLACK_PER_LAYER, PrunableLayer
+from ptsbench.toolkit.patterns import UNSTRUCTURED, Pattern, audit_pattern
+from ptsbench.toolkit.sparsity import TARGET_SLACK_PER_LAYER, PrunableLayer
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Audit:
     # Over prunable weights, at the model's input size (None when no input shape was given):
     dense_dead_fraction: float | None = None  # weights of the dense model that cannot influence the output
     effective_sparsity: float | None = None  # weights that are zero or cannot influence the output
-    # the pattern and the layers it leaves dense (ptsbench.patterns)
+    # the pattern and the layers it leaves dense (ptsbench.toolkit.patterns)
     pattern: dict = field(default_factory=dict)
 
     def summary(self) -> dict:

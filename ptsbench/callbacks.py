@@ -11,9 +11,9 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ptsbench.analysis.report import write_report
 from ptsbench.errors import FolderTaken, PtsbenchError
 from ptsbench.paths import check_output_dir
-from ptsbench.report import write_report
 from ptsbench.tracking import sweep_group
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ptsbench.errors import ConfigError, unknown_key
 from ptsbench.settings import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, Range, Settings, settings_type
-from ptsbench.sparsity import PrunePolicy
+from ptsbench.toolkit.sparsity import PrunePolicy
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the harness's Hydra config directory
 
@@ -147,7 +147,7 @@ ALGORITHM_SCHEMAS = {
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="ptsbench_schema", node=PtsbenchConfig)
-    from ptsbench.reconstruct import ReconstructionSettings  # imports torch: not at module import
+    from ptsbench.toolkit.reconstruct import ReconstructionSettings  # imports torch: not at module import
 
     # the full `reconstruction` node at msbench's settings, under conf/reconstruction/'s presets
     cs.store(group="schema", name="reconstruction", node=ReconstructionSettings.defaults())

@@ -46,8 +46,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ptsbench.data import iterate_batches
 from ptsbench.evaluate import evaluate
-from ptsbench.patterns import Pattern, nm_violations, parse_pattern
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.toolkit.patterns import Pattern, nm_violations, parse_pattern
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 log = logging.getLogger(__name__)
 

@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     size."""
     from ptsbench.config import compose_job_config
     from ptsbench.dense import build_model, load_data
-    from ptsbench.sparsity import PrunePolicy, find_prunable_layers
+    from ptsbench.toolkit.sparsity import PrunePolicy, find_prunable_layers
 
     parser = argparse.ArgumentParser(prog="python -m ptsbench.effective", description=main.__doc__)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=resnet18 model.img_size=28")

@@ -17,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from ptsbench.config import check_config
 from ptsbench.errors import ConfigError
 from ptsbench.models import check_checkpoint_fits, stable_hash
-from ptsbench.patterns import Pattern, check_pattern_target, parse_pattern
 from ptsbench.settings import count_text
-from ptsbench.sparsity import check_sparsity
+from ptsbench.toolkit.patterns import Pattern, check_pattern_target, parse_pattern
+from ptsbench.toolkit.sparsity import check_sparsity
 
 if TYPE_CHECKING:
     from algorithms.base import PTSAlgorithm

@@ -41,7 +41,6 @@ from ptsbench.errors import ConfigError, DataError, FolderTaken, NonFiniteError,
 from ptsbench.evaluate import EvalResult, collect_logits, evaluate, logit_fidelity
 from ptsbench.jobspec import BudgetSpec, JobIdentity, JobSpec, check_budget
 from ptsbench.jobspec import config_hash as config_hash  # the job identity the CLI places folders by
-from ptsbench.patterns import parse_pattern
 from ptsbench.record import JobRecord
 from ptsbench.results import (
     ALLOCATION_FILE,
@@ -53,8 +52,9 @@ from ptsbench.results import (
     write_csv,
     write_json,
 )
-from ptsbench.sparsity import PrunableLayer, PrunePolicy, describe_policy, find_prunable_layers
 from ptsbench.streams import stream_seed
+from ptsbench.toolkit.patterns import parse_pattern
+from ptsbench.toolkit.sparsity import PrunableLayer, PrunePolicy, describe_policy, find_prunable_layers
 from ptsbench.tracking import Tracker
 
 log = logging.getLogger(__name__)

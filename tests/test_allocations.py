@@ -1,6 +1,6 @@
 """The allocation axis as a registry: every registered allocation has the one signature and gives exact
 counts, the names everywhere come from it, an unknown name fails as before, and a module dropped into
-`ptsbench/allocations/` is a new allocation, end to end through a job, with no edit elsewhere."""
+`ptsbench/toolkit/allocations/` is a new allocation, end to end through a job, with no edit elsewhere."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-import ptsbench.allocations as allocations_package
-from ptsbench.allocation import AllocationChoice
-from ptsbench.allocations import (
+import ptsbench.toolkit.allocations as allocations_package
+from ptsbench.errors import ConfigError, PtsbenchError
+from ptsbench.toolkit.allocation import AllocationChoice
+from ptsbench.toolkit.allocations import (
     ALLOCATIONS,
     FROM_FILE,
     allocate,
@@ -22,10 +23,9 @@ from ptsbench.allocations import (
     register_allocation,
     weight_only_allocations,
 )
-from ptsbench.errors import ConfigError, PtsbenchError
-from ptsbench.layerwise import dense_input_norms
-from ptsbench.patterns import Pattern
-from ptsbench.sparsity import find_prunable_layers
+from ptsbench.toolkit.layerwise import dense_input_norms
+from ptsbench.toolkit.patterns import Pattern
+from ptsbench.toolkit.sparsity import find_prunable_layers
 from tests.test_owl import small_net
 from tests.test_sparsegpt import tiny_calib
 
@@ -80,8 +80,8 @@ def test_a_name_is_registered_once(monkeypatch):
 TOY_ALLOCATION = '''
 """A toy allocation: the zeros fill the layers from the last one backwards."""
 
-from ptsbench.allocations import AllocationInputs, register_allocation
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.toolkit.allocations import AllocationInputs, register_allocation
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 
 @register_allocation("toy_last_first")
@@ -107,7 +107,7 @@ def test_a_module_in_the_allocations_package_is_a_new_allocation(tiny_cfg, tmp_p
     folder = tmp_path / "package"
     folder.mkdir()
     (folder / "toy_last_first.py").write_text(textwrap.dedent(TOY_ALLOCATION))
-    # the package folder as if the module had been dropped into ptsbench/allocations/
+    # the package folder as if the module had been dropped into ptsbench/toolkit/allocations/
     monkeypatch.setattr(allocations_package, "__path__", [*allocations_package.__path__, str(folder)])
     monkeypatch.setattr(allocations_package, "_REGISTRY", dict(allocations_package._REGISTRY))
     module = f"{allocations_package.__name__}.toy_last_first"

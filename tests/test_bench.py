@@ -110,7 +110,7 @@ def test_fcpts_time_per_iteration(bridge, threshold_grad, compiled):
     import algorithms.fcpts.method as fcpts_method
     from algorithms.base import PruneContext
     from algorithms.fcpts import FCPTS
-    from ptsbench.sparsity import find_prunable_layers
+    from ptsbench.toolkit.sparsity import find_prunable_layers
 
     warm, iterations = 8, 48
     seen: dict[str, int] = {}
@@ -161,7 +161,7 @@ def test_unipts_quick_time_per_candidate_and_epoch():
     """UniPTS with the quick preset's sizes on resnet18 at 28x28: time per search candidate and per epoch."""
     from algorithms.base import PruneContext
     from algorithms.unipts import UniPTS
-    from ptsbench.sparsity import find_prunable_layers
+    from ptsbench.toolkit.sparsity import find_prunable_layers
 
     model = timm.create_model("resnet18", num_classes=10, in_chans=1)
     algo = UniPTS(search={"population_size": 8, "generations": 5, "num_parents": 4, "fitness_set_size": 512},
@@ -182,8 +182,8 @@ def test_unipts_fitness_evaluation_against_the_forward_passes_it_needs():
     over the fitness set; the bare floor is those two `model(x)` loops. Prints floor / ours
     (target >= 0.9)."""
     from algorithms.unipts.search import CandidateProbe, draw_fitness_set
-    from ptsbench.allocations import allocate
-    from ptsbench.sparsity import find_prunable_layers
+    from ptsbench.toolkit.allocations import allocate
+    from ptsbench.toolkit.sparsity import find_prunable_layers
 
     model = timm.create_model("resnet18", num_classes=10, in_chans=1).to(memory_format=torch.channels_last)
     layers = find_prunable_layers(model)

@@ -20,11 +20,11 @@ from torch import nn
 from algorithms.ria import ria_mask
 from algorithms.sparsegpt import Hessian, prune_layer
 from algorithms.wanda import InputNorms, wanda_mask
-from ptsbench.dsnot import DSnoTSettings, dsnot_layer
-from ptsbench.layerwise import InputMoments, unfold_input
-from ptsbench.owl import owl_rates, owl_ratios
-from ptsbench.patterns import UNSTRUCTURED
-from ptsbench.sparsity import PrunableLayer, counts_from_rates
+from ptsbench.toolkit.dsnot import DSnoTSettings, dsnot_layer
+from ptsbench.toolkit.layerwise import InputMoments, unfold_input
+from ptsbench.toolkit.owl import owl_rates, owl_ratios
+from ptsbench.toolkit.patterns import UNSTRUCTURED
+from ptsbench.toolkit.sparsity import PrunableLayer, counts_from_rates
 
 SPARSITY = 0.5
 

@@ -41,7 +41,7 @@ from algorithms.fcpts import FCPTS
 from algorithms.fcpts.calibration import calibration_stream
 from algorithms.fcpts.method import AUGMENT_STREAM, DATA_STREAM
 from algorithms.fcpts.thresholds import original_weight
-from ptsbench.sparsity import find_prunable_layers
+from ptsbench.toolkit.sparsity import find_prunable_layers
 
 pytestmark = pytest.mark.bench
 
@@ -448,7 +448,7 @@ def ours_pot_units(dense: nn.Module, calib, target: float, names: tuple[str, ...
     """Our POT through step 3 (fold, allocate, correct, mask) and, per unit, what `process_units` does before
     tuning: dense inputs and targets, bias correction."""
     from algorithms.pot import POT
-    from ptsbench.reconstruct import collect_inputs, correct_bias, make_units, unit_outputs
+    from ptsbench.toolkit.reconstruct import collect_inputs, correct_bias, make_units, unit_outputs
 
     model = copy.deepcopy(dense).eval()
     layers = find_prunable_layers(model)
@@ -469,7 +469,7 @@ def ours_pot_units(dense: nn.Module, calib, target: float, names: tuple[str, ...
 def compare_pot_unit(
     name: str, algo, model: nn.Module, units: dict, masks: dict, ref: ReferencePOTUnits
 ) -> str:
-    import ptsbench.reconstruct as reconstruct
+    import ptsbench.toolkit.reconstruct as reconstruct
 
     unit, inputs, targets = units[name]
     _, module, _, _ = ref.units[name]

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from ptsbench.analysis.budget import Point, run_points, study_points
+from ptsbench.analysis.report import main as report_main
 from ptsbench.analysis.study import collect
 from ptsbench.errors import ConfigError
-from ptsbench.report import main as report_main
 from ptsbench.runner import build_algorithm
 from tests.conftest import TINY, compose_config
 

@@ -224,7 +224,7 @@ def test_unknown_logger_option_fails():
 
 
 def test_prune_policy_schema_is_the_policy():
-    from ptsbench.sparsity import PrunePolicy
+    from ptsbench.toolkit.sparsity import PrunePolicy
 
     cfg = compose_config(["prune_policy.first_conv=false"])
     policy = OmegaConf.to_object(cfg.prune_policy)

@@ -25,8 +25,8 @@ from ptsbench.cost import (
     speed_label,
 )
 from ptsbench.data import InMemoryImages
-from ptsbench.patterns import Pattern, parse_pattern
-from ptsbench.sparsity import PrunableLayer, find_prunable_layers
+from ptsbench.toolkit.patterns import Pattern, parse_pattern
+from ptsbench.toolkit.sparsity import PrunableLayer, find_prunable_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,7 +173,7 @@ def test_inference_cost_on_a_tiny_model_gives_every_record_key():
 def test_report_shows_cost_columns_only_when_records_have_them():
     import pandas as pd
 
-    from ptsbench.report import markdown_table, results_table
+    from ptsbench.analysis.report import markdown_table, results_table
 
     old = {"model": "m", "method": "a", "target_sparsity": 0.5, "seed": 0, "status": "ok", "top1": 1.0}
     new = dict(old, method="b", forward_passes=128, backward_passes=0, peak_memory_mb=10.0, speed="none")

@@ -7,7 +7,14 @@ import math
 import timm
 import torch
 
-from ptsbench.distill import BlockOutputs, base_decayed_kl, block_mse, find_blocks, kd_kl, tau_schedule
+from ptsbench.toolkit.distill import (
+    BlockOutputs,
+    base_decayed_kl,
+    block_mse,
+    find_blocks,
+    kd_kl,
+    tau_schedule,
+)
 
 STUDENT = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
 TEACHER = torch.tensor([[1.0, 1.0, 0.0], [-1.0, 2.0, 2.5]])

@@ -15,11 +15,11 @@ from algorithms.magnitude import MagnitudePruning
 from algorithms.ria import RIA
 from algorithms.sparsegpt import SparseGPT
 from algorithms.wanda import Wanda, wanda_mask
-from ptsbench.dsnot import DSnoTSettings, dsnot_layer, dsnot_rows
 from ptsbench.errors import ConfigError
-from ptsbench.layerwise import InputMoments, unfold_input
-from ptsbench.patterns import UNSTRUCTURED, Pattern, audit_pattern, nm_mask
-from ptsbench.sparsity import PrunableLayer, find_prunable_layers
+from ptsbench.toolkit.dsnot import DSnoTSettings, dsnot_layer, dsnot_rows
+from ptsbench.toolkit.layerwise import InputMoments, unfold_input
+from ptsbench.toolkit.patterns import UNSTRUCTURED, Pattern, audit_pattern, nm_mask
+from ptsbench.toolkit.sparsity import PrunableLayer, find_prunable_layers
 from tests.test_sparsegpt import tiny_calib
 
 

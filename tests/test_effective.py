@@ -12,7 +12,7 @@ from torch import nn
 
 from ptsbench.audit import audit_model
 from ptsbench.effective import EffectiveSparsityError, reachable_weights
-from ptsbench.sparsity import find_prunable_layers
+from ptsbench.toolkit.sparsity import find_prunable_layers
 
 # ------------------------------------------------------------------------------------ counted by hand
 
@@ -262,7 +262,7 @@ def test_audit_reports_dense_dead_and_effective_sparsity(caplog):
 def test_report_shows_effective_sparsity_when_recorded():
     import pandas as pd
 
-    from ptsbench.report import markdown_table, results_table
+    from ptsbench.analysis.report import markdown_table, results_table
     old = {"model": "resnet18", "method": "magnitude", "target_sparsity": 0.5, "seed": 0, "status": "ok",
            "achieved_sparsity": 0.5, "top1": 80.0, "dense_top1": 90.0}
     new = dict(old, seed=1, effective_sparsity=0.8, dense_dead_fraction=0.62)

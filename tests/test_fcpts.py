@@ -42,13 +42,13 @@ from algorithms.fcpts.thresholds import (
     ste_masked,
 )
 from ptsbench.audit import audit_model
-from ptsbench.bn import batchnorm_layers, recalibrate_batchnorm
-from ptsbench.compiled import MaybeCompiled, maybe_compiled
 from ptsbench.data import CalibrationSet
-from ptsbench.distill import kd_kl
 from ptsbench.errors import ConfigError, NonFiniteLossError
 from ptsbench.runner import run_job
-from ptsbench.sparsity import (
+from ptsbench.toolkit.bn import batchnorm_layers, recalibrate_batchnorm
+from ptsbench.toolkit.compiled import MaybeCompiled, maybe_compiled
+from ptsbench.toolkit.distill import kd_kl
+from ptsbench.toolkit.sparsity import (
     PrunableLayer,
     counts_at_thresholds,
     counts_from_rates,

@@ -17,9 +17,9 @@ from algorithms.ria import RIA
 from algorithms.wanda import Wanda
 from ptsbench.cost import count_macs, speed_label
 from ptsbench.data import CalibrationSet, InMemoryImages
-from ptsbench.patterns import Pattern, nm_mask
 from ptsbench.runner import run_job
-from ptsbench.sparsity import PrunableLayer, find_prunable_layers
+from ptsbench.toolkit.patterns import Pattern, nm_mask
+from ptsbench.toolkit.sparsity import PrunableLayer, find_prunable_layers
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -9,18 +9,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# What a method may import beside the contract: the shared mechanics of pruning (masks, scores, allocations,
-# patterns, BN, layer-wise calibration, reconstruction, refinement, distillation) and, shared with the job
-# path, the calibration set (data, with its file checks in paths), top-1 (evaluate, UniPTS's fitness) and the
-# training step (train).
-TOOLKIT = {f"ptsbench.{m}" for m in (
-    "errors", "settings", "sparsity", "patterns", "allocation", "owl", "dsnot", "bn", "bnfold", "layerwise",
-    "reconstruct", "distill", "compiled", "data", "evaluate", "train", "paths", "streams")}
-# Registries whose every module is toolkit, so a module added to them needs no entry here.
-TOOLKIT_PACKAGES = ("ptsbench.scores", "ptsbench.allocations")
+# What a method may import beside the contract: the toolkit package (the shared mechanics of pruning: masks,
+# scores, allocations, patterns, BN, layer-wise calibration, reconstruction, refinement, distillation; a
+# module added to it or to its registries needs no entry here) and, shared with the job path, the
+# calibration set (data, with its file checks in paths), top-1 (evaluate, UniPTS's fitness), the training
+# step (train), the named random streams, the settings base and the errors.
+TOOLKIT_PACKAGES = ("ptsbench.toolkit",)
+SHARED = {f"ptsbench.{m}" for m in ("errors", "settings", "data", "evaluate", "train", "paths", "streams")}
 # the method interface, the layer-wise one-shot base and the score-then-allocation base
 CONTRACT = {"algorithms.base", "algorithms.oneshot", "algorithms.scored"}
-ANALYSIS_PREFIXES = ("ptsbench.analysis", "ptsbench.report")
+ANALYSIS_PREFIXES = ("ptsbench.analysis",)
 CALLBACK = "ptsbench.callbacks"  # the end-of-sweep aggregation: the one door from the job path to analysis
 
 
@@ -48,7 +46,7 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def in_toolkit(name: str) -> bool:
-    return name in TOOLKIT or any(name == p or name.startswith(f"{p}.") for p in TOOLKIT_PACKAGES)
+    return name in SHARED or any(name == p or name.startswith(f"{p}.") for p in TOOLKIT_PACKAGES)
 
 
 def is_analysis(name: str) -> bool:

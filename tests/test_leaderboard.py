@@ -36,7 +36,7 @@ def test_runs_are_ranked_with_paired_gaps_and_the_summary_reads_the_highest_cell
 
 
 def test_the_report_states_each_cells_headroom(tmp_path):
-    from ptsbench.report import write_report
+    from ptsbench.analysis.report import write_report
 
     records = [{**r, "achieved_sparsity": 0.995, "eval_images": 10000} for r in
                runs("magnitude-erk+bn", [40.0, 42.0]) + runs("magnitude-global+bn", [30.0])

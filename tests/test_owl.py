@@ -16,10 +16,10 @@ from algorithms.random_pruning import RandomPruning
 from algorithms.sparsegpt import SparseGPT
 from algorithms.wanda import Wanda
 from ptsbench.errors import ConfigError
-from ptsbench.layerwise import dense_input_norms
-from ptsbench.owl import OWLSettings, outlier_ratio, owl_counts, owl_rates, owl_ratios
-from ptsbench.patterns import Pattern
-from ptsbench.sparsity import find_prunable_layers
+from ptsbench.toolkit.layerwise import dense_input_norms
+from ptsbench.toolkit.owl import OWLSettings, outlier_ratio, owl_counts, owl_rates, owl_ratios
+from ptsbench.toolkit.patterns import Pattern
+from ptsbench.toolkit.sparsity import find_prunable_layers
 from tests.test_sparsegpt import tiny_calib
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from ptsbench.analysis.pareto import method_points, pareto_front
-from ptsbench.report import main as report_main
-from ptsbench.report import results_table
+from ptsbench.analysis.report import main as report_main
+from ptsbench.analysis.report import results_table
 from ptsbench.results import RESULT_FILE, write_json
 
 

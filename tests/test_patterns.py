@@ -11,7 +11,8 @@ from algorithms.fcpts import FCPTS
 from algorithms.magnitude import MagnitudePruning
 from ptsbench.audit import audit_model
 from ptsbench.errors import ConfigError
-from ptsbench.patterns import (
+from ptsbench.runner import JobFailed, build_algorithm, run_job
+from ptsbench.toolkit.patterns import (
     UNSTRUCTURED,
     Pattern,
     PatternViolation,
@@ -20,8 +21,7 @@ from ptsbench.patterns import (
     nm_mask,
     parse_pattern,
 )
-from ptsbench.runner import JobFailed, build_algorithm, run_job
-from ptsbench.sparsity import PrunableLayer, find_prunable_layers
+from ptsbench.toolkit.sparsity import PrunableLayer, find_prunable_layers
 from tests.conftest import compose_config
 
 
@@ -120,7 +120,7 @@ def test_nm_sparsity_typed_to_four_decimals_is_met(tiny_cfg, tmp_path):
 
 def test_missed_nm_target_names_the_layers_out_of_the_count():
     from ptsbench.audit import audit_model, target_missed
-    from ptsbench.sparsity import find_prunable_layers
+    from ptsbench.toolkit.sparsity import find_prunable_layers
 
     model = torch.nn.Sequential(torch.nn.Linear(7, 30), torch.nn.Linear(30, 30))  # rows of 7 do not fit 1:3
     layers = find_prunable_layers(model)

@@ -14,10 +14,11 @@ import torch
 
 from algorithms.base import PruneContext
 from algorithms.pot import POT
-from ptsbench.allocations import allocate
-from ptsbench.bnfold import find_conv_bn_pairs, fold_batchnorm
 from ptsbench.errors import ConfigError
-from ptsbench.reconstruct import (
+from ptsbench.runner import run_job
+from ptsbench.toolkit.allocations import allocate
+from ptsbench.toolkit.bnfold import find_conv_bn_pairs, fold_batchnorm
+from ptsbench.toolkit.reconstruct import (
     ReconstructionSettings,
     block_units,
     collect_inputs,
@@ -28,8 +29,7 @@ from ptsbench.reconstruct import (
     process_units,
     unit_outputs,
 )
-from ptsbench.runner import run_job
-from ptsbench.sparsity import apply_masks, bake_masks, find_prunable_layers, magnitude_masks
+from ptsbench.toolkit.sparsity import apply_masks, bake_masks, find_prunable_layers, magnitude_masks
 
 CPU = torch.device("cpu")
 

@@ -11,9 +11,9 @@ from algorithms.base import PruneContext
 from algorithms.magnitude import MagnitudePruning
 from algorithms.random_pruning import RandomPruning
 from ptsbench.evaluate import evaluate
-from ptsbench.patterns import Pattern, audit_pattern
 from ptsbench.runner import build_algorithm
-from ptsbench.sparsity import find_prunable_layers
+from ptsbench.toolkit.patterns import Pattern, audit_pattern
+from ptsbench.toolkit.sparsity import find_prunable_layers
 from tests.conftest import compose_config
 
 CPU = torch.device("cpu")

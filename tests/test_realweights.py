@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
+from ptsbench.analysis.report import write_report
 from ptsbench.dense import build_model, load_data, load_dense_weights
 from ptsbench.errors import CheckpointError, DataError
 from ptsbench.evaluate import logit_fidelity
 from ptsbench.models import lukemelas_efficientnet_to_timm, read_state_dict, resolve_checkpoint_path
-from ptsbench.report import write_report
 from ptsbench.runner import run_job
 from tests.conftest import compose_config
 

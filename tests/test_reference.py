@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from ptsbench.analysis.reference import REFERENCE_COLUMNS, REFERENCE_CSV, load_reference, method_family
-from ptsbench.report import main as report_main
+from ptsbench.analysis.report import main as report_main
 from ptsbench.results import RESULT_FILE, write_json
 
 
@@ -178,7 +178,7 @@ def test_methods_filter_and_table_by_sparsity(sweep, tmp_path, capsys):
 
 
 def test_a_method_keeps_its_style_in_every_panel():
-    from ptsbench.report import method_styles
+    from ptsbench.analysis.report import method_styles
 
     few, more = method_styles(["pot", "unipts", "fcpts"]), \
         method_styles([f"m{i}" for i in range(14)] + ["pot"])
@@ -193,7 +193,7 @@ def test_a_method_keeps_its_style_in_every_panel():
 def test_the_legend_below_the_panels_fits_the_figure(labels):
     import matplotlib.pyplot as plt
 
-    from ptsbench.report import legend_columns
+    from ptsbench.analysis.report import legend_columns
 
     fig = plt.figure(figsize=(15.6, 4.2))
     ncol = legend_columns(labels, fig.get_figwidth(), fontsize=8)

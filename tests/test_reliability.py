@@ -179,7 +179,7 @@ def test_missed_target_is_flagged_in_the_sweep(tiny_cfg, tmp_path, monkeypatch):
 
 def test_target_check_counts_zeros_per_layer_and_globally():
     from ptsbench.audit import audit_model, target_missed
-    from ptsbench.sparsity import find_prunable_layers
+    from ptsbench.toolkit.sparsity import find_prunable_layers
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
     layers = find_prunable_layers(model)
@@ -357,7 +357,7 @@ def _record(method, status="ok", top1=80.0):
 
 
 def test_report_names_unreadable_records_and_exits_nonzero(tmp_path, capsys):
-    from ptsbench.report import main as report_main
+    from ptsbench.analysis.report import main as report_main
 
     study = tmp_path / "study"
     study.mkdir()
@@ -377,7 +377,7 @@ def test_report_names_unreadable_records_and_exits_nonzero(tmp_path, capsys):
 
 
 def test_report_method_filter_takes_records_without_a_method(tmp_path, capsys):
-    from ptsbench.report import main as report_main
+    from ptsbench.analysis.report import main as report_main
 
     for name, record in (("a", _record(None, status="failed")), ("b", _record("magnitude-uniform")),
                          ("c", _record("wanda-uniform"))):

@@ -11,10 +11,10 @@ from torch import nn
 from algorithms.base import PruneContext
 from algorithms.ria import RIA, ria_mask
 from ptsbench.errors import ConfigError
-from ptsbench.layerwise import InputNorms, unfold_input
-from ptsbench.patterns import UNSTRUCTURED, Pattern, audit_pattern
-from ptsbench.scores.ria import ria_scores
-from ptsbench.sparsity import PrunableLayer, find_prunable_layers
+from ptsbench.toolkit.layerwise import InputNorms, unfold_input
+from ptsbench.toolkit.patterns import UNSTRUCTURED, Pattern, audit_pattern
+from ptsbench.toolkit.scores.ria import ria_scores
+from ptsbench.toolkit.sparsity import PrunableLayer, find_prunable_layers
 from tests.test_sparsegpt import tiny_calib
 
 

@@ -1,7 +1,7 @@
 """The score axis: every registered score has the one signature and fills its layer's shape, a score is
 chosen by name on magnitude's path (random and magnitude pruning are that path with their default score),
-an unknown name fails before any work, and a module dropped into `ptsbench/scores/` is a new score with no
-edit elsewhere."""
+an unknown name fails before any work, and a module dropped into `ptsbench/toolkit/scores/` is a new score
+with no edit elsewhere."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ import textwrap
 import pytest
 import torch
 
-import ptsbench.scores as scores_package
+import ptsbench.toolkit.scores as scores_package
 from algorithms.base import PruneContext
 from algorithms.magnitude import MagnitudePruning
 from algorithms.random_pruning import RandomPruning
 from ptsbench.errors import ConfigError, PtsbenchError
-from ptsbench.layerwise import dense_input_norms
-from ptsbench.patterns import Pattern, audit_pattern
 from ptsbench.runner import build_algorithm
-from ptsbench.scores import available_scores, get_score, register_score
-from ptsbench.scores.ria import ria_scores
-from ptsbench.scores.wanda import wanda_scores
-from ptsbench.sparsity import PrunableLayer, find_prunable_layers, magnitude_mask
+from ptsbench.toolkit.layerwise import dense_input_norms
+from ptsbench.toolkit.patterns import Pattern, audit_pattern
+from ptsbench.toolkit.scores import available_scores, get_score, register_score
+from ptsbench.toolkit.scores.ria import ria_scores
+from ptsbench.toolkit.scores.wanda import wanda_scores
+from ptsbench.toolkit.sparsity import PrunableLayer, find_prunable_layers, magnitude_mask
 from tests.conftest import compose_config
 from tests.test_owl import small_net
 from tests.test_sparsegpt import tiny_calib
@@ -140,8 +140,8 @@ def test_a_name_is_registered_once(monkeypatch):
 TOY_SCORE = '''
 """A toy score: the largest |w| go first."""
 
-from ptsbench.scores import ScoreInputs, register_score
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.toolkit.scores import ScoreInputs, register_score
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 
 @register_score("toy_largest_first")
@@ -152,7 +152,7 @@ def largest_first(layer: PrunableLayer, inputs: ScoreInputs):
 
 def test_a_module_in_the_scores_package_is_a_new_score(tmp_path, monkeypatch):
     (tmp_path / "toy_largest_first.py").write_text(textwrap.dedent(TOY_SCORE))
-    # the package folder as if the module had been dropped into ptsbench/scores/
+    # the package folder as if the module had been dropped into ptsbench/toolkit/scores/
     monkeypatch.setattr(scores_package, "__path__", [*scores_package.__path__, str(tmp_path)])
     monkeypatch.setattr(scores_package, "_REGISTRY", dict(scores_package._REGISTRY))
     module = f"{scores_package.__name__}.toy_largest_first"

@@ -14,9 +14,9 @@ from algorithms.base import PruneContext
 from algorithms.sparsegpt import Hessian, SparseGPT, lowest_per_group, prune_layer, sparsegpt_prune
 from ptsbench.data import CalibrationSet, InMemoryImages
 from ptsbench.errors import ConfigError
-from ptsbench.layerwise import unfold_input
-from ptsbench.patterns import UNSTRUCTURED, Pattern, audit_pattern
-from ptsbench.sparsity import PrunableLayer, find_prunable_layers
+from ptsbench.toolkit.layerwise import unfold_input
+from ptsbench.toolkit.patterns import UNSTRUCTURED, Pattern, audit_pattern
+from ptsbench.toolkit.sparsity import PrunableLayer, find_prunable_layers
 
 DAMP = 0.01
 
@@ -202,7 +202,7 @@ def test_sequential_bn_protocol_calibrates_each_block_on_a_prefix_with_reestimat
 
     # By hand: each layer's Hessian from a prefix whose BN was re-estimated after the layers before
     # it were pruned
-    from ptsbench.bn import recalibrate_batchnorm
+    from ptsbench.toolkit.bn import recalibrate_batchnorm
     n_zero = {0: 72, 3: 288, 7: 2304}
     for index in (0, 3, 7):
         recalibrate_batchnorm(reference, calib, "cpu", 64)

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ptsbench.allocations import allocate
 from ptsbench.audit import audit_model
 from ptsbench.errors import ConfigError
-from ptsbench.sparsity import (
+from ptsbench.toolkit.allocations import allocate
+from ptsbench.toolkit.sparsity import (
     PrunePolicy,
     apply_masks,
     bake_masks,

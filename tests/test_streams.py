@@ -15,9 +15,9 @@ import torch
 from algorithms.base import PruneContext
 from algorithms.fcpts import method as fcpts
 from algorithms.unipts import method as unipts
-from ptsbench import reconstruct
 from ptsbench.results import load_records
 from ptsbench.streams import RNG_SCHEME_VERSION, STREAMS, stream_seed
+from ptsbench.toolkit import reconstruct
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "algorithms").rglob("*.py")) + sorted((ROOT / "ptsbench").rglob("*.py"))

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from ptsbench.analysis.report import write_report
 from ptsbench.analysis.study import (
     calibration_indices,
     check_names,
@@ -25,7 +26,6 @@ from ptsbench.analysis.study import (
 )
 from ptsbench.config import CONF_DIR
 from ptsbench.errors import ConfigError, DataError
-from ptsbench.report import write_report
 from ptsbench.results import RECORDS_FILE, load_records, write_json
 from ptsbench.runner import run_job
 

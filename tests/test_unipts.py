@@ -29,10 +29,10 @@ from algorithms.unipts.method import STREAM_FITNESS_SET
 from algorithms.unipts.objective import ObjectiveSettings
 from algorithms.unipts.search import crossover
 from ptsbench.data import CalibrationSet, InMemoryImages
-from ptsbench.distill import tau_schedule
 from ptsbench.errors import ConfigError
 from ptsbench.runner import build_algorithm, run_job
-from ptsbench.sparsity import PrunableLayer, find_prunable_layers
+from ptsbench.toolkit.distill import tau_schedule
+from ptsbench.toolkit.sparsity import PrunableLayer, find_prunable_layers
 from tests.conftest import compose_config
 
 # A search small enough for a test: 4 generations of 6, scored on 64 calibration images.

@@ -13,9 +13,9 @@ from torch import nn
 from algorithms.base import PruneContext
 from algorithms.wanda import InputNorms, Wanda, row_mask, wanda_mask
 from ptsbench.errors import ConfigError
-from ptsbench.layerwise import check_supported, unfold_input
-from ptsbench.patterns import UNSTRUCTURED, Pattern
-from ptsbench.sparsity import PrunableLayer, find_prunable_layers
+from ptsbench.toolkit.layerwise import check_supported, unfold_input
+from ptsbench.toolkit.patterns import UNSTRUCTURED, Pattern
+from ptsbench.toolkit.sparsity import PrunableLayer, find_prunable_layers
 from tests.test_sparsegpt import tiny_calib
 
 

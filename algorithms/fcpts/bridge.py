@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from ptsbench.compiled import maybe_compiled
-from ptsbench.sparsity import flat_view
+from ptsbench.toolkit.compiled import maybe_compiled
+from ptsbench.toolkit.sparsity import flat_view
 
 BRIDGES = ("kde", "histogram")
 BANDWIDTHS = ("silverman", "scott")

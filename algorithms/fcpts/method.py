@@ -57,8 +57,6 @@ from algorithms.fcpts.thresholds import (
     sparsity_loss,
     zeros_at_thresholds,
 )
-from ptsbench.bn import recalibrate_batchnorm
-from ptsbench.distill import BlockOutputs, block_mse, find_blocks, kd_kl
 from ptsbench.errors import ConfigError, ensure_finite
 from ptsbench.settings import (
     COUNT,
@@ -73,7 +71,9 @@ from ptsbench.settings import (
     read_budget,
     scaled,
 )
-from ptsbench.sparsity import (
+from ptsbench.toolkit.bn import recalibrate_batchnorm
+from ptsbench.toolkit.distill import BlockOutputs, block_mse, find_blocks, kd_kl
+from ptsbench.toolkit.sparsity import (
     PrunableLayer,
     apply_masks,
     bake_masks,

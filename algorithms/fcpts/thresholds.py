@@ -17,8 +17,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from algorithms.fcpts.bridge import bridge_sparsity
-from ptsbench.compiled import maybe_compiled
-from ptsbench.sparsity import PrunableLayer, counts_at_thresholds, masks_from_counts, sorted_magnitudes
+from ptsbench.toolkit.compiled import maybe_compiled
+from ptsbench.toolkit.sparsity import (
+    PrunableLayer,
+    counts_at_thresholds,
+    masks_from_counts,
+    sorted_magnitudes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +90,7 @@ class ThresholdMask(nn.Module):
     `threshold_grad="ste"` lets the reconstruction loss reach s (and |W|) through the mask (the paper's
     joint optimisation); `"sparsity_only"` builds the mask without gradient, as the released code does,
     so s moves only through the sparsity loss and the bridge. `compiled` fuses the chain (the job's
-    `compile` key, ptsbench.compiled).
+    `compile` key, ptsbench.toolkit.compiled).
     """
 
     def __init__(self, score: float, threshold_grad: str, device: torch.device, dtype: torch.dtype,

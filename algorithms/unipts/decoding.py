@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ptsbench.sparsity import PrunableLayer, counts_from_rates
+from ptsbench.toolkit.sparsity import PrunableLayer, counts_from_rates
 
 
 def regrow_rates(genome: torch.Tensor, numels: Sequence[int], target: float, delta: float) -> torch.Tensor:

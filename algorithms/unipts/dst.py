@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from algorithms.base import PruneContext
 from algorithms.unipts.objective import ObjectiveSettings, distillation_loss
 from ptsbench.data import CalibrationSet
-from ptsbench.distill import tau_schedule
 from ptsbench.errors import ensure_finite
 from ptsbench.settings import NON_NEGATIVE, NON_NEGATIVE_COUNT, OPTIONAL_POSITIVE, Range, Settings, option
-from ptsbench.sparsity import PrunableLayer, magnitude_mask, topk_magnitude_mask
+from ptsbench.toolkit.distill import tau_schedule
+from ptsbench.toolkit.sparsity import PrunableLayer, magnitude_mask, topk_magnitude_mask
 from ptsbench.train import random_translate_flip
 
 log = logging.getLogger(__name__)

@@ -49,12 +49,12 @@ from algorithms.unipts.search import (
     draw_fitness_set,
     genetic_search,
 )
-from ptsbench.allocations import allocate
-from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.data import CalibrationSet
 from ptsbench.errors import ConfigError
 from ptsbench.settings import Settings, check_budget, count_text, node, option, read_budget, scaled
-from ptsbench.sparsity import (
+from ptsbench.toolkit.allocations import allocate
+from ptsbench.toolkit.bn import recalibrate_batchnorm
+from ptsbench.toolkit.sparsity import (
     PrunableLayer,
     apply_masks,
     bake_masks,
@@ -107,7 +107,7 @@ class UniPTS(PTSAlgorithm):
     Deliberate differences from the reference: decoding re-solves clipped layers so the global sparsity is
     exactly P; the GA keeps its random immigrants and one elite; fitness images are not augmented (the
     reference re-augments them on every pass, so its fitness is noisy) and BN statistics are re-estimated
-    as exact averages (ptsbench.bn) rather than a momentum average; training augments the calibration
+    as exact averages (ptsbench.toolkit.bn) rather than a momentum average; training augments the calibration
     images with 2-pixel shifts and flips instead of RandomResizedCrop. `channels_last` only changes speed.
     `bn_recalibration` (off in the reference) re-estimates BatchNorm statistics on the calibration set after
     training: after a short run the running statistics are a momentum average over a few batches (or, after

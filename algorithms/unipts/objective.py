@@ -3,7 +3,7 @@
 KL from the teacher at temperature T to a student whose log-probabilities (temperature 1) are divided by
 tau_e = tau_start * tau_decay^e: a logarithm in base e^tau whose base decays over the epochs, so the loss
 scale grows as the student approaches the teacher (the reference's `main.py: DistillKL`). Plain Hinton
-KD at the same temperature is the paper's ablation. The formulas live in `ptsbench.distill`.
+KD at the same temperature is the paper's ablation. The formulas live in `ptsbench.toolkit.distill`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ptsbench.distill import base_decayed_kl, kd_kl, tau_schedule
 from ptsbench.settings import POSITIVE, Settings, option
+from ptsbench.toolkit.distill import base_decayed_kl, kd_kl, tau_schedule
 
 OBJECTIVES = ("base_decayed", "kl")
 

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ptsbench.bn import batchnorm_layers, recalibrate_batchnorm
 from ptsbench.data import CalibrationSet, InMemoryImages
 from ptsbench.errors import ConfigError
 from ptsbench.evaluate import evaluate
@@ -33,7 +32,8 @@ from ptsbench.settings import (
     Settings,
     option,
 )
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.toolkit.bn import batchnorm_layers, recalibrate_batchnorm
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 EVAL_BATCH_SIZE = 500  # fitness evaluation runs in eval mode, so the batch size does not change the score
 
@@ -112,8 +112,8 @@ class CandidateProbe:
 # ====================================================================================== genetic search
 
 
-# The search-off ablation's allocations (`ptsbench.allocations`): the paper's ERK and uniform, a chosen
-# subset of the weight-only registry rather than all of it, so the ablation stays the paper's.
+# The search-off ablation's allocations (`ptsbench.toolkit.allocations`): the paper's ERK and uniform, a
+# chosen subset of the weight-only registry rather than all of it, so the ablation stays the paper's.
 FALLBACK_ALLOCATIONS = ("erk", "uniform")
 
 

@@ -16,3 +16,32 @@ set of jobs: `study.collect` turns their folders into one `records.jsonl` and on
 The lists these programs need (which algorithms a study runs, which are baselines, which allocations are
 learned) live in conf/experiment/<study>.yaml and conf/study/<study>.yaml, never in the modules.
 """
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Sequence
+
+from ptsbench.errors import PtsbenchError
+
+Main = Callable[[Sequence[str] | None], int]
+
+
+def program(prog: str) -> Callable[[Main], Main]:
+    """Decorate an analysis program's `main`: bad input (a PtsbenchError, which names the file or key, the
+    bad value and what is allowed) ends as one line `prog: message` on stderr and exit status 2, not a
+    traceback. Any other exception is a bug and keeps its traceback."""
+
+    def decorate(main: Main) -> Main:
+        @functools.wraps(main)
+        def run(argv: Sequence[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except PtsbenchError as exc:
+                print(f"{prog}: {exc}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return decorate

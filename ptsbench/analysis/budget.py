@@ -29,10 +29,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ptsbench.analysis import program
+from ptsbench.analysis.report import main as report_main
 from ptsbench.analysis.study import check_names, collect, study_config
 from ptsbench.config import CONF_DIR
-from ptsbench.errors import ConfigError, PtsbenchError
-from ptsbench.report import main as report_main
+from ptsbench.errors import ConfigError
 from ptsbench.results import RECORDS_FILE
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ def run_points(points: Sequence[Point], runs: Path, extra: Sequence[str], study:
     return failed
 
 
+@program("python -m ptsbench.analysis.budget")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.budget", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,23 +155,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs, out = Path(args.runs or f"runs/{args.study}"), Path(args.out)
-    try:
-        failed = 0
-        # with --add, a point the committed study holds is skipped like a finished job (resume_studies)
-        skip = [f"resume_studies=[{out}]"] if args.add and (out / RECORDS_FILE).is_file() else []
-        if not args.report_only:
-            points = study_points(args.models, args.algorithms, args.study, args.seeds)
-            if args.values:
-                points = [p for p in points if p.key != PRESET and float(p.value) in args.values]
-            if args.only_highest or args.below_highest:
-                top = {p.model: model_sparsities(p.model, "highest", args.study)[0] for p in points}
-                points = [p for p in points if (p.sparsity == top[p.model]) == args.only_highest]
-            failed = run_points(points, runs, [*skip, *args.overrides], args.study)
-        if runs.exists() or not args.add:
-            collect([runs], out, add=args.add)
-    except PtsbenchError as exc:
-        print(f"ptsbench.analysis.budget: {exc}", file=sys.stderr)
-        return 2
+    failed = 0
+    # with --add, a point the committed study holds is skipped like a finished job (resume_studies)
+    skip = [f"resume_studies=[{out}]"] if args.add and (out / RECORDS_FILE).is_file() else []
+    if not args.report_only:
+        points = study_points(args.models, args.algorithms, args.study, args.seeds)
+        if args.values:
+            points = [p for p in points if p.key != PRESET and float(p.value) in args.values]
+        if args.only_highest or args.below_highest:
+            top = {p.model: model_sparsities(p.model, "highest", args.study)[0] for p in points}
+            points = [p for p in points if (p.sparsity == top[p.model]) == args.only_highest]
+        failed = run_points(points, runs, [*skip, *args.overrides], args.study)
+    if runs.exists() or not args.add:
+        collect([runs], out, add=args.add)
     return max(report_main([str(out)]), 1 if failed else 0)
 
 

@@ -40,6 +40,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 from scipy import stats
 
+from ptsbench.analysis import program
 from ptsbench.analysis.matrix import (
     MATRIX_RECONSTRUCTIONS,
     MatrixSettings,
@@ -49,7 +50,7 @@ from ptsbench.analysis.matrix import (
 from ptsbench.analysis.matrix import load_settings as matrix_settings
 from ptsbench.analysis.study import check_names, method_family, study_config, study_records
 from ptsbench.config import CONF_DIR
-from ptsbench.errors import ConfigError, PtsbenchError
+from ptsbench.errors import ConfigError
 from ptsbench.results import RECORDS_FILE, write_atomic
 
 STUDY = "claims"
@@ -449,6 +450,7 @@ def write_claims(results: Path, out: Path) -> str:
     return text
 
 
+@program("python -m ptsbench.analysis.claims")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.claims", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -456,17 +458,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="default: RESULTS/claims/claims.md")
     args = parser.parse_args(argv)
     results = Path(args.results)
-    try:
-        studies = load_settings().studies
-        if not any((results / s / RECORDS_FILE).is_file() for s in studies):
-            print("ptsbench.analysis.claims: none of "
-                  f"{', '.join(str(results / s / RECORDS_FILE) for s in studies)} "
-                  "exists; run scripts/results.sh first.", file=sys.stderr)
-            return 2
-        write_claims(results, Path(args.out) if args.out else results / STUDY / "claims.md")
-    except PtsbenchError as exc:
-        print(f"ptsbench.analysis.claims: {exc}", file=sys.stderr)
+    studies = load_settings().studies
+    if not any((results / s / RECORDS_FILE).is_file() for s in studies):
+        print("ptsbench.analysis.claims: none of "
+              f"{', '.join(str(results / s / RECORDS_FILE) for s in studies)} "
+              "exists; run scripts/results.sh first.", file=sys.stderr)
         return 2
+    write_claims(results, Path(args.out) if args.out else results / STUDY / "claims.md")
     return 0
 
 

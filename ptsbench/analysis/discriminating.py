@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from ptsbench.analysis import program
 from ptsbench.analysis.claims import cell_runs, pooled_records, strongest
 from ptsbench.analysis.study import check_names, method_family, study_config
 from ptsbench.config import CONF_DIR
-from ptsbench.errors import ConfigError, PtsbenchError
+from ptsbench.errors import ConfigError
 from ptsbench.results import write_atomic
 
 STUDIES = ("leaderboard", "fmnist_benchmark")
@@ -73,31 +74,28 @@ def write_model_config(path: Path, sparsities: Sequence[float]) -> None:
     write_atomic(path, text)
 
 
+@program("python -m ptsbench.analysis.discriminating")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.discriminating", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="results", help="the results root (default: results)")
     parser.add_argument("--write", action="store_true", help="write the ranges into the model configs")
     args = parser.parse_args(argv)
-    try:
-        cfg = study_config("leaderboard").get("discriminating")
-        if cfg is None:
-            raise ConfigError("conf/study/leaderboard.yaml lacks the key 'discriminating'.")
-        heuristics = [method_family(h) for h in check_names("discriminating.heuristics", cfg.heuristics)]
-        records = pooled_records(Path(args.results), STUDIES)
-        if records.empty:
-            raise ConfigError(f"no records in {', '.join(f'{args.results}/{s}' for s in STUDIES)}.")
-        table = losses(records, heuristics).sort_values(["model", "sparsity"])
-        ranges = discriminating(table, float(cfg.min_loss), float(cfg.max_loss))
-        print(table.to_markdown(index=False, floatfmt=".2f"))
-        configs = model_configs()
-        for model, sparsities in ranges.items():
-            print(f"{model}: {KEY} {sparsities}")
-            if args.write and model in configs:
-                write_model_config(configs[model], sparsities)
-    except PtsbenchError as exc:
-        print(f"ptsbench.analysis.discriminating: {exc}", file=sys.stderr)
-        return 2
+    cfg = study_config("leaderboard").get("discriminating")
+    if cfg is None:
+        raise ConfigError("conf/study/leaderboard.yaml lacks the key 'discriminating'.")
+    heuristics = [method_family(h) for h in check_names("discriminating.heuristics", cfg.heuristics)]
+    records = pooled_records(Path(args.results), STUDIES)
+    if records.empty:
+        raise ConfigError(f"no records in {', '.join(f'{args.results}/{s}' for s in STUDIES)}.")
+    table = losses(records, heuristics).sort_values(["model", "sparsity"])
+    ranges = discriminating(table, float(cfg.min_loss), float(cfg.max_loss))
+    print(table.to_markdown(index=False, floatfmt=".2f"))
+    configs = model_configs()
+    for model, sparsities in ranges.items():
+        print(f"{model}: {KEY} {sparsities}")
+        if args.write and model in configs:
+            write_model_config(configs[model], sparsities)
     return 0
 
 

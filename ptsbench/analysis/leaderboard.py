@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ptsbench.analysis import program
 from ptsbench.analysis.claims import (
     cell_runs,
     discriminating_sparsities,
@@ -111,17 +112,14 @@ def write_leaderboard(studies: Sequence[Path], out: Path) -> str:
     return text
 
 
+@program("python -m ptsbench.analysis.leaderboard")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.leaderboard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", nargs="+", default=["results/leaderboard"], help="study folders")
     parser.add_argument("--out", default="results/leaderboard", help="where leaderboard.md/.csv go")
     args = parser.parse_args(argv)
-    try:
-        write_leaderboard([Path(s) for s in args.studies], Path(args.out))
-    except PtsbenchError as exc:
-        print(f"ptsbench.analysis.leaderboard: {exc}", file=sys.stderr)
-        return 2
+    write_leaderboard([Path(s) for s in args.studies], Path(args.out))
     return 0
 
 

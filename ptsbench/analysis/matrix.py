@@ -31,7 +31,8 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from ptsbench.allocations import weight_only_allocations
+from ptsbench.analysis import program
+from ptsbench.analysis.report import write_report
 from ptsbench.analysis.study import (
     JOB_KEY,
     check_names,
@@ -43,16 +44,16 @@ from ptsbench.analysis.study import (
     study_config,
     study_records,
 )
-from ptsbench.errors import ConfigError, PtsbenchError, unknown_choice
-from ptsbench.reconstruct import RECONSTRUCTIONS
-from ptsbench.report import write_report
+from ptsbench.errors import ConfigError, unknown_choice
 from ptsbench.results import write_atomic, write_csv
+from ptsbench.toolkit.allocations import weight_only_allocations
+from ptsbench.toolkit.reconstruct import RECONSTRUCTIONS
 
 log = logging.getLogger(__name__)
 
 STUDY = "technique_matrix"
-# The reconstruction columns: the harness's units (ptsbench.reconstruct) and SparseGPT's own weight update,
-# whose cells run the study's `sparsegpt_algorithm` on the same allocation instead of magnitude masks.
+# The reconstruction columns: the harness's units (ptsbench.toolkit.reconstruct) and SparseGPT's own weight
+# update, whose cells run the study's `sparsegpt_algorithm` on the same allocation instead of magnitude masks.
 MATRIX_RECONSTRUCTIONS = (*RECONSTRUCTIONS, "sparsegpt")
 
 
@@ -262,6 +263,7 @@ def run_cells(cells: Sequence[Cell], extra: Sequence[str]) -> int:
     return failed
 
 
+@program("python -m ptsbench.analysis.matrix")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.matrix", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -281,26 +283,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     source, runs, out = Path(args.source), Path(args.runs), Path(args.out)
-    try:
-        settings = load_settings()
-        failed = 0
-        if not args.report_only:
-            records, allocations = study_records(source), study_allocations(source)
-            labels = method_labels(settings.learned)
-            cells = []
-            for group in args.models or experiment_grid(settings.source)["model"]:
-                model = model_info(group, args.overrides)
-                if not (args.sparsities or model.sweep_sparsities):
-                    raise ConfigError(f"model={group} lists no sweep_sparsities: give --sparsities.")
-                for sparsity in args.sparsities or model.sweep_sparsities:
-                    cells += matrix_cells(settings, records, allocations, model, sparsity, runs, labels,
-                                          args.allocations, args.reconstructions)
-            failed = run_cells(cells, args.overrides)
-        collect([runs], out)
-        write_tables(out, source, settings)
-    except PtsbenchError as exc:
-        print(f"ptsbench.analysis.matrix: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings()
+    failed = 0
+    if not args.report_only:
+        records, allocations = study_records(source), study_allocations(source)
+        labels = method_labels(settings.learned)
+        cells = []
+        for group in args.models or experiment_grid(settings.source)["model"]:
+            model = model_info(group, args.overrides)
+            if not (args.sparsities or model.sweep_sparsities):
+                raise ConfigError(f"model={group} lists no sweep_sparsities: give --sparsities.")
+            for sparsity in args.sparsities or model.sweep_sparsities:
+                cells += matrix_cells(settings, records, allocations, model, sparsity, runs, labels,
+                                      args.allocations, args.reconstructions)
+        failed = run_cells(cells, args.overrides)
+    collect([runs], out)
+    write_tables(out, source, settings)
     return 1 if failed else 0
 
 

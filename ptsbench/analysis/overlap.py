@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure  # no pyplot: no backend, no global figure state
 
+from ptsbench.analysis import program
 from ptsbench.analysis.study import (
     JOB_KEY,
     collect,
@@ -191,6 +192,7 @@ def write_mask_report(runs: Sequence[Path], out: Path) -> pd.DataFrame:
     return table
 
 
+@program("python -m ptsbench.analysis.overlap")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.overlap", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,19 +204,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, help="with --charts: the target sparsity to chart")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.charts:
-            if args.sparsity is None or args.runs:
-                parser.error("--charts STUDY takes --sparsity and no RUN_DIR")
-            methods = method_labels(experiment_algorithms(EXPERIMENT)).values()
-            write_layer_charts(Path(args.charts), args.sparsity, list(methods), Path(args.out or args.charts))
-            return 0
-        if not args.runs or not args.out:
-            parser.error("give RUN_DIR ... and --out (or --charts STUDY --sparsity S)")
-        write_mask_report([Path(r) for r in args.runs], Path(args.out))
-    except PtsbenchError as exc:
-        print(f"ptsbench.analysis.overlap: {exc}", file=sys.stderr)
-        return 2
+    if args.charts:
+        if args.sparsity is None or args.runs:
+            parser.error("--charts STUDY takes --sparsity and no RUN_DIR")
+        methods = method_labels(experiment_algorithms(EXPERIMENT)).values()
+        write_layer_charts(Path(args.charts), args.sparsity, list(methods), Path(args.out or args.charts))
+        return 0
+    if not args.runs or not args.out:
+        parser.error("give RUN_DIR ... and --out (or --charts STUDY --sparsity S)")
+    write_mask_report([Path(r) for r in args.runs], Path(args.out))
     return 0
 
 

@@ -32,8 +32,9 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from ptsbench.analysis import program
 from ptsbench.config import CONF_DIR
-from ptsbench.errors import ConfigError, DataError, PtsbenchError, unknown_choice
+from ptsbench.errors import ConfigError, DataError, unknown_choice
 from ptsbench.results import (
     ALLOCATION_FILE,
     CALIB_FILE,
@@ -275,6 +276,7 @@ def method_labels(algorithms: Iterable[str]) -> dict[str, str]:
     return {a: method_label(a) for a in algorithms}
 
 
+@program("python -m ptsbench.analysis.study")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -291,16 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "those of RUN_DIR")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        algorithms = args.algorithms
-        if args.study:
-            algorithms = check_names(f"conf/study/{args.study}.yaml algorithms",
-                                     study_config(args.study).get("algorithms") or [])
-        methods = list(method_labels(algorithms).values()) if algorithms else None
-        records = collect(args.runs, args.out, methods, add=args.add)
-    except PtsbenchError as exc:
-        print(f"ptsbench.analysis.study: {exc}", file=sys.stderr)
-        return 2
+    algorithms = args.algorithms
+    if args.study:
+        algorithms = check_names(f"conf/study/{args.study}.yaml algorithms",
+                                 study_config(args.study).get("algorithms") or [])
+    methods = list(method_labels(algorithms).values()) if algorithms else None
+    records = collect(args.runs, args.out, methods, add=args.add)
     log.info("%d jobs -> %s/{%s,%s}", len(records), args.out, RECORDS_FILE, ALLOCATIONS_FILE)
     return 0
 

@@ -16,11 +16,11 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no backend, no global figure state
 from matplotlib.lines import Line2D
 
+from ptsbench.analysis import program
 from ptsbench.analysis.pareto import write_pareto
 from ptsbench.analysis.plotting import legend_columns, method_styles
 from ptsbench.analysis.reference import REFERENCE_CSV, write_reference_comparison
 from ptsbench.analysis.study import method_family, study_config
-from ptsbench.errors import PtsbenchError
 from ptsbench.results import UNREADABLE, load_records, save_figure, write_atomic, write_csv
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,7 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path, methods: Seque
     return table
 
 
+@program("ptsbench-report")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptsbench-report", description=__doc__)
     parser.add_argument("dirs", nargs="*", metavar="DIR",
@@ -304,12 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(points):
         log.info("%d method points -> %s/pareto.{csv,md,png}", len(points), out)
     if args.reference is not None:
-        try:
-            comparison = write_reference_comparison(table, out, args.reference, any_dataset=args.any_dataset,
-                                                    sources=", ".join(args.dirs))
-        except PtsbenchError as exc:
-            print(f"ptsbench-report: {exc}", file=sys.stderr)
-            return 2
+        comparison = write_reference_comparison(table, out, args.reference, any_dataset=args.any_dataset,
+                                                sources=", ".join(args.dirs))
         log.info("%d measured rows, %d with a published counterpart -> %s/reference_comparison.{csv,md}",
                  len(comparison), int(comparison["published_method"].notna().sum()), out)
     if unreadable:  # the tables are written, but they are not the whole of what was asked for

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from ptsbench.allocations import AllocationInputs, register_allocation
-from ptsbench.sparsity import PrunableLayer, global_counts
+from ptsbench.toolkit.allocations import AllocationInputs, register_allocation
+from ptsbench.toolkit.sparsity import PrunableLayer, global_counts
 
 
 @register_allocation("global")

@@ -1,6 +1,7 @@
 """The allocation axis as methods use it: which strategy splits the target across layers (one of the registry
-`ptsbench.allocations`, OWL's calibrated rates among them, or another job's per-layer file), checked up front
-and turned into exact per-layer zero counts; and the N:M masks of a pattern from any per-weight score."""
+`ptsbench.toolkit.allocations`, OWL's calibrated rates among them, or another job's per-layer file), checked
+up front and turned into exact per-layer zero counts; and the N:M masks of a pattern from any per-weight
+score."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ptsbench.allocations import FROM_FILE, Allocation, available_allocations, get_allocation
 from ptsbench.errors import ConfigError
-from ptsbench.owl import OWLSettings
-from ptsbench.patterns import Pattern, nm_mask, nm_zero_counts
-from ptsbench.sparsity import (
+from ptsbench.toolkit.allocations import FROM_FILE, Allocation, available_allocations, get_allocation
+from ptsbench.toolkit.owl import OWLSettings
+from ptsbench.toolkit.patterns import Pattern, nm_mask, nm_zero_counts
+from ptsbench.toolkit.sparsity import (
     TARGET_SLACK_PER_LAYER,
     PrunableLayer,
     counts_from_rates,
@@ -141,7 +142,8 @@ class AllocationChoice:
 
     @property
     def needs_calibration(self) -> bool:
-        """True when `counts` needs the layers' dense input norms (`ptsbench.layerwise.dense_input_norms`)."""
+        """True when `counts` needs the layers' dense input norms
+        (`ptsbench.toolkit.layerwise.dense_input_norms`)."""
         allocation = self.allocation
         return allocation is not None and allocation.needs_calibration
 

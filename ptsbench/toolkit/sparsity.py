@@ -1,6 +1,6 @@
 """Sparsity primitives shared by every algorithm: which layers are prunable, how a global target is split
-across them (the allocation math; the registered allocations are `ptsbench.allocations`), exact magnitude
-masks, and masks attached with `torch.nn.utils.parametrize`.
+across them (the allocation math; the registered allocations are `ptsbench.toolkit.allocations`), exact
+magnitude masks, and masks attached with `torch.nn.utils.parametrize`.
 
 An allocation is a per-layer count of weights to remove, so the achieved global sparsity equals the
 target to within one weight per layer, whatever the method's own arithmetic.

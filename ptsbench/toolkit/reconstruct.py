@@ -12,7 +12,7 @@
   and baking the mask writes zeros.
 
 A unit's output is its module's output plus, for a convolution whose BatchNorm was folded
-(`ptsbench.bnfold`), the bias the folded BN carries, so "layer output" means conv + bias as in POT.
+(`ptsbench.toolkit.bnfold`), the bias the folded BN carries, so "layer output" means conv + bias as in POT.
 Inputs and dense outputs are collected once per unit over the calibration set (batches in a fixed
 order) and kept as tensors; each step draws a random batch from them, as msbench does.
 """
@@ -30,10 +30,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ptsbench.data import CalibrationSet
-from ptsbench.distill import find_blocks
 from ptsbench.errors import ensure_finite, unknown_choice
 from ptsbench.settings import COUNT, NON_NEGATIVE, NON_NEGATIVE_COUNT, Settings, option
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.toolkit.distill import find_blocks
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 log = logging.getLogger(__name__)
 

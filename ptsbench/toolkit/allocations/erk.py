@@ -1,13 +1,13 @@
 """Erdos-Renyi-Kernel (RigL): keep-density proportional to (sum of dims / product of dims) ** power_scale,
-layers that would be over-dense made dense (`ptsbench.sparsity.erk_allocation`, which FCPTS also starts
-from)."""
+layers that would be over-dense made dense (`ptsbench.toolkit.sparsity.erk_allocation`, which FCPTS also
+starts from)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ptsbench.allocations import AllocationInputs, register_allocation
-from ptsbench.sparsity import PrunableLayer, counts_from_rates, erk_allocation
+from ptsbench.toolkit.allocations import AllocationInputs, register_allocation
+from ptsbench.toolkit.sparsity import PrunableLayer, counts_from_rates, erk_allocation
 
 
 def erk_label(options: Mapping[str, float]) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ptsbench.errors import PtsbenchError, unknown_choice
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class ScoreInputs:
     """What a score may read about one layer beside its weights."""
 
     # squared L2 norm of each (group, input feature) over the dense network's calibration inputs
-    # (`ptsbench.layerwise.InputNorms.squares`); given only to scores that need calibration
+    # (`ptsbench.toolkit.layerwise.InputNorms.squares`); given only to scores that need calibration
     squares: torch.Tensor | None = None
     # the job's seeded stream for this score, shared by the layers in module order
     generator: torch.Generator | None = None

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ptsbench.scores import ScoreInputs, register_score
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.toolkit.scores import ScoreInputs, register_score
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 ACTIVATION_EXPONENT = 0.5
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ptsbench.scores import ScoreInputs, register_score
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.toolkit.scores import ScoreInputs, register_score
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 
 def wanda_scores(weight: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:

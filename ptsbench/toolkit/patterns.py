@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ptsbench.errors import ConfigError, PtsbenchError
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 PRESETS = ("unstructured", "2:4", "4:8")
 TARGET_DECIMALS = 4  # sparsity=0.6667 stands for 1:3's 2/3; a value that rounds elsewhere is refused

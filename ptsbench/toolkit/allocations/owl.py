@@ -1,14 +1,14 @@
 """OWL (Yin et al., ICML 2024): rates from each layer's share of outlier Wanda scores on the dense
-network's inputs (`ptsbench.owl`, which holds the method and its reading of the paper). Its options are
-`algorithm.owl`'s M and lambda, recorded as owl_m and owl_lambda."""
+network's inputs (`ptsbench.toolkit.owl`, which holds the method and its reading of the paper). Its options
+are `algorithm.owl`'s M and lambda, recorded as owl_m and owl_lambda."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ptsbench.allocations import AllocationInputs, register_allocation
-from ptsbench.owl import OWLSettings, owl_counts
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.toolkit.allocations import AllocationInputs, register_allocation
+from ptsbench.toolkit.owl import OWLSettings, owl_counts
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 DEFAULTS = OWLSettings()
 

@@ -55,10 +55,10 @@ import torch
 
 from ptsbench.data import CalibrationSet
 from ptsbench.errors import ConfigError, unknown_choice
-from ptsbench.layerwise import InputMoments, calibrated_prune, layer_groups
-from ptsbench.patterns import Pattern
 from ptsbench.settings import COUNT, NON_NEGATIVE, Settings, option
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.toolkit.layerwise import InputMoments, calibrated_prune, layer_groups
+from ptsbench.toolkit.patterns import Pattern
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 REFINEMENTS = ("none", "dsnot")
 

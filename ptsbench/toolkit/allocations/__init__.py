@@ -1,5 +1,5 @@
 """The allocation axis: how a global target is split across the prunable layers, one registered function per
-allocation, as in jaxpruner's registries (and `ptsbench.scores` here).
+allocation, as in jaxpruner's registries (and `ptsbench.toolkit.scores` here).
 
 Every allocation has the same signature, `allocate(layers, target, inputs) -> {layer: zeros}`, exact whole
 counts whose total the audit checks against target x weights; `inputs` carries what an allocation may read
@@ -9,7 +9,7 @@ calibration statistics, which options it records and how it names itself in meth
 
 Each module of this package registers its allocations with `register_allocation` and is imported on first
 lookup (pkgutil), so a new allocation is a new module here; no list elsewhere names them. Replaying another
-job's allocation.csv (`allocation=from_file`) is not one of them: it is `ptsbench.allocation`'s.
+job's allocation.csv (`allocation=from_file`) is not one of them: it is `ptsbench.toolkit.allocation`'s.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ptsbench.errors import PtsbenchError, unknown_choice
-from ptsbench.sparsity import PrunableLayer, check_sparsity
+from ptsbench.toolkit.sparsity import PrunableLayer, check_sparsity
 
-# The name of the allocation that replays another job's per-layer file (`ptsbench.allocation`): accepted
-# wherever an allocation is chosen, but not a function of the layers, so not registered here.
+# The name of the allocation that replays another job's per-layer file (`ptsbench.toolkit.allocation`):
+# accepted wherever an allocation is chosen, but not a function of the layers, so not registered here.
 FROM_FILE = "from_file"
 
 
@@ -34,7 +34,7 @@ class AllocationInputs:
     """What an allocation may read beside the layers' weights and the target."""
 
     # each layer's squared L2 input norms over the dense network's calibration inputs
-    # (`ptsbench.layerwise.dense_input_norms`); given only to allocations that need calibration
+    # (`ptsbench.toolkit.layerwise.dense_input_norms`); given only to allocations that need calibration
     squares: Mapping[str, torch.Tensor] | None = None
     # the allocation's settings: its registered defaults, overridden by the method's own options
     options: Mapping[str, float] = field(default_factory=dict)
@@ -119,7 +119,8 @@ def get_allocation(name: str) -> Allocation:
 def allocate(layers: list[PrunableLayer], target: float, method: str,
              erk_power_scale: float = 1.0) -> dict[str, int]:
     """Per-layer counts of weights to remove so that the global sparsity over `layers` is `target`, for the
-    weight-only allocations (the calibrated ones take their statistics through `ptsbench.allocation`)."""
+    weight-only allocations (the calibrated ones take their statistics through
+    `ptsbench.toolkit.allocation`)."""
     target = check_sparsity(target)
     names = weight_only_allocations()
     if method not in names:

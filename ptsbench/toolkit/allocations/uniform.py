@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ptsbench.allocations import AllocationInputs, register_allocation
-from ptsbench.sparsity import PrunableLayer, counts_from_rates
+from ptsbench.toolkit.allocations import AllocationInputs, register_allocation
+from ptsbench.toolkit.sparsity import PrunableLayer, counts_from_rates
 
 
 @register_allocation("uniform")

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ptsbench.scores.wanda import wanda_scores
 from ptsbench.settings import POSITIVE, Range, Settings, option
-from ptsbench.sparsity import PrunableLayer, check_sparsity, counts_from_rates
+from ptsbench.toolkit.scores.wanda import wanda_scores
+from ptsbench.toolkit.sparsity import PrunableLayer, check_sparsity, counts_from_rates
 
 BISECTION_STEPS = 200  # halvings of c's bracket: far below float64 resolution
 

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ptsbench.bn import recalibrate_batchnorm
 from ptsbench.data import CalibrationSet
-from ptsbench.distill import find_blocks
 from ptsbench.errors import ConfigError
-from ptsbench.sparsity import PrunableLayer
+from ptsbench.toolkit.bn import recalibrate_batchnorm
+from ptsbench.toolkit.distill import find_blocks
+from ptsbench.toolkit.sparsity import PrunableLayer
 
 # Which network a layer's calibration inputs come from (algorithms/oneshot.py says why each exists).
 CALIB_PROTOCOLS = ("dense", "sequential", "sequential+bn")
