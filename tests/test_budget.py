@@ -59,6 +59,7 @@ def test_every_point_composes_and_buys_more_work_along_its_curve():
         fcpts.budget_fraction == 0.04
 
 
+@pytest.mark.slow
 def test_a_small_curve_runs_resumes_and_is_joined_in_the_pareto_view(cache_dir, require_fmnist, tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "study"
     points = [Point("resnet18", "fcpts_quick", "algorithm.budget", b, 0.8, 0) for b in (0.05, 0.1)]

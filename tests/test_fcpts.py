@@ -213,6 +213,7 @@ def test_prune_ends_exactly_on_target_and_is_deterministic(dense):
     assert a.stats["residual_before_correction"] == b.stats["residual_before_correction"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threshold_grad,bridge", [("ste", "kde"), ("sparsity_only", "histogram")])
 def test_compiled_masks_and_counts_give_the_eager_run(dense, threshold_grad, bridge):
     """`compile=true` fuses the threshold mask and the bridge count: the same masks and allocation as the
@@ -389,6 +390,7 @@ def test_presets_are_the_paper_and_the_released_code(preset, label, iterations):
         algo.optim.batch_size == 64
 
 
+@pytest.mark.slow
 def test_fcpts_quick_job_records_ok_with_residual(tiny_cfg, tmp_path):
     record = run_job(tiny_cfg("algorithm=fcpts_code_quick", "sparsity=0.7",
                               "algorithm.optimization.iterations=6", "algorithm.log_every=2"), tmp_path)

@@ -154,6 +154,7 @@ def test_bias_correction_removes_the_mean_output_error(folded):
         assert output_error(model, unit, inputs, targets) <= mse_before  # and the MSE can only drop
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,inputs", [("layer", "dense"), ("block", "sparse")])
 def test_reconstruction_lowers_each_unit_error_and_never_revives_pruned_weights(folded, mode, inputs):
     model, dense, layers, masks, carriers, calib = folded
@@ -173,6 +174,7 @@ def test_reconstruction_lowers_each_unit_error_and_never_revives_pruned_weights(
         assert torch.all(ly.weight[masks[ly.name] == 0] == 0), ly.name
 
 
+@pytest.mark.slow
 def test_pot_prunes_exactly_and_deterministically(tiny_dense):
     runs = []
     for _ in range(2):
@@ -227,6 +229,7 @@ def test_bad_reconstruction_choices_are_named():
     assert POT(budget=0.5).budget_fraction == 0.5 and POT(budget=0.5).family == "pot"
 
 
+@pytest.mark.slow
 def test_pot_quick_job_and_reload(tiny_cfg, tmp_path):
     """Through the runner: folded BN carriers survive the compact checkpoint round trip."""
     record = run_job(tiny_cfg("algorithm=pot_quick", "sparsity=0.8", "algorithm.reconstruction.iterations=3",
@@ -238,6 +241,7 @@ def test_pot_quick_job_and_reload(tiny_cfg, tmp_path):
     assert len(pd.read_csv(tmp_path / "reconstruction.csv")) == 21
 
 
+@pytest.mark.slow
 def test_allocation_file_from_one_job_drives_another(tiny_cfg, tmp_path):
     """A POT job's allocation.csv, read by magnitude with layer reconstruction: identical per-layer counts."""
     first = tmp_path / "pot"

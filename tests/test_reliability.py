@@ -45,6 +45,7 @@ def test_compact_form_round_trip_and_corruption(tmp_path):
         read_compact_form(dense)
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_identical_config(tiny_cfg, tmp_path):
     cfg = tiny_cfg("sparsity=0.6", "resume=true")
     first = run_job(cfg, tmp_path / "0", resume_dirs=[tmp_path])
@@ -57,6 +58,7 @@ def test_resume_skips_finished_identical_config(tiny_cfg, tmp_path):
     assert not other.get("skipped") and (tmp_path / "2" / "result.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_skips_a_config_the_committed_study_holds(tiny_cfg, tmp_path):
     from ptsbench.analysis.study import collect
 
@@ -391,6 +393,7 @@ def test_report_method_filter_takes_records_without_a_method(tmp_path, capsys):
     assert "no result.json files matching" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_job_folder_holds_one_job(tiny_cfg, tmp_path):
     from ptsbench.errors import FolderTaken
 
@@ -421,6 +424,7 @@ def _with_hydra(overrides, cache_dir):
                        return_hydra_config=True)
 
 
+@pytest.mark.slow
 def test_numbered_sweep_reordered_finds_its_finished_jobs(cache_dir, require_fmnist, tmp_path):
     """Hydra's sweep folder of a job is found by what the job is (config hash), as Hydra resolves it for the
     launcher: rerunning sparsity=0.5,0.7 as 0.6,0.5,0.7 skips both finished jobs and overwrites neither."""

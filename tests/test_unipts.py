@@ -138,6 +138,7 @@ def test_same_seed_same_searched_distribution(tiny_dense, searched):
     assert [r["best_fitness"] for r in again.history] == [r["best_fitness"] for r in first.history]
 
 
+@pytest.mark.slow
 def test_same_seed_bit_identical_masks_after_training(tiny_dense):
     dense, calib = tiny_dense
     results = []
@@ -265,6 +266,7 @@ def assert_exact_sparsity(job_dir, target: float) -> pd.DataFrame:
     return alloc
 
 
+@pytest.mark.slow
 def test_unipts_quick_job_end_to_end(tiny_cfg, tmp_path):
     cfg = tiny_cfg("algorithm=unipts_quick", "sparsity=0.8", "algorithm.search.population_size=4",
                    "algorithm.search.generations=2", "algorithm.search.num_parents=2",
