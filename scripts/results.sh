@@ -67,11 +67,16 @@ unipts() {
   .venv/bin/ptsbench-report results/unipts || status=1
 }
 
-technique_matrix() {
-  local models=()
-  [ -n "${MODELS:-}" ] && models=(--models ${MODELS//,/ })
-  $PY -m ptsbench.analysis.matrix --source results/pts_methods --runs runs/technique_matrix \
-    --out results/technique_matrix ${models[@]+"${models[@]}"} -- ${THREADS:+"threads=$THREADS"} || status=1
+technique_matrix() {  # at 0.9 (allocations from pts_methods) and at each model's highest discriminating
+  # sparsity (from the leaderboard's quick learned jobs); every run is added beside the committed study
+  local run=($PY -m ptsbench.analysis.matrix --source results/pts_methods results/leaderboard
+             --runs runs/technique_matrix --out results/technique_matrix --add)
+  local extra=(-- ${THREADS:+"threads=$THREADS"}) models="${MODELS:-resnet18,mobilenetv2,vit_tiny}"
+  "${run[@]}" --models ${models//,/ } --sparsities 0.9 "${extra[@]}" || status=1
+  "${run[@]}" --models resnet18 --sparsities 0.995 --allocations erk fcpts_quick \
+    --reconstructions none block sparsegpt "${extra[@]}" || status=1
+  "${run[@]}" --models mobilenetv2 vit_tiny --sparsities 0.94 --allocations erk fcpts_quick unipts_quick \
+    --reconstructions none block sparsegpt "${extra[@]}" || status=1
 }
 
 mask_overlap() {

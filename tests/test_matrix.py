@@ -154,6 +154,26 @@ def test_matrix_cross_applies_a_learned_allocation(tiny_cfg, tmp_path, cache_dir
     record = json.loads((source / "result.json").read_text())
     assert f"{record['top1']:.2f}"[:4] in text  # the method's own top-1 sits beside its allocation's rows
 
+    # a fresh clone: no runs folder; the committed study is kept and its tables rebuilt from two sources
+    # (an empty one first), the learned method's own top-1 still found in the second
+    before = (out / "records.jsonl").read_text()
+    (out / "technique_matrix.md").unlink()
+    empty = tmp_path / "empty_source"
+    empty.mkdir()
+    assert matrix_main(["--source", str(empty), str(tmp_path / "source"), "--runs", str(tmp_path / "none"),
+                        "--out", str(out), "--report-only"]) == 0
+    assert (out / "records.jsonl").read_text() == before
+    assert f"{record['top1']:.2f}"[:4] in (out / "technique_matrix.md").read_text()
+    # --add keeps the study's jobs beside those of another runs folder; without it the folder replaces them
+    other = tmp_path / "other_runs"
+    run_job(tiny_cfg("sparsity=0.7", "algorithm.allocation=global"), other / "global")
+    assert matrix_main(["--source", str(tmp_path / "source"), "--runs", str(other), "--out", str(out),
+                        "--report-only", "--add"]) == 0
+    assert len(pd.read_csv(out / "results.csv")) == 7
+    assert matrix_main(["--source", str(tmp_path / "source"), "--runs", str(other), "--out", str(out),
+                        "--report-only"]) == 0
+    assert len(pd.read_csv(out / "results.csv")) == 1
+
 
 def test_matrix_looks_learned_jobs_up_under_the_recorded_model_name():
     # records say "mobilenetv2_100" and "vit_tiny_patch16_224"; a lookup by config group name found nothing

@@ -226,11 +226,17 @@ def pivot(table: pd.DataFrame, source: pd.DataFrame, labels: Mapping[str, str]) 
     return "\n".join(lines)
 
 
-def write_tables(out: Path, source: Path, settings: MatrixSettings) -> pd.DataFrame:
-    """results.{csv,md}, the plot and technique_matrix.md, from the study `out` and the source study."""
+def source_records(sources: Sequence[Path]) -> pd.DataFrame:
+    """The records of the source studies together (the learned jobs whose allocations are replayed)."""
+    frames = [f for f in map(study_records, sources) if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def write_tables(out: Path, sources: Sequence[Path], settings: MatrixSettings) -> pd.DataFrame:
+    """results.{csv,md}, the plot and technique_matrix.md, from the study `out` and the source studies."""
     table = write_report([out], out)
     labels = method_labels(settings.learned)
-    write_atomic(out / "technique_matrix.md", pivot(study_records(out), study_records(source), labels))
+    write_atomic(out / "technique_matrix.md", pivot(study_records(out), source_records(sources), labels))
     return table
 
 
@@ -267,8 +273,8 @@ def run_cells(cells: Sequence[Cell], extra: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptsbench.analysis.matrix", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True,
-                        help="the study holding the learned jobs (results/<source>)")
+    parser.add_argument("--source", required=True, nargs="+",
+                        help="the studies holding the learned jobs (results/<source> ...)")
     parser.add_argument("--runs", default=f"runs/{STUDY}", help="where the jobs run (default: %(default)s)")
     parser.add_argument("--out", required=True, help="the study folder to collect the runs into")
     parser.add_argument("--models", nargs="+", help="model configs (default: the source experiment's)")
@@ -276,17 +282,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--allocations", nargs="+", help="a subset of the study config's allocations")
     parser.add_argument("--reconstructions", nargs="+", default=list(MATRIX_RECONSTRUCTIONS),
                         help="a subset of %(default)s")
-    parser.add_argument("--report-only", action="store_true", help="only collect RUNS and rebuild the tables")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: collect RUNS (if it exists) and rebuild the tables")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the jobs OUT already holds and add RUNS' beside them")
     parser.add_argument("overrides", nargs="*",
                         help="extra Hydra overrides for every job (e.g. threads=1); "
                              "algorithm.reconstruction.* skips the sparsegpt cells")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    source, runs, out = Path(args.source), Path(args.runs), Path(args.out)
+    sources, runs, out = [Path(s) for s in args.source], Path(args.runs), Path(args.out)
     settings = load_settings()
     failed = 0
     if not args.report_only:
-        records, allocations = study_records(source), study_allocations(source)
+        records = source_records(sources)
+        allocations = pd.concat([study_allocations(s) for s in sources], ignore_index=True)
         labels = method_labels(settings.learned)
         cells = []
         for group in args.models or experiment_grid(settings.source)["model"]:
@@ -297,8 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cells += matrix_cells(settings, records, allocations, model, sparsity, runs, labels,
                                       args.allocations, args.reconstructions)
         failed = run_cells(cells, args.overrides)
-    collect([runs], out)
-    write_tables(out, source, settings)
+    if runs.exists() or not args.report_only:  # --report-only on a fresh clone: the committed study alone
+        collect([runs], out, add=args.add)
+    write_tables(out, sources, settings)
     return 1 if failed else 0
 
 
