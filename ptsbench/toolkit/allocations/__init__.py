@@ -14,14 +14,13 @@ job's allocation.csv (`allocation=from_file`) is not one of them: it is `ptsbenc
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from ptsbench.errors import PtsbenchError, unknown_choice
+from ptsbench.toolkit.registry import import_modules, register_once
 from ptsbench.toolkit.sparsity import PrunableLayer, check_sparsity
 
 # The name of the allocation that replays another job's per-layer file (`ptsbench.toolkit.allocation`):
@@ -86,11 +85,8 @@ def register_allocation(name: str, *, needs_calibration: bool = False,
         if name == FROM_FILE:
             raise PtsbenchError(f"allocation {name!r} is the replay of another job's file; give the "
                                 f"allocation in {function.__module__} another name.")
-        if name in _REGISTRY and _REGISTRY[name].function is not function:
-            first = _REGISTRY[name].function.__module__
-            raise PtsbenchError(f"allocation {name!r} is registered twice ({first} and "
-                                f"{function.__module__}); give one of them another name.")
-        _REGISTRY[name] = Allocation(name, function, needs_calibration, dict(options or {}), label)
+        register_once(_REGISTRY, "allocation", name,
+                      Allocation(name, function, needs_calibration, dict(options or {}), label))
         return function
 
     return register
@@ -98,8 +94,7 @@ def register_allocation(name: str, *, needs_calibration: bool = False,
 
 def available_allocations() -> dict[str, Allocation]:
     """Every registered allocation, after importing each module of this package."""
-    for module in pkgutil.iter_modules(__path__, prefix=f"{__name__}."):
-        importlib.import_module(module.name)
+    import_modules(__path__, __name__)
     return dict(_REGISTRY)
 
 

@@ -12,14 +12,13 @@ Each module of this package registers its scores with `register_score` and is im
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from ptsbench.errors import PtsbenchError, unknown_choice
+from ptsbench.toolkit.registry import import_modules, register_once
 from ptsbench.toolkit.sparsity import PrunableLayer
 
 
@@ -64,10 +63,7 @@ def register_score(name: str, *, needs_calibration: bool = False,
     """Decorator: register `function` as score `name` (a name may be registered once)."""
 
     def register(function: ScoreFunction) -> ScoreFunction:
-        if name in _REGISTRY and _REGISTRY[name].function is not function:
-            raise PtsbenchError(f"score {name!r} is registered twice ({_REGISTRY[name].function.__module__} "
-                                f"and {function.__module__}); give one of them another name.")
-        _REGISTRY[name] = Score(name, function, needs_calibration, dict(options or {}))
+        register_once(_REGISTRY, "score", name, Score(name, function, needs_calibration, dict(options or {})))
         return function
 
     return register
@@ -75,8 +71,7 @@ def register_score(name: str, *, needs_calibration: bool = False,
 
 def available_scores() -> dict[str, Score]:
     """Every registered score, after importing each module of this package."""
-    for module in pkgutil.iter_modules(__path__, prefix=f"{__name__}."):
-        importlib.import_module(module.name)
+    import_modules(__path__, __name__)
     return dict(_REGISTRY)
 
 
