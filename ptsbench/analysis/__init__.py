@@ -6,12 +6,16 @@ set of jobs: `study.collect` turns their folders into one `records.jsonl` and on
 `allocations.csv`, and everything below reads studies, not job folders:
 
     runs/<study>/...  --study.collect-->  results/<study>/{records.jsonl, allocations.csv}
-                      --ptsbench-report-->  results.{md,csv}, accuracy_vs_sparsity.png (+ reference)
-    matrix     allocation x reconstruction, replaying learned allocations from a study's allocations.csv
-    overlap    mask overlap between methods (needs the jobs' checkpoints, so it reads run folders) and
-               per-layer sparsity charts (from a study)
-    claims     the papers' headline claims, from the pts_methods and technique_matrix studies
-    reference  measured rows beside the published numbers
+                      --report (ptsbench-report)-->  results.{md,csv}, accuracy_vs_sparsity.png, pareto
+    budget          runs a study's points (budget curves, the leaderboard), then collects and reports
+    leaderboard     every run ranked per cell, paired gaps; discriminating: each model's range
+    matrix          allocation x reconstruction, replaying learned allocations from studies' allocations.csv
+    overlap         mask overlap between methods (needs the jobs' checkpoints, so it reads run folders) and
+                    per-layer sparsity charts (from a study)
+    claims          the papers' headline claims on the studies conf/study/claims.yaml lists
+    reference       measured rows beside the published numbers; pareto, plotting: the report's views
+
+Every program's `main` is wrapped by `program`: bad input ends as one line and exit status 2.
 
 The lists these programs need (which algorithms a study runs, which are baselines, which allocations are
 learned) live in conf/experiment/<study>.yaml and conf/study/<study>.yaml, never in the modules.
