@@ -47,15 +47,27 @@ def compose_config(overrides: list[str] | None = None, cache_dir: Path | None = 
     return cfg
 
 
+DENSE_FIXTURES = {"tiny_dense", "tiny_cfg", "cache_dir"}  # tests that need a (cached) tiny dense model
+
+
 @pytest.hookimpl(trylast=True)  # after -m has deselected
 def pytest_collection_modifyitems(config, items):
-    """Benchmarks time themselves: beside another worker their figures would measure the neighbour."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        skip = pytest.mark.skip(reason="benchmarks run in one process: add -n 0 (scripts/test.sh does for "
-                                       "-m bench)")
-        for item in items:
-            if item.get_closest_marker("bench"):
-                item.add_marker(skip)
+    """Under xdist: benchmarks are skipped (they time themselves: beside another worker their figures
+    would measure the neighbour), and one test that trains the tiny dense model goes first with every test
+    that needs no dense model right behind it, so one worker trains while the other runs those instead of
+    waiting on the cache's lock. Every worker reorders the same way, as xdist requires."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    skip = pytest.mark.skip(reason="benchmarks run in one process: add -n 0 (scripts/test.sh does for "
+                                   "-m bench)")
+    for item in items:
+        if item.get_closest_marker("bench"):
+            item.add_marker(skip)
+    needs = [i for i in items if DENSE_FIXTURES & set(getattr(i, "fixturenames", ()))]
+    first = next((i for i in needs if "tiny_dense" in i.fixturenames), None)
+    if first is not None:
+        rest = [i for i in items if i is not first and i not in needs]
+        items[:] = [first, *rest, *(i for i in needs if i is not first)]
 
 
 @pytest.fixture(scope="session")
