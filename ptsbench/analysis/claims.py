@@ -50,7 +50,7 @@ from ptsbench.analysis.matrix import (
 from ptsbench.analysis.matrix import load_settings as matrix_settings
 from ptsbench.analysis.study import check_names, method_family, study_config, study_records
 from ptsbench.config import CONF_DIR
-from ptsbench.errors import ConfigError
+from ptsbench.errors import ConfigError, DataError
 from ptsbench.results import RECORDS_FILE, write_atomic
 
 STUDY = "claims"
@@ -460,10 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = Path(args.results)
     studies = load_settings().studies
     if not any((results / s / RECORDS_FILE).is_file() for s in studies):
-        print("ptsbench.analysis.claims: none of "
-              f"{', '.join(str(results / s / RECORDS_FILE) for s in studies)} "
-              "exists; run scripts/results.sh first.", file=sys.stderr)
-        return 2
+        raise DataError(f"none of {', '.join(str(results / s / RECORDS_FILE) for s in studies)} exists; run "
+                        "scripts/results.sh first.")
     write_claims(results, Path(args.out) if args.out else results / STUDY / "claims.md")
     return 0
 

@@ -45,7 +45,7 @@ from ptsbench.analysis.study import (
     study_records,
 )
 from ptsbench.errors import ConfigError, unknown_choice
-from ptsbench.results import write_atomic, write_csv
+from ptsbench.results import RECORDS_FILE, write_atomic, write_csv
 from ptsbench.toolkit.allocations import weight_only_allocations
 from ptsbench.toolkit.reconstruct import RECONSTRUCTIONS
 
@@ -232,11 +232,12 @@ def source_records(sources: Sequence[Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def write_tables(out: Path, sources: Sequence[Path], settings: MatrixSettings) -> pd.DataFrame:
-    """results.{csv,md}, the plot and technique_matrix.md, from the study `out` and the source studies."""
+def write_tables(out: Path, source: pd.DataFrame, settings: MatrixSettings) -> pd.DataFrame:
+    """results.{csv,md}, the plot and technique_matrix.md, from the study `out` and the source studies'
+    records."""
     table = write_report([out], out)
     labels = method_labels(settings.learned)
-    write_atomic(out / "technique_matrix.md", pivot(study_records(out), source_records(sources), labels))
+    write_atomic(out / "technique_matrix.md", pivot(study_records(out), source, labels))
     return table
 
 
@@ -293,9 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sources, runs, out = [Path(s) for s in args.source], Path(args.runs), Path(args.out)
     settings = load_settings()
+    records = source_records(sources)
     failed = 0
     if not args.report_only:
-        records = source_records(sources)
         allocations = pd.concat([study_allocations(s) for s in sources], ignore_index=True)
         labels = method_labels(settings.learned)
         cells = []
@@ -307,9 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cells += matrix_cells(settings, records, allocations, model, sparsity, runs, labels,
                                       args.allocations, args.reconstructions)
         failed = run_cells(cells, args.overrides)
-    if runs.exists() or not args.report_only:  # --report-only on a fresh clone: the committed study alone
-        collect([runs], out, add=args.add)
-    write_tables(out, sources, settings)
+    if runs.exists() or not args.report_only or not (out / RECORDS_FILE).is_file():
+        collect([runs], out, add=args.add)  # with neither RUNS nor a collected OUT this names RUNS as missing
+    write_tables(out, records, settings)
     return 1 if failed else 0
 
 

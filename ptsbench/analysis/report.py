@@ -21,6 +21,7 @@ from ptsbench.analysis.pareto import write_pareto
 from ptsbench.analysis.plotting import legend_columns, method_styles
 from ptsbench.analysis.reference import REFERENCE_CSV, write_reference_comparison
 from ptsbench.analysis.study import method_family, study_config
+from ptsbench.errors import DataError
 from ptsbench.results import UNREADABLE, load_records, save_figure, write_atomic, write_csv
 
 log = logging.getLogger(__name__)
@@ -285,8 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--any-dataset only applies with --reference")
     missing = [d for d in args.dirs if not Path(d).exists()]
     if missing:
-        print(f"ptsbench-report: no such directory: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        raise DataError(f"no such directory: {', '.join(missing)}")
     out = Path(args.out or args.dirs[0])
     table = write_report(args.dirs, out, args.methods)
     if table.empty:
