@@ -21,53 +21,64 @@ prunes it, on the mean and variance of the same inputs.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
-from ptsbench.errors import ConfigError, unknown_choice
-from ptsbench.toolkit.allocation import AllocationChoice
+from ptsbench.errors import ConfigError
+from ptsbench.settings import COUNT, Settings, option
+from ptsbench.toolkit.allocation import AllocationSettings
 from ptsbench.toolkit.bn import recalibrate_batchnorm
-from ptsbench.toolkit.dsnot import DSnoTSettings, dsnot_layer, read_refinement
+from ptsbench.toolkit.dsnot import RefinementSettings, dsnot_layer
 from ptsbench.toolkit.layerwise import (
-    CALIB_PROTOCOLS,
     InputMoments,
     InputStatistic,
     StatisticPair,
     calibrated_prune,
+    check_protocol,
     check_supported,
     dense_input_norms,
 )
-from ptsbench.toolkit.owl import OWLSettings
 from ptsbench.toolkit.sparsity import PrunableLayer, magnitude_mask, rates
+
+
+@dataclass(frozen=True)
+class OneShotSettings(AllocationSettings, RefinementSettings):
+    """The `algorithm` node of a layer-wise one-shot method: the allocation axis, DSnoT's refinement and the
+    keys below; conf/algorithm/<method>.yaml starts from it (`schema/algorithm/<name>`)."""
+
+    batch_size: int = option(64, COUNT)  # calibration images per forward pass (memory, not results)
+    # Not in the papers (language models have no BatchNorm): on a BN network the pruned layers shift the
+    # batch statistics, and re-estimating them on the calibration images is what magnitude+bn does too.
+    bn_recalibration: bool = False
+    # dense | sequential | sequential+bn; None: the method's reference protocol (`default_protocol`)
+    calib_protocol: str | None = option(None, check_protocol)
+
+    def check_together(self, key: str) -> None:
+        if self.calib_protocol == "sequential+bn" and not self.bn_recalibration:
+            raise ConfigError(f"{key}.calib_protocol=sequential+bn re-estimates BatchNorm along the "
+                              f"sequential pass and needs {key}.bn_recalibration=true (the statistics "
+                              "after the last block); without it use calib_protocol=sequential or dense.")
+        super().check_together(key)
 
 
 class LayerwiseOneShot(PTSAlgorithm):
     supports_nm_pattern = True
     statistic: ClassVar[type]  # built per layer, fed the layer's unfolded inputs
+    settings: ClassVar[type[Settings]] = OneShotSettings  # a method with keys of its own extends it
 
-    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0,
-                 allocation_file: str | None = None, allocation_label: str | None = None,
-                 batch_size: int = 64, bn_recalibration: bool = False, calib_protocol: str | None = None,
-                 owl: OWLSettings | Mapping[str, Any] | None = None, refine: str = "none",
-                 dsnot: DSnoTSettings | Mapping[str, Any] | None = None):
-        self.alloc = AllocationChoice.read(allocation, erk_power_scale, allocation_file,
-                                           allocation_label, owl)
-        self.dsnot = read_refinement(refine, dsnot)
-        self.batch_size = int(batch_size)  # calibration images per forward pass (memory, not results)
-        # Not in the papers (language models have no BatchNorm): on a BN network the pruned layers shift the
-        # batch statistics, and re-estimating them on the calibration images is what magnitude+bn does too.
-        self.bn_recalibration = bool(bn_recalibration)
-        self.calib_protocol = self.default_protocol() if calib_protocol is None else str(calib_protocol)
-        if self.calib_protocol not in CALIB_PROTOCOLS:
-            raise unknown_choice("algorithm.calib_protocol", self.calib_protocol, CALIB_PROTOCOLS)
-        if self.calib_protocol == "sequential+bn" and not self.bn_recalibration:
-            raise ConfigError("algorithm.calib_protocol=sequential+bn re-estimates BatchNorm along the "
-                              "sequential pass and needs algorithm.bn_recalibration=true (the statistics "
-                              "after the last block); without it use calib_protocol=sequential or dense.")
+    def __init__(self, **config: Any):
+        given = self.settings.read(config, "algorithm")
+        self.config = given
+        self.alloc = given.allocation_choice()
+        self.dsnot = given.refinement()
+        self.batch_size = int(given.batch_size)
+        self.bn_recalibration = bool(given.bn_recalibration)
+        protocol = given.calib_protocol
+        self.calib_protocol = self.default_protocol() if protocol is None else protocol
 
     def default_protocol(self) -> str:
         """The protocol of the method's reference code; a subclass may depend on `bn_recalibration`."""

@@ -29,17 +29,15 @@ Vision adaptation (our choices):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from algorithms.oneshot import LayerwiseOneShot
-from ptsbench.errors import ConfigError
+from algorithms.oneshot import LayerwiseOneShot, OneShotSettings
+from ptsbench.settings import NON_NEGATIVE, option
 from ptsbench.toolkit.allocation import pattern_masks
-from ptsbench.toolkit.dsnot import DSnoTSettings
 from ptsbench.toolkit.layerwise import InputNorms
-from ptsbench.toolkit.owl import OWLSettings
 from ptsbench.toolkit.patterns import Pattern
 from ptsbench.toolkit.scores import get_score
 from ptsbench.toolkit.scores.ria import ACTIVATION_EXPONENT
@@ -54,22 +52,20 @@ def ria_mask(layer: PrunableLayer, squares: torch.Tensor, n_zero: int, pattern: 
     return magnitude_mask(layer.module.weight, n_zero, scores)
 
 
+@dataclass(frozen=True)
+class RIASettings(OneShotSettings):
+    # a in ||x_j||^a (the reference's --a)
+    activation_exponent: float = option(ACTIVATION_EXPONENT, NON_NEGATIVE)
+
+
 class RIA(LayerwiseOneShot):
     name = "ria"
     statistic = InputNorms
+    settings = RIASettings
 
-    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0,
-                 allocation_file: str | None = None, allocation_label: str | None = None,
-                 activation_exponent: float = ACTIVATION_EXPONENT, batch_size: int = 64,
-                 bn_recalibration: bool = False, calib_protocol: str | None = None,
-                 owl: OWLSettings | Mapping[str, Any] | None = None, refine: str = "none",
-                 dsnot: DSnoTSettings | Mapping[str, Any] | None = None):
-        super().__init__(allocation, erk_power_scale, allocation_file, allocation_label, batch_size,
-                         bn_recalibration, calib_protocol, owl, refine, dsnot)
-        if not float(activation_exponent) >= 0:
-            raise ConfigError(f"algorithm.activation_exponent={activation_exponent} must be >= 0 "
-                              "(the paper's a, 0.5).")
-        self.activation_exponent = float(activation_exponent)
+    @property
+    def activation_exponent(self) -> float:
+        return self.config.activation_exponent
 
     def default_protocol(self) -> str:
         # The reference prunes each block on the pruned prefix; on a BN network that prefix is only what the

@@ -18,19 +18,18 @@ code's magnitude start.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
-from ptsbench.errors import ConfigError, unknown_choice
-from ptsbench.settings import COUNT, count_text, read_budget, scaled
-from ptsbench.toolkit.allocation import AllocationChoice, pattern_masks
+from ptsbench.errors import ConfigError
+from ptsbench.settings import COUNT, Settings, budget_option, count_text, node, option, read_budget, scaled
+from ptsbench.toolkit.allocation import AllocationSettings, pattern_masks
 from ptsbench.toolkit.bn import recalibrate_batchnorm
-from ptsbench.toolkit.dsnot import DSnoTSettings, read_refinement, refine_masks
-from ptsbench.toolkit.layerwise import CALIB_PROTOCOLS, check_supported, dense_input_norms
-from ptsbench.toolkit.owl import OWLSettings
+from ptsbench.toolkit.dsnot import RefinementSettings, refine_masks
+from ptsbench.toolkit.layerwise import check_protocol, check_supported, dense_input_norms
 from ptsbench.toolkit.reconstruct import (
     RECONSTRUCTION_STREAM,
     REFERENCE_STEPS,
@@ -49,39 +48,56 @@ from ptsbench.toolkit.sparsity import (
 )
 
 
+def check_score(key: str, value: str | None) -> None:
+    if value is not None:
+        get_score(str(value), key)
+
+
+@dataclass(frozen=True)
+class ScoreSettings(AllocationSettings, RefinementSettings):
+    """The `algorithm` node of pruning by a score: the allocation axis, DSnoT's refinement, PTSBench's
+    reconstruction axis and the keys below; conf/algorithm/magnitude.yaml starts from it
+    (`schema/algorithm/magnitude`)."""
+
+    bn_recalibration: bool = False  # re-estimate BatchNorm statistics on the calibration set
+    bn_batch_size: int = option(64, COUNT)
+    budget: float | str = budget_option()  # factor on the reconstruction steps (reference = 1)
+    reconstruction: ReconstructionSettings = node(ReconstructionSettings)  # mode none: off
+    # the score when not the method's own (the class's `default_score`); absent from the shipped configs
+    score: str | None = option(None, check_score, schema=False)
+    # where DSnoT's statistics come from (with refine=dsnot); None: sequential (+bn with BN re-estimation)
+    calib_protocol: str | None = option(None, check_protocol, schema=False)
+
+    def check_together(self, key: str) -> None:
+        if self.refine == "none" and self.calib_protocol is not None:
+            raise ConfigError(f"{key}.calib_protocol says where DSnoT's statistics come from; the score "
+                              "reads the dense network's inputs, if any. Use it with algorithm.refine=dsnot, "
+                              "or drop it.")
+        if self.calib_protocol == "sequential+bn" and not self.bn_recalibration:
+            raise ConfigError(f"{key}.calib_protocol=sequential+bn re-estimates BatchNorm along the "
+                              f"sequential pass and needs {key}.bn_recalibration=true.")
+        super().check_together(key)
+
+
 class ScorePruning(PTSAlgorithm):
     supports_nm_pattern = True
+    settings: ClassVar[type[Settings]] = ScoreSettings
     # the score when `algorithm.score` is not given: a class default rather than a yaml key, so the
     # shipped configs keep their config hashes
     default_score: ClassVar[str]
 
-    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0,
-                 allocation_file: str | None = None, allocation_label: str | None = None,
-                 bn_recalibration: bool = False, bn_batch_size: int = 64,
-                 reconstruction: ReconstructionSettings | Mapping[str, Any] | None = None,
-                 budget: float | str = 1.0, owl: OWLSettings | Mapping[str, Any] | None = None,
-                 refine: str = "none", dsnot: DSnoTSettings | Mapping[str, Any] | None = None,
-                 calib_protocol: str | None = None, score: str | None = None):
-        self.score = get_score(self.default_score if score is None else str(score))
-        self.alloc = AllocationChoice.read(allocation, erk_power_scale, allocation_file, allocation_label,
-                                           owl)
-        self.bn_recalibration = bool(bn_recalibration)
-        self.bn_batch_size = int(bn_batch_size)
-        COUNT.check("algorithm.bn_batch_size", self.bn_batch_size)
-        self.budget_scale = read_budget(budget)
-        recon = ReconstructionSettings.read(reconstruction, "algorithm.reconstruction")
+    def __init__(self, **config: Any):
+        given = ScoreSettings.read(config, "algorithm")
+        self.score = get_score(self.default_score if given.score is None else given.score)
+        self.alloc = given.allocation_choice()
+        self.bn_recalibration = bool(given.bn_recalibration)
+        self.bn_batch_size = int(given.bn_batch_size)
+        self.budget_scale = read_budget(given.budget)
+        recon = given.reconstruction
         self.recon = recon.replace(iterations=scaled(recon.iterations, self.budget_scale, minimum=0))
-        self.dsnot = read_refinement(refine, dsnot)
-        self.calib_protocol = self.default_protocol() if calib_protocol is None else str(calib_protocol)
-        if self.dsnot is None and calib_protocol is not None:
-            raise ConfigError("algorithm.calib_protocol says where DSnoT's statistics come from; the score "
-                              "reads the dense network's inputs, if any. Use it with algorithm.refine=dsnot, "
-                              "or drop it.")
-        if self.calib_protocol not in CALIB_PROTOCOLS:
-            raise unknown_choice("algorithm.calib_protocol", self.calib_protocol, CALIB_PROTOCOLS)
-        if self.calib_protocol == "sequential+bn" and not self.bn_recalibration:
-            raise ConfigError("algorithm.calib_protocol=sequential+bn re-estimates BatchNorm along the "
-                              "sequential pass and needs algorithm.bn_recalibration=true.")
+        self.dsnot = given.refinement()
+        protocol = given.calib_protocol
+        self.calib_protocol = self.default_protocol() if protocol is None else protocol
 
     def default_protocol(self) -> str:
         # DSnoT's reference refines each block on the pruned prefix; BN networks re-estimate BN along it

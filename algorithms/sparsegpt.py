@@ -36,16 +36,15 @@ Vision adaptation and count rules (our choices):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from algorithms.oneshot import LayerwiseOneShot
-from ptsbench.errors import ConfigError, PtsbenchError
-from ptsbench.toolkit.dsnot import DSnoTSettings
+from algorithms.oneshot import LayerwiseOneShot, OneShotSettings
+from ptsbench.errors import PtsbenchError
+from ptsbench.settings import COUNT, POSITIVE, option
 from ptsbench.toolkit.layerwise import grouped_weight, layer_groups
-from ptsbench.toolkit.owl import OWLSettings
 from ptsbench.toolkit.patterns import Pattern
 from ptsbench.toolkit.sparsity import PrunableLayer
 
@@ -188,26 +187,24 @@ def prune_layer(layer: PrunableLayer, hessian: torch.Tensor, n_zero: int, patter
     return (~pruned).reshape(weight.shape).to(weight.dtype)
 
 
+@dataclass(frozen=True)
+class SparseGPTSettings(OneShotSettings):
+    blocksize: int = option(BLOCKSIZE, COUNT)  # columns per lazy-update block (the reference default)
+    percdamp: float = option(PERCDAMP, POSITIVE)  # lambda x mean(diag H) added to the Hessian diagonal
+
+
 class SparseGPT(LayerwiseOneShot):
     name = "sparsegpt"
     statistic = Hessian
+    settings = SparseGPTSettings
 
-    def __init__(self, allocation: str = "uniform", erk_power_scale: float = 1.0,
-                 allocation_file: str | None = None,
-                 allocation_label: str | None = None, blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
-                 batch_size: int = 64, bn_recalibration: bool = False, calib_protocol: str | None = None,
-                 owl: OWLSettings | Mapping[str, Any] | None = None, refine: str = "none",
-                 dsnot: DSnoTSettings | Mapping[str, Any] | None = None):
-        super().__init__(allocation, erk_power_scale, allocation_file, allocation_label, batch_size,
-                         bn_recalibration, calib_protocol, owl, refine, dsnot)
-        if int(blocksize) < 1:
-            raise ConfigError(f"algorithm.blocksize={blocksize} must be a positive number of columns "
-                              "(default 128).")
-        if not float(percdamp) > 0:
-            raise ConfigError(f"algorithm.percdamp={percdamp} must be > 0 (a fraction of the mean Hessian "
-                              "diagonal).")
-        self.blocksize = int(blocksize)
-        self.percdamp = float(percdamp)
+    @property
+    def blocksize(self) -> int:
+        return self.config.blocksize
+
+    @property
+    def percdamp(self) -> float:
+        return self.config.percdamp
 
     def default_protocol(self) -> str:
         # The reference calibrates on the pruned and updated prefix; on a BN network that prefix is only what

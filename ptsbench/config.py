@@ -4,14 +4,15 @@ A misspelt key in a config file or a value of the wrong type fails when Hydra co
 things get past composition and are caught by `check_config` instead: keys added with `+` or `++` (Hydra
 adds them with `OmegaConf.update(..., force_add=True)`, which ignores the struct flag of a structured
 node) and values of the right type but outside their range (`calib.n=0`, `train.lr=-1`). The algorithm
-group is free-form: an algorithm's `settings` dataclass is its schema where it has one (FCPTS, UniPTS, POT:
-their defaults are in the ConfigStore as `schema/algorithm/<name>`), its constructor otherwise
-(`check_constructor_keys`).
+group is free-form: an algorithm's `settings` dataclass is its schema where it has one (every shipped
+method: its defaults are in the ConfigStore as `schema/algorithm/<name>`, `algorithm_schemas`), its
+constructor otherwise (`check_constructor_keys`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import typing
 from dataclasses import dataclass, field
@@ -134,14 +135,23 @@ class PtsbenchConfig:
     experiment_name: str = "default"
 
 
-# Methods whose `settings` dataclass is the schema of their `algorithm` node: the ConfigStore holds its
-# defaults as `schema/algorithm/<name>`, which the method's yaml presets list first in their defaults and
-# then change only where the preset differs.
-ALGORITHM_SCHEMAS = {
-    "fcpts": "algorithms.fcpts.FCPTS",
-    "unipts": "algorithms.unipts.UniPTS",
-    "pot": "algorithms.pot.POT",
-}
+SCHEMA_PREFIX = "/schema/algorithm/"
+
+
+@functools.cache
+def algorithm_schemas() -> dict[str, str]:
+    """Schema name -> method class, for every method whose `settings` dataclass is the schema of its
+    `algorithm` node: its base yaml (conf/algorithm/<name>.yaml) lists `/schema/algorithm/<name>@_here_`
+    first in its defaults and names the class in `_target_`, and the ConfigStore then holds the dataclass's
+    defaults under that name. Read from the yaml files, so a new method needs no edit here."""
+    found: dict[str, str] = {}
+    for path in sorted((CONF_DIR / "algorithm").glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        target = cfg.get("_target_")
+        for entry in cfg.get("defaults") or []:
+            if isinstance(entry, str) and entry.startswith(SCHEMA_PREFIX) and target:
+                found[entry.removeprefix(SCHEMA_PREFIX).partition("@")[0]] = str(target)
+    return found
 
 
 def register_configs() -> None:
@@ -151,8 +161,8 @@ def register_configs() -> None:
 
     # the full `reconstruction` node at msbench's settings, under conf/reconstruction/'s presets
     cs.store(group="schema", name="reconstruction", node=ReconstructionSettings.defaults())
-    for name, target in ALGORITHM_SCHEMAS.items():
-        cs.store(group="schema/algorithm", name=name, node=hydra.utils.get_class(target).settings.defaults())
+    for name, target in algorithm_schemas().items():
+        cs.store(group="schema/algorithm", name=name, node=hydra.utils.get_class(target).settings.schema())
 
 
 # ------------------------------------------------------------------------------------------- checks

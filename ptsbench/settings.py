@@ -1,21 +1,21 @@
 """Settings dataclasses: the one home of an algorithm's hyperparameters.
 
 A method's hyperparameters come in groups (UniPTS's search, objective and training; the reconstruction
-that magnitude pruning and POT share). Each group is one frozen dataclass here, and a method with a
-`settings` class (FCPTS, UniPTS, POT) has one more for its whole `algorithm` node, whose fields are its
-top-level keys and its groups (`node(...)`). The dataclass holds every default with its type and its
-allowed values; `ptsbench.config.register_configs` stores its defaults in Hydra's ConfigStore
-(`schema/algorithm/<name>`), which the method's yaml presets start from, so a preset writes only the
-values it changes. `Settings.read` turns a config node into the dataclass and fails before any work on an
-unknown key or a value out of range, naming the dotted key.
+that magnitude pruning and POT share; the allocation axis and DSnoT's refinement that the one-shot and
+score methods share). Each group is one frozen dataclass, and every method has one more for its whole
+`algorithm` node (its `settings` class), whose fields are its top-level keys and its groups (`node(...)`).
+The dataclass holds every default with its type and its allowed values; `ptsbench.config.register_configs`
+stores its defaults in Hydra's ConfigStore (`schema/algorithm/<name>`, `Settings.schema`), which the
+method's yaml presets start from, so a preset writes only the values it changes. `Settings.read` turns a
+config node into the dataclass and fails before any work on an unknown key or a value out of range,
+naming the dotted key.
 
 `Settings.options()` (what records and tables show of a run) is derived from the fields: every field under
 its own name, nested nodes flattened into the same dict (their fields keep their own names, without the
 node's), except where a field's `option(record=...)` says otherwise: `record=False` leaves it out (speed
 knobs, fixed recipe constants), `record="name"` renames it, `when=` records it only where the predicate
 on its node holds, `shown=` transforms the value. The names are those the committed records have always
-used (tests/fixtures/algorithm_configs.json pins them).
-"""
+used (tests/fixtures/algorithm_configs.json pins them)."""
 
 from __future__ import annotations
 
@@ -82,19 +82,24 @@ Check = Callable[[str, Any], None]  # a checker of its own: (dotted key, value),
 
 
 def option(default: Any, allowed: Range | tuple[Any, ...] | Check | None = None, *, record: bool | str = True,
-           when: Callable[[Any], bool] | None = None, shown: Callable[[Any], Any] | None = None) -> Any:
+           when: Callable[[Any], bool] | None = None, shown: Callable[[Any], Any] | None = None,
+           schema: bool = True) -> Any:
     """A settings field: its default and what it allows (a Range, a tuple of choices or a checker), and how
     `options()` records it: under its name (`record=True`), another name (`record="name"`) or not at all
-    (`record=False`); only where `when(node)` holds; as `shown(value)`."""
-    metadata = {"allowed": allowed, "record": record, "when": when, "shown": shown}
+    (`record=False`); only where `when(node)` holds; as `shown(value)`. `schema=False`: a key the composed
+    node holds only where a preset or the command line gives it (see `Settings.schema`)."""
+    metadata = {"allowed": allowed, "record": record, "when": when, "shown": shown, "schema": schema}
     return field(default=default, metadata=metadata)
 
 
 def node(cls: type[Settings], default: Settings | None = None, *,
-         when: Callable[[Any], bool] | None = None) -> Any:
+         when: Callable[[Any], bool] | None = None, optional: bool = False) -> Any:
     """A nested settings node (`optimization:` in the yaml): its defaults are `default` or `cls()`'s; a
     mapping given for it changes only the keys it names. Its options join the parent's (where `when(parent)`
-    holds)."""
+    holds). An `optional` node is None unless given (OWL's settings exist only with OWL's allocation), and
+    is not in the schema."""
+    if optional:
+        return field(default=None, metadata={"settings": cls, "record": True, "when": when, "schema": False})
     base = default if default is not None else cls()
     return field(default_factory=lambda: base, metadata={"settings": cls, "record": True, "when": when})
 
@@ -114,6 +119,14 @@ class Settings:
     def defaults(cls) -> dict[str, Any]:
         """Every key of the node with its default, nested nodes as mappings (the ConfigStore schema node)."""
         return dataclasses.asdict(cls())
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        """The ConfigStore's node (`schema/algorithm/<name>`): every key with its default, except the keys a
+        config holds only when it sets them (`schema=False`). Those stay out so that a preset composes the
+        same node, hence the same job `config_hash`, as when its yaml listed the keys itself."""
+        defaults = cls.defaults()
+        return {f.name: defaults[f.name] for f in dataclasses.fields(cls) if f.metadata.get("schema", True)}
 
     @classmethod
     def read(cls: type[S], node: Mapping[str, Any] | S | None, key: str, base: S | None = None) -> S:
@@ -136,7 +149,7 @@ class Settings:
         values = dict(node)
         for f in dataclasses.fields(cls):
             nested = f.metadata.get("settings")
-            if nested is not None and f.name in values:
+            if nested is not None and f.name in values and values[f.name] is not None:
                 values[f.name] = nested.read(values[f.name], f"{key}.{f.name}", getattr(base, f.name))
         return dataclasses.replace(base, **values).check(key)
 
@@ -167,6 +180,8 @@ class Settings:
             if record is False or (when is not None and not when(self)):
                 continue
             value = getattr(self, f.name)
+            if value is None and f.metadata.get("settings") is not None:  # an optional node not given
+                continue
             if isinstance(value, Settings):
                 opts.update(value.options())
             else:

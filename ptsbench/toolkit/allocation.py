@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from ptsbench.errors import ConfigError
+from ptsbench.settings import POSITIVE, Settings, node, option
 from ptsbench.toolkit.allocations import FROM_FILE, Allocation, available_allocations, get_allocation
 from ptsbench.toolkit.owl import OWLSettings
 from ptsbench.toolkit.patterns import Pattern, nm_mask, nm_zero_counts
@@ -27,6 +28,26 @@ from ptsbench.toolkit.sparsity import (
 # The one allocation configured through a node of its own (`algorithm.owl`: OWLSettings, with its checks),
 # kept as the methods' constructor argument so the shipped configs keep their keys and hashes.
 OWL = "owl"
+
+
+@dataclass(frozen=True)
+class AllocationSettings(Settings):
+    """The allocation keys of every method that takes its per-layer rates from the axis (magnitude, random,
+    Wanda, SparseGPT, RIA): a method's settings dataclass inherits them."""
+
+    allocation: str = "uniform"  # a registered allocation (ptsbench.toolkit.allocations) or from_file
+    erk_power_scale: float = option(1.0, POSITIVE)  # ERK density ~ (sum dims / prod dims) ** power_scale
+    allocation_file: str | None = None  # an allocation.csv from another job, with allocation=from_file
+    allocation_label: str | None = None  # names that allocation in method labels (e.g. fcpts)
+    owl: OWLSettings | None = node(OWLSettings, optional=True)  # OWL's M and lambda, with allocation=owl
+
+    def allocation_choice(self) -> AllocationChoice:
+        return AllocationChoice.read(self.allocation, self.erk_power_scale, self.allocation_file,
+                                     self.allocation_label, self.owl)
+
+    def check_together(self, key: str) -> None:
+        self.allocation_choice()  # an unknown name, from_file without a file, owl's node without owl
+        super().check_together(key)
 
 
 def read_allocation_file(path: str | Path, layers: list[PrunableLayer], target: float) -> dict[str, float]:

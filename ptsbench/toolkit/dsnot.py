@@ -55,7 +55,7 @@ import torch
 
 from ptsbench.data import CalibrationSet
 from ptsbench.errors import ConfigError, unknown_choice
-from ptsbench.settings import COUNT, NON_NEGATIVE, Settings, option
+from ptsbench.settings import COUNT, NON_NEGATIVE, Settings, node, option
 from ptsbench.toolkit.layerwise import InputMoments, calibrated_prune, layer_groups
 from ptsbench.toolkit.patterns import Pattern
 from ptsbench.toolkit.sparsity import PrunableLayer
@@ -73,6 +73,22 @@ class DSnoTSettings(Settings):
 
     def options(self) -> dict[str, Any]:
         return {f"dsnot_{k}": v for k, v in super().options().items()}
+
+
+@dataclass(frozen=True)
+class RefinementSettings(Settings):
+    """The refinement keys of a method that may move its masks with DSnoT after pruning (its settings
+    dataclass inherits them); neither is in a config unless given."""
+
+    refine: str = option("none", REFINEMENTS, schema=False)
+    dsnot: DSnoTSettings | None = node(DSnoTSettings, optional=True)
+
+    def refinement(self) -> DSnoTSettings | None:
+        return read_refinement(self.refine, self.dsnot)
+
+    def check_together(self, key: str) -> None:
+        self.refinement()  # dsnot's node without refine=dsnot
+        super().check_together(key)
 
 
 def read_refinement(refine: str, dsnot: DSnoTSettings | Mapping[str, Any] | None) -> DSnoTSettings | None:

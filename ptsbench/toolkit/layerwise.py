@@ -28,13 +28,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ptsbench.data import CalibrationSet
-from ptsbench.errors import ConfigError
+from ptsbench.errors import ConfigError, unknown_choice
 from ptsbench.toolkit.bn import recalibrate_batchnorm
 from ptsbench.toolkit.distill import find_blocks
 from ptsbench.toolkit.sparsity import PrunableLayer
 
 # Which network a layer's calibration inputs come from (algorithms/oneshot.py says why each exists).
 CALIB_PROTOCOLS = ("dense", "sequential", "sequential+bn")
+
+
+def check_protocol(key: str, value: str | None) -> None:
+    """A `calib_protocol` key: one of CALIB_PROTOCOLS, or None for the method's own default."""
+    if value is not None and value not in CALIB_PROTOCOLS:
+        raise unknown_choice(key, value, CALIB_PROTOCOLS)
 
 
 class InputStatistic(Protocol):
