@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from algorithms.base import PruneContext, PruneResult, PTSAlgorithm
-from ptsbench.errors import ConfigError
 from ptsbench.settings import COUNT, Settings, option
 from ptsbench.toolkit.allocation import AllocationSettings
 from ptsbench.toolkit.bn import recalibrate_batchnorm
@@ -39,6 +38,7 @@ from ptsbench.toolkit.layerwise import (
     StatisticPair,
     calibrated_prune,
     check_protocol,
+    check_protocol_bn,
     check_supported,
     dense_input_norms,
 )
@@ -58,10 +58,7 @@ class OneShotSettings(AllocationSettings, RefinementSettings):
     calib_protocol: str | None = option(None, check_protocol)
 
     def check_together(self, key: str) -> None:
-        if self.calib_protocol == "sequential+bn" and not self.bn_recalibration:
-            raise ConfigError(f"{key}.calib_protocol=sequential+bn re-estimates BatchNorm along the "
-                              f"sequential pass and needs {key}.bn_recalibration=true (the statistics "
-                              "after the last block); without it use calib_protocol=sequential or dense.")
+        check_protocol_bn(key, self.calib_protocol, self.bn_recalibration)
         super().check_together(key)
 
 
@@ -81,13 +78,19 @@ class LayerwiseOneShot(PTSAlgorithm):
         self.calib_protocol = self.default_protocol() if protocol is None else protocol
 
     def default_protocol(self) -> str:
-        """The protocol of the method's reference code; a subclass may depend on `bn_recalibration`."""
-        return "sequential"
+        """The protocol of the method's reference code. The reference SparseGPT and RIA calibrate each block
+        on the pruned prefix; on a BN network that prefix is only what the final network computes once its
+        BatchNorm is re-estimated along the pass. A method whose reference differs overrides it."""
+        return "sequential+bn" if self.bn_recalibration else "sequential"
 
     def options(self) -> dict[str, Any]:
+        """The allocation's, BN's, the protocol's and the refinement's options, then the method's own keys
+        (its settings' fields beyond OneShotSettings's) as they are."""
         refine = {} if self.dsnot is None else {"refine": "dsnot", **self.dsnot.options()}
+        shared = set(OneShotSettings.field_names())
+        own = {k: getattr(self.config, k) for k in self.config.field_names() if k not in shared}
         return {**self.alloc.options(), "bn_recalibration": self.bn_recalibration,
-                "calib_protocol": self.calib_protocol, **refine}
+                "calib_protocol": self.calib_protocol, **refine, **own}
 
     @property
     def family(self) -> str:

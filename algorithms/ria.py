@@ -30,7 +30,6 @@ Vision adaptation (our choices):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -61,22 +60,10 @@ class RIASettings(OneShotSettings):
 class RIA(LayerwiseOneShot):
     name = "ria"
     statistic = InputNorms
-    settings = RIASettings
-
-    @property
-    def activation_exponent(self) -> float:
-        return self.config.activation_exponent
-
-    def default_protocol(self) -> str:
-        # The reference prunes each block on the pruned prefix; on a BN network that prefix is only what the
-        # final network computes once its BatchNorm is re-estimated along the pass (as for SparseGPT).
-        return "sequential+bn" if self.bn_recalibration else "sequential"
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "activation_exponent": self.activation_exponent}
+    settings = RIASettings  # the reference's protocol, the base's default: block by block, pruned prefix
 
     def prune_layer(self, layer: PrunableLayer, stat: InputNorms, n_zero: int) -> torch.Tensor:
-        mask = ria_mask(layer, stat.squares, n_zero, self.pattern, self.activation_exponent)
+        mask = ria_mask(layer, stat.squares, n_zero, self.pattern, self.config.activation_exponent)
         mask = mask.to(layer.module.weight.dtype)
         layer.module.weight.data.mul_(mask)  # no weight update: the mask is the method
         return mask

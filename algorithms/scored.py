@@ -29,7 +29,7 @@ from ptsbench.settings import COUNT, Settings, budget_option, count_text, node, 
 from ptsbench.toolkit.allocation import AllocationSettings, pattern_masks
 from ptsbench.toolkit.bn import recalibrate_batchnorm
 from ptsbench.toolkit.dsnot import RefinementSettings, refine_masks
-from ptsbench.toolkit.layerwise import check_protocol, check_supported, dense_input_norms
+from ptsbench.toolkit.layerwise import check_protocol, check_protocol_bn, check_supported, dense_input_norms
 from ptsbench.toolkit.reconstruct import (
     RECONSTRUCTION_STREAM,
     REFERENCE_STEPS,
@@ -73,9 +73,7 @@ class ScoreSettings(AllocationSettings, RefinementSettings):
             raise ConfigError(f"{key}.calib_protocol says where DSnoT's statistics come from; the score "
                               "reads the dense network's inputs, if any. Use it with algorithm.refine=dsnot, "
                               "or drop it.")
-        if self.calib_protocol == "sequential+bn" and not self.bn_recalibration:
-            raise ConfigError(f"{key}.calib_protocol=sequential+bn re-estimates BatchNorm along the "
-                              f"sequential pass and needs {key}.bn_recalibration=true.")
+        check_protocol_bn(key, self.calib_protocol, self.bn_recalibration)
         super().check_together(key)
 
 

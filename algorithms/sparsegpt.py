@@ -37,7 +37,6 @@ Vision adaptation and count rules (our choices):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -196,23 +195,8 @@ class SparseGPTSettings(OneShotSettings):
 class SparseGPT(LayerwiseOneShot):
     name = "sparsegpt"
     statistic = Hessian
-    settings = SparseGPTSettings
-
-    @property
-    def blocksize(self) -> int:
-        return self.config.blocksize
-
-    @property
-    def percdamp(self) -> float:
-        return self.config.percdamp
-
-    def default_protocol(self) -> str:
-        # The reference calibrates on the pruned and updated prefix; on a BN network that prefix is only what
-        # the final network computes once its BatchNorm is re-estimated along the pass.
-        return "sequential+bn" if self.bn_recalibration else "sequential"
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "blocksize": self.blocksize, "percdamp": self.percdamp}
+    settings = SparseGPTSettings  # the reference's protocol, the base's default: the pruned, updated prefix
 
     def prune_layer(self, layer: PrunableLayer, stat: Hessian, n_zero: int) -> torch.Tensor:
-        return prune_layer(layer, stat.matrix(), n_zero, self.pattern, self.blocksize, self.percdamp)
+        return prune_layer(layer, stat.matrix(), n_zero, self.pattern, self.config.blocksize,
+                           self.config.percdamp)

@@ -1,5 +1,5 @@
-"""Shared fixtures: real Hydra configs composed with the Compose API, tiny real-data overrides, and one
-session-wide cache so the tiny dense models are trained once per test run."""
+"""Shared fixtures: real Hydra configs composed with the Compose API, tiny real-data overrides on the
+shipped dense ResNet-18, and one session-wide cache (dense accuracies, the recipe models a test trains)."""
 
 from __future__ import annotations
 
@@ -26,14 +26,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
-# Small but real: the first 2,000 Fashion-MNIST train images, 500 test images, three training epochs of
-# the recipe instead of the shipped zoo weights (about 83% dense top-1, trained once per test session).
+# Small but real: the shipped dense ResNet-18 (the zoo's weights, the ones every benchmark prunes), 128
+# calibration images drawn from the first 2,000 Fashion-MNIST train images, evaluated on 500 test images.
 TINY = [
-    "model.checkpoint=null",  # train the tiny recipe model, not the shipped zoo weights
     "data.limit_train=2000",
     "data.limit_test=500",
-    "train.epochs=3",
     "calib.n=128",
+    "progress=false",
+]
+# The training path itself (the recipe, the dense cache): one epoch of the recipe on 256 images, seconds.
+TINY_RECIPE = [
+    "model.checkpoint=null",
+    "data.limit_train=256",
+    "data.limit_test=100",
+    "train.epochs=1",
+    "calib.n=64",
     "progress=false",
 ]
 
@@ -47,15 +54,10 @@ def compose_config(overrides: list[str] | None = None, cache_dir: Path | None = 
     return cfg
 
 
-DENSE_FIXTURES = {"tiny_dense", "tiny_cfg", "cache_dir"}  # tests that need a (cached) tiny dense model
-
-
 @pytest.hookimpl(trylast=True)  # after -m has deselected
 def pytest_collection_modifyitems(config, items):
-    """Under xdist: benchmarks are skipped (they time themselves: beside another worker their figures
-    would measure the neighbour), and one test that trains the tiny dense model goes first with every test
-    that needs no dense model right behind it, so one worker trains while the other runs those instead of
-    waiting on the cache's lock. Every worker reorders the same way, as xdist requires."""
+    """Under xdist benchmarks are skipped: they time themselves, and beside another worker their figures
+    would measure the neighbour."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     skip = pytest.mark.skip(reason="benchmarks run in one process: add -n 0 (scripts/test.sh does for "
@@ -63,11 +65,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("bench"):
             item.add_marker(skip)
-    needs = [i for i in items if DENSE_FIXTURES & set(getattr(i, "fixturenames", ()))]
-    first = next((i for i in needs if "tiny_dense" in i.fixturenames), None)
-    if first is not None:
-        rest = [i for i in items if i is not first and i not in needs]
-        items[:] = [first, *rest, *(i for i in needs if i is not first)]
 
 
 @pytest.fixture(scope="session")
@@ -100,8 +97,8 @@ def tiny_cfg(cache_dir, require_fmnist):
 
 @pytest.fixture(scope="session")
 def tiny_dense(cache_dir, require_fmnist):
-    """The tiny dense ResNet-18 of the test session (trained once on real Fashion-MNIST, cached) and its
-    128 calibration images. Tests that change the model deep-copy it first."""
+    """The dense ResNet-18 of the test session (the shipped zoo weights, evaluated once on 500 test images)
+    and its 128 calibration images. Tests that change the model deep-copy it first."""
     from ptsbench.data import sample_calibration
     from ptsbench.dense import build_model, load_data, load_dense_weights
 

@@ -192,7 +192,7 @@ BAD_INPUT = [
      r"Unknown config key 'prune_policy.depthwsie'.*Did you mean: depthwise"),
     ("+model.train_overrides.lrr=1", r"Unknown config key 'model.train_overrides.lrr'.*Did you mean: lr\?"),
     ("+algorithm.foo=1",
-     r"Unknown config key 'algorithm.foo': algorithm \(ScoreSettings\) has no option 'foo'. Allowed: allocation"),
+     r"Unknown config key 'algorithm.foo': algorithm \(ScoreSettings\) has no option 'foo'. Allowed: "),
     ("max_budget=0", r"max_budget=0.0 is not allowed: it must be a number > 0"),
     # the model group's shipped weights kept under another architecture or data set
     ("model.name=efficientnet_b0",

@@ -43,8 +43,8 @@ def test_magnitude_runs_no_pass_and_bn_reestimation_runs_the_calibration_set_onc
     dense, calib = tiny_dense
     _, _, plain = prune_with_cost(MagnitudePruning(allocation="uniform"), copy.deepcopy(dense), calib)
     assert (plain["forward_passes"], plain["backward_passes"]) == (0, 0)
-    _, _, bn = prune_with_cost(MagnitudePruning(allocation="uniform", bn_recalibration=True), copy.deepcopy(dense),
-                               calib)
+    bn_magnitude = MagnitudePruning(allocation="uniform", bn_recalibration=True)
+    _, _, bn = prune_with_cost(bn_magnitude, copy.deepcopy(dense), calib)
     assert bn["forward_passes"] == len(calib) == 128
     assert bn["forward_calls"] == len(calib) // 64 and bn["backward_passes"] == 0
 
@@ -126,7 +126,7 @@ print(json.dumps([big.values, small.values]))
 
 def test_uniform_magnitude_at_0_8_keeps_a_fifth_of_the_prunable_macs(tiny_dense):
     dense, calib = tiny_dense
-    result, layers, _ = prune_with_cost(MagnitudePruning(allocation="uniform"), copy.deepcopy(dense), calib, 0.8)
+    result, layers, _ = prune_with_cost(MagnitudePruning(), copy.deepcopy(dense), calib, 0.8)
     macs = count_macs(result.model, layers, calib.data.images[:1])
     assert macs["macs_model"] >= macs["macs_dense"] > 0
     assert abs(macs["macs_sparse"] / macs["macs_dense"] - 0.2) < 0.01

@@ -15,6 +15,7 @@ from ptsbench.checkpoint import read_compact_form, save_compact_form
 from ptsbench.errors import CheckpointError, ConfigError, NonFiniteLossError, ensure_finite
 from ptsbench.results import write_json
 from ptsbench.runner import JobFailed, run_job
+from ptsbench.toolkit.sparsity import find_prunable_layers
 
 
 def test_save_sparse_reloads_with_same_sparsity_and_accuracy(tiny_cfg, tmp_path):
@@ -133,8 +134,11 @@ def test_presparse_checkpoint_is_the_allocations_floor_and_reported(tiny_dense, 
     record = run_job(tiny_cfg(f"model.checkpoint={tmp_path / 'presparse.safetensors'}", "sparsity=0.5"),
                      tmp_path / "0")
     assert record["status"] == "ok" and record["error"] is None
-    assert record["dense_zero_weights"] == zeros
-    assert record["dense_zero_layers"] == [["layer1.0.conv1", zeros]]
+    # the shipped fp16 weights hold a few zeros already, in other layers
+    before = {ly.name: int((ly.weight == 0).sum()) for ly in find_prunable_layers(tiny_dense[0])}
+    before = {name: count for name, count in before.items() if count} | {"layer1.0.conv1": zeros}
+    assert record["dense_zero_weights"] == sum(before.values())
+    assert dict(record["dense_zero_layers"]) == before
     assert record["achieved_sparsity"] > 0.5  # reported as achieved, above the target by those zeros
 
 

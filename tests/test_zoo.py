@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from ptsbench.errors import CheckpointError
 from ptsbench.models import file_sha256, resolve_checkpoint_path, verify_checkpoint
 from ptsbench.zoo import export_dense
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY_RECIPE, compose_config
 
 ZOO_MODELS = ("resnet18", "mobilenetv2", "vit_tiny")
 
@@ -45,10 +45,17 @@ def test_a_changed_shipped_file_is_refused_and_a_users_own_file_is_not(tmp_path,
         verify_checkpoint(cfg.model)
 
 
-def test_export_writes_the_recipe_model_in_half_precision(tiny_dense, cache_dir, tmp_path):
-    model, _ = tiny_dense  # the session's tiny recipe model, already in the dense cache
-    path, sha, top1 = export_dense("resnet18", [*TINY, f"cache_dir={cache_dir}"], out_dir=tmp_path)
+def test_export_writes_the_recipe_model_in_half_precision(cache_dir, require_fmnist, tmp_path):
+    from ptsbench.dense import build_model, load_data, load_dense_weights
+
+    path, sha, top1 = export_dense("resnet18", [*TINY_RECIPE, f"cache_dir={cache_dir}"], out_dir=tmp_path)
     assert path.parent == tmp_path and sha == file_sha256(path) and 0 < top1 <= 100
+    # the recipe model the export rounded, from the dense cache the export filled
+    cfg = compose_config([*TINY_RECIPE, "model.checkpoint_sha256=null"], cache_dir=cache_dir)
+    data = load_data(cfg, cache_dir)
+    model = build_model(cfg, data)
+    dense = load_dense_weights(cfg, model, data, cache_dir, torch.device("cpu"), progress=False)
+    assert dense.source == "recipe" and dense.top1 == top1
     state = load_file(str(path))
     for key, value in model.state_dict().items():
         if value.is_floating_point():

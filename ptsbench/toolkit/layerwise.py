@@ -43,6 +43,15 @@ def check_protocol(key: str, value: str | None) -> None:
         raise unknown_choice(key, value, CALIB_PROTOCOLS)
 
 
+def check_protocol_bn(key: str, protocol: str | None, bn_recalibration: bool) -> None:
+    """`sequential+bn` re-estimates BatchNorm along the pass, which only a method that re-estimates it
+    (`bn_recalibration`) does; `key` names the method's node."""
+    if protocol == "sequential+bn" and not bn_recalibration:
+        raise ConfigError(f"{key}.calib_protocol=sequential+bn re-estimates BatchNorm along the sequential "
+                          f"pass and needs {key}.bn_recalibration=true (the statistics after the last "
+                          "block); without it use calib_protocol=sequential or dense.")
+
+
 class InputStatistic(Protocol):
     """What a method accumulates about a layer's inputs: `add` takes one batch as (groups, cols, n)."""
 
