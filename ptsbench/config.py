@@ -26,10 +26,23 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ptsbench.errors import ConfigError, unknown_key
-from ptsbench.settings import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, Range, Settings, settings_type
+from ptsbench.settings import (
+    COUNT,
+    NON_NEGATIVE,
+    OPTIONAL_COUNT,
+    POSITIVE,
+    Range,
+    Settings,
+    settings_type,
+)
 from ptsbench.toolkit.sparsity import PrunePolicy
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the harness's Hydra config directory
+
+
+def within(default: Any, allowed: Range) -> Any:
+    """A schema field with its allowed range: Hydra checks its type, `check_ranges` its range."""
+    return field(default=default, metadata={"allowed": allowed})
 
 
 def compose_job_config(overrides: list[str]) -> DictConfig:
@@ -47,7 +60,7 @@ def compose_job_config(overrides: list[str]) -> DictConfig:
 class ModelConfig:
     name: str = MISSING  # a timm architecture name
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
-    img_size: int | None = None  # input size; None follows the dataset
+    img_size: int | None = within(None, OPTIONAL_COUNT)  # input size; None follows the dataset
     img_size_arg: bool = False  # the architecture takes img_size (ViT)
     # dense weights: safetensors or a weights-only torch file, or pkg:<module>/<path>
     checkpoint: str | None = None
@@ -65,38 +78,38 @@ class ModelConfig:
 class DataConfig:
     name: str = MISSING
     root: str | None = None
-    img_size: int | None = None  # None: the dataset's native size
+    img_size: int | None = within(None, OPTIONAL_COUNT)  # None: the dataset's native size
     download: bool = False
-    limit_train: int | None = None  # use only the first N train images (quick runs, tests)
-    limit_test: int | None = None  # evaluate on the first N test images only
-    num_workers: int = 0
+    limit_train: int | None = within(None, OPTIONAL_COUNT)  # use only the first N train images (tests)
+    limit_test: int | None = within(None, OPTIONAL_COUNT)  # evaluate on the first N test images only
+    num_workers: int = within(0, Range(0, whole=True))
     train_split: str = "train"
     val_split: str = "val"
-    crop_pct: float | None = None
+    crop_pct: float | None = within(None, Range(0, 1, low_open=True, nullable=True))
     # a handful of labelled images: jobs also record top-1 agreement and KL to the dense model
     probe: bool = False
 
 
 @dataclass
 class CalibConfig:
-    n: int = 1024
-    seed: int = 0
-    batch_size: int = 64
+    n: int = within(1024, COUNT)
+    seed: int = 0  # any whole number (typed int by the schema)
+    batch_size: int = within(64, COUNT)
 
 
 @dataclass
 class TrainConfig:
     """The harness's dense training recipe (used when no checkpoint or hub weights are given)."""
 
-    epochs: float = 1
-    batch_size: int = 64
-    lr: float = 2e-3
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    warmup_epochs: float = 0.1
-    warmup_lr: float = 1e-6
-    label_smoothing: float = 0.0
-    max_shift: int = 0
+    epochs: float = within(1, POSITIVE)
+    batch_size: int = within(64, COUNT)
+    lr: float = within(2e-3, POSITIVE)
+    min_lr: float = within(0.0, NON_NEGATIVE)
+    weight_decay: float = within(0.05, NON_NEGATIVE)
+    warmup_epochs: float = within(0.1, NON_NEGATIVE)
+    warmup_lr: float = within(1e-6, NON_NEGATIVE)
+    label_smoothing: float = within(0.0, Range(0, 1, high_open=True))
+    max_shift: int = within(0, Range(0, whole=True))
     hflip: bool = False
     zero_init_head: bool = True
     channels_last: bool = True  # NHWC training for CNNs (a few percent faster on this CPU); no gain for ViTs
@@ -105,7 +118,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 500
+    batch_size: int = within(500, COUNT)
     channels_last: bool = True  # NHWC convolutions: faster on CPU for CNNs, same accuracy
 
 
@@ -124,13 +137,14 @@ class PtsbenchConfig:
     pattern: str = "unstructured"  # unstructured | N:M (N kept of every M consecutive weights of a row)
     seed: int = 0
     device: str = "auto"
-    threads: int | None = None
+    threads: int | None = within(None, OPTIONAL_COUNT)
     compile: bool = False  # torch.compile the methods' weight-sized elementwise chains (speed only)
     progress: bool = True
     save_sparse: bool = False  # write the pruned model (safetensors + compact bit-mask form) and re-check it
     resume: bool = False  # skip jobs whose identical config already finished in this sweep
     resume_studies: list[str] = field(default_factory=list)  # and those already in these collected studies
-    max_budget: float = 10.0  # the most work a job may ask of a method, in multiples of its reference budget
+    # the most work a job may ask of a method, in multiples of its reference budget
+    max_budget: float = within(10.0, POSITIVE)
     cache_dir: str = MISSING
     experiment_name: str = "default"
 
@@ -168,32 +182,17 @@ def register_configs() -> None:
 # ------------------------------------------------------------------------------------------- checks
 
 
-# Numeric options outside the algorithm group; seeds are any whole number (typed int by the schema).
-RANGES: dict[str, Range] = {
-    "threads": OPTIONAL_COUNT,
-    "model.img_size": OPTIONAL_COUNT,
-    "data.img_size": OPTIONAL_COUNT,
-    "data.limit_train": OPTIONAL_COUNT,
-    "data.limit_test": OPTIONAL_COUNT,
-    "data.num_workers": Range(0, whole=True),
-    "data.crop_pct": Range(0, 1, low_open=True, nullable=True),
-    "calib.n": COUNT,
-    "calib.batch_size": COUNT,
-    "eval.batch_size": COUNT,
-    "max_budget": POSITIVE,
-}
-# The dense training recipe; checked after `model.train_overrides` is applied, so an override is named.
-TRAIN_RANGES: dict[str, Range] = {
-    "epochs": POSITIVE,
-    "batch_size": COUNT,
-    "lr": POSITIVE,
-    "min_lr": NON_NEGATIVE,
-    "weight_decay": NON_NEGATIVE,
-    "warmup_epochs": NON_NEGATIVE,
-    "warmup_lr": NON_NEGATIVE,
-    "label_smoothing": Range(0, 1, high_open=True),
-    "max_shift": Range(0, whole=True),
-}
+def ranged_fields(schema: type, prefix: str = "") -> list[tuple[str, Range]]:
+    """(dotted key, its range) for every numeric field of a schema dataclass and its nested ones."""
+    found: list[tuple[str, Range]] = []
+    hints = typing.get_type_hints(schema)  # the annotations are strings here (postponed evaluation)
+    for f in dataclasses.fields(schema):
+        allowed, kind = f.metadata.get("allowed"), hints.get(f.name)
+        if isinstance(allowed, Range):
+            found.append((f"{prefix}{f.name}", allowed))
+        elif isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            found += ranged_fields(kind, f"{prefix}{f.name}.")
+    return found
 
 
 def unknown_keys(node: DictConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
@@ -233,16 +232,12 @@ def check_schema_keys(cfg: DictConfig) -> None:
 def check_ranges(cfg: DictConfig) -> None:
     """Every numeric option inside its range; the training recipe both as given and as overridden by the
     model."""
-    for key, allowed in RANGES.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if not allowed.allows(value):
-            raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed.describe()}.")
     overrides = cfg.model.get("train_overrides") or {}
-    for name, allowed in TRAIN_RANGES.items():
-        for key in [f"train.{name}"] + ([f"model.train_overrides.{name}"] if name in overrides else []):
-            value = OmegaConf.select(cfg, key, default=None)
-            if not allowed.allows(value):
-                raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed.describe()}.")
+    checks = ranged_fields(PtsbenchConfig)
+    checks += [(f"model.train_overrides.{key.removeprefix('train.')}", allowed) for key, allowed in checks
+               if key.startswith("train.") and key.removeprefix("train.") in overrides]
+    for key, allowed in checks:
+        allowed.check(key, OmegaConf.select(cfg, key, default=None))
     lr, min_lr = (overrides.get(k, cfg.train.get(k)) for k in ("lr", "min_lr"))
     if min_lr > lr:
         raise ConfigError(f"train.min_lr={min_lr} is above train.lr={lr}: the cosine schedule decays from lr "

@@ -251,3 +251,32 @@ def test_any_timm_name_trains_the_recipe_without_the_shipped_weights():
     spec = JobSpec.from_config(compose_config(["model.name=efficientnet_b0", "model.checkpoint=null"]))
     assert spec.target == 0.5
     assert JobSpec.from_config(compose_config(["model=mobilenetv2"])).target == 0.5  # its own shipped weights
+
+
+def test_every_numeric_option_of_the_schema_carries_its_range():
+    """The ranges live on the schema's fields (`within`), not in a second, string-keyed table: every int or
+    float field of the job schema has one, except the seeds (any whole number) and the untyped sparsity
+    (checked by the job spec, which names the value)."""
+    import dataclasses
+    import typing
+
+    from ptsbench.config import PtsbenchConfig, ranged_fields
+
+    ranged = {key for key, _ in ranged_fields(PtsbenchConfig)}
+    numeric = []
+
+    def walk(schema: type, prefix: str) -> None:
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            kind = hints[f.name]
+            if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+                walk(kind, f"{prefix}{f.name}.")
+            elif set(typing.get_args(kind) or (kind,)) & {int, float}:
+                numeric.append(f"{prefix}{f.name}")
+
+    walk(PtsbenchConfig, "")
+    assert sorted(k for k in numeric if not k.endswith("seed")) == sorted(ranged)
+    cfg = compose_config(["train.label_smoothing=1.0"])
+    with pytest.raises(ConfigError, match=r"train.label_smoothing=1.0 is not allowed: it must be a number in "
+                                          r"\[0, 1\)"):
+        check_config(cfg)
