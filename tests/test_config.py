@@ -106,13 +106,13 @@ def test_parallel_jobs_take_the_gpus_in_turn():
 
 
 def test_default_benchmark_grid_runs_learned_methods_at_the_discriminating_sparsities():
-    """The default benchmark's filters, instantiated and applied the way hydra-filter-sweeper does it (the
-    resolved job config, converted to plain containers), keep each model's own sweep and discriminating
+    """The default benchmark's filters, applied the way hydra-filter-sweeper does it (its `_convert_="all"`:
+    the resolved job config as plain containers), keep each model's own sweep and discriminating
     sparsities for the cheap methods and the learned quick presets at the discriminating ones only."""
-    import copy
     import itertools
 
     from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
     from hydra_plugins.filter import FilterSweeper
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -122,18 +122,21 @@ def test_default_benchmark_grid_runs_learned_methods_at_the_discriminating_spars
         grid = [sweep.params[k].split(",") for k in ("model", "algorithm", "sparsity")]
         filters = OmegaConf.to_container(sweep.filters)
         kept, reasons = [], set()
-        # one composition per (model, algorithm); the sparsity is set on a copy, as the sweep's override does
-        composed = {(m, a): compose("config", overrides=["experiment=fmnist_benchmark", f"model={m}",
-                                                          f"algorithm={a}"])
-                    for m, a in itertools.product(grid[0], grid[1])}
+        # one composition per algorithm and one per model; a job is the algorithm's config with the model's
+        # node and the sparsity set on a copy, as the sweep's overrides do (the filters read only those)
+        composed = {a: compose("config", overrides=["experiment=fmnist_benchmark", f"algorithm={a}"])
+                    for a in grid[1]}
+        model_nodes = {m: compose("config", overrides=["experiment=fmnist_benchmark", f"model={m}"]).model
+                       for m in grid[0]}
         for model, algorithm, sparsity in itertools.product(*grid):
-            cfg = copy.deepcopy(composed[model, algorithm])  # resolving writes into nested nodes
+            cfg = composed[algorithm].copy()  # shallow: the two keys set here are replaced, not written into
+            cfg.model = model_nodes[model]
             cfg.sparsity = float(sparsity)
-            OmegaConf.resolve(cfg)
+            plain = OmegaConf.to_container(cfg, resolve=True)
             skipped = False
             for f in filters:
                 key, kwargs = FilterSweeper._split_cfg(f)
-                flt = FilterSweeper._instantiate(key, config=cfg, directory="unused")
+                flt = get_class(key)(config=plain, directory="unused")
                 if flt.filter(**kwargs):
                     skipped = True
                     reasons.add(flt.reason(**kwargs))
