@@ -260,6 +260,7 @@ def test_allocation_file_from_one_job_drives_another(tiny_cfg, tmp_path):
         saved["stats"]["mean_error_after"] < saved["stats"]["mean_error_before"]
 
 
+@pytest.mark.slow  # a whole POT run, block units after the per-layer bias pass
 def test_pot_with_block_units_still_corrects_every_layer_bias(tiny_dense):
     model = copy.deepcopy(tiny_dense[0])
     layers = find_prunable_layers(model)
