@@ -111,6 +111,7 @@ def test_the_leaderboard_pairs_seeds_on_every_row_at_each_models_discriminating_
                 row
         assert {p.sparsity for p in mine if p.algorithm == "wanda_erk_bn"} == set(listed)
         assert {p.sparsity for p in mine if p.algorithm == "fcpts"} == {listed[-1]}
+        assert {p.sparsity for p in mine if p.algorithm == "fcpts_quick"} == set(listed)
     for point in points[:: max(1, len(points) // 12)]:  # a spread of them composes
         build_algorithm(compose_config([*point.overrides, f"sparsity={point.sparsity}",
                                         f"seed={point.seed}"]))
