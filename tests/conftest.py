@@ -70,8 +70,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One cache for the whole run. Under xdist every worker has its own temporary root below a shared
-    one; the cache sits in the shared root so the tiny dense models are trained once for all workers (the
-    dense cache takes a file lock per model, so a second worker waits for the first one's weights)."""
+    one; the cache sits in the shared root so the dense accuracies and the recipe models a test trains are
+    computed once for all workers (the dense cache takes a file lock per model, so a second worker waits for
+    the first one's entry)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = tmp_path_factory.getbasetemp().parent / "ptsbench-cache"
         shared.mkdir(exist_ok=True)
